@@ -1,0 +1,98 @@
+// The math of every op in ops.def, written once as `fg_<ENUM_NAME>` and shared
+// by the CPU interpreter and (later) the CUDA VM, so CPU tests exercise the
+// same math the GPU runs. T is the region's compute type (float or double).
+//
+// Semantics follow PyTorch exactly on NaN / +-inf / signed zero, because
+// fastgrad must give the results torch.autograd.grad gives. The code is
+// written so that GCC can vectorize loops over it: selects rather than
+// branches, and libm calls by their plain C names (expf, exp, ...) so that
+// glibc's vector variants (libmvec) declared under __FAST_MATH__ apply.
+#pragma once
+#include <math.h>
+#include "float16.h"
+
+#ifndef FG_HD
+#ifdef __CUDACC__
+#define FG_HD __host__ __device__
+#else
+#define FG_HD
+#endif
+#endif
+
+namespace fg {
+
+// Overloads that pick the float or double libm entry point by name.
+#define FG_LIBM1(name)                                               \
+  FG_HD inline float m_##name(float x) { return ::name##f(x); }    \
+  FG_HD inline double m_##name(double x) { return ::name(x); }
+FG_LIBM1(exp)
+FG_LIBM1(log)
+FG_LIBM1(sin)
+FG_LIBM1(cos)
+FG_LIBM1(tanh)
+FG_LIBM1(sqrt)
+FG_LIBM1(fabs)
+FG_LIBM1(log1p)
+FG_LIBM1(expm1)
+#undef FG_LIBM1
+FG_HD inline float m_pow(float x, float y) { return ::powf(x, y); }
+FG_HD inline double m_pow(double x, double y) { return ::pow(x, y); }
+
+// ---- unary ----------------------------------------------------------------
+template <class T> FG_HD inline T fg_NEG(T x) { return -x; }
+template <class T> FG_HD inline T fg_EXP(T x) { return m_exp(x); }
+template <class T> FG_HD inline T fg_LOG(T x) { return m_log(x); }
+template <class T> FG_HD inline T fg_SIN(T x) { return m_sin(x); }
+template <class T> FG_HD inline T fg_COS(T x) { return m_cos(x); }
+template <class T> FG_HD inline T fg_TANH(T x) { return m_tanh(x); }
+// Stable for large |x|: exp never sees a positive argument, so it cannot
+// overflow (1/(1+exp(-x)) for x >= 0, exp(x)/(1+exp(x)) for x < 0).
+// NaN -> NaN, +inf -> 1, -inf -> 0.
+template <class T> FG_HD inline T fg_SIGMOID(T x) {
+  const T e = m_exp(-m_fabs(x));
+  const T r = T(1) / (T(1) + e);
+  return x < T(0) ? e * r : r;
+}
+template <class T> FG_HD inline T fg_SQRT(T x) { return m_sqrt(x); }
+template <class T> FG_HD inline T fg_ABS(T x) { return m_fabs(x); }
+// torch.sign: NaN -> 0, +-0 -> 0.
+template <class T> FG_HD inline T fg_SIGN(T x) { return T(x > T(0)) - T(x < T(0)); }
+template <class T> FG_HD inline T fg_RECIPROCAL(T x) { return T(1) / x; }
+// torch.relu keeps NaN and -0.
+template <class T> FG_HD inline T fg_RELU(T x) { return x < T(0) ? T(0) : x; }
+template <class T> FG_HD inline T fg_LOG1P(T x) { return m_log1p(x); }
+template <class T> FG_HD inline T fg_EXPM1(T x) { return m_expm1(x); }
+template <class T> FG_HD inline T fg_ISNAN(T x) { return x != x ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_NOT(T x) { return x == T(0) ? T(1) : T(0); }
+// Round to a narrower float type and back (the value a cast in the forward
+// graph would have produced).
+template <class T> FG_HD inline T fg_TO_F32(T x) { return T(float(x)); }
+template <class T> FG_HD inline T fg_TO_F16(T x) { return T(half_to_float(float_to_half(float(x)))); }
+template <class T> FG_HD inline T fg_TO_BF16(T x) { return T(bf16_to_float(float_to_bf16(float(x)))); }
+
+// ---- binary ---------------------------------------------------------------
+template <class T> FG_HD inline T fg_ADD(T a, T b) { return a + b; }
+template <class T> FG_HD inline T fg_SUB(T a, T b) { return a - b; }
+template <class T> FG_HD inline T fg_MUL(T a, T b) { return a * b; }
+template <class T> FG_HD inline T fg_DIV(T a, T b) { return a / b; }
+// C pow semantics, which are torch.pow's: pow(x, 0) = 1 (even for NaN),
+// pow(1, y) = 1, pow(negative, non-integer) = NaN.
+template <class T> FG_HD inline T fg_POW(T a, T b) { return m_pow(a, b); }
+// torch.maximum / torch.minimum: NaN in either operand gives NaN.
+template <class T> FG_HD inline T fg_MAX(T a, T b) { return (a > b || a != a) ? a : b; }
+template <class T> FG_HD inline T fg_MIN(T a, T b) { return (a < b || a != a) ? a : b; }
+template <class T> FG_HD inline T fg_GT(T a, T b) { return a > b ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_GE(T a, T b) { return a >= b ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_LT(T a, T b) { return a < b ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_LE(T a, T b) { return a <= b ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_EQ(T a, T b) { return a == b ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_NE(T a, T b) { return a != b ? T(1) : T(0); }
+// Truthiness as in torch's bool cast: nonzero (NaN included) is true.
+template <class T> FG_HD inline T fg_AND(T a, T b) { return (a != T(0) && b != T(0)) ? T(1) : T(0); }
+template <class T> FG_HD inline T fg_OR(T a, T b) { return (a != T(0) || b != T(0)) ? T(1) : T(0); }
+
+// ---- ternary --------------------------------------------------------------
+// A select, not arithmetic: where(1, x, NaN) is x.
+template <class T> FG_HD inline T fg_WHERE(T c, T a, T b) { return c != T(0) ? a : b; }
+
+}  // namespace fg
