@@ -1,0 +1,101 @@
+// The Python module fastgrad._C (the one pybind11 file). No libtorch: tensors
+// arrive as raw data pointers inside an int64 descriptor (see vm.h).
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <string>
+
+#include "vm.h"
+#ifdef FASTGRAD_WITH_CUDA
+#include "cuda_info.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Checks that `b` is a 1-D contiguous buffer of 8-byte items of one of the
+// struct-module `codes` (native or little-endian byte order) and returns it.
+py::buffer_info request_1d(const py::buffer& b, const char* name, const char* codes) {
+  py::buffer_info info = b.request();
+  std::string fmt = info.format;
+  if (!fmt.empty() && (fmt[0] == '@' || fmt[0] == '=' || fmt[0] == '<')) fmt = fmt.substr(1);
+  if (info.itemsize != 8 || fmt.size() != 1 || std::strchr(codes, fmt[0]) == nullptr)
+    throw py::value_error(std::string(name) + " must be a buffer of " +
+                          (codes[0] == 'd' ? "float64" : "int64") + " (got format '" + info.format +
+                          "', itemsize " + std::to_string(info.itemsize) + ")");
+  if (info.ndim != 1) throw py::value_error(std::string(name) + " must be 1-dimensional");
+  if (info.shape[0] > 1 && info.strides[0] != 8) throw py::value_error(std::string(name) + " must be contiguous");
+  return info;
+}
+
+void run_cpu(const py::buffer& desc, const py::buffer& consts, int compute_dtype, int nthreads) {
+  if (compute_dtype != 0 && compute_dtype != 1)
+    throw py::value_error("compute_dtype must be 0 (float32) or 1 (float64), got " + std::to_string(compute_dtype));
+  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+  const py::buffer_info d = request_1d(desc, "desc", "ql");
+  const py::buffer_info c = request_1d(consts, "consts", "d");
+  fg::Region region;
+  try {
+    region = fg::parse_region(static_cast<const int64_t*>(d.ptr), d.shape[0],
+                              static_cast<const double*>(c.ptr), c.shape[0]);
+  } catch (const fg::DescriptorError& e) {
+    throw py::value_error(e.what());
+  }
+  // The buffer_info objects keep both buffers alive and pinned meanwhile.
+  py::gil_scoped_release nogil;
+  fg::run_region_cpu(region, compute_dtype, nthreads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastgrad compiled core: fused region evaluator (no libtorch linkage)";
+
+  m.def("run_cpu", &run_cpu, py::arg("desc"), py::arg("consts"), py::arg("compute_dtype"), py::arg("nthreads"),
+        "Run one fused region on the CPU.\n\n"
+        "desc: int64 buffer (array.array('q')) holding the region descriptor; consts: float64\n"
+        "buffer (array.array('d')); compute_dtype: 0 = float32, 1 = float64; nthreads >= 1.\n"
+        "Raises ValueError on a malformed descriptor. Releases the GIL while computing.");
+
+  m.def("opcodes", [] {
+    py::dict d;
+#define FG_OP(E, N, A) d[N] = (int64_t)fg::OP_##E;
+#include "ops.def"
+#undef FG_OP
+    return d;
+  }, "Op name -> opcode, from csrc/ops.def.");
+
+  m.def("op_arities", [] {
+    py::dict d;
+#define FG_OP(E, N, A) d[N] = A;
+#include "ops.def"
+#undef FG_OP
+    return d;
+  }, "Op name -> number of register operands (0 for load/const/iota/store).");
+
+  m.def("dtypes", [] {
+    py::dict d;
+#define FG_DTYPE(E, N, C, S) d[N] = (int64_t)C;
+#include "dtypes.def"
+#undef FG_DTYPE
+    return d;
+  }, "torch dtype name -> storage dtype code, from csrc/dtypes.def.");
+
+  m.def("max_ndim", [] { return fg::kMaxNdim; }, "Most iteration dims a region may have.");
+
+#ifdef FASTGRAD_WITH_CUDA
+  m.def("cuda_compiled", [] { return true; });
+  m.def("cuda_device_count", [] { return fg::cuda_device_count(nullptr); });
+  m.def("cuda_status", [] {
+    std::string reason;
+    const int n = fg::cuda_device_count(&reason);
+    return "compiled with CUDA " + fg::cuda_runtime_version() + "; " + std::to_string(n) +
+           " device(s) (" + reason + ")";
+  });
+#else
+  m.def("cuda_compiled", [] { return false; });
+  m.def("cuda_device_count", [] { return 0; });
+  m.def("cuda_status", [] { return std::string("not compiled with CUDA (CMake found no nvcc at build time)"); });
+#endif
+}

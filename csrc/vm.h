@@ -1,0 +1,113 @@
+// The evaluator of fused regions: the descriptor a region is packed into by
+// Python, its decoded form, and the CPU entry point.
+//
+// Descriptor (all int64; see docs and tests/test_vm.py for examples):
+//   [0] ndim  [1] nloads  [2] nstores  [3] ninstr  [4] nregs
+//   shape[ndim]
+//   nloads  x { ptr, dtype, offset, strides[ndim], npred,
+//               npred x { dim, mul, add, div, len, stride } }
+//   nstores x { ptr, dtype, mode, strides[ndim] }
+//   ninstr  x { op, dst, a, b, c }
+// A load element is valid iff for every predicate t = mul*coord[dim] + add
+// satisfies t >= 0, t % div == 0, t / div < len; it then reads
+//   ptr + itemsize * (offset + sum_d coord[d]*strides[d] + sum_p (t_p/div_p)*stride_p)
+// and an invalid element is 0 without touching memory.
+// Instructions: load  dst <- load record a;   const dst <- consts[a];
+//               iota  dst <- consts[b]*coord[a] + consts[c];
+//               store store record a <- register b;   math: dst <- op(a[, b[, c]]).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fg {
+
+enum OpCode : int64_t {
+#define FG_OP(E, N, A) OP_##E,
+#include "ops.def"
+#undef FG_OP
+  OP_COUNT
+};
+
+constexpr int kOpArity[] = {
+#define FG_OP(E, N, A) A,
+#include "ops.def"
+#undef FG_OP
+};
+
+enum DTypeCode : int64_t {
+#define FG_DTYPE(E, N, C, S) DT_##E = C,
+#include "dtypes.def"
+#undef FG_DTYPE
+};
+bool dtype_valid(int64_t code);
+int64_t dtype_itemsize(int64_t code);
+
+enum StoreMode : int { MODE_ASSIGN = 0, MODE_SUM = 1, MODE_MAX = 2, MODE_MIN = 3 };
+
+constexpr int kMaxNdim = 16;        // iteration dims a descriptor may have
+constexpr int64_t kMaxRegs = 1 << 16;
+constexpr int64_t kMaxPreds = 64;   // predicates per load
+
+// Malformed descriptors raise this (bindings turn it into ValueError).
+struct DescriptorError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+struct Pred {
+  int dim;
+  int64_t mul, add, div, len, stride;
+};
+
+struct LoadRec {
+  char* ptr;
+  int dtype;
+  int64_t offset;
+  int64_t stride[kMaxNdim];  // in elements, per iteration dim
+  std::vector<Pred> preds;
+};
+
+struct StoreRec {
+  char* ptr;
+  int dtype;
+  int mode;                  // StoreMode
+  int64_t stride[kMaxNdim];  // in elements; 0 on the dims a reducing store reduces
+};
+
+struct Instr {
+  int64_t op, dst, a, b, c;
+};
+
+struct Region {
+  int ndim = 0;
+  int64_t shape[kMaxNdim];
+  int64_t numel = 1;
+  // After normalize_region(): the last `nred` dims are the reduced dims, and
+  // rows (one output element of every reducing store) are contiguous ranges
+  // of `row_len` linear iteration indices.
+  int nred = 0;
+  int64_t row_len = 1;
+  bool has_reduce = false;   // some store has a reducing mode
+  std::vector<LoadRec> loads;
+  std::vector<StoreRec> stores;
+  std::vector<Instr> instrs;
+  int64_t nregs = 0;
+  const double* consts = nullptr;
+  int64_t nconsts = 0;
+};
+
+// Decode and bounds-check a descriptor; throws DescriptorError. Never reads
+// through the data pointers.
+Region parse_region(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts);
+
+// Reorder dims so reduced dims are innermost, drop size-1 dims, merge dims
+// whose strides allow it (dims used by iota or predicates are kept as they
+// are, with their indices remapped). Requires numel > 0.
+void normalize_region(Region& r);
+
+// Run a parsed region on the CPU. compute: 0 = float32, 1 = float64.
+// Call without the GIL; does not throw for a region parse_region accepted.
+void run_region_cpu(Region& r, int compute, int nthreads);
+
+}  // namespace fg
