@@ -1,0 +1,287 @@
+"""Shared helpers for the differential test-suite of fastgrad.
+
+Every correctness test builds the same forward graph twice, from clones of the
+same leaves: once differentiated by ``torch.autograd.grad`` (the reference) and
+once by ``fastgrad.grad``.  Results are compared with
+``torch.testing.assert_close`` (NaN == NaN, since several edge cases are
+expected to produce NaN exactly where PyTorch does).
+
+The reference function is captured here at import time so that a test (or the
+library) patching ``torch.autograd.grad`` cannot make the reference recurse.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+import fastgrad  # noqa: F401  (a broken import must fail the whole suite)
+
+TORCH_GRAD = torch.autograd.grad
+FAST_GRAD = fastgrad.grad
+
+ENGINES = {"torch": TORCH_GRAD, "fastgrad": FAST_GRAD}
+
+
+# --------------------------------------------------------------------------
+# random inputs
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the test id: reproducible, distinct per test."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def rand(shape, gen, domain="real", dtype=torch.float64):
+    """Random tensor of ``shape`` drawn from ``domain``.
+
+    real      standard normal
+    positive  uniform in [0.3, 2.0]
+    nonzero   |value| in [0.3, 2.0], random sign
+    unit      uniform in (-0.9, 0.9)
+    """
+    shape = tuple(shape)
+    if domain == "real":
+        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+    elif domain == "positive":
+        t = 0.3 + 1.7 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    elif domain == "nonzero":
+        mag = 0.3 + 1.7 * torch.rand(shape, generator=gen, dtype=torch.float64)
+        sign = torch.randint(0, 2, shape, generator=gen).to(torch.float64) * 2 - 1
+        t = mag * sign
+    elif domain == "unit":
+        t = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * 0.9
+    else:
+        raise ValueError(f"unknown domain {domain!r}")
+    return t.to(dtype)
+
+
+def leaf(t):
+    """A fresh leaf requiring grad with the same values *and strides* as ``t``."""
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        out.copy_(t)
+    return out.requires_grad_(t.is_floating_point() or t.is_complex())
+
+
+def strided_leaf(t):
+    """A *non-contiguous* leaf with the values of ``t`` (transposed storage, or a
+    stride-2 slice for 1-d tensors)."""
+    with torch.no_grad():
+        if t.dim() >= 2:
+            perm = list(range(t.dim()))[::-1]
+            base = t.permute(perm).contiguous()
+            out = base.permute(perm)  # same values as t, reversed strides
+        elif t.dim() == 1 and t.numel() > 0:
+            base = torch.empty(t.shape[0] * 2, dtype=t.dtype)
+            base[::2] = t
+            base[1::2] = float("nan")  # must never be read
+            out = base[::2]
+        else:
+            out = t.clone()
+    out = out.detach().requires_grad_(True)
+    return out
+
+
+def as_tuple(x):
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(x)
+
+
+# --------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------
+
+
+def assert_same(actual, expected, what="", rtol=None, atol=None, none_is_zero=False):
+    """Compare two tuples of (Tensor | None) results."""
+    actual, expected = as_tuple(actual), as_tuple(expected)
+    assert len(actual) == len(expected), f"{what}: {len(actual)} results, torch gives {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        tag = f"{what}[{i}]"
+        if none_is_zero:
+            if a is None and e is not None:
+                assert not torch.any(e != 0), f"{tag}: fastgrad gives None, torch gives {e}"
+                continue
+            if e is None and a is not None:
+                assert not torch.any(a != 0), f"{tag}: torch gives None, fastgrad gives {a}"
+                continue
+        if e is None or a is None:
+            assert a is None and e is None, f"{tag}: fastgrad gives {a!r}, torch gives {e!r}"
+            continue
+        assert isinstance(a, torch.Tensor), f"{tag}: not a tensor: {type(a)}"
+        kw = {}
+        if rtol is not None or atol is not None:
+            kw = dict(rtol=rtol if rtol is not None else 1e-7, atol=atol if atol is not None else 1e-7)
+        torch.testing.assert_close(
+            a.detach(), e.detach(), equal_nan=True, msg=lambda m: f"{tag}: {m}", **kw
+        )
+
+
+def assert_same_error(run_torch, run_fast):
+    """Both callables raise: same exception type and same message."""
+    try:
+        run_torch()
+    except Exception as e:  # noqa: BLE001
+        te = e
+    else:
+        pytest.fail("test setup bug: torch.autograd.grad did not raise")
+    try:
+        run_fast()
+    except Exception as e:  # noqa: BLE001
+        fe = e
+    else:
+        pytest.fail(f"fastgrad.grad did not raise; torch raises {type(te).__name__}: {te}")
+    assert type(fe) is type(te), f"fastgrad raises {type(fe).__name__}: {fe}\ntorch raises {type(te).__name__}: {te}"
+    assert str(fe) == str(te), f"message differs\nfastgrad: {fe}\ntorch:    {te}"
+
+
+# --------------------------------------------------------------------------
+# the differential driver
+# --------------------------------------------------------------------------
+
+
+class _Cotangents:
+    """Random cotangent vectors shared by both engines (created on first use)."""
+
+    def __init__(self, gen, domain="real"):
+        self.gen = gen
+        self.cache = {}
+        self.domain = domain
+
+    def get(self, key, like):
+        if key not in self.cache:
+            self.cache[key] = rand(like.shape, self.gen, self.domain, dtype=like.dtype)
+        v = self.cache[key]
+        assert v.shape == like.shape, f"{key}: shape {tuple(like.shape)} != {tuple(v.shape)}"
+        return v
+
+
+def run_chain(engine, fn, inputs, grad_outputs, orders, cot, prep=None, wrt="leaves",
+              leaf_fn=leaf, explain_levels=None):
+    """Build the graph from fresh leaves and differentiate ``orders`` times.
+
+    Level 1 differentiates ``fn(*xs)`` with ``grad_outputs``; level k>1
+    differentiates ``sum_i (g_i * v_i).sum()`` of the level k-1 results that
+    require grad, with random ``v_i`` from ``cot``.  Returns a list of
+    (results, requires_grad flags) per level.  If ``explain_levels`` is a list,
+    the graphs differentiated at each level are passed to fastgrad.explain and
+    the reports appended.
+    """
+    leaves = [leaf_fn(t) for t in inputs]
+    xs = list(prep(*leaves)) if prep is not None else leaves
+    targets = leaves if wrt == "leaves" else xs
+    outs = as_tuple(fn(*xs))
+    gos = grad_outputs
+    if callable(gos):
+        gos = gos(outs)
+    levels = []
+    cur_outs, cur_gos = outs, gos
+    for level in range(1, orders + 1):
+        create = level < orders
+        if explain_levels is not None:
+            explain_levels.append(
+                fastgrad.explain(cur_outs, targets, grad_outputs=cur_gos, create_graph=create,
+                                 allow_unused=True if level > 1 else None)
+            )
+        kwargs = dict(create_graph=create)
+        if level > 1:
+            kwargs["allow_unused"] = True
+        res = engine(cur_outs, targets, grad_outputs=cur_gos, **kwargs)
+        flags = tuple(None if r is None else r.requires_grad for r in res)
+        levels.append((tuple(res), flags))
+        if not create:
+            break
+        terms = [
+            (r * cot.get((level, i), r)).sum()
+            for i, r in enumerate(res)
+            if r is not None and r.requires_grad
+        ]
+        if not terms:
+            break
+        s = terms[0]
+        for t in terms[1:]:
+            s = s + t
+        cur_outs, cur_gos = (s,), None
+    return levels
+
+
+def check_grad(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=None, wrt="leaves",
+               leaf_fn=leaf, rtol=None, atol=None, native=False):
+    """Differential check of fastgrad.grad against torch.autograd.grad.
+
+    fn            builds the forward graph from the (prepared) inputs; returns a
+                  tensor or a tuple of tensors
+    inputs        template tensors; each engine differentiates fresh clones
+    grad_outputs  "random" (same random cotangents for both engines), None, or
+                  a callable outputs -> grad_outputs
+    orders        1, 2 or 3 (see ``run_chain``)
+    prep          optional leaves -> forward inputs (e.g. to make views)
+    wrt           "leaves" or "prepped": differentiate w.r.t. the leaves or the
+                  (possibly non-leaf) prepared inputs
+    native        also require ``fastgrad.explain`` to report all-native at every level
+    """
+    if gen is None:
+        gen = torch.Generator().manual_seed(0)
+    cot = _Cotangents(gen)
+    if grad_outputs == "random":
+        def grad_outputs(outs):  # noqa: F811
+            return tuple(cot.get(("go", i), o) for i, o in enumerate(outs))
+
+    ref = run_chain(TORCH_GRAD, fn, inputs, grad_outputs, orders, cot, prep, wrt, leaf_fn)
+    reports = [] if native else None
+    got = run_chain(FAST_GRAD, fn, inputs, grad_outputs, orders, cot, prep, wrt, leaf_fn,
+                    explain_levels=reports)
+    for level, ((r_res, r_flags), (g_res, g_flags)) in enumerate(zip(ref, got), start=1):
+        assert_same(g_res, r_res, what=f"order {level}", rtol=rtol, atol=atol,
+                    none_is_zero=level > 1)
+        if level < orders:
+            assert g_flags == r_flags, (
+                f"order {level} (create_graph=True): requires_grad of results "
+                f"fastgrad {g_flags} vs torch {r_flags}"
+            )
+    assert len(got) == len(ref), f"fastgrad went {len(got)} levels deep, torch {len(ref)}"
+    if native:
+        for level, rep in enumerate(reports, start=1):
+            _assert_report_native(rep, f"level {level}")
+    return got
+
+
+def _assert_report_native(report, what=""):
+    assert report.all_native, f"{what}: not all native\n{report}"
+    assert not report.fallback, f"{what}: all_native but fallback={report.fallback}\n{report}"
+
+
+def assert_native(outputs, inputs, grad_outputs=None, create_graph=False, allow_unused=None):
+    """fastgrad.explain reports every node of the graph as native."""
+    report = fastgrad.explain(outputs, inputs, grad_outputs=grad_outputs,
+                              create_graph=create_graph, allow_unused=allow_unused)
+    _assert_report_native(report)
+    assert len(report.native) > 0, f"no native node reported\n{report}"
+    return report
+
+
+def check_native(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=None, wrt="leaves",
+                 leaf_fn=leaf):
+    """Only the native-path claim: at every differentiation level (the first
+    with create_graph=(orders > 1), the next ones on fastgrad's own results)
+    ``fastgrad.explain`` reports all-native.  Returns the reports."""
+    if gen is None:
+        gen = torch.Generator().manual_seed(0)
+    cot = _Cotangents(gen)
+    if grad_outputs == "random":
+        def grad_outputs(outs):  # noqa: F811
+            return tuple(cot.get(("go", i), o) for i, o in enumerate(outs))
+    reports = []
+    run_chain(FAST_GRAD, fn, inputs, grad_outputs, orders, cot, prep, wrt, leaf_fn,
+              explain_levels=reports)
+    assert len(reports) >= 1
+    for level, rep in enumerate(reports, start=1):
+        _assert_report_native(rep, f"level {level}")
+        assert len(rep.native) > 0, f"level {level}: no native node reported\n{rep}"
+    return reports

@@ -1,0 +1,543 @@
+"""The calling convention of fastgrad.grad: argument forms, flags, errors and
+warnings must be those of torch.autograd.grad (compared live, never against
+hard-coded text)."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastgrad
+from conftest import FAST_GRAD, TORCH_GRAD, assert_same, assert_same_error, rand
+
+
+def _both(setup, call):
+    """Run ``call(grad_fn, *setup())`` once per engine on fresh graphs."""
+    ref = call(TORCH_GRAD, *setup())
+    got = call(FAST_GRAD, *setup())
+    return got, ref
+
+
+def _setup_xy(gen):
+    x0, y0 = rand((3, 4), gen), rand((4,), gen)
+
+    def setup():
+        x = x0.clone().requires_grad_(True)
+        y = y0.clone().requires_grad_(True)
+        return x, y
+
+    return setup
+
+
+# ------------------------------------------------------------------ argument forms
+
+
+def test_tensor_vs_sequences(gen):
+    x0 = rand((3, 4), gen)
+    for form in ("tensor", "tuple", "list"):
+        def call(grad, x):
+            out = (torch.sin(x) * x).sum()
+            if form == "tensor":
+                return grad(out, x)
+            if form == "tuple":
+                return grad((out,), (x,))
+            return grad([out], [x])
+
+        got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+        assert isinstance(got, tuple), f"{form}: result is {type(got)}"
+        assert len(got) == 1
+        assert_same(got, ref, what=form)
+
+
+def test_grad_outputs_single_tensor_vs_list(gen):
+    x0, v = rand((3, 4), gen), rand((3, 4), gen)
+    setup = lambda: (x0.clone().requires_grad_(True),)  # noqa: E731
+    for go in (v, [v], (v,)):
+        got, ref = _both(setup, lambda grad, x: grad(torch.exp(x), x, grad_outputs=go))
+        assert_same(got, ref)
+
+
+def test_dict_inputs(gen):
+    x0, y0 = rand((3, 4), gen), rand((4,), gen)
+
+    def setup():
+        return x0.clone().requires_grad_(True), y0.clone().requires_grad_(True)
+
+    def call(grad, x, y):
+        return grad((torch.tanh(x) * y).sum(), {"a": x, "b": y})
+
+    try:
+        ref = call(TORCH_GRAD, *setup())
+    except TypeError:
+        pytest.skip("the installed torch.autograd.grad does not accept dict inputs")
+    got = call(FAST_GRAD, *setup())
+    assert isinstance(got, dict), f"fastgrad returns {type(got)} for dict inputs"
+    assert list(got.keys()) == list(ref.keys())
+    for k in ref:
+        assert_same((got[k],), (ref[k],), what=k)
+
+
+def test_nonleaf_input(gen):
+    x0 = rand((3, 4), gen)
+
+    def call(grad, x):
+        h = torch.sin(x) * 2.0
+        y = (torch.exp(h) * h).sum()
+        return grad(y, [h, x])
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert_same(got, ref)
+
+
+def test_nonleaf_input_only_intermediate(gen):
+    x0 = rand((3, 4), gen)
+
+    def call(grad, x):
+        h = x.t() * 3.0
+        return grad((h ** 2).sum(), h)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert_same(got, ref)
+
+
+def test_several_outputs_and_inputs(gen):
+    setup = _setup_xy(gen)
+    v1, v2 = rand((3, 4), gen), rand((4,), gen)
+
+    def call(grad, x, y):
+        a = torch.sin(x) * y
+        b = torch.exp(y) + x.sum(0)
+        return grad([a, b], [x, y], grad_outputs=[v1, v2])
+
+    got, ref = _both(setup, call)
+    assert_same(got, ref)
+
+
+def test_none_grad_outputs_scalar(gen):
+    setup = _setup_xy(gen)
+
+    def call(grad, x, y):
+        return grad([(x * y).sum(), torch.cos(y).sum()], [x, y], grad_outputs=None)
+
+    got, ref = _both(setup, call)
+    assert_same(got, ref)
+
+
+def test_mixed_none_in_grad_outputs(gen):
+    setup = _setup_xy(gen)
+    v = rand((3, 4), gen)
+
+    def call(grad, x, y):
+        s = (x * y).sum()       # scalar: None allowed
+        t = torch.tanh(x) + y   # non-scalar: needs a cotangent
+        return grad([s, t], [x, y], grad_outputs=[None, v])
+
+    got, ref = _both(setup, call)
+    assert_same(got, ref)
+
+
+def test_allow_unused_none(gen):
+    setup = _setup_xy(gen)
+
+    def call(grad, x, y):
+        return grad(torch.sin(x).sum(), [x, y], allow_unused=True)
+
+    got, ref = _both(setup, call)
+    assert ref[1] is None
+    assert_same(got, ref)
+
+
+def test_materialize_grads_zeros(gen):
+    setup = _setup_xy(gen)
+
+    def call(grad, x, y):
+        return grad(torch.sin(x).sum(), [x, y], materialize_grads=True)
+
+    got, ref = _both(setup, call)
+    assert got[1] is not None
+    assert_same(got, ref)
+
+
+def test_materialize_grads_with_allow_unused_true(gen):
+    setup = _setup_xy(gen)
+
+    def call(grad, x, y):
+        return grad(torch.sin(x).sum(), [y, x], allow_unused=True, materialize_grads=True)
+
+    got, ref = _both(setup, call)
+    assert_same(got, ref)
+
+
+def test_is_grads_batched(gen):
+    x0 = rand((3, 4), gen)
+    gos = rand((5, 3, 4), gen)
+
+    def call(grad, x):
+        return grad(torch.sin(x) * torch.exp(x), x, grad_outputs=gos, is_grads_batched=True)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert got[0].shape == (5, 3, 4)
+    assert_same(got, ref)
+
+
+def test_is_grads_batched_jacobian_rows(gen):
+    x0 = rand((4,), gen)
+    eye = torch.eye(4, dtype=torch.float64)
+
+    def call(grad, x):
+        return grad(torch.tanh(x) * x.sum(), x, grad_outputs=eye, is_grads_batched=True)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert_same(got, ref)
+
+
+def test_is_grads_batched_two_outputs(gen):
+    setup = _setup_xy(gen)
+    g1, g2 = rand((2, 3, 4), gen), rand((2, 4), gen)
+
+    def call(grad, x, y):
+        return grad([x * y, torch.exp(y)], [x, y], grad_outputs=[g1, g2], is_grads_batched=True)
+
+    got, ref = _both(setup, call)
+    assert_same(got, ref)
+
+
+# ------------------------------------------------------------------ retain_graph
+
+
+def test_retain_graph_default_frees(gen):
+    x0 = rand((3, 4), gen)
+
+    def make():
+        x = x0.clone().requires_grad_(True)
+        return x, (torch.sin(x) * x).sum()
+
+    def twice(grad):
+        x, y = make()
+        grad(y, x)
+        grad(y, x)
+
+    assert_same_error(lambda: twice(TORCH_GRAD), lambda: twice(FAST_GRAD))
+
+
+def test_fastgrad_frees_graph_for_torch_too(gen):
+    """After fastgrad.grad (retain_graph unset) the graph is freed: torch's next call fails alike."""
+    x0 = rand((3, 4), gen)
+
+    def then_torch(first):
+        x = x0.clone().requires_grad_(True)
+        y = (torch.exp(x) * x).sum()
+        first(y, x)
+        TORCH_GRAD(y, x)
+
+    assert_same_error(lambda: then_torch(TORCH_GRAD), lambda: then_torch(FAST_GRAD))
+
+
+def test_retain_graph_true_allows_second_call(gen):
+    x0 = rand((3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    y = (torch.sin(x) * x).sum()
+    g1 = FAST_GRAD(y, x, retain_graph=True)
+    g2 = FAST_GRAD(y, x, retain_graph=True)
+    g3 = TORCH_GRAD(y, x)  # still alive: fastgrad retained it
+    assert_same(g1, g3)
+    assert_same(g2, g3)
+
+
+def test_create_graph_retains_by_default(gen):
+    x0 = rand((3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    y = (torch.sin(x) ** 2).sum()
+    g1 = FAST_GRAD(y, x, create_graph=True)
+    g2 = FAST_GRAD(y, x)  # retain_graph defaulted to create_graph=True
+    xr = x0.clone().requires_grad_(True)
+    ref = TORCH_GRAD((torch.sin(xr) ** 2).sum(), xr)
+    assert_same(g1, ref)
+    assert_same(g2, ref)
+
+
+def test_explain_does_not_free_graph(gen):
+    x0 = rand((3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    y = (torch.sin(x) * torch.exp(x)).sum()
+    report = fastgrad.explain(y, x)
+    assert isinstance(str(report), str) and len(str(report).splitlines()) >= 2
+    got = FAST_GRAD(y, x)
+    xr = x0.clone().requires_grad_(True)
+    assert_same(got, TORCH_GRAD((torch.sin(xr) * torch.exp(xr)).sum(), xr))
+
+
+def test_explain_report_fields(gen):
+    x = rand((3, 4), gen).requires_grad_(True)
+    y = (torch.sin(x) * torch.exp(x)).sum()
+    r = fastgrad.explain(y, x)
+    assert isinstance(r.native, list) and all(isinstance(n, str) for n in r.native)
+    assert "SinBackward0" in r.native and "ExpBackward0" in r.native, str(r)
+    assert isinstance(r.fallback, list)
+    assert r.all_native is True
+    assert isinstance(r.regions, list) and len(r.regions) >= 1
+    assert isinstance(r.kernel_launches, int) and r.kernel_launches >= 1
+    assert isinstance(r.bytes_read, int) and r.bytes_read > 0
+    assert isinstance(r.bytes_written, int) and r.bytes_written >= x.numel() * x.element_size()
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _err_case(gen, build):
+    """build(grad) performs one call on a fresh graph; compare torch vs fastgrad errors."""
+    assert_same_error(lambda: build(TORCH_GRAD), lambda: build(FAST_GRAD))
+
+
+def test_error_nonscalar_without_grad_outputs(gen):
+    x0 = rand((3, 4), gen)
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad(torch.sin(x), x)
+
+    _err_case(gen, build)
+
+
+def test_error_unused_input(gen):
+    setup = _setup_xy(gen)
+
+    def build(grad):
+        x, y = setup()
+        return grad(torch.sin(x).sum(), [x, y])
+
+    _err_case(gen, build)
+
+
+def test_error_unused_input_allow_unused_false(gen):
+    setup = _setup_xy(gen)
+
+    def build(grad):
+        x, y = setup()
+        return grad(torch.sin(x).sum(), [y, x], allow_unused=False)
+
+    _err_case(gen, build)
+
+
+def test_error_grad_outputs_shape_mismatch(gen):
+    x0, v = rand((3, 4), gen), rand((4,), gen)
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad(torch.exp(x), x, grad_outputs=v)
+
+    _err_case(gen, build)
+
+
+def test_grad_outputs_length_mismatch_same_behaviour(gen):
+    """More grad_outputs than outputs: whatever torch does (raise or ignore), fastgrad does."""
+    x0, v = rand((3, 4), gen), rand((3, 4), gen)
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad([torch.exp(x)], x, grad_outputs=[v, v * 2])
+
+    try:
+        ref = build(TORCH_GRAD)
+    except Exception:  # noqa: BLE001
+        assert_same_error(lambda: build(TORCH_GRAD), lambda: build(FAST_GRAD))
+    else:
+        assert_same(build(FAST_GRAD), ref)
+
+
+def test_error_input_does_not_require_grad(gen):
+    setup = _setup_xy(gen)
+    z = rand((2,), gen)
+
+    def build(grad):
+        x, _ = setup()
+        return grad((torch.sin(x) * 2).sum(), [x, z])
+
+    _err_case(gen, build)
+
+
+def test_error_output_without_grad_fn(gen):
+    setup = _setup_xy(gen)
+    z = rand((3,), gen)
+
+    def build(grad):
+        x, _ = setup()
+        return grad(torch.sin(z).sum(), x)
+
+    _err_case(gen, build)
+
+
+def test_error_empty_inputs(gen):
+    setup = _setup_xy(gen)
+
+    def build(grad):
+        x, _ = setup()
+        return grad(torch.sin(x).sum(), [])
+
+    _err_case(gen, build)
+
+
+def test_error_graph_freed(gen):
+    x0 = rand((3, 4), gen)
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        y = (torch.exp(x) * torch.sin(x)).sum()
+        grad(y, x)
+        return grad(y, x)
+
+    _err_case(gen, build)
+
+
+def test_error_graph_freed_by_backward(gen):
+    x0 = rand((3, 4), gen)
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        y = (torch.exp(x) * torch.sin(x)).sum()
+        y.backward()
+        return grad(y, x)
+
+    _err_case(gen, build)
+
+
+def test_error_materialize_without_allow_unused(gen):
+    setup = _setup_xy(gen)
+
+    def build(grad):
+        x, y = setup()
+        return grad(torch.sin(x).sum(), [x, y], allow_unused=False, materialize_grads=True)
+
+    _err_case(gen, build)
+
+
+def test_error_inplace_modified_saved_tensor(gen):
+    x0 = rand((3, 4), gen)
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        h = x * 2
+        y = torch.sin(h)
+        h.add_(1.0)  # sin saved h: version counter bumped
+        return grad(y.sum(), x)
+
+    _err_case(gen, build)
+
+
+# ------------------------------------------------------------------ warnings & side effects
+
+
+def _warnings_of(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = fn()
+    return res, [(x.category, str(x.message)) for x in w]
+
+
+def test_only_inputs_false_warning(gen):
+    x0 = rand((3, 4), gen)
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad((torch.sin(x) * x).sum(), x, only_inputs=False)
+
+    ref, ref_w = _warnings_of(lambda: call(TORCH_GRAD))
+    got, got_w = _warnings_of(lambda: call(FAST_GRAD))
+    assert ref_w, "torch no longer warns for only_inputs=False"
+    assert [c for c, _ in got_w] == [c for c, _ in ref_w], f"fastgrad: {got_w}\ntorch: {ref_w}"
+    assert [m for _, m in got_w] == [m for _, m in ref_w]
+    assert_same(got, ref)
+
+
+def test_no_warning_by_default(gen):
+    x0 = rand((3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    _, w = _warnings_of(lambda: FAST_GRAD((torch.sin(x) * x).sum(), x))
+    assert not w, w
+
+
+def test_leaf_grad_untouched(gen):
+    setup = _setup_xy(gen)
+    x, y = setup()
+    h = torch.tanh(x) * y
+    FAST_GRAD(h.sum(), [x, y])
+    assert x.grad is None and y.grad is None
+    x2, y2 = setup()
+    h2 = torch.sin(x2) * y2
+    g = FAST_GRAD(h2.sum(), x2, create_graph=True)[0]
+    FAST_GRAD((g * g).sum(), [x2, y2])
+    assert x2.grad is None and y2.grad is None
+
+
+def test_leaf_grad_existing_value_kept(gen):
+    setup = _setup_xy(gen)
+    x, y = setup()
+    x.grad = rand((3, 4), gen)
+    before = x.grad.clone()
+    FAST_GRAD((torch.exp(x) * y).sum(), [x, y])
+    torch.testing.assert_close(x.grad, before)
+    assert y.grad is None
+
+
+def test_results_do_not_share_buffers(gen):
+    # mutating a returned gradient must not change a later result (no cached buffers leaking)
+    x0, v = rand((3, 4), gen), rand((3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    g1 = FAST_GRAD(torch.sin(x), x, grad_outputs=v)[0]
+    g1_copy = g1.clone()
+    x2 = x0.clone().requires_grad_(True)
+    g2 = FAST_GRAD(torch.sin(x2), x2, grad_outputs=v)[0]
+    g2.mul_(0.0)
+    torch.testing.assert_close(g1, g1_copy)
+
+
+def test_result_requires_grad_flags(gen):
+    setup = _setup_xy(gen)
+    for create in (False, True):
+        def call(grad, x, y):
+            return grad((torch.sin(x) * y).sum(), [x, y], create_graph=create)
+
+        got, ref = _both(setup, call)
+        assert [g.requires_grad for g in got] == [g.requires_grad for g in ref], create
+        assert_same(got, ref)
+
+
+def test_grad_mode_disabled_context(gen):
+    """torch.autograd.grad works under no_grad (the graph was built before); so must fastgrad."""
+    x0 = rand((3, 4), gen)
+
+    def call(grad, x):
+        y = (torch.sin(x) * x).sum()
+        with torch.no_grad():
+            return grad(y, x)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert_same(got, ref)
+
+
+def test_float32(gen):
+    x0 = rand((3, 4), gen, dtype=torch.float32)
+
+    def call(grad, x):
+        return grad((torch.tanh(x) * torch.exp(x)).sum(), x)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert got[0].dtype == torch.float32
+    assert_same(got, ref)
+
+
+def test_torch_grad_can_be_patched(gen):
+    """Libraries call torch.autograd.grad by name; patching it to fastgrad.grad must not recurse."""
+    x0 = rand((3, 4), gen)
+    xr = x0.clone().requires_grad_(True)
+    ref = TORCH_GRAD((torch.sin(xr) ** 3).sum(), xr, create_graph=True)
+    orig = torch.autograd.grad
+    try:
+        torch.autograd.grad = fastgrad.grad
+        x = x0.clone().requires_grad_(True)
+        got = torch.autograd.grad((torch.sin(x) ** 3).sum(), x, create_graph=True)
+        got2 = torch.autograd.grad(got[0].sum(), x)
+    finally:
+        torch.autograd.grad = orig
+    assert_same(got, ref)
+    assert_same(got2, TORCH_GRAD(ref[0].sum(), xr))

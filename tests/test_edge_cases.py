@@ -1,0 +1,314 @@
+"""Edge cases where the VJP formulas meet inf/NaN, ties and bounds: results must
+be the ones PyTorch gives (NaN where PyTorch gives NaN), first and second
+order, on the native path.
+
+Inputs are random except for the entries that make the case (a zero, a tie, a
+bound, a -inf), which are planted at random positions.
+"""
+
+import pytest
+import torch
+
+from conftest import check_grad, check_native, rand, TORCH_GRAD
+
+NEG_INF = float("-inf")
+
+
+def _plant(t, gen, value, count=3):
+    """Put ``value`` (a float or a tensor-valued callable of t) at ``count`` random flat positions."""
+    flat = t.reshape(-1)
+    idx = torch.randperm(flat.numel(), generator=gen)[:count]
+    flat[idx] = value
+    return t
+
+
+# --- individual case builders: gen -> (fn, inputs) -------------------------------
+
+
+def sqrt_at_zero(gen):
+    x = _plant(rand((3, 4), gen, "positive"), gen, 0.0)
+    return torch.sqrt, [x]
+
+
+def pow_half_at_zero(gen):
+    x = _plant(rand((3, 4), gen, "positive"), gen, 0.0)
+    return (lambda x: x**0.5), [x]
+
+
+def pow0_at_zero(gen):
+    x = _plant(rand((3, 4), gen), gen, 0.0)
+    return (lambda x: x**0), [x]
+
+
+def pow2_at_zero(gen):
+    x = _plant(rand((3, 4), gen), gen, 0.0)
+    return (lambda x: x**2), [x]
+
+
+def pow_neg_at_zero(gen):
+    x = _plant(rand((3, 4), gen, "nonzero"), gen, 0.0)
+    return (lambda x: x**-1), [x]
+
+
+def pow_tt_base_zero(gen):
+    # d/dy x**y at x == 0 (PyTorch masks log(0) for y >= 0)
+    x = _plant(rand((3, 4), gen, "positive"), gen, 0.0, count=4)
+    y = rand((3, 4), gen, "positive")
+    y.reshape(-1)[:2] = 0.0
+    return (lambda x, y: x**y), [x, y]
+
+
+def amax_ties(gen):
+    x = rand((4, 5), gen)
+    top = x.abs().amax(1) + 1.0
+    x[:, 1] = top
+    x[:, 3] = top
+    x[2, 4] = top[2]  # a three-way tie in one row
+    return (lambda x: x.amax(1)), [x]
+
+
+def amax_all_ties(gen):
+    x = rand((3, 4), gen)
+    top = x.abs().max() + 0.5
+    x[0, 1] = top
+    x[2, 2] = top
+    return (lambda x: x.amax()), [x]
+
+
+def amin_ties_keepdim(gen):
+    x = rand((3, 4, 2), gen)
+    low = -x.abs().amax() - 1.0
+    x[:, 0, :] = low
+    x[:, 2, :] = low
+    return (lambda x: x.amin(1, keepdim=True)), [x]
+
+
+def max_dim_ties(gen):
+    x = rand((4, 5), gen)
+    top = x.abs().amax(1) + 1.0
+    x[:, 1] = top
+    x[:, 3] = top
+    return (lambda x: x.max(1)[0]), [x]
+
+
+def min_dim_ties_keepdim(gen):
+    x = rand((4, 5), gen)
+    low = -x.abs().amax(0) - 1.0
+    x[0, :] = low
+    x[2, :] = low
+    return (lambda x: x.min(0, keepdim=True)[0]), [x]
+
+
+def max_all_ties(gen):
+    x = rand((3, 4), gen)
+    top = x.abs().max() + 0.5
+    x[0, 1] = top
+    x[1, 3] = top
+    x[2, 0] = top
+    return (lambda x: x.max()), [x]
+
+
+def min_all_ties(gen):
+    x = rand((3, 4), gen)
+    low = -x.abs().max() - 0.5
+    x[0, 0] = low
+    x[2, 3] = low
+    return (lambda x: x.min()), [x]
+
+
+def logsumexp_neg_inf(gen):
+    x = rand((3, 5), gen)
+    x[0, 1] = NEG_INF
+    x[1, 0] = NEG_INF
+    x[1, 4] = NEG_INF
+    return (lambda x: torch.logsumexp(x, 1)), [x]
+
+
+def logsumexp_full_neg_inf_row(gen):
+    x = rand((3, 5), gen)
+    x[1, :] = NEG_INF
+    x[2, 2] = NEG_INF
+    return (lambda x: torch.logsumexp(x, 1)), [x]
+
+
+def logsumexp_full_neg_inf_keepdim(gen):
+    x = rand((2, 4, 3), gen)
+    x[0, :, 1] = NEG_INF
+    return (lambda x: torch.logsumexp(x, 1, keepdim=True)), [x]
+
+
+def abs_at_zero(gen):
+    x = _plant(rand((3, 4), gen), gen, 0.0)
+    return torch.abs, [x]
+
+
+def relu_at_zero(gen):
+    x = _plant(rand((3, 4), gen), gen, 0.0)
+    return torch.relu, [x]
+
+
+def clamp_on_bounds(gen):
+    x = rand((4, 5), gen)
+    flat = x.reshape(-1)
+    idx = torch.randperm(flat.numel(), generator=gen)
+    flat[idx[:3]] = -0.5
+    flat[idx[3:6]] = 0.5
+    return (lambda x: torch.clamp(x, -0.5, 0.5)), [x]
+
+
+def clamp_min_on_bound(gen):
+    x = _plant(rand((3, 4), gen), gen, 0.25)
+    return (lambda x: torch.clamp(x, min=0.25)), [x]
+
+
+def clamp_max_on_bound(gen):
+    x = _plant(rand((3, 4), gen), gen, -0.25)
+    return (lambda x: torch.clamp(x, max=-0.25)), [x]
+
+
+def clamp_min_eq_max(gen):
+    x = _plant(rand((3, 4), gen), gen, 0.1)
+    return (lambda x: torch.clamp(x, 0.1, 0.1)), [x]
+
+
+def where_sqrt_negative(gen):
+    x = rand((3, 4), gen)  # mixed signs
+    x.reshape(-1)[0] = 0.0
+    x.reshape(-1)[1] = -1.0
+    return (lambda x: torch.where(x > 0, torch.sqrt(x), x)), [x]
+
+
+def where_log_negative(gen):
+    x = rand((3, 4), gen)
+    return (lambda x: torch.where(x > 0, torch.log(x), x * 2)), [x]
+
+
+def log_at_zero(gen):
+    x = _plant(rand((3, 4), gen, "positive"), gen, 0.0)
+    return torch.log, [x]
+
+
+def div_by_zero(gen):
+    x = rand((3, 4), gen)
+    y = _plant(rand((3, 4), gen, "nonzero"), gen, 0.0, count=4)
+    x.reshape(-1)[y.reshape(-1) == 0] = torch.tensor([0.0, 1.5, -2.0, 0.7], dtype=x.dtype)
+    return (lambda x, y: x / y), [x, y]
+
+
+def scalar_div_zero(gen):
+    x = _plant(rand((3, 4), gen, "nonzero"), gen, 0.0)
+    return (lambda x: 1.5 / x), [x]
+
+
+def exp_overflow(gen):
+    x = rand((3, 4), gen)
+    x.reshape(-1)[:3] = torch.tensor([800.0, -800.0, 710.0], dtype=x.dtype)
+    return torch.exp, [x]
+
+
+def sigmoid_tanh_saturation(gen):
+    x = rand((3, 4), gen)
+    x.reshape(-1)[:4] = torch.tensor([40.0, -40.0, 800.0, -800.0], dtype=x.dtype)
+    return (lambda x: torch.sigmoid(x) + torch.tanh(x)), [x]
+
+
+def softmax_with_neg_inf(gen):
+    x = rand((3, 5), gen)
+    x[0, 2] = NEG_INF
+    x[2, 0] = NEG_INF
+    return (lambda x: torch.softmax(x, 1)), [x]
+
+
+def log_softmax_with_neg_inf(gen):
+    x = rand((3, 5), gen)
+    x[1, 3] = NEG_INF
+    return (lambda x: torch.log_softmax(x, 1)), [x]
+
+
+def nan_input_propagates(gen):
+    x = rand((3, 4), gen)
+    x[1, 2] = float("nan")
+    return (lambda x: torch.sin(x) * x), [x]
+
+
+def inf_input_mul(gen):
+    x = rand((3, 4), gen)
+    y = rand((3, 4), gen)
+    x[0, 0] = float("inf")
+    y[0, 0] = 0.0
+    return (lambda x, y: x * y), [x, y]
+
+
+CASES = {
+    f.__name__: f
+    for f in [
+        sqrt_at_zero, pow_half_at_zero, pow0_at_zero, pow2_at_zero, pow_neg_at_zero,
+        pow_tt_base_zero, amax_ties, amax_all_ties, amin_ties_keepdim, max_dim_ties,
+        min_dim_ties_keepdim, max_all_ties, min_all_ties, logsumexp_neg_inf,
+        logsumexp_full_neg_inf_row, logsumexp_full_neg_inf_keepdim, abs_at_zero, relu_at_zero,
+        clamp_on_bounds, clamp_min_on_bound, clamp_max_on_bound, clamp_min_eq_max,
+        where_sqrt_negative, where_log_negative, log_at_zero, div_by_zero, scalar_div_zero,
+        exp_overflow, sigmoid_tanh_saturation, softmax_with_neg_inf, log_softmax_with_neg_inf,
+        nan_input_propagates, inf_input_mul,
+    ]
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_first_order(name, gen):
+    fn, inputs = CASES[name](gen)
+    check_grad(fn, inputs, gen=gen, orders=1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_second_order(name, gen):
+    fn, inputs = CASES[name](gen)
+    check_grad(fn, inputs, gen=gen, orders=2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_native(name, gen):
+    fn, inputs = CASES[name](gen)
+    check_native(fn, inputs, gen=gen, orders=2)
+
+
+# --- sanity: the planted cases really exercise what they claim (in torch itself) -----
+
+
+def _torch_grad(fn, inputs, go=None):
+    xs = [t.clone().requires_grad_(True) for t in inputs]
+    out = fn(*xs)
+    return TORCH_GRAD(out, xs, grad_outputs=go if go is not None else torch.ones_like(out))
+
+
+def test_cases_exercise_their_edge(gen):
+    fn, inp = sqrt_at_zero(gen)
+    assert torch.isinf(_torch_grad(fn, inp)[0]).sum() == 3
+    fn, inp = amax_ties(gen)
+    g = _torch_grad(fn, inp)[0]
+    assert torch.allclose(g[0, 1], torch.tensor(0.5, dtype=g.dtype))  # split evenly
+    fn, inp = max_dim_ties(gen)
+    g = _torch_grad(fn, inp)[0]
+    assert g[:, 1].sum() + g[:, 3].sum() == 4  # one winner per row
+    fn, inp = where_sqrt_negative(gen)
+    assert torch.isnan(_torch_grad(fn, inp)[0]).any()
+    fn, inp = logsumexp_full_neg_inf_row(gen)
+    assert torch.isnan(_torch_grad(fn, inp)[0][1]).all()
+
+
+def test_amax_ties_split_evenly_fastgrad(gen):
+    """Spelled out for amax: each of k tied maxima gets 1/k of the gradient."""
+    import fastgrad
+
+    fn, (x,) = amax_ties(gen)
+    go = rand((4,), gen)
+    xl = x.clone().requires_grad_(True)
+    g = fastgrad.grad(fn(xl), xl, grad_outputs=go)[0]
+    torch.testing.assert_close(g[0, 1], go[0] / 2)
+    torch.testing.assert_close(g[2, 1], go[2] / 3)
+    torch.testing.assert_close(g[2, 4], go[2] / 3)
+    fn, (x,) = max_dim_ties(gen)
+    xl = x.clone().requires_grad_(True)
+    g = fastgrad.grad(fn(xl), xl, grad_outputs=go)[0]
+    torch.testing.assert_close(g[:, 1], go)  # first index wins
+    torch.testing.assert_close(g[:, 3], torch.zeros_like(go))

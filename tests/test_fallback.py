@@ -1,0 +1,156 @@
+"""Graphs mixing native ops with ops fastgrad does not lower (matmul, conv,
+cumsum, a user autograd.Function): results still match torch, first and second
+order, and explain names which nodes went where."""
+
+import pytest
+import torch
+
+import fastgrad
+from conftest import check_grad, rand
+
+
+class Cube(torch.autograd.Function):
+    """x**3 with a hand-written (twice differentiable) backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+class ScaleBoth(torch.autograd.Function):
+    """Two inputs, two outputs, one input without gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y, k):
+        ctx.save_for_backward(x, y)
+        ctx.k = k
+        return x * y * k, x + y
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        x, y = ctx.saved_tensors
+        gx = ga * y * ctx.k + gb
+        gy = ga * x * ctx.k + gb
+        return gx, gy, None
+
+
+# name -> (forward fn, input shapes, expected fallback node names, expected native node names)
+MIXED = {
+    "mm_tanh": (
+        lambda x, w: torch.tanh(torch.sin(x) @ w),
+        [(3, 4), (4, 5)], {"MmBackward0"}, {"TanhBackward0", "SinBackward0"},
+    ),
+    "matmul_exp_sum": (
+        lambda x, w: torch.exp(torch.mm(x, w) * 0.5).sum(1),
+        [(3, 4), (4, 2)], {"MmBackward0"}, {"ExpBackward0", "SumBackward1"},
+    ),
+    "conv1d_sigmoid": (
+        lambda x, w: torch.sigmoid(torch.nn.functional.conv1d(torch.sin(x), w)),
+        [(2, 3, 8), (4, 3, 3)], {"ConvolutionBackward0"}, {"SigmoidBackward0", "SinBackward0"},
+    ),
+    "conv2d_tanh": (
+        lambda x, w: torch.tanh(torch.nn.functional.conv2d(x * x, w, padding=1)),
+        [(1, 2, 5, 5), (3, 2, 3, 3)], {"ConvolutionBackward0"}, {"TanhBackward0"},
+    ),
+    "cumsum_exp": (
+        lambda x: torch.exp(x).cumsum(1) * x,
+        [(3, 5)], {"CumsumBackward0"}, {"ExpBackward0", "MulBackward0"},
+    ),
+    "custom_function": (
+        lambda x: torch.sin(Cube.apply(torch.tanh(x))),
+        [(3, 4)], {"CubeBackward"}, {"SinBackward0", "TanhBackward0"},
+    ),
+    "custom_function_two_io": (
+        lambda x, y: torch.exp(ScaleBoth.apply(torch.cos(x), y, 0.5)[0]) + ScaleBoth.apply(x, y, 2.0)[1],
+        [(3, 4), (3, 4)], {"ScaleBothBackward"}, {"ExpBackward0", "CosBackward0"},
+    ),
+    "native_opaque_native_sandwich": (
+        lambda x, w: (torch.sin(torch.exp(x) @ w) * torch.cos(x).sum(1, keepdim=True)).sum(),
+        [(3, 4), (4, 2)], {"MmBackward0"}, {"SinBackward0", "ExpBackward0", "CosBackward0"},
+    ),
+    "cumsum_then_softmax": (
+        lambda x: torch.softmax(x.cumsum(0), 1),
+        [(4, 3)], {"CumsumBackward0"}, {"SoftmaxBackward0"},
+    ),
+}
+
+
+def _inputs(name, gen):
+    return [rand(s, gen) for s in MIXED[name][1]]
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_first_order(name, gen):
+    check_grad(MIXED[name][0], _inputs(name, gen), gen=gen, orders=1)
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_second_order(name, gen):
+    check_grad(MIXED[name][0], _inputs(name, gen), gen=gen, orders=2)
+
+
+@pytest.mark.parametrize("name", ["mm_tanh", "cumsum_exp", "custom_function"])
+def test_third_order(name, gen):
+    check_grad(MIXED[name][0], _inputs(name, gen), gen=gen, orders=3)
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+def test_explain_names(name, gen):
+    fn, _, fallback_expected, native_expected = MIXED[name]
+    xs = [t.requires_grad_(True) for t in _inputs(name, gen)]
+    out = fn(*xs)
+    go = rand(out.shape, gen)
+    report = fastgrad.explain(out, xs, grad_outputs=go)
+    fb_names = {n for n, _ in report.fallback}
+    assert fallback_expected <= fb_names, str(report)
+    assert native_expected <= set(report.native), str(report)
+    assert not report.all_native, str(report)
+    assert not (fb_names & set(report.native)), str(report)
+    for n, reason in report.fallback:
+        assert isinstance(n, str) and isinstance(reason, str) and reason, str(report)
+    assert report.fallback[0][0] in str(report)
+    # explain must leave the graph usable
+    g = fastgrad.grad(out, xs, grad_outputs=go)
+    assert all(t is not None for t in g)
+
+
+def test_explain_second_order_mixed(gen):
+    x, w = rand((3, 4), gen).requires_grad_(True), rand((4, 5), gen).requires_grad_(True)
+    g = fastgrad.grad(torch.tanh(x @ w).sum(), [x, w], create_graph=True)
+    report = fastgrad.explain((g[0] ** 2).sum() + (g[1] ** 2).sum(), [x, w], allow_unused=True)
+    assert any("Region" in n for n in report.native), str(report)
+    assert report.fallback, str(report)
+
+
+def test_fallback_node_with_unused_next_edge(gen):
+    """An opaque node whose other input needs no gradient."""
+    w = rand((4, 5), gen)  # constant: (None, 0) edge in MmBackward0
+    check_grad(lambda x: torch.exp(torch.sin(x) @ w), [rand((3, 4), gen)], gen=gen, orders=2)
+
+
+def test_unbind_fallback_none_grads(gen):
+    """Only some outputs of a multi-output node are used (None gradients to the node)."""
+    check_grad(lambda x: torch.sin(x.unbind(0)[1]) * 2.0, [rand((3, 4), gen)], gen=gen, orders=2)
+
+
+def test_integer_index_gather(gen):
+    idx = torch.tensor([[0, 2, 1], [3, 3, 0]])
+    check_grad(lambda x: torch.exp(torch.gather(torch.tanh(x), 1, idx)), [rand((2, 4), gen)],
+               gen=gen, orders=2)
+
+
+def test_fallback_parameters_model(gen):
+    """Linear layers (Addmm/T nodes) between native activations; grads w.r.t. input and weights."""
+    lin = torch.nn.Linear(4, 3).double()
+    params = [p.detach().clone() for p in lin.parameters()]
+
+    def fn(x, w, b):
+        return torch.tanh(torch.nn.functional.linear(torch.sigmoid(x), w, b))
+
+    check_grad(fn, [rand((5, 4), gen)] + params, gen=gen, orders=2)

@@ -1,0 +1,223 @@
+"""create_graph=True chains: fastgrad's results must be differentiable by
+fastgrad and by PyTorch, to third order, and training losses built from them
+(gradient penalties, physics residuals, force matching) must reach the
+parameters exactly as with torch.autograd.grad."""
+
+import copy
+
+import pytest
+import torch
+
+import fastgrad
+from conftest import FAST_GRAD, TORCH_GRAD, assert_same, check_grad, check_native, rand
+
+ELEMENTWISE_CHAINS = {
+    "sin_mul_exp": lambda x: torch.sin(x) * torch.exp(x),
+    "tanh_sq": lambda x: torch.tanh(x) ** 2,
+    "sigmoid_log": lambda x: torch.log(torch.sigmoid(x) + 1.0) * x,
+    "poly_cos": lambda x: x**3 * torch.cos(x) - 2 * x,
+    "softplus": lambda x: torch.log(1 + torch.exp(x)),
+}
+
+
+def _mixed(gen, chain, first, second):
+    x0, v = rand((3, 4), gen), rand((3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    g = first(chain(x), x, grad_outputs=v, create_graph=True)[0]
+    h = second((g * g).sum() + torch.sin(g).sum(), x)[0]
+    return g, h
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE_CHAINS))
+@pytest.mark.parametrize("engines", ["fast_then_torch", "torch_then_fast", "fast_then_fast"])
+def test_second_order_mixed_engines(name, engines, gen):
+    chain = ELEMENTWISE_CHAINS[name]
+    pair = {
+        "fast_then_torch": (FAST_GRAD, TORCH_GRAD),
+        "torch_then_fast": (TORCH_GRAD, FAST_GRAD),
+        "fast_then_fast": (FAST_GRAD, FAST_GRAD),
+    }[engines]
+    state = gen.get_state()
+    ref = _mixed(gen, chain, TORCH_GRAD, TORCH_GRAD)
+    gen.set_state(state)
+    got = _mixed(gen, chain, *pair)
+    assert_same(got, ref)
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE_CHAINS))
+def test_third_order(name, gen):
+    check_grad(ELEMENTWISE_CHAINS[name], [rand((3, 4), gen)], gen=gen, orders=3)
+
+
+@pytest.mark.parametrize("name", list(ELEMENTWISE_CHAINS))
+def test_third_order_native(name, gen):
+    reports = check_native(ELEMENTWISE_CHAINS[name], [rand((3, 4), gen)], gen=gen, orders=3)
+    assert len(reports) == 3
+    for r in reports[1:]:
+        assert any("Region" in n for n in r.native), str(r)
+
+
+def test_third_order_two_inputs(gen):
+    check_grad(lambda x, y: torch.exp(x * y) * torch.sin(y), [rand((3, 4), gen), rand((4,), gen)],
+               gen=gen, orders=3)
+
+
+def test_third_order_reductions(gen):
+    check_grad(lambda x: torch.logsumexp(torch.tanh(x), 1) * x.mean(1), [rand((3, 5), gen)],
+               gen=gen, orders=3)
+
+
+def test_fourth_derivative_scalar_chain(gen):
+    """d^4/dx^4 of sin(x)*x (elementwise, summed) against torch, all via each engine."""
+    x0 = rand((5,), gen)
+
+    def derivs(grad):
+        x = x0.clone().requires_grad_(True)
+        y = (torch.sin(x) * x).sum()
+        out = []
+        for _ in range(4):
+            (y,) = grad(y, x, create_graph=True)
+            out.append(y)
+            y = y.sum()
+        return out
+
+    assert_same(derivs(FAST_GRAD), derivs(TORCH_GRAD))
+
+
+def test_gradcheck_through_fastgrad(gen):
+    """Finite differences of fastgrad's create_graph result (and of its derivative)."""
+    x = rand((2, 3), gen).requires_grad_(True)
+
+    def f(x):
+        return FAST_GRAD((torch.sin(x) * torch.exp(x) + x**3).sum(), x, create_graph=True)[0]
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+# ----------------------------------------------------------------- models
+
+
+def _mlp(gen, sizes, act=torch.nn.Tanh):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        lin = torch.nn.Linear(a, b).double()
+        with torch.no_grad():
+            lin.weight.copy_(rand(lin.weight.shape, gen) / a**0.5)
+            lin.bias.copy_(rand(lin.bias.shape, gen) * 0.1)
+        layers += [lin, act()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _param_grads(model):
+    return tuple(p.grad for p in model.parameters())
+
+
+def _wgan_gp(grad, D, real, fake, eps):
+    xhat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    g = grad(D(xhat).sum(), xhat, create_graph=True)[0]
+    gp = ((g.norm(2, dim=1) - 1) ** 2).mean()
+    gp.backward()
+    return gp, g
+
+
+@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus])
+def test_wgan_gp(act, gen):
+    D = _mlp(gen, [4, 8, 8, 1], act)
+    D_ref = copy.deepcopy(D)
+    real, fake = rand((6, 4), gen), rand((6, 4), gen)
+    eps = torch.rand(6, 1, generator=gen, dtype=torch.float64)
+    gp_ref, g_ref = _wgan_gp(TORCH_GRAD, D_ref, real, fake, eps)
+    gp, g = _wgan_gp(FAST_GRAD, D, real, fake, eps)
+    assert_same((gp, g), (gp_ref, g_ref), what="penalty")
+    got, ref = _param_grads(D), _param_grads(D_ref)
+    assert sum(r is not None for r in ref) >= 4  # (the last bias does not reach the penalty)
+    assert_same(got, ref, what="param.grad")
+
+
+def test_wgan_gp_with_critic_loss(gen):
+    """Penalty plus the ordinary critic loss in one backward, like a training step."""
+    D = _mlp(gen, [3, 6, 1])
+    D_ref = copy.deepcopy(D)
+    real, fake = rand((5, 3), gen), rand((5, 3), gen)
+    eps = torch.rand(5, 1, generator=gen, dtype=torch.float64)
+
+    def step(grad, D):
+        xhat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        g = grad(D(xhat), xhat, grad_outputs=torch.ones(5, 1, dtype=torch.float64),
+                 create_graph=True, retain_graph=True)[0]
+        loss = D(fake).mean() - D(real).mean() + 10 * ((g.norm(2, dim=1) - 1) ** 2).mean()
+        loss.backward()
+        return loss
+
+    assert_same(step(FAST_GRAD, D), step(TORCH_GRAD, D_ref))
+    assert_same(_param_grads(D), _param_grads(D_ref), what="param.grad")
+
+
+def _pinn(grad, u_net, x0):
+    x = x0.clone().requires_grad_(True)
+    u = u_net(x)
+    ones = torch.ones_like(u)
+    u_x = grad(u, x, grad_outputs=ones, create_graph=True)[0]
+    u_xx = grad(u_x, x, grad_outputs=torch.ones_like(u_x), create_graph=True)[0]
+    residual = u_xx + torch.pi**2 * torch.sin(torch.pi * x)
+    loss = (residual**2).mean() + (u_x**2).mean() * 0.1
+    loss.backward()
+    return u_x, u_xx, loss
+
+
+def test_pinn_residual_1d(gen):
+    net = _mlp(gen, [1, 10, 10, 1])
+    net_ref = copy.deepcopy(net)
+    x0 = rand((16, 1), gen, "unit")
+    got = _pinn(FAST_GRAD, net, x0)
+    ref = _pinn(TORCH_GRAD, net_ref, x0)
+    assert_same(got, ref, what="u_x, u_xx, loss")
+    assert_same(_param_grads(net), _param_grads(net_ref), what="param.grad")
+
+
+def test_pinn_2d_partials(gen):
+    """u(x, t): u_t, u_x, u_xx from a (N, 2) input by slicing the gradient."""
+    net = _mlp(gen, [2, 8, 8, 1])
+    net_ref = copy.deepcopy(net)
+    xt0 = rand((12, 2), gen, "unit")
+
+    def run(grad, net):
+        xt = xt0.clone().requires_grad_(True)
+        u = net(xt)
+        du = grad(u.sum(), xt, create_graph=True)[0]
+        u_x, u_t = du[:, 0:1], du[:, 1:2]
+        u_xx = grad(u_x.sum(), xt, create_graph=True)[0][:, 0:1]
+        res = u_t + u * u_x - 0.01 * u_xx
+        loss = (res**2).mean()
+        loss.backward()
+        return u_x, u_t, u_xx, loss
+
+    assert_same(run(FAST_GRAD, net), run(TORCH_GRAD, net_ref))
+    assert_same(_param_grads(net), _param_grads(net_ref), what="param.grad")
+
+
+def test_force_matching(gen):
+    """Energy model: F = -dE/dx, trained on forces (second order w.r.t. parameters)."""
+    net = _mlp(gen, [3, 8, 1], torch.nn.Softplus)
+    net_ref = copy.deepcopy(net)
+    pos0, target = rand((7, 3), gen), rand((7, 3), gen)
+
+    def run(grad, net):
+        pos = pos0.clone().requires_grad_(True)
+        energy = net(pos).sum()
+        forces = -grad(energy, pos, create_graph=True)[0]
+        loss = ((forces - target) ** 2).mean()
+        loss.backward()
+        return forces, loss
+
+    assert_same(run(FAST_GRAD, net), run(TORCH_GRAD, net_ref))
+    assert_same(_param_grads(net), _param_grads(net_ref), what="param.grad")
+
+
+def test_region_node_named_in_explain(gen):
+    x = rand((3, 4), gen).requires_grad_(True)
+    g = FAST_GRAD((torch.tanh(x) ** 2).sum(), x, create_graph=True)[0]
+    r = fastgrad.explain((g * g).sum(), x)
+    assert any("Region" in n for n in r.native), str(r)
+    assert r.all_native, str(r)

@@ -1,0 +1,298 @@
+"""Per-op differential table (in the spirit of JAX's LAX_GRAD_OPS).
+
+Every row is an op spec: a name, a forward function of the inputs, the input
+shapes (broadcasting pairs, 0-d and empty tensors included) and the input
+domains.  Each row is run through:
+
+* first order, random grad_outputs
+* second order (create_graph=True, then differentiate sum(g * v) again)
+* non-contiguous leaves (transposed storage / stride-2 slices)
+* differentiation w.r.t. non-leaf views of the leaves
+* fastgrad.explain reports all-native, first and second order
+
+all against torch.autograd.grad on the same graph in float64.
+"""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from conftest import check_grad, check_native, rand, strided_leaf
+
+
+@dataclass
+class Op:
+    name: str
+    fn: object
+    shapes: tuple
+    domains: tuple = ()
+    # linear ops have a constant first derivative; their second-order check is
+    # done on fn(...)**2 so that the op's VJP itself gets differentiated
+    linear: bool = False
+    # .view() of a non-contiguous tensor is an error in torch: no strided variants
+    contiguous_only: bool = False
+    marks: list = field(default_factory=list)
+
+    def make_inputs(self, gen):
+        doms = self.domains or ("real",) * len(self.shapes)
+        return [rand(s, gen, d) for s, d in zip(self.shapes, doms)]
+
+    @property
+    def id(self):
+        def sh(s):
+            if len(s) == 0:
+                return "scalar"
+            return "x".join(str(d) for d in s)
+        return f"{self.name}-" + "&".join(sh(s) for s in self.shapes)
+
+
+def _shape_variants(name, fn, shape_list, domains=None, **kw):
+    out = []
+    for shapes in shape_list:
+        doms = domains if domains is not None else ("real",) * len(shapes)
+        out.append(Op(name, fn, tuple(tuple(s) for s in shapes), tuple(doms), **kw))
+    return out
+
+
+UNARY_SHAPES = [[(3, 4)], [()], [(0, 3)], [(2, 3, 4)]]
+BINARY_SHAPES = [
+    [(3, 4), (3, 4)],
+    [(3, 4), (4,)],
+    [(4,), (3, 4)],
+    [(2, 1, 5), (3, 1)],
+    [(), (3, 4)],
+    [(3, 4), ()],
+    [(0, 3), (3,)],
+]
+
+OPS = []
+
+
+def unary(name, fn, domain="real", shapes=UNARY_SHAPES, **kw):
+    OPS.extend(_shape_variants(name, fn, shapes, (domain,), **kw))
+
+
+def binary(name, fn, domains=("real", "real"), shapes=BINARY_SHAPES, **kw):
+    OPS.extend(_shape_variants(name, fn, shapes, domains, **kw))
+
+
+# ---------------------------------------------------------------- arithmetic
+binary("add", lambda x, y: x + y, linear=True)
+binary("sub", lambda x, y: x - y, linear=True)
+binary("add_alpha", lambda x, y: torch.add(x, y, alpha=2.5), linear=True)
+binary("sub_alpha", lambda x, y: torch.sub(x, y, alpha=-1.5), linear=True)
+binary("rsub_tensor", lambda x, y: torch.rsub(x, y), linear=True, shapes=BINARY_SHAPES[:3])
+unary("rsub_scalar", lambda x: 2 - x, linear=True)
+unary("add_scalar", lambda x: x + 1.25, linear=True, shapes=UNARY_SHAPES[:2])
+binary("mul", lambda x, y: x * y)
+unary("mul_scalar", lambda x: x * 3.0, linear=True, shapes=UNARY_SHAPES[:2])
+binary("div", lambda x, y: x / y, domains=("real", "nonzero"))
+unary("div_scalar", lambda x: x / 3.0, linear=True)
+unary("scalar_div", lambda x: 2.0 / x, domain="nonzero", shapes=UNARY_SHAPES[:2])
+unary("neg", lambda x: -x, linear=True)
+
+# ---------------------------------------------------------------- pow
+unary("pow2", lambda x: x**2)
+unary("pow3", lambda x: x**3, shapes=UNARY_SHAPES[:2])
+unary("pow3.5", lambda x: x**3.5, domain="positive")
+unary("pow0.5", lambda x: x**0.5, domain="positive", shapes=UNARY_SHAPES[:2])
+unary("pow-2", lambda x: x**-2, domain="nonzero", shapes=UNARY_SHAPES[:2])
+unary("pow0", lambda x: x**0, shapes=UNARY_SHAPES[:2])
+unary("exp2_pow", lambda x: 2**x)
+unary("torch.pow_scalar_base", lambda x: torch.pow(1.7, x), shapes=UNARY_SHAPES[:2])
+binary("pow_tt", lambda x, y: x**y, domains=("positive", "real"), shapes=BINARY_SHAPES[:5])
+
+# ---------------------------------------------------------------- elementwise math
+unary("exp", torch.exp)
+unary("log", torch.log, domain="positive")
+unary("sin", torch.sin)
+unary("cos", torch.cos)
+unary("tanh", torch.tanh)
+unary("sigmoid", torch.sigmoid)
+unary("relu", torch.relu)
+unary("sqrt", torch.sqrt, domain="positive")
+unary("abs", torch.abs, domain="nonzero")
+unary("clamp", lambda x: torch.clamp(x, min=-0.5, max=0.7))
+unary("clamp_min", lambda x: torch.clamp(x, min=-0.2), shapes=UNARY_SHAPES[:3])
+unary("clamp_max", lambda x: torch.clamp(x, max=0.3), shapes=UNARY_SHAPES[:3])
+unary("clamp_method", lambda x: x.clamp(-0.4, 0.4), shapes=UNARY_SHAPES[:1])
+binary("where", lambda x, y: torch.where(x > 0, x, y))
+binary("where_nonlinear", lambda x, y: torch.where(x > 0, x * y, torch.sin(y)),
+       shapes=BINARY_SHAPES[:4])
+
+# ---------------------------------------------------------------- reductions
+R3 = [[(3, 4, 5)]]
+R2 = [[(3, 4)]]
+unary("sum_all", lambda x: x.sum(), shapes=R3 + [[()], [(0, 3)]], linear=True)
+unary("sum_dim", lambda x: x.sum(1), shapes=R3 + R2, linear=True)
+unary("sum_dim_neg", lambda x: x.sum(-1), shapes=R3, linear=True)
+unary("sum_dims", lambda x: x.sum((0, 2)), shapes=R3, linear=True)
+unary("sum_dims_keepdim", lambda x: x.sum((0, 2), keepdim=True), shapes=R3, linear=True)
+unary("sum_dim_keepdim", lambda x: x.sum(1, keepdim=True), shapes=R3 + R2, linear=True)
+unary("sum_empty_dim0", lambda x: x.sum(0), shapes=[[(0, 3)]], linear=True)
+unary("mean_all", lambda x: x.mean(), shapes=R3 + [[()]], linear=True)
+unary("mean_dim", lambda x: x.mean(1), shapes=R3 + R2, linear=True)
+unary("mean_dim_keepdim", lambda x: x.mean(1, keepdim=True), shapes=R3, linear=True)
+unary("mean_dims", lambda x: x.mean((0, 2)), shapes=R3, linear=True)
+unary("amax_dim", lambda x: x.amax(1), shapes=R3 + R2)
+unary("amax_dim_keepdim", lambda x: x.amax(1, keepdim=True), shapes=R3)
+unary("amax_all", lambda x: x.amax(), shapes=R3)
+unary("amax_dims", lambda x: x.amax((0, 2)), shapes=R3)
+unary("amin_dim", lambda x: x.amin(0), shapes=R3 + R2)
+unary("amin_all", lambda x: x.amin(), shapes=R3)
+unary("max_all", lambda x: x.max(), shapes=R3 + R2)
+unary("min_all", lambda x: x.min(), shapes=R3 + R2)
+unary("max_dim", lambda x: x.max(1)[0], shapes=R3 + R2)
+unary("max_dim_keepdim", lambda x: x.max(1, keepdim=True)[0], shapes=R3)
+unary("max_dim_values", lambda x: torch.max(x, -1).values, shapes=R3)
+unary("min_dim", lambda x: x.min(2)[0], shapes=R3)
+unary("min_dim_keepdim", lambda x: x.min(0, keepdim=True)[0], shapes=R3)
+unary("logsumexp", lambda x: torch.logsumexp(x, 1), shapes=R3 + R2)
+unary("logsumexp_keepdim", lambda x: torch.logsumexp(x, 1, keepdim=True), shapes=R3)
+unary("logsumexp_last", lambda x: x.logsumexp(-1), shapes=R2)
+unary("softmax", lambda x: torch.softmax(x, 1), shapes=R3 + R2)
+unary("softmax_last", lambda x: torch.nn.functional.softmax(x, dim=-1), shapes=R3)
+unary("log_softmax", lambda x: torch.log_softmax(x, 1), shapes=R3 + R2)
+unary("log_softmax_last", lambda x: torch.nn.functional.log_softmax(x, dim=-1), shapes=R3)
+
+# ---------------------------------------------------------------- views & copies
+unary("view", lambda x: x.view(4, 3), shapes=R2, linear=True, contiguous_only=True)
+unary("view_flat", lambda x: x.view(-1), shapes=R3, linear=True, contiguous_only=True)
+unary("reshape", lambda x: x.reshape(12), shapes=R2, linear=True)
+unary("reshape_3d", lambda x: x.reshape(5, 3, 4), shapes=R3, linear=True)
+unary("expand", lambda x: x.expand(3, 4), shapes=[[(3, 1)]], linear=True)
+unary("expand_new_dim", lambda x: x.expand(2, 3, 4), shapes=[[(4,)]], linear=True)
+unary("expand_as", lambda x: x.expand_as(torch.empty(2, 4, 5)), shapes=[[(1, 4, 1)]], linear=True)
+unary("unsqueeze", lambda x: x.unsqueeze(1), shapes=R2, linear=True)
+unary("unsqueeze0", lambda x: x.unsqueeze(0), shapes=R2 + [[()]], linear=True)
+unary("unsqueeze_neg", lambda x: x.unsqueeze(-1), shapes=R2, linear=True)
+unary("squeeze_dim", lambda x: x.squeeze(1), shapes=[[(3, 1, 4)]], linear=True)
+unary("squeeze_all", lambda x: x.squeeze(), shapes=[[(3, 1, 4, 1)]], linear=True)
+unary("permute", lambda x: x.permute(2, 0, 1), shapes=R3, linear=True)
+unary("transpose", lambda x: x.transpose(0, 1), shapes=R2 + R3, linear=True)
+unary("t", lambda x: x.t(), shapes=R2, linear=True)
+unary("select_col", lambda x: x[:, 0], shapes=R2 + R3, linear=True)
+unary("select_row", lambda x: x[1], shapes=R2, linear=True)
+unary("select_neg", lambda x: x.select(1, -1), shapes=R3, linear=True)
+unary("slice_rows", lambda x: x[1:3], shapes=R2 + R3, linear=True)
+unary("slice_step", lambda x: x[:, ::2], shapes=R2 + R3, linear=True)
+unary("slice_last", lambda x: x[..., 1:], shapes=R3, linear=True)
+unary("slice_1d_step", lambda x: x[1::3], shapes=[[(10,)]], linear=True)
+unary("clone", lambda x: x.clone(), shapes=R2 + [[()]], linear=True)
+unary("cast_f32_f64", lambda x: x.float().double(), shapes=R2 + [[()]], linear=True)
+unary("cast_to", lambda x: x.to(torch.float32).to(torch.float64), shapes=R2, linear=True)
+
+# ---------------------------------------------------------------- compositions
+unary("sin_mul_exp_sum", lambda x: (torch.sin(x) * torch.exp(x)).sum(), shapes=R2 + R3)
+unary("tanh_cubed", lambda x: torch.tanh(x) ** 3)
+unary("softplus_by_hand", lambda x: torch.log(1 + torch.exp(x)))
+unary("silu_by_hand", lambda x: x * torch.sigmoid(x), shapes=R2)
+unary("sqrt_x2_plus_1", lambda x: torch.sqrt(x * x + 1), shapes=R2)
+unary("layernorm_by_hand",
+      lambda x: (x - x.mean(-1, keepdim=True))
+      / torch.sqrt(((x - x.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + 1e-5),
+      shapes=R2 + R3)
+unary("softmax_by_hand",
+      lambda x: torch.exp(x - x.amax(1, keepdim=True))
+      / torch.exp(x - x.amax(1, keepdim=True)).sum(1, keepdim=True),
+      shapes=R2)
+unary("view_chain", lambda x: torch.sin(x.t()[1:, ::2].unsqueeze(0)).expand(2, 3, 2).sum(0),
+      shapes=[[(4, 4)]])
+binary("mixed_chain", lambda x, y: torch.tanh(x * y + torch.exp(-x**2)).sum(-1),
+       shapes=BINARY_SHAPES[:4])
+binary("two_outputs_shared", lambda x, y: (torch.sin(x) * y, torch.cos(x) + y.sum()),
+       shapes=BINARY_SHAPES[:2])
+unary("reuse_input", lambda x: x * x * x + torch.sin(x) * x, shapes=R2)
+
+
+CASES = [pytest.param(op, id=op.id) for op in OPS]
+
+_ids = [op.id for op in OPS]
+assert len(_ids) == len(set(_ids)), "duplicate op ids"
+
+
+def _second_order_fn(op):
+    if not op.linear:
+        return op.fn
+
+    def squared(*xs):
+        outs = op.fn(*xs)
+        if isinstance(outs, tuple):
+            return tuple(o * o for o in outs)
+        return outs * outs
+
+    return squared
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_first_order(op, gen):
+    check_grad(op.fn, op.make_inputs(gen), gen=gen, orders=1)
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_second_order(op, gen):
+    check_grad(_second_order_fn(op), op.make_inputs(gen), gen=gen, orders=2)
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_strided_leaves(op, gen):
+    inputs = op.make_inputs(gen)
+    if op.contiguous_only:
+        pytest.skip("view() needs contiguous inputs")
+    if not any(t.dim() >= 1 and t.numel() > 1 for t in inputs):
+        pytest.skip("no input can be made non-contiguous")
+    check_grad(op.fn, inputs, gen=gen, orders=1, leaf_fn=strided_leaf)
+    check_grad(_second_order_fn(op), inputs, gen=gen, orders=2, leaf_fn=strided_leaf)
+
+
+def _transposed_views(*leaves):
+    # the forward sees non-contiguous non-leaf views of the leaves
+    out = []
+    for t in leaves:
+        if t.dim() >= 2:
+            out.append(t.transpose(0, -1).transpose(0, -1))
+        elif t.dim() == 1:
+            out.append(t.unsqueeze(1).t()[0])
+        else:
+            out.append(t * 1.0)
+    return tuple(out)
+
+
+def _transposed_leaf_views(*leaves):
+    # leaves are stored transposed, forward inputs are their transposes (non-contiguous views)
+    return tuple(t.t() if t.dim() == 2 else (t.permute(2, 1, 0) if t.dim() == 3 else t) for t in leaves)
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_nonleaf_view_inputs(op, gen):
+    """Differentiate w.r.t. non-leaf views (the inputs have a grad_fn)."""
+    inputs = op.make_inputs(gen)
+    check_grad(op.fn, inputs, gen=gen, orders=1, prep=_transposed_views, wrt="prepped")
+    check_grad(_second_order_fn(op), inputs, gen=gen, orders=2, prep=_transposed_views,
+               wrt="prepped")
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_transposed_base_views(op, gen):
+    """x = base.t() of a leaf base; gradient w.r.t. the base."""
+    inputs = op.make_inputs(gen)
+    if op.contiguous_only:
+        pytest.skip("view() needs contiguous inputs")
+    if not any(t.dim() in (2, 3) for t in inputs):
+        pytest.skip("only for 2-d/3-d inputs")
+    # leaves hold the transposes, so that prep(leaves) has the spec'd shapes
+    bases = [t.t().contiguous() if t.dim() == 2 else (t.permute(2, 1, 0).contiguous() if t.dim() == 3 else t)
+             for t in inputs]
+    check_grad(op.fn, bases, gen=gen, orders=1, prep=_transposed_leaf_views)
+    check_grad(_second_order_fn(op), bases, gen=gen, orders=2, prep=_transposed_leaf_views)
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_native_first_order(op, gen):
+    check_native(op.fn, op.make_inputs(gen), gen=gen, orders=1)
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_native_second_order(op, gen):
+    check_native(_second_order_fn(op), op.make_inputs(gen), gen=gen, orders=2)
