@@ -312,3 +312,22 @@ def test_amax_ties_split_evenly_fastgrad(gen):
     g = fastgrad.grad(fn(xl), xl, grad_outputs=go)[0]
     torch.testing.assert_close(g[:, 1], go)  # first index wins
     torch.testing.assert_close(g[:, 3], torch.zeros_like(go))
+
+
+# --- prod with zeros (DESIGN "Correctness"): values must match; prod may run as fallback ---
+
+def _prod_inputs(gen, zeros):
+    x = rand((3, 4), gen, "nonzero")
+    for (i, j) in zeros:
+        x[i, j] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("zeros", [(), ((0, 1),), ((0, 1), (0, 3)), ((1, 0), (2, 2))],
+                         ids=["no_zero", "one_zero", "two_zeros_same_row", "zeros_other_rows"])
+@pytest.mark.parametrize("dim", [None, 1])
+def test_prod_with_zeros(zeros, dim, gen):
+    x = _prod_inputs(gen, zeros)
+    fn = (lambda x: torch.prod(torch.sin(x) + 1.5 * x)) if dim is None else \
+        (lambda x: torch.prod(torch.sin(x) + 1.5 * x, dim))
+    check_grad(fn, [x], gen=gen, orders=2)
