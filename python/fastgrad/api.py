@@ -1,0 +1,160 @@
+"""fastgrad.grad: a drop-in for torch.autograd.grad, and fastgrad.explain.
+
+Argument handling mirrors torch.autograd.grad. Whenever a call would be an error, or is outside
+what the compiled path handles (other devices, tensor subclasses, complex dtypes), the call is
+handed to PyTorch's own ``torch.autograd.grad`` unchanged, so errors and results are PyTorch's
+by construction. The reference to it is taken at import, so patching ``torch.autograd.grad`` to
+``fastgrad.grad`` (as some libraries expect) cannot recurse.
+"""
+import warnings
+
+import torch
+from torch.autograd import graph as _graph
+
+from . import engine, runtime
+from .plan import Unplannable
+
+_torch_grad = torch.autograd.grad
+_make_grads = getattr(torch.autograd, "_make_grads", None)
+_to_tuple = getattr(torch.autograd, "_tensor_or_tensors_to_tuple", None)
+_GradientEdge = getattr(_graph, "GradientEdge", None)
+_get_edge = getattr(_graph, "get_gradient_edge", None)
+
+
+def _is_edge(x):
+    return _GradientEdge is not None and isinstance(x, _GradientEdge)
+
+
+def _edge(t):
+    if _is_edge(t):
+        return t.node, t.output_nr
+    if t.grad_fn is not None:
+        return t.grad_fn, t.output_nr
+    return _get_edge(t).node, 0
+
+
+def _valid(outputs, inputs):
+    """True when PyTorch would not raise before running the graph."""
+    for o in outputs:
+        if not _is_edge(o) and not o.requires_grad:
+            return False
+    for i in inputs:
+        if not _is_edge(i) and not i.requires_grad:
+            return False
+    return True
+
+
+class Report:
+    """What fastgrad did for one call (returned by ``explain``)."""
+
+    def __init__(self, trace, reason=None):
+        self.native = list(trace.native)
+        self.fallback = list(trace.fallback)
+        if reason is not None:
+            self.fallback.append(("<whole call>", reason))
+        st = trace.stats
+        self.regions = list(st.regions)
+        self.kernel_launches = st.launches
+        self.bytes_read, self.bytes_written = st.bytes_read, st.bytes_written
+
+    @property
+    def all_native(self):
+        return not self.fallback
+
+    def __str__(self):
+        lines = [f"fastgrad report: {len(self.native)} nodes native, "
+                 f"{len(self.fallback)} fell back; {self.kernel_launches} kernel launches, "
+                 f"{self.bytes_read} bytes read, {self.bytes_written} bytes written"]
+        if self.native:
+            lines.append("native: " + ", ".join(self.native))
+        for name, why in self.fallback:
+            lines.append(f"fallback: {name} ({why})")
+        lines += ["  " + r for r in self.regions]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused,
+         is_grads_batched, trace):
+    out_edges = [_edge(o) for o in outputs]
+    in_edges = [_edge(i) for i in inputs]
+    if is_grads_batched:
+        nb = next(g.shape[0] for g in grad_outputs if g is not None)
+        rows = []
+        for b in range(nb):
+            gb = [None if g is None else g[b] for g in grad_outputs]
+            keep = retain_graph or b < nb - 1
+            rows.append(engine.run(out_edges, gb, in_edges, create_graph, keep, trace))
+        results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
+    else:
+        results = engine.run(out_edges, grad_outputs, in_edges, create_graph, retain_graph,
+                             trace)
+    return results
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
+         only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
+    """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
+    return _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
+                 allow_unused, is_grads_batched, materialize_grads, None)
+
+
+def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
+          allow_unused, is_grads_batched, materialize_grads, trace):
+    args = (outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
+            allow_unused, is_grads_batched, materialize_grads)
+
+    def torch_grad(reason):
+        if trace is not None:
+            trace.fallback.append(("<whole call>", reason))
+        return _torch_grad(*args)
+
+    if materialize_grads and allow_unused is False:
+        return torch_grad("invalid arguments")
+    if allow_unused is None:
+        allow_unused = materialize_grads
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) or _is_edge(outputs) \
+        else tuple(outputs)
+    keys = None
+    if isinstance(inputs, torch.Tensor) or _is_edge(inputs):
+        ins = (inputs,)
+    elif type(inputs) is dict:
+        keys, ins = list(inputs.keys()), tuple(inputs.values())
+    else:
+        ins = tuple(inputs) if not hasattr(inputs, "keys") else None
+    if ins is None or len(ins) == 0 or _make_grads is None or _to_tuple is None:
+        return torch_grad("arguments handled by PyTorch")
+    tensors = [t for t in outs + ins if isinstance(t, torch.Tensor)]
+    if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+           for t in tensors) or not _valid(outs, ins):
+        return torch_grad("arguments handled by PyTorch")
+    if not only_inputs:
+        warnings.warn(
+            "only_inputs argument is deprecated and is ignored now (defaults to True). To "
+            "accumulate gradient for other parts of the graph, please use "
+            "torch.autograd.backward.", FutureWarning, stacklevel=3)
+        args = args[:5] + (True,) + args[6:]
+    gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)), is_grads_batched=is_grads_batched)
+    if retain_graph is None:
+        retain_graph = create_graph
+    try:
+        results = _run(outs, ins, gos, retain_graph, create_graph, allow_unused,
+                       is_grads_batched, trace or engine.Trace(runtime.Stats()))
+    except Unplannable as e:
+        return torch_grad(str(e))
+    if not allow_unused and any(r is None for r in results):
+        return torch_grad("unused input")  # PyTorch raises its own error for this
+    if materialize_grads:
+        results = [r if r is not None else torch.zeros_like(i, requires_grad=create_graph)
+                   for r, i in zip(results, ins)]
+    results = tuple(results)
+    return dict(zip(keys, results)) if keys is not None else results
+
+
+def explain(outputs, inputs, grad_outputs=None, create_graph=False, allow_unused=None):
+    """Run ``grad`` (keeping the graph) and report what ran natively and what fell back."""
+    trace = engine.Trace(runtime.Stats())
+    _grad(outputs, inputs, grad_outputs, True, create_graph, True, allow_unused, False, False,
+          trace)
+    return Report(trace)

@@ -1,0 +1,173 @@
+"""Capture and reverse sweep over PyTorch's autograd graph.
+
+The sweep visits the nodes that lie between the outputs and the inputs, consumers before
+producers (as PyTorch's engine does). A node in the lowering table becomes IR and its VJP comes
+from the IR rules; the cotangents stay symbolic, so a whole chain of nodes ends up as one
+expression that the planner fuses. A node that cannot be lowered is *opaque*: the cotangents it
+receives are computed (a flush), PyTorch's own node is called on them, and its results re-enter
+the sweep as bound tensors.
+"""
+import torch
+
+from . import ir, lowering, rules
+from .plan import Unplannable
+from .runtime import materialize
+from .runtime_table import DTYPE_CODES
+
+
+class Trace:
+    """What a call did: which nodes ran natively, which fell back and why, kernel stats."""
+
+    def __init__(self, stats=None):
+        self.native, self.fallback, self.stats = [], [], stats
+
+
+_FREED_MSG = []
+
+
+def freed_message():
+    """PyTorch's own text for a graph used after it was freed (read once from PyTorch)."""
+    if not _FREED_MSG:
+        x = torch.zeros(1, requires_grad=True)
+        y = x.exp()
+        torch.autograd.grad(y.sum(), x)
+        try:
+            y.grad_fn._saved_result
+        except RuntimeError as e:
+            _FREED_MSG.append(str(e))
+        else:  # pragma: no cover - PyTorch always raises here
+            _FREED_MSG.append("Trying to backward through the graph a second time")
+    return _FREED_MSG[0]
+
+
+class _Binder:
+    """Numbers the tensors a call reads; the same tensor seen twice gets one leaf."""
+
+    def __init__(self):
+        self.tensors, self.index = [], {}
+
+    def __call__(self, t):
+        if t.dtype not in DTYPE_CODES or t.device.type != "cpu" or t.layout != torch.strided:
+            raise Unplannable(f"tensor of {t.dtype} on {t.device} ({t.layout})")
+        gf = t.grad_fn
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.requires_grad,
+               id(gf) if gf is not None else (id(t) if t.requires_grad else None),
+               t.output_nr if gf is not None else 0)
+        k = self.index.get(key)
+        if k is None:
+            k = self.index[key] = len(self.tensors)
+            self.tensors.append(t)
+        return ir.leaf(k, tuple(t.shape), t.dtype)
+
+
+def _collect(out_nodes, input_ids):
+    """Nodes on a path from the outputs to an input, consumers first."""
+    needed, children, post = {}, {}, []
+    for root in out_nodes:
+        if id(root) in needed:
+            continue
+        stack = [(root, False)]
+        seen = set()
+        while stack:
+            n, done = stack.pop()
+            if done:
+                kids = [m for m, _ in n.next_functions if m is not None]
+                children[id(n)] = n
+                needed[id(n)] = id(n) in input_ids or any(needed.get(id(m), False) for m in kids)
+                post.append(n)
+                continue
+            if id(n) in needed or id(n) in seen:
+                continue
+            seen.add(id(n))
+            stack.append((n, True))
+            for m, _ in n.next_functions:
+                if m is not None and id(m) not in needed and id(m) not in seen:
+                    stack.append((m, False))
+    order = [n for n in reversed(post) if needed[id(n)]]
+    return order, needed
+
+
+def _slots(outs):
+    found = {}
+    for n in ir.topo(outs):
+        if n.op == "slot":
+            found.setdefault(n.attrs[0], n)
+    return found
+
+
+def _lower_vjp(fn, gs, bind):
+    """Cotangents (IR) of fn's inputs from those of its outputs, via the IR rules."""
+    outs = lowering.lower(fn, bind, freed_message)
+    slots = _slots(outs)
+    edges = fn.next_functions
+    wrt = [slots.get(i) for i in range(len(edges))]
+    present = [w for w in wrt if w is not None]
+    cots = [None if g is None else ir.cast(g, o.dtype) for g, o in zip(gs, outs)]
+    res = dict(zip(map(id, present), rules.vjp(outs, cots, present)))
+    grads = [res.get(id(w)) if w is not None else None for w in wrt]
+    # Slots stand for the node's inputs only while deriving; put their saved values back.
+    mapping = {id(s): s.args[0] for s in slots.values() if s.args}
+    grads = ir.substitute(grads, mapping)
+    for i, g in enumerate(grads):
+        if g is None or edges[i][0] is None:
+            continue
+        if any(n.op == "slot" and not n.args for n in ir.topo([g], lambda m: m.known is not None)):
+            raise lowering.Unsupported("its derivative needs an input PyTorch did not save")
+    return grads
+
+
+def _call_opaque(fn, gs, create_graph):
+    if lowering._is_freed(fn) and any(a.startswith("_saved_") or a == "saved_tensors"
+                                      for a in dir(fn)):
+        raise RuntimeError(freed_message())
+    with torch.set_grad_enabled(create_graph):
+        res = fn(*gs)
+    return list(res) if isinstance(res, tuple) else [res]
+
+
+def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, trace=None):
+    """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer."""
+    bind = _Binder()
+    trace = trace or Trace()
+    input_ids = {id(n) for n, _ in in_edges}
+    order, needed = _collect([n for n, _ in out_edges], input_ids)
+    cot = {}
+
+    def accumulate(node, k, g):
+        key = (id(node), k)
+        cot[key] = g if key not in cot else ir.add(cot[key], g)
+
+    for (n, k), g in zip(out_edges, grad_tensors):
+        if g is not None:
+            meta = n._input_metadata[k]
+            accumulate(n, k, ir.cast(bind(g), meta.dtype))
+    answers = {}
+    for fn in order:
+        if id(fn) in input_ids:
+            for n, k in in_edges:
+                if n is fn:
+                    answers[(id(n), k)] = cot.get((id(n), k))
+        edges = fn.next_functions
+        if not any(m is not None and needed.get(id(m)) for m, _ in edges):
+            continue
+        gs = [cot.pop((id(fn), j), None) for j in range(len(fn._input_metadata))]
+        if all(g is None for g in gs):
+            continue
+        try:
+            grads = _lower_vjp(fn, gs, bind)
+            trace.native.append(fn.name())
+        except lowering.Unsupported as e:
+            trace.fallback.append((fn.name(), str(e)))
+            gts = materialize(gs, bind.tensors, create_graph, trace.stats)
+            grads = [None if r is None else bind(r) for r in _call_opaque(fn, gts, create_graph)]
+        for (m, k), g in zip(edges, grads):
+            if m is None or g is None or not needed.get(id(m)):
+                continue
+            meta = m._input_metadata[k]
+            accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
+    exprs = [answers.get((id(n), k)) for n, k in in_edges]
+    results = materialize(exprs, bind.tensors, create_graph, trace.stats)
+    if not retain_graph:
+        for fn in order:
+            lowering.mark_freed(fn)
+    return results

@@ -1,0 +1,287 @@
+"""The IR: immutable, hash-consed nodes in a DAG.
+
+Every node is interned: building the same op on the same arguments twice returns the same
+object. That gives common-subexpression elimination for free and lets a plan be cached under the
+identity of the nodes it computes (same graph structure -> same nodes -> same plan).
+
+A node whose value is bound at run time carries ``known=k``: it is read from the k-th tensor of
+the call instead of being computed. ``leaf`` nodes are always known; an op node may be known too
+(e.g. ``exp(x)`` whose result PyTorch saved), so it is loaded when its value is needed but its
+rule can still differentiate through it.
+
+Constructors apply only exact simplifications (x*1, x/1, identity views, casts to the same dtype);
+nothing that could change an inf or NaN.
+"""
+import torch
+
+_TABLE = {}
+
+
+class Node:
+    __slots__ = ("op", "args", "attrs", "shape", "dtype", "known", "__weakref__")
+
+    def __repr__(self):
+        a = ",".join(f"%{id(x) % 10000}" for x in self.args)
+        k = f" known={self.known}" if self.known is not None else ""
+        return f"%{id(self) % 10000}={self.op}({a}){list(self.attrs)}{list(self.shape)}{k}"
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+
+def node(op, args, attrs, shape, dtype, known=None):
+    key = (op, tuple(map(id, args)), attrs, shape, dtype, known)
+    n = _TABLE.get(key)
+    if n is None:
+        n = Node()
+        n.op, n.args, n.attrs, n.shape, n.dtype, n.known = op, tuple(args), attrs, shape, dtype, known
+        _TABLE[key] = n
+    return n
+
+
+def clear_tables():
+    _TABLE.clear()
+
+
+def table_size():
+    return len(_TABLE)
+
+
+def with_known(n, k):
+    return node(n.op, n.args, n.attrs, n.shape, n.dtype, k)
+
+
+# ---- dtypes -------------------------------------------------------------------------------
+_RANK = {torch.bool: 0, torch.int32: 1, torch.int64: 2, torch.bfloat16: 3, torch.float16: 3,
+         torch.float32: 4, torch.float64: 5}
+
+
+def promote(*dts):
+    out = None
+    for d in dts:
+        if d is None:
+            continue
+        if out is None or _RANK.get(d, 9) > _RANK.get(out, 9):
+            out = d
+        elif d != out and _RANK.get(d) == _RANK.get(out):  # float16 with bfloat16
+            out = torch.float32
+    return out
+
+
+def float_dtype(*dts):
+    d = promote(*dts)
+    return d if d is not None and d.is_floating_point else torch.get_default_dtype()
+
+
+# ---- shapes -------------------------------------------------------------------------------
+def broadcast(*shapes):
+    nd = max((len(s) for s in shapes), default=0)
+    out = [1] * nd
+    for s in shapes:
+        for i, d in enumerate(s):
+            j = nd - len(s) + i
+            if d != 1:
+                if out[j] != 1 and out[j] != d:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                out[j] = d
+    return tuple(out)
+
+
+def numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---- constructors -------------------------------------------------------------------------
+def leaf(k, shape, dtype):
+    return node("leaf", (), (), tuple(shape), dtype, k)
+
+
+def slot(i, base, shape, dtype):
+    """The i-th input of a lowered PyTorch node; ``base`` is its saved value or None."""
+    return node("slot", () if base is None else (base,), (i,), tuple(shape), dtype)
+
+
+def const(v):
+    return node("const", (), (float(v),), (), None)
+
+
+def is_const(n, v=None):
+    return n.op == "const" and (v is None or n.attrs[0] == v)
+
+
+def _as_node(x):
+    return x if isinstance(x, Node) else const(x)
+
+
+def ew(op, *args, dtype=None):
+    """Elementwise op (a VM opcode) with numpy broadcasting."""
+    args = [_as_node(a) for a in args]
+    shape = broadcast(*(a.shape for a in args))
+    if dtype is None:
+        # Predicates (gt, eq, ...) yield 0/1 in the compute type, so one dtype rule serves all.
+        dtype = promote(*(a.dtype for a in args))
+    return node(op, args, (), shape, dtype)
+
+
+def add(a, b):
+    return ew("add", a, b)
+
+
+def sub(a, b):
+    return ew("sub", a, b)
+
+
+def mul(a, b):
+    a, b = _as_node(a), _as_node(b)
+    if is_const(b, 1.0) and b.shape == () and a.dtype is not None:
+        return a
+    if is_const(a, 1.0) and a.shape == () and b.dtype is not None:
+        return b
+    return ew("mul", a, b)
+
+
+def div(a, b):
+    b = _as_node(b)
+    if is_const(b, 1.0):
+        return _as_node(a)
+    return ew("div", a, b)
+
+
+def neg(a):
+    if a.op == "neg":
+        return a.args[0]
+    return ew("neg", a)
+
+
+def where(c, a, b):
+    return ew("where", c, a, b)
+
+
+def iota(shape, dim, dtype):
+    return node("iota", (), (dim,), tuple(shape), dtype)
+
+
+def cast(x, dtype):
+    if x.dtype == dtype or dtype is None:
+        return x
+    return node("cast", (x,), (dtype,), x.shape, dtype)
+
+
+def expand(x, shape):
+    shape = tuple(shape)
+    if x.ndim < len(shape):
+        x = reshape(x, (1,) * (len(shape) - x.ndim) + x.shape)
+    if x.shape == shape:
+        return x
+    return node("expand", (x,), (shape,), shape, x.dtype)
+
+
+def reshape(x, shape):
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    if numel(shape) != numel(x.shape):
+        raise ValueError(f"reshape {x.shape} -> {shape}")
+    if x.op == "reshape":
+        return reshape(x.args[0], shape)
+    return node("reshape", (x,), (shape,), shape, x.dtype)
+
+
+def permute(x, perm):
+    perm = tuple(perm)
+    if perm == tuple(range(len(perm))):
+        return x
+    return node("permute", (x,), (perm,), tuple(x.shape[p] for p in perm), x.dtype)
+
+
+def slice_(x, dim, start, step, length):
+    if start == 0 and step == 1 and length == x.shape[dim]:
+        return x
+    shape = x.shape[:dim] + (length,) + x.shape[dim + 1:]
+    return node("slice", (x,), (dim, start, step, length), shape, x.dtype)
+
+
+def embed(x, dim, start, step, size):
+    """Inverse of slice: place x into zeros of extent ``size`` along ``dim``."""
+    if start == 0 and step == 1 and size == x.shape[dim]:
+        return x
+    shape = x.shape[:dim] + (size,) + x.shape[dim + 1:]
+    return node("embed", (x,), (dim, start, step, size), shape, x.dtype)
+
+
+def _norm_dims(dims, nd):
+    return tuple(sorted({d % nd for d in dims})) if nd else ()
+
+
+def reduce(op, x, dims):
+    """rsum / rmax / rmin over ``dims`` with keepdim layout (reduced dims become 1)."""
+    dims = _norm_dims(dims, x.ndim)
+    dims = tuple(d for d in dims if x.shape[d] != 1) if op != "rsum" else dims
+    if not dims:
+        return x
+    shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape))
+    return node(op, (x,), (dims,), shape, x.dtype)
+
+
+def rsum(x, dims):
+    dims = _norm_dims(dims, x.ndim)
+    if all(x.shape[d] == 1 for d in dims):
+        return x
+    return reduce("rsum", x, dims)
+
+
+def sum_to(x, shape):
+    """Undo broadcasting: sum x down to ``shape`` (numpy broadcasting rules)."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    lead = x.ndim - len(shape)
+    dims = list(range(lead))
+    for i, s in enumerate(shape):
+        if s == 1 and x.shape[lead + i] != 1:
+            dims.append(lead + i)
+    r = rsum(x, dims) if dims else x
+    return reshape(r, shape)
+
+
+def composite(op, x, attrs, known=None):
+    """Ops with their own rule but no VM opcode (evaluated by decomposition when not known)."""
+    return node(op, (x,), attrs, x.shape if op != "lse" else
+                tuple(1 if i in attrs[0] else s for i, s in enumerate(x.shape)), x.dtype, known)
+
+
+# ---- traversal ----------------------------------------------------------------------------
+def topo(roots, stop=None):
+    """Nodes reachable from roots in post-order (args before users), without recursion."""
+    seen, order = set(), []
+    stack = [(r, False) for r in reversed(roots) if r is not None]
+    while stack:
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        if stop is None or not stop(n):
+            for a in reversed(n.args):
+                if id(a) not in seen:
+                    stack.append((a, False))
+    return order
+
+
+def substitute(roots, mapping):
+    """Rebuild roots with nodes replaced per ``mapping`` (id(node) -> node)."""
+    memo = dict(mapping)
+    for n in topo(roots, stop=lambda m: id(m) in mapping):
+        if id(n) in memo:
+            continue
+        args = tuple(memo[id(a)] for a in n.args)
+        memo[id(n)] = n if all(a is b for a, b in zip(args, n.args)) else \
+            node(n.op, args, n.attrs, n.shape, n.dtype, n.known)
+    return [None if r is None else memo[id(r)] for r in roots]

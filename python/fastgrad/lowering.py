@@ -1,0 +1,316 @@
+"""The lowering table: PyTorch autograd node name -> the forward op it came from, in IR.
+
+Each entry receives a ``NodeView`` and returns the node's outputs as IR over its inputs
+(``v.x(i, saved)``: the i-th input, read from the named saved tensor when PyTorch saved it).
+``v.known(expr, saved)`` marks an output whose value PyTorch saved (e.g. ``exp``'s result), so the
+rule that uses it loads it instead of recomputing. The derivative then comes from ``rules.py``.
+
+A node that is not here, or whose saved attributes are not what its entry expects
+(``Unsupported``), runs through PyTorch's own node instead.
+"""
+import torch
+
+from . import ir
+from .ir import ew, add, sub, mul, div, neg, const, reshape
+
+
+class Unsupported(Exception):
+    pass
+
+
+_FREED = "fastgrad_freed"
+
+
+class NodeView:
+    """What a lowering entry may read from one PyTorch node."""
+
+    def __init__(self, fn, bind, freed_message):
+        self.fn, self._bind, self._freed_message = fn, bind, freed_message
+        self.meta = fn._input_metadata
+        self.edges = fn.next_functions
+
+    def out_shape(self, j=0):
+        return tuple(self.meta[j].shape)
+
+    def out_dtype(self, j=0):
+        return self.meta[j].dtype
+
+    def raw(self, name):
+        """A saved attribute, raising PyTorch's own error if the graph was freed."""
+        if _is_freed(self.fn):
+            raise RuntimeError(self._freed_message())
+        try:
+            return getattr(self.fn, name)
+        except AttributeError:
+            raise Unsupported(f"no attribute {name}") from None
+
+    def scalar(self, name):
+        v = self.raw(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v is None:
+            if v is None:
+                return None
+            raise Unsupported(f"{name} is {type(v).__name__}")
+        return v
+
+    def tensor(self, name):
+        t = self.raw(name)
+        if not isinstance(t, torch.Tensor):
+            raise Unsupported(f"{name} is not a tensor")
+        return self._bind(t)
+
+    def in_meta(self, i):
+        fn, k = self.edges[i]
+        if fn is None:
+            return None
+        m = fn._input_metadata[k]
+        return tuple(m.shape), m.dtype
+
+    def x(self, i, saved=None):
+        """The i-th input as a slot (what the derivative is taken with respect to)."""
+        base = self.tensor(saved) if saved is not None else None
+        meta = self.in_meta(i) if i < len(self.edges) else None
+        if meta is None:
+            if base is not None:
+                meta = (base.shape, base.dtype)
+            else:  # a constant operand nobody saved: it only broadcasts against the output
+                meta = (self.out_shape(), self.out_dtype())
+        if base is not None and base.shape != meta[0]:
+            base = reshape(base, meta[0])
+        return ir.slot(i, base, meta[0], meta[1])
+
+    def known(self, expr, saved):
+        t = self.tensor(saved)
+        return ir.with_known(expr, t.known) if t.shape == expr.shape or \
+            ir.numel(t.shape) == ir.numel(expr.shape) else expr
+
+
+def _is_freed(fn):
+    try:
+        return fn.metadata.get(_FREED, False)
+    except Exception:
+        return False
+
+
+def mark_freed(fn):
+    try:
+        fn.metadata[_FREED] = True
+    except Exception:
+        pass
+
+
+def _dims(v, dims, nd):
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return tuple(range(nd)) if len(dims) == 0 else tuple(d % nd for d in dims)
+
+
+def _reduced(v, op, x, dims_attr="_saved_dim", keepdim_attr="_saved_keepdim"):
+    dims = _dims(v, v.raw(dims_attr), x.ndim) if dims_attr else tuple(range(x.ndim))
+    r = ir.reduce(op, x, dims) if op != "rsum" else ir.rsum(x, dims)
+    return r, dims
+
+
+def _sum(v, dims_attr=None):
+    x = v.x(0)
+    r, dims = _reduced(v, "rsum", x, dims_attr)
+    return r, x
+
+
+def _sum_lower(v, dims_attr=None):
+    r, _ = _sum(v, dims_attr)
+    return [reshape(r, v.out_shape())]
+
+
+def _mean_lower(v, dims_attr=None):
+    r, x = _sum(v, dims_attr)
+    n = ir.numel(x.shape) // max(ir.numel(r.shape), 1) if ir.numel(r.shape) else 0
+    return [reshape(div(r, float(n) if n else float("nan")), v.out_shape())]
+
+
+def _amax(v, op):
+    x = v.x(0, "_saved_self")
+    r, _ = _reduced(v, op, x, "_saved_dim" if hasattr(v.fn, "_saved_dim") else None)
+    return [reshape(v.known(r, "_saved_result"), v.out_shape())]
+
+
+def _max_dim(v):
+    # max/min along a dim: the gradient goes to the selected index only.
+    x = v.x(0)
+    d = v.scalar("_saved_dim") % max(x.ndim, 1)
+    idx = v.tensor("_saved_indices")
+    kshape = tuple(1 if i == d else s for i, s in enumerate(x.shape))
+    idx = reshape(idx, kshape) if x.ndim else idx
+    pick = ew("eq", ir.iota(x.shape, d, x.dtype), ir.expand(idx, x.shape)) if x.ndim else \
+        const(1.0)
+    sel = ir.where(pick, x, 0.0)
+    return [reshape(ir.rsum(sel, (d,)) if x.ndim else sel, v.out_shape())]
+
+
+def _lse(v):
+    x = v.x(0, "_saved_self")
+    dims = _dims(v, v.raw("_saved_dim"), x.ndim) if x.ndim else ()
+    if not dims:
+        raise Unsupported("logsumexp of a 0-d tensor")
+    r = ir.composite("lse", x, (dims,))
+    return [reshape(v.known(r, "_saved_result"), v.out_shape())]
+
+
+def _softmax(v, op):
+    x = v.x(0)
+    if x.ndim == 0:
+        raise Unsupported("softmax of a 0-d tensor")
+    d = v.scalar("_saved_dim") % x.ndim
+    return [v.known(ir.composite(op, x, (d,)), "_saved_result")]
+
+
+def _clamp(v, lo_attr, hi_attr):
+    lo = v.scalar(lo_attr) if lo_attr else None
+    hi = v.scalar(hi_attr) if hi_attr else None
+    x = v.x(0, "_saved_self")
+    return [ir.node("clamp", (x,), (lo, hi), x.shape, x.dtype)]
+
+
+def _select(v):
+    x = v.x(0)
+    d = v.scalar("_saved_dim") % x.ndim
+    i = v.scalar("_saved_index") % x.shape[d]
+    return [reshape(ir.slice_(x, d, i, 1, 1), v.out_shape())]
+
+
+def _slice(v):
+    x = v.x(0)
+    d = v.scalar("_saved_dim") % x.ndim
+    start, step = v.raw("_saved_start"), v.scalar("_saved_step")
+    end = v.raw("_saved_end")
+    if not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
+        raise Unsupported("symbolic slice bounds")
+    r = range(x.shape[d])[slice(start, end, step)]
+    start = r.start if len(r) else 0
+    return [ir.slice_(x, d, start, step, len(r))]
+
+
+def _transpose(v):
+    x = v.x(0)
+    if x.ndim == 0:
+        return [x]
+    a, b = v.scalar("_saved_dim0") % x.ndim, v.scalar("_saved_dim1") % x.ndim
+    perm = list(range(x.ndim))
+    perm[a], perm[b] = perm[b], perm[a]
+    return [ir.permute(x, perm)]
+
+
+def _pow_scalar_exp(v):
+    e = v.scalar("_saved_exponent")
+    return [ew("pow", v.x(0, "_saved_self"), const(e))]
+
+
+def _pow_scalar_base(v):
+    b = v.scalar("_saved_self")
+    return [v.known(ew("pow", const(b), v.x(0, "_saved_exponent")), "_saved_result")]
+
+
+def _to_copy(v):
+    x = v.x(0)
+    fn, k = v.edges[0]
+    if fn is not None and fn._input_metadata[k].device != v.meta[0].device:
+        raise Unsupported("copy between devices")
+    return [ir.cast(x, v.out_dtype())]
+
+
+def _region(v):
+    region = v.fn.region
+    saved = v.fn.saved_tensors  # raises PyTorch's own error once the graph is freed
+    slots = [ir.slot(i, v._bind(t), tuple(t.shape), t.dtype) for i, t in enumerate(saved)]
+    mapping = {id(leaf): s for leaf, s in zip(region.local_inputs, slots)}
+    return ir.substitute(region.local_outputs, mapping)
+
+
+def _unary(op, saved):
+    return lambda v: [ew(op, v.x(0, saved))]
+
+
+def _unary_known(op):
+    return lambda v: [v.known(ew(op, v.x(0)), "_saved_result")]
+
+
+LOWER = {
+    "AddBackward0": lambda v: [add(v.x(0), mul(v.x(1), float(v.scalar("_saved_alpha"))))],
+    "AddBackward1": lambda v: [v.x(0)],  # tensor + scalar
+    "SubBackward0": lambda v: [sub(v.x(0), mul(v.x(1), float(v.scalar("_saved_alpha"))))],
+    "SubBackward1": lambda v: [v.x(0)],
+    "RsubBackward0": lambda v: [sub(v.x(1), mul(v.x(0), float(v.scalar("_saved_alpha"))))],
+    "RsubBackward1": lambda v: [sub(0.0, mul(v.x(0), float(v.scalar("_saved_alpha"))))],
+    "MulBackward0": lambda v: [mul(v.x(0, "_saved_self") if v.edges[1][0] else v.x(0),
+                                   v.x(1, "_saved_other") if v.edges[0][0] else v.x(1))],
+    "MulBackward1": lambda v: [mul(v.x(0), float(v.scalar("_saved_other")))],
+    "DivBackward0": lambda v: [div(v.x(0, "_saved_self") if v.edges[1][0] else v.x(0),
+                                   v.x(1, "_saved_other"))],
+    "DivBackward1": lambda v: [div(v.x(0), float(v.scalar("_saved_other")))],
+    "NegBackward0": lambda v: [neg(v.x(0))],
+    "PowBackward0": _pow_scalar_exp,
+    "PowBackward1": lambda v: [v.known(ew("pow", v.x(0, "_saved_self"),
+                                          v.x(1, "_saved_exponent")), "_saved_result")],
+    "PowBackward2": _pow_scalar_base,
+    "ExpBackward0": _unary_known("exp"),
+    "LogBackward0": _unary("log", "_saved_self"),
+    "SinBackward0": _unary("sin", "_saved_self"),
+    "CosBackward0": _unary("cos", "_saved_self"),
+    "TanhBackward0": _unary_known("tanh"),
+    "SigmoidBackward0": _unary_known("sigmoid"),
+    "SqrtBackward0": _unary_known("sqrt"),
+    "ReluBackward0": _unary_known("relu"),
+    "AbsBackward0": _unary("abs", "_saved_self"),
+    "ClampBackward1": lambda v: _clamp(v, "_saved_min", "_saved_max"),
+    "ClampMinBackward0": lambda v: _clamp(v, "_saved_min", None),
+    "ClampMaxBackward0": lambda v: _clamp(v, None, "_saved_max"),
+    "WhereBackward0": lambda v: [ir.where(v.tensor("_saved_condition"), v.x(0), v.x(1))],
+    "SumBackward0": _sum_lower,
+    "SumBackward1": lambda v: _sum_lower(v, "_saved_dim"),
+    "MeanBackward0": _mean_lower,
+    "MeanBackward1": lambda v: _mean_lower(v, "_saved_dim"),
+    "AmaxBackward0": lambda v: _amax(v, "rmax"),
+    "AminBackward0": lambda v: _amax(v, "rmin"),
+    "MaxBackward1": lambda v: _amax(v, "rmax"),
+    "MinBackward1": lambda v: _amax(v, "rmin"),
+    "MaxBackward0": _max_dim,
+    "MinBackward0": _max_dim,
+    "LogsumexpBackward0": _lse,
+    "SoftmaxBackward0": lambda v: _softmax(v, "softmax"),
+    "LogSoftmaxBackward0": lambda v: _softmax(v, "log_softmax"),
+    "ViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
+    "UnsafeViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
+    "ReshapeAliasBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
+    "UnsqueezeBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
+    "SqueezeBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
+    "SqueezeBackward1": lambda v: [reshape(v.x(0), v.out_shape())],
+    "SqueezeBackward2": lambda v: [reshape(v.x(0), v.out_shape())],
+    "AliasBackward0": lambda v: [v.x(0)],
+    "CloneBackward0": lambda v: [v.x(0)],
+    "ExpandBackward0": lambda v: [ir.expand(v.x(0), v.out_shape())],
+    "PermuteBackward0": lambda v: [ir.permute(v.x(0), [d % max(len(v.out_shape()), 1) for d in
+                                                       v.raw("_saved_dims")])],
+    "TransposeBackward0": _transpose,
+    "TBackward0": lambda v: [ir.permute(v.x(0), (1, 0)) if len(v.out_shape()) == 2 else v.x(0)],
+    "SelectBackward0": _select,
+    "SliceBackward0": _slice,
+    "ToCopyBackward0": _to_copy,
+    "RegionFunctionBackward": _region,
+}
+
+
+def lower(fn, bind, freed_message):
+    """Forward IR of one PyTorch node: (outputs, slots) or raise Unsupported."""
+    name = fn.name()
+    entry = LOWER.get(name)
+    if entry is None:
+        raise Unsupported("no lowering rule")
+    v = NodeView(fn, bind, freed_message)
+    outs = entry(v)
+    if len(outs) != len(v.meta):
+        raise Unsupported("output count")
+    for j, o in enumerate(outs):
+        if o.shape != v.out_shape(j):
+            raise Unsupported(f"lowered shape {o.shape} != {v.out_shape(j)}")
+        if o.dtype is not None and o.dtype != v.out_dtype(j):
+            outs[j] = ir.cast(o, v.out_dtype(j))
+    return outs
+

@@ -1,0 +1,339 @@
+"""Plan: partition IR into fused regions and compile each into a VM register program.
+
+A *region* is one pass over an iteration space. Its targets are stored either elementwise or
+reduced (sum/max/min over some dims of the iteration space, with the elementwise work in front of
+it fused as a prologue). Inside a region, view ops (expand, permute, slice, select, squeeze-like
+reshapes) are not materialised: they become index maps pushed down to the loads, and the VJP of a
+slice (``embed``: place into zeros) becomes a predicated load.
+
+What gets materialised: the requested outputs, every reduction, the operand of an ``embed`` and
+of a reshape that really moves elements between dims (a view of a materialised tensor is then
+taken by PyTorch at run time, which costs nothing for contiguous tensors). Regions that share an
+iteration space and depend on nothing of each other are merged, so one pass writes several
+outputs.
+
+Plans are cached by the identity of the interned output nodes: a training loop plans once.
+"""
+import torch
+
+from . import ir, rules
+from .runtime_table import OPCODES
+
+_VIEW_OPS = {"expand", "permute", "reshape", "slice", "embed"}
+_REDUCE_MODE = {"rsum": 1, "rmax": 2, "rmin": 3}
+_ROUND = {torch.float32: "to_f32", torch.float16: "to_f16", torch.bfloat16: "to_bf16"}
+
+
+class Unplannable(Exception):
+    pass
+
+
+def trivial_reshape(src, dst):
+    """True when a reshape only inserts or removes size-1 dims."""
+    return [s for s in src if s != 1] == [s for s in dst if s != 1]
+
+
+class Region:
+    """One fused pass: what it loads, what it stores, and the VM program."""
+
+    def __init__(self, shape, reduce_dims):
+        self.shape, self.reduce_dims = shape, reduce_dims
+        self.targets = []        # IR nodes this region materialises
+        self.inputs = []         # IR nodes it loads (known values or earlier targets)
+        self.loads = []          # (input index, index map)
+        self.stores = []         # (target index, mode)
+        self.instrs = []         # (op, dst, a, b, c)
+        self.consts = []
+        self.nregs = 0
+        self.compute = torch.float32
+        self.local_inputs = self.local_outputs = None
+
+    def describe(self):
+        kind = f"reduce over dims {list(self.reduce_dims)}" if self.reduce_dims else "elementwise"
+        ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: any(
+            m is i for i in self.inputs))} - {"leaf"})
+        return (f"region {kind} over {list(self.shape)} ({self.compute}): "
+                f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
+                f"instructions; ops {ops}")
+
+
+class ViewStep:
+    """A reshape of a materialised tensor, taken by PyTorch (a view when the layout allows)."""
+
+    def __init__(self, node):
+        self.node = node
+
+
+class Plan:
+    def __init__(self, requested, outputs, steps):
+        # requested: the nodes asked for (the cache key); outputs: the same after decomposition
+        self.requested, self.outputs, self.steps = requested, outputs, steps
+
+    @property
+    def regions(self):
+        return [s for s in self.steps if isinstance(s, Region)]
+
+
+_CACHE = {}
+
+
+def get_plan(exprs):
+    key = tuple(id(e) for e in exprs)
+    p = _CACHE.get(key)
+    if p is None or any(a is not b for a, b in zip(p.requested, exprs)):
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        p = _CACHE[key] = build(list(exprs))
+    return p
+
+
+def _decompose(exprs):
+    """Replace composite primitives whose value is not known by their VM-level definition."""
+    nodes = ir.topo(exprs, stop=lambda n: n.known is not None)
+    mapping = {}
+    for n in nodes:
+        if n.known is None and n.op in rules.DECOMPOSE:
+            (m,) = ir.substitute([n], mapping)
+            mapping[id(n)] = ir.substitute([rules.DECOMPOSE[n.op](m)], mapping)[0]
+    return ir.substitute(exprs, mapping) if mapping else exprs
+
+
+def build(requested):
+    exprs = _decompose(requested)
+    known = lambda n: n.known is not None  # noqa: E731
+    nodes = ir.topo(exprs, stop=known)
+    for n in nodes:
+        if n.known is None and (n.op in ("leaf",) or (n.op == "slot" and not n.args)):
+            raise Unplannable("needs a value PyTorch did not save")
+    mat, views = {}, {}   # id -> node
+    for e in exprs:
+        if not known(e):
+            mat[id(e)] = e
+    for n in nodes:
+        if known(n):
+            continue
+        if n.op in _REDUCE_MODE:
+            mat[id(n)] = n
+        elif n.op == "embed" and not known(n.args[0]):
+            mat[id(n.args[0])] = n.args[0]
+        elif n.op == "reshape" and not trivial_reshape(n.args[0].shape, n.shape):
+            if not known(n.args[0]):
+                mat[id(n.args[0])] = n.args[0]
+            views[id(n)] = n
+    for vid in views:
+        mat.pop(vid, None)
+    loadable = lambda n: known(n) or id(n) in mat or id(n) in views  # noqa: E731
+
+    # Dependencies between materialised values decide the order and which regions may merge.
+    order = [n for n in nodes if id(n) in mat or id(n) in views]
+    level, regions, steps = {}, {}, []
+    for n in order:
+        body = n.args if (n.op in _REDUCE_MODE or id(n) in views) else [n]
+        deps = set()
+        for m in ir.topo(list(body), stop=lambda m: loadable(m) and m is not n):
+            if m is not n and loadable(m) and not known(m):
+                deps.add(id(m))
+        lvl = 1 + max((level[d] for d in deps), default=0)
+        level[id(n)] = lvl
+        if id(n) in views:
+            steps.append((lvl, ViewStep(n)))
+            continue
+        if n.op in _REDUCE_MODE:
+            x = n.args[0]
+            shape, rdims = x.shape, tuple(d for d in n.attrs[0] if x.shape[d] != 1)
+        else:
+            shape, rdims = n.shape, ()
+        key = (lvl, shape, rdims)
+        r = regions.get(key)
+        if r is None:
+            r = regions[key] = Region(shape, rdims)
+            steps.append((lvl, r))
+        r.targets.append(n)
+    steps.sort(key=lambda s: s[0])
+    steps = [s for _, s in steps]
+    for s in steps:
+        if isinstance(s, Region):
+            _Emitter(s, loadable).run()
+    return Plan(requested, exprs, steps)
+
+
+def _contig_strides(shape):
+    st, acc = [0] * len(shape), 1
+    for i in range(len(shape) - 1, -1, -1):
+        st[i] = acc
+        acc *= shape[i]
+    return st
+
+
+class _Emitter:
+    def __init__(self, region, loadable):
+        self.r, self.loadable = region, loadable
+        self.memo, self.input_ix = {}, {}
+        self.code = []  # (op name, dst, a, b, c) with virtual registers
+        self.nvirt = 0
+        self.dtypes = set()
+
+    def reg(self):
+        self.nvirt += 1
+        return self.nvirt - 1
+
+    def instr(self, op, a=0, b=0, c=0):
+        d = self.reg()
+        self.code.append((op, d, a, b, c))
+        return d
+
+    def const(self, v):
+        r = self.r
+        r.consts.append(float(v))
+        return self.instr("const", len(r.consts) - 1)
+
+    def load(self, n, imap):
+        ix = self.input_ix.get(id(n))
+        if ix is None:
+            ix = self.input_ix[id(n)] = len(self.r.inputs)
+            self.r.inputs.append(n)
+        self.r.loads.append((ix, imap))
+        return self.instr("load", len(self.r.loads) - 1)
+
+    def emit(self, n, imap, top=False):
+        key = (id(n), imap)
+        reg = self.memo.get(key)
+        if reg is None:
+            reg = self.memo[key] = self._emit(n, imap, top)
+        return reg
+
+    def _emit(self, n, imap, top):
+        if n.dtype is not None:
+            self.dtypes.add(n.dtype)
+        if not top and self.loadable(n):
+            return self.load(n, imap)
+        op = n.op
+        if op == "const":
+            return self.const(n.attrs[0])
+        if op == "slot":
+            return self.emit(n.args[0], imap)
+        if op == "iota":
+            e = imap[n.attrs[0]]
+            if e[0] == "c":
+                return self.const(e[1])
+            return self.instr("iota", e[1], self._c(e[2]), self._c(e[3]))
+        if op == "cast":
+            x = self.emit(n.args[0], imap)
+            return self._round(x, n.dtype)
+        if op == "expand":
+            x = n.args[0]
+            return self.emit(x, tuple(("c", 0) if xs == 1 and s != 1 else e
+                                      for xs, s, e in zip(x.shape, n.shape, imap)))
+        if op == "permute":
+            sub = [None] * n.ndim
+            for i, p in enumerate(n.attrs[0]):
+                sub[p] = imap[i]
+            return self.emit(n.args[0], tuple(sub))
+        if op == "reshape":  # only trivial reshapes reach here
+            it = iter([e for s, e in zip(n.shape, imap) if s != 1])
+            return self.emit(n.args[0], tuple(next(it) if s != 1 else ("c", 0)
+                                              for s in n.args[0].shape))
+        if op == "slice":
+            dim, start, step, _ = n.attrs
+            e = imap[dim]
+            e = ("c", start + step * e[1]) if e[0] == "c" else \
+                ("d", e[1], e[2] * step, e[3] * step + start)
+            return self.emit(n.args[0], imap[:dim] + (e,) + imap[dim + 1:])
+        if op == "embed":
+            dim, start, step, _ = n.attrs
+            x = n.args[0]
+            e = imap[dim]
+            if e[0] == "c":
+                t = e[1] - start
+                if t < 0 or t % step or t // step >= x.shape[dim]:
+                    return self.const(0.0)
+                e = ("c", t // step)
+            else:
+                e = ("q", e[1], e[2], e[3] - start, step, x.shape[dim])
+            return self.load(x, imap[:dim] + (e,) + imap[dim + 1:])
+        if op in OPCODES:
+            regs = []
+            for a in n.args:
+                lead = n.ndim - a.ndim
+                sub = tuple(("c", 0) if a.shape[i] == 1 and n.shape[lead + i] != 1
+                            else imap[lead + i] for i in range(a.ndim))
+                regs.append(self.emit(a, sub))
+            regs += [0] * (3 - len(regs))
+            out = self.instr(op, *regs)
+            return self._round(out, n.dtype)
+        raise Unplannable(f"cannot emit {op}")
+
+    def _c(self, v):
+        self.r.consts.append(float(v))
+        return len(self.r.consts) - 1
+
+    def _round(self, reg, dtype):
+        # Values of a narrower dtype are rounded after every op, as PyTorch computes them.
+        if dtype in _ROUND and (self.r.compute == torch.float64 or dtype != torch.float32):
+            return self.instr(_ROUND[dtype], reg)
+        return reg
+
+    def run(self):
+        r = self.r
+        # Decide the compute type first: float64 if anything in the region is float64.
+        for t in r.targets:
+            body = t.args if t.op in _REDUCE_MODE else [t]
+            for m in ir.topo(list(body), stop=lambda m: self.loadable(m)):
+                if m.dtype == torch.float64:
+                    r.compute = torch.float64
+        ident = tuple(("d", i, 1, 0) for i in range(len(r.shape)))
+        for ti, t in enumerate(r.targets):
+            if t.op in _REDUCE_MODE:
+                val = self.emit(t.args[0], ident)
+                mode = _REDUCE_MODE[t.op]
+            else:
+                val = self.emit(t, ident, top=True)
+                mode = 0
+            r.stores.append((ti, mode))
+            self.code.append(("store", -1, len(r.stores) - 1, val, 0))
+        self._allocate()
+        r.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(r.inputs)]
+        r.local_outputs = ir.substitute(r.targets, {id(n): l for n, l in
+                                                    zip(r.inputs, r.local_inputs)})
+
+    def _allocate(self):
+        """Linear-scan register reuse so the block working set stays in cache."""
+        last = {}
+        for i, (op, d, a, b, c) in enumerate(self.code):
+            for x in self._reads(op, a, b, c):
+                last[x] = i
+        free, phys, nregs, out = [], {}, 0, []
+        for i, (op, d, a, b, c) in enumerate(self.code):
+            reads = self._reads(op, a, b, c)
+            ra = [phys[x] for x in reads]
+            # dst is taken before the operands are released: no instruction writes its input.
+            if d >= 0:
+                if free:
+                    pd = free.pop()
+                else:
+                    pd, nregs = nregs, nregs + 1
+                phys[d] = pd
+            else:
+                pd = 0
+            for x in set(reads):
+                if last.get(x) == i:
+                    free.append(phys[x])
+            args = [a, b, c]
+            if op == "store":
+                args = [a, ra[0], 0]
+            elif op not in ("load", "const", "iota"):
+                args = ra + [0] * (3 - len(ra))
+            out.append((OPCODES[op], pd, *args))
+        self.r.instrs = out
+        self.r.nregs = max(nregs, 1)
+
+    @staticmethod
+    def _reads(op, a, b, c):
+        if op in ("load", "const", "iota"):
+            return []
+        if op == "store":
+            return [b]
+        return [a, b, c][:_ARITY[op]]
+
+
+from .runtime_table import ARITY as _ARITY  # noqa: E402

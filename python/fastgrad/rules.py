@@ -1,0 +1,191 @@
+"""Derivative rules: one VJP per IR primitive, written in IR, and reverse mode over the IR.
+
+Each rule takes the node ``n`` (its value is ``n`` itself: when PyTorch saved it, ``n`` is known and
+the planner loads it) and the cotangent ``g`` (shape ``n.shape``) and returns one cotangent per
+argument (None = zero). The formulas follow PyTorch's own (tools/autograd/derivatives.yaml) so
+results and their inf/NaN behaviour match. Because rules produce IR, applying ``vjp`` to a derived
+program gives the next order.
+
+``DECOMPOSE`` gives the forward value of the few primitives that have a rule but no VM opcode; it
+is used only when such a node's value is needed and was not saved.
+"""
+from . import ir
+from .ir import add, sub, mul, div, neg, where, ew, const, expand, rsum, reshape, permute
+
+ZERO = None
+
+
+def _restore(g, n):
+    """Broadcast a keepdim-reduced cotangent back over the reduced node's input."""
+    return expand(g, n.args[0].shape)
+
+
+def _pow_rule(n, g):
+    a, b = n.args
+    if ir.is_const(b):
+        e = b.attrs[0]
+        ga = ZERO if e == 0 else mul(g, mul(const(e), ew("pow", a, const(e - 1))))
+    else:
+        ga = where(ew("eq", b, 0.0), const(0.0), mul(g, mul(b, ew("pow", a, sub(b, 1.0)))))
+    if ir.is_const(a):
+        c = a.attrs[0]
+        gb = mul(g, mul(n, ew("log", a))) if c != 0 else \
+            mul(g, where(ew("ge", b, 0.0), const(0.0), mul(n, ew("log", a))))
+    else:
+        zero_base = ew("and", ew("eq", a, 0.0), ew("ge", b, 0.0))
+        gb = mul(g, where(zero_base, const(0.0), mul(n, ew("log", a))))
+    return [ga, gb]
+
+
+def _minmax_rule(n, g):
+    # torch.maximum/minimum: ties split the gradient in half.
+    a, b = n.args
+    pick_a = ew("gt" if n.op == "max" else "lt", a, b)
+    tie = ew("eq", a, b)
+    half = div(g, 2.0)
+    return [where(tie, half, where(pick_a, g, 0.0)), where(tie, half, where(pick_a, 0.0, g))]
+
+
+def _amax_rule(n, g):
+    # Ties share the gradient evenly (PyTorch's amax/amin and max()/min() of all elements).
+    x, dims = n.args[0], n.attrs[0]
+    mask = ew("eq", x, expand(n, x.shape))
+    return [mul(expand(div(g, rsum(mask, dims)), x.shape), mask)]
+
+
+def _clamp_rule(n, g):
+    x, (lo, hi) = n.args[0], n.attrs
+    inside = None
+    for m in ([ew("ge", x, lo)] if lo is not None else []) + \
+             ([ew("le", x, hi)] if hi is not None else []):
+        inside = m if inside is None else ew("and", inside, m)
+    return [where(inside, g, 0.0)]
+
+
+def _softmax_rule(n, g):
+    d = n.attrs[0]
+    return [mul(n, sub(g, expand(rsum(mul(g, n), (d,)), n.shape)))]
+
+
+def _log_softmax_rule(n, g):
+    d = n.attrs[0]
+    return [sub(g, mul(ew("exp", n), expand(rsum(g, (d,)), n.shape)))]
+
+
+def _slice_rule(n, g):
+    dim, start, step, _ = n.attrs
+    return [ir.embed(g, dim, start, step, n.args[0].shape[dim])]
+
+
+def _embed_rule(n, g):
+    dim, start, step, _ = n.attrs
+    return [ir.slice_(g, dim, start, step, n.args[0].shape[dim])]
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _nograd(n, g):
+    return [ZERO] * len(n.args)
+
+
+RULES = {
+    "slot": lambda n, g: [g],
+    "add": lambda n, g: [g, g],
+    "sub": lambda n, g: [g, neg(g)],
+    "mul": lambda n, g: [mul(g, n.args[1]), mul(g, n.args[0])],
+    "div": lambda n, g: [div(g, n.args[1]),
+                         div(mul(neg(g), n.args[0]), mul(n.args[1], n.args[1]))],
+    "neg": lambda n, g: [neg(g)],
+    "pow": _pow_rule,
+    "max": _minmax_rule,
+    "min": _minmax_rule,
+    "exp": lambda n, g: [mul(g, n)],
+    "expm1": lambda n, g: [mul(g, add(n, 1.0))],
+    "log": lambda n, g: [div(g, n.args[0])],
+    "log1p": lambda n, g: [div(g, add(n.args[0], 1.0))],
+    "sin": lambda n, g: [mul(g, ew("cos", n.args[0]))],
+    "cos": lambda n, g: [mul(g, neg(ew("sin", n.args[0])))],
+    "tanh": lambda n, g: [mul(g, sub(1.0, mul(n, n)))],
+    "sigmoid": lambda n, g: [mul(mul(g, sub(1.0, n)), n)],
+    "sqrt": lambda n, g: [div(g, mul(2.0, n))],
+    "reciprocal": lambda n, g: [mul(neg(g), mul(n, n))],
+    "abs": lambda n, g: [mul(g, ew("sign", n.args[0]))],
+    "relu": lambda n, g: [where(ew("le", n, 0.0), 0.0, g)],
+    "clamp": _clamp_rule,
+    "where": lambda n, g: [ZERO, where(n.args[0], g, 0.0), where(n.args[0], 0.0, g)],
+    "cast": lambda n, g: [ir.cast(g, n.args[0].dtype)],
+    "rsum": lambda n, g: [_restore(g, n)],
+    "rmax": _amax_rule,
+    "rmin": _amax_rule,
+    "lse": lambda n, g: [mul(_restore(g, n), ew("exp", sub(n.args[0], _restore(n, n))))],
+    "softmax": _softmax_rule,
+    "log_softmax": _log_softmax_rule,
+    "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
+    "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
+    "permute": lambda n, g: [permute(g, _inverse(n.attrs[0]))],
+    "slice": _slice_rule,
+    "embed": _embed_rule,
+}
+for _op in ("gt", "ge", "lt", "le", "eq", "ne", "isnan", "not", "and", "or", "sign", "iota"):
+    RULES[_op] = _nograd
+
+
+def _decompose_lse(n):
+    x, dims = n.args[0], n.attrs[0]
+    m = ir.reduce("rmax", x, dims)
+    m = where(ew("eq", ew("abs", m), float("inf")), 0.0, m)  # as PyTorch: all -inf rows stay -inf
+    return add(ew("log", rsum(ew("exp", sub(x, expand(m, x.shape))), dims)), m)
+
+
+def _decompose_softmax(n, log):
+    x, d = n.args[0], n.attrs[0]
+    z = sub(x, expand(ir.reduce("rmax", x, (d,)), x.shape))
+    s = expand(rsum(ew("exp", z), (d,)), x.shape)
+    return sub(z, ew("log", s)) if log else div(ew("exp", z), s)
+
+
+def _decompose_clamp(n):
+    x, (lo, hi) = n.args[0], n.attrs
+    if lo is not None:
+        x = ew("max", x, lo)
+    if hi is not None:
+        x = ew("min", x, hi)
+    return x
+
+
+DECOMPOSE = {
+    "lse": _decompose_lse,
+    "softmax": lambda n: _decompose_softmax(n, False),
+    "log_softmax": lambda n: _decompose_softmax(n, True),
+    "clamp": _decompose_clamp,
+}
+
+
+def vjp(outputs, cotangents, wrt):
+    """Reverse mode: cotangents of ``wrt`` given those of ``outputs`` (None = zero)."""
+    wrt_ids = {id(w) for w in wrt}
+    order = ir.topo(outputs, stop=lambda n: id(n) in wrt_ids)
+    # Only nodes on a path to some wrt node carry gradient.
+    reaches = set()
+    for n in order:
+        if id(n) in wrt_ids or any(id(a) in reaches for a in n.args):
+            reaches.add(id(n))
+    ct = {}
+    for o, c in zip(outputs, cotangents):
+        if c is not None and id(o) in reaches:
+            ct[id(o)] = c if id(o) not in ct else add(ct[id(o)], c)
+    for n in reversed(order):
+        g = ct.get(id(n))
+        if g is None or id(n) in wrt_ids or not n.args:
+            continue
+        for a, ga in zip(n.args, RULES[n.op](n, g)):
+            if ga is None or id(a) not in reaches:
+                continue
+            ga = ir.cast(ir.sum_to(ga, a.shape), a.dtype)
+            ct[id(a)] = ga if id(a) not in ct else add(ct[id(a)], ga)
+    return [ct.get(id(w)) for w in wrt]
