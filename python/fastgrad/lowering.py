@@ -36,9 +36,7 @@ class NodeView:
         return self.meta[j].dtype
 
     def raw(self, name):
-        """A saved attribute, raising PyTorch's own error if the graph was freed."""
-        if _is_freed(self.fn):
-            raise RuntimeError(self._freed_message())
+        """A saved attribute."""
         try:
             return getattr(self.fn, name)
         except AttributeError:
@@ -53,6 +51,9 @@ class NodeView:
         return v
 
     def tensor(self, name):
+        """A saved tensor, raising PyTorch's own error if fastgrad already freed the graph."""
+        if _is_freed(self.fn):
+            raise RuntimeError(self._freed_message())
         t = self.raw(name)
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
@@ -98,9 +99,18 @@ def mark_freed(fn):
         pass
 
 
+def _signed(d):
+    # Some saved dims come back as unsigned 64-bit integers (-1 reads as 2**64 - 1).
+    return d - (1 << 64) if d >= (1 << 63) else d
+
+
+def _dim(v, name, nd):
+    return _signed(v.scalar(name)) % max(nd, 1)
+
+
 def _dims(v, dims, nd):
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    return tuple(range(nd)) if len(dims) == 0 else tuple(d % nd for d in dims)
+    return tuple(range(nd)) if len(dims) == 0 else tuple(_signed(d) % nd for d in dims)
 
 
 def _reduced(v, op, x, dims_attr="_saved_dim", keepdim_attr="_saved_keepdim"):
@@ -135,7 +145,7 @@ def _amax(v, op):
 def _max_dim(v):
     # max/min along a dim: the gradient goes to the selected index only.
     x = v.x(0)
-    d = v.scalar("_saved_dim") % max(x.ndim, 1)
+    d = _dim(v, "_saved_dim", x.ndim)
     idx = v.tensor("_saved_indices")
     kshape = tuple(1 if i == d else s for i, s in enumerate(x.shape))
     idx = reshape(idx, kshape) if x.ndim else idx
@@ -158,7 +168,7 @@ def _softmax(v, op):
     x = v.x(0)
     if x.ndim == 0:
         raise Unsupported("softmax of a 0-d tensor")
-    d = v.scalar("_saved_dim") % x.ndim
+    d = _dim(v, "_saved_dim", x.ndim)
     return [v.known(ir.composite(op, x, (d,)), "_saved_result")]
 
 
@@ -171,18 +181,20 @@ def _clamp(v, lo_attr, hi_attr):
 
 def _select(v):
     x = v.x(0)
-    d = v.scalar("_saved_dim") % x.ndim
-    i = v.scalar("_saved_index") % x.shape[d]
+    d = _dim(v, "_saved_dim", x.ndim)
+    i = _signed(v.scalar("_saved_index")) % x.shape[d]
     return [reshape(ir.slice_(x, d, i, 1, 1), v.out_shape())]
 
 
 def _slice(v):
     x = v.x(0)
-    d = v.scalar("_saved_dim") % x.ndim
+    d = _dim(v, "_saved_dim", x.ndim)
     start, step = v.raw("_saved_start"), v.scalar("_saved_step")
     end = v.raw("_saved_end")
     if not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
         raise Unsupported("symbolic slice bounds")
+    start = None if start is None else _signed(start)
+    end = None if end is None else _signed(end)
     r = range(x.shape[d])[slice(start, end, step)]
     start = r.start if len(r) else 0
     return [ir.slice_(x, d, start, step, len(r))]
@@ -192,7 +204,7 @@ def _transpose(v):
     x = v.x(0)
     if x.ndim == 0:
         return [x]
-    a, b = v.scalar("_saved_dim0") % x.ndim, v.scalar("_saved_dim1") % x.ndim
+    a, b = _dim(v, "_saved_dim0", x.ndim), _dim(v, "_saved_dim1", x.ndim)
     perm = list(range(x.ndim))
     perm[a], perm[b] = perm[b], perm[a]
     return [ir.permute(x, perm)]
@@ -286,8 +298,8 @@ LOWER = {
     "AliasBackward0": lambda v: [v.x(0)],
     "CloneBackward0": lambda v: [v.x(0)],
     "ExpandBackward0": lambda v: [ir.expand(v.x(0), v.out_shape())],
-    "PermuteBackward0": lambda v: [ir.permute(v.x(0), [d % max(len(v.out_shape()), 1) for d in
-                                                       v.raw("_saved_dims")])],
+    "PermuteBackward0": lambda v: [ir.permute(v.x(0), [_signed(d) % max(len(v.out_shape()), 1)
+                                                       for d in v.raw("_saved_dims")])],
     "TransposeBackward0": _transpose,
     "TBackward0": lambda v: [ir.permute(v.x(0), (1, 0)) if len(v.out_shape()) == 2 else v.x(0)],
     "SelectBackward0": _select,

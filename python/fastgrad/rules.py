@@ -131,8 +131,33 @@ RULES = {
     "slice": _slice_rule,
     "embed": _embed_rule,
 }
-for _op in ("gt", "ge", "lt", "le", "eq", "ne", "isnan", "not", "and", "or", "sign", "iota"):
+_PIECEWISE_CONSTANT = ("gt", "ge", "lt", "le", "eq", "ne", "isnan", "not", "and", "or", "sign",
+                       "iota")
+for _op in _PIECEWISE_CONSTANT:
     RULES[_op] = _nograd
+
+
+def differentiable_args(n):
+    """Argument positions through which ``n`` can carry a nonzero gradient."""
+    if n.op in _PIECEWISE_CONSTANT:
+        return ()
+    return range(1, 3) if n.op == "where" else range(len(n.args))
+
+
+def differentiable_deps(root, is_input):
+    """The inputs ``root`` depends on differentiably (what PyTorch's requires_grad follows)."""
+    found, seen, stack = set(), set(), [root]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        ix = is_input(n)
+        if ix is not None:
+            found.add(ix)
+            continue
+        stack.extend(n.args[i] for i in differentiable_args(n))
+    return found
 
 
 def _decompose_lse(n):

@@ -88,7 +88,13 @@ class RegionFunction(torch.autograd.Function):
     def forward(ctx, region, *ins):
         ctx.region = region
         ctx.save_for_backward(*ins)
-        return tuple(run_region(region, ins))
+        outs = run_region(region, ins)
+        # As in PyTorch, a result that depends on no grad-requiring input only through
+        # differentiable ops (e.g. relu's mask) does not require grad.
+        for o, deps in zip(outs, region.diff_deps):
+            if not any(ins[i].requires_grad for i in deps):
+                ctx.mark_non_differentiable(o)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *gs):
@@ -125,7 +131,7 @@ def execute(plan, tensors, create_graph, stats=None):
     for step in plan.steps:
         if isinstance(step, Region):
             ins = [value(m) for m in step.inputs]
-            if create_graph:
+            if create_graph and any(ins[i].requires_grad for d in step.diff_deps for i in d):
                 outs = RegionFunction.apply(step, *ins)
                 if stats is not None:
                     stats.launches += 1
