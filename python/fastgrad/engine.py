@@ -14,6 +14,10 @@ from .plan import Unplannable
 from .runtime import materialize
 from .runtime_table import DTYPE_CODES
 
+# Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
+_torch_grad = torch.autograd.grad
+_GradientEdge = torch.autograd.graph.GradientEdge
+
 
 class Trace:
     """What a call did: which nodes ran natively, which fell back and why, kernel stats."""
@@ -117,12 +121,16 @@ def _lower_vjp(fn, gs, bind):
 
 
 def _call_opaque(fn, gs, create_graph):
+    """Run one PyTorch node through PyTorch's engine (any node kind, its own checks)."""
     if lowering._is_freed(fn) and any(a.startswith("_saved_") or a == "saved_tensors"
                                       for a in dir(fn)):
         raise RuntimeError(freed_message())
-    with torch.set_grad_enabled(create_graph):
-        res = fn(*gs)
-    return list(res) if isinstance(res, tuple) else [res]
+    outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
+    gos = [g for g in gs if g is not None]
+    edges = list(dict.fromkeys((m, k) for m, k in fn.next_functions if m is not None))
+    res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=True,
+                      create_graph=create_graph, allow_unused=True)
+    return edges, res
 
 
 def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, trace=None):
@@ -159,7 +167,8 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, trace=Non
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
-            grads = [None if r is None else bind(r) for r in _call_opaque(fn, gts, create_graph)]
+            edges, res = _call_opaque(fn, gts, create_graph)
+            grads = [None if r is None else bind(r) for r in res]
         for (m, k), g in zip(edges, grads):
             if m is None or g is None or not needed.get(id(m)):
                 continue
@@ -169,5 +178,5 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, trace=Non
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:
         for fn in order:
-            lowering.mark_freed(fn)
+            lowering.mark_freed(fn, freed_message)
     return results

@@ -109,6 +109,21 @@ def const(v):
     return node("const", (), (float(v),), (), None)
 
 
+def zeros(shape, dtype):
+    """An explicit zero (PyTorch returns zeros, not an absent gradient, for e.g. x**0)."""
+    return node("zeros", (), (), tuple(shape), dtype)
+
+
+def tie(value, dep):
+    """``value``, recorded as depending on ``dep`` with zero derivative.
+
+    PyTorch's formulas pass some tensors into ops that are differentiable with a zero
+    derivative (relu's result into threshold_backward); a result then requires grad. Tying
+    keeps that requires_grad behaviour without changing the value.
+    """
+    return node("tie", (value, dep), (), value.shape, value.dtype)
+
+
 def is_const(n, v=None):
     return n.op == "const" and (v is None or n.attrs[0] == v)
 

@@ -92,11 +92,23 @@ def _is_freed(fn):
         return False
 
 
-def mark_freed(fn):
+def mark_freed(fn, message):
+    """Record that fastgrad consumed the graph (retain_graph=False).
+
+    fastgrad cannot release PyTorch's saved tensors, so a node that has them refuses to run again
+    instead: fastgrad checks the flag, and a pre-hook makes PyTorch's engine raise its own
+    "backward through the graph a second time" error too.
+    """
     try:
+        if fn.metadata.get(_FREED):
+            return
         fn.metadata[_FREED] = True
     except Exception:
-        pass
+        return
+    if any(a.startswith("_saved_") or a == "saved_tensors" for a in dir(fn)):
+        def refuse(grads):
+            raise RuntimeError(message())
+        fn.register_prehook(refuse)
 
 
 def _signed(d):
@@ -271,6 +283,7 @@ LOWER = {
     "SqrtBackward0": _unary_known("sqrt"),
     "ReluBackward0": _unary_known("relu"),
     "AbsBackward0": _unary("abs", "_saved_self"),
+    "ReciprocalBackward0": _unary_known("reciprocal"),
     "ClampBackward1": lambda v: _clamp(v, "_saved_min", "_saved_max"),
     "ClampMinBackward0": lambda v: _clamp(v, "_saved_min", None),
     "ClampMaxBackward0": lambda v: _clamp(v, None, "_saved_max"),

@@ -210,8 +210,10 @@ class _Emitter:
         op = n.op
         if op == "const":
             return self.const(n.attrs[0])
-        if op == "slot":
+        if op in ("slot", "tie"):
             return self.emit(n.args[0], imap)
+        if op == "zeros":
+            return self.const(0.0)
         if op == "iota":
             e = imap[n.attrs[0]]
             if e[0] == "c":

@@ -24,7 +24,8 @@ def _pow_rule(n, g):
     a, b = n.args
     if ir.is_const(b):
         e = b.attrs[0]
-        ga = ZERO if e == 0 else mul(g, mul(const(e), ew("pow", a, const(e - 1))))
+        ga = ir.zeros(a.shape, a.dtype) if e == 0 else \
+            mul(g, mul(const(e), ew("pow", a, const(e - 1))))
     else:
         ga = where(ew("eq", b, 0.0), const(0.0), mul(g, mul(b, ew("pow", a, sub(b, 1.0)))))
     if ir.is_const(a):
@@ -115,7 +116,8 @@ RULES = {
     "sqrt": lambda n, g: [div(g, mul(2.0, n))],
     "reciprocal": lambda n, g: [mul(neg(g), mul(n, n))],
     "abs": lambda n, g: [mul(g, ew("sign", n.args[0]))],
-    "relu": lambda n, g: [where(ew("le", n, 0.0), 0.0, g)],
+    "relu": lambda n, g: [ir.tie(where(ew("le", n, 0.0), 0.0, g), n)],
+    "tie": lambda n, g: [g, ZERO],
     "clamp": _clamp_rule,
     "where": lambda n, g: [ZERO, where(n.args[0], g, 0.0), where(n.args[0], 0.0, g)],
     "cast": lambda n, g: [ir.cast(g, n.args[0].dtype)],
@@ -131,15 +133,15 @@ RULES = {
     "slice": _slice_rule,
     "embed": _embed_rule,
 }
-_PIECEWISE_CONSTANT = ("gt", "ge", "lt", "le", "eq", "ne", "isnan", "not", "and", "or", "sign",
-                       "iota")
-for _op in _PIECEWISE_CONSTANT:
+# Boolean-valued in PyTorch: their results never require grad.
+_PREDICATES = ("gt", "ge", "lt", "le", "eq", "ne", "isnan", "not", "and", "or", "iota", "zeros")
+for _op in _PREDICATES + ("sign",):
     RULES[_op] = _nograd
 
 
 def differentiable_args(n):
-    """Argument positions through which ``n`` can carry a nonzero gradient."""
-    if n.op in _PIECEWISE_CONSTANT:
+    """Argument positions through which a result depends on grad-requiring inputs."""
+    if n.op in _PREDICATES:
         return ()
     return range(1, 3) if n.op == "where" else range(len(n.args))
 
