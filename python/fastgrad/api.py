@@ -85,11 +85,12 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
         for b in range(nb):
             gb = [None if g is None else g[b] for g in grad_outputs]
             keep = retain_graph or b < nb - 1
-            rows.append(engine.run(out_edges, gb, in_edges, create_graph, keep, trace))
+            rows.append(engine.run(out_edges, gb, in_edges, create_graph, keep, allow_unused,
+                                   trace))
         results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
     else:
         results = engine.run(out_edges, grad_outputs, in_edges, create_graph, retain_graph,
-                             trace)
+                             allow_unused, trace)
     return results
 
 
@@ -143,7 +144,7 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
                        is_grads_batched, trace or engine.Trace(runtime.Stats()))
     except Unplannable as e:
         return torch_grad(str(e))
-    if not allow_unused and any(r is None for r in results):
+    except engine.Unused:
         return torch_grad("unused input")  # PyTorch raises its own error for this
     if materialize_grads:
         results = [r if r is not None else torch.zeros_like(i, requires_grad=create_graph)

@@ -32,9 +32,10 @@ _FREED_MSG = []
 def freed_message():
     """PyTorch's own text for a graph used after it was freed (read once from PyTorch)."""
     if not _FREED_MSG:
-        x = torch.zeros(1, requires_grad=True)
-        y = x.exp()
-        torch.autograd.grad(y.sum(), x)
+        with torch.enable_grad():
+            x = torch.zeros(1, requires_grad=True)
+            y = x.exp()
+            _torch_grad(y.sum(), x)
         try:
             y.grad_fn._saved_result
         except RuntimeError as e:
@@ -42,6 +43,10 @@ def freed_message():
         else:  # pragma: no cover - PyTorch always raises here
             _FREED_MSG.append("Trying to backward through the graph a second time")
     return _FREED_MSG[0]
+
+
+class Unused(Exception):
+    """An input gets no gradient and allow_unused is False: PyTorch reports it."""
 
 
 class _Binder:
@@ -133,7 +138,8 @@ def _call_opaque(fn, gs, create_graph):
     return edges, res
 
 
-def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, trace=None):
+def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unused,
+        trace=None):
     """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer."""
     bind = _Binder()
     trace = trace or Trace()
@@ -175,6 +181,8 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, trace=Non
             meta = m._input_metadata[k]
             accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
     exprs = [answers.get((id(n), k)) for n, k in in_edges]
+    if not allow_unused and any(e is None for e in exprs):
+        raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:
         for fn in order:

@@ -135,8 +135,9 @@ RULES = {
 }
 # Boolean-valued in PyTorch: their results never require grad.
 _PREDICATES = ("gt", "ge", "lt", "le", "eq", "ne", "isnan", "not", "and", "or", "iota", "zeros")
-for _op in _PREDICATES + ("sign",):
+for _op in _PREDICATES:
     RULES[_op] = _nograd
+RULES["sign"] = lambda n, g: [ir.zeros(n.shape, n.dtype)]
 
 
 def differentiable_args(n):
