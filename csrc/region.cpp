@@ -209,12 +209,28 @@ void normalize_region(Region& r) {
       for (int d = 0; d < nd; ++d)
         if (r.shape[d] > 1 && S.stride[d] == 0) reduced[d] = true;
 
-  // New order: outer dims, then reduced dims, each in their original order;
-  // size-1 dims vanish unless pinned (their coordinate is always 0).
+  // Strategy: when the innermost dim that matters is not reduced (a column
+  // sum, the VJP of broadcasting over leading dims), walking the input in
+  // memory order and accumulating into per-thread output arrays beats
+  // gathering each output's inputs with a large stride. Bounded by memory.
+  int innermost = -1;
+  int64_t nout = 1, nred_stores = 0;
+  for (int d = 0; d < nd; ++d) {
+    if (r.shape[d] != 1) innermost = d;
+    if (!reduced[d]) nout *= r.shape[d];
+  }
+  for (const StoreRec& S : r.stores) nred_stores += S.mode != MODE_ASSIGN;
+  r.red_outer = r.has_reduce && innermost >= 0 && !reduced[innermost] &&
+                nout * nred_stores <= (int64_t(1) << 22);
+
+  // New order (rows): outer dims, then reduced dims, each in their original
+  // order; (outer): the original order. Size-1 dims vanish unless pinned
+  // (their coordinate is always 0).
   int order[kMaxNdim], n = 0;
   for (int pass = 0; pass < 2; ++pass)
     for (int d = 0; d < nd; ++d)
-      if (reduced[d] == (pass == 1) && (r.shape[d] != 1 || pinned[d])) order[n++] = d;
+      if ((r.red_outer ? pass == 0 : reduced[d] == (pass == 1)) && (r.shape[d] != 1 || pinned[d]))
+        order[n++] = d;
 
   // Greedy merge of each dim into the group before it.
   int64_t shape[kMaxNdim];
@@ -263,12 +279,25 @@ void normalize_region(Region& r) {
 
   r.nred = 0;
   r.row_len = 1;
-  for (int d = ng - 1; d >= 0 && gred[d]; --d) {
-    r.nred++;
-    r.row_len *= r.shape[d];
+  r.red_mask = 0;
+  r.nout = 1;
+  for (int d = ng - 1; d >= 0; --d) {
+    if (gred[d]) {
+      r.red_mask |= 1u << d;
+      r.ostride[d] = 0;
+    } else {
+      r.ostride[d] = r.nout;
+      r.nout *= r.shape[d];
+    }
   }
+  if (!r.red_outer)
+    for (int d = ng - 1; d >= 0 && gred[d]; --d) {
+      r.nred++;
+      r.row_len *= r.shape[d];
+    }
   // Nothing to reduce (only size-1 dims): a reducing store is a plain copy.
-  if (r.nred == 0) {
+  if (r.red_mask == 0) {
+    r.red_outer = false;
     for (StoreRec& S : r.stores) S.mode = MODE_ASSIGN;
     r.has_reduce = false;
   }

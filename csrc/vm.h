@@ -83,12 +83,20 @@ struct Region {
   int ndim = 0;
   int64_t shape[kMaxNdim];
   int64_t numel = 1;
-  // After normalize_region(): the last `nred` dims are the reduced dims, and
-  // rows (one output element of every reducing store) are contiguous ranges
-  // of `row_len` linear iteration indices.
+  bool has_reduce = false;   // some store has a reducing mode
+  // Set by normalize_region() when has_reduce. Two strategies:
+  //  - rows (red_outer false): the last `nred` dims are the reduced dims, so
+  //    each output element ("row") of every reducing store is a contiguous
+  //    range of `row_len` linear iteration indices;
+  //  - outer (red_outer true): the dims keep their order (the innermost is
+  //    not reduced, e.g. a column sum), and every thread accumulates into its
+  //    own array of `nout` outputs, indexed by dot(coord, ostride).
   int nred = 0;
   int64_t row_len = 1;
-  bool has_reduce = false;   // some store has a reducing mode
+  bool red_outer = false;
+  uint32_t red_mask = 0;     // bit d: dim d is reduced
+  int64_t nout = 1;
+  int64_t ostride[kMaxNdim]; // row-major strides over the outer dims, 0 on reduced dims
   std::vector<LoadRec> loads;
   std::vector<StoreRec> stores;
   std::vector<Instr> instrs;
@@ -101,7 +109,8 @@ struct Region {
 // through the data pointers.
 Region parse_region(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts);
 
-// Reorder dims so reduced dims are innermost, drop size-1 dims, merge dims
+// Pick the reduction strategy; reorder dims so reduced dims are innermost
+// (row strategy), drop size-1 dims, merge dims
 // whose strides allow it (dims used by iota or predicates are kept as they
 // are, with their indices remapped). Requires numel > 0.
 void normalize_region(Region& r);

@@ -257,6 +257,7 @@ struct Worker {
   RowState* state;        // [nstores]
   RowPartial* partials;   // [nstores][2]
   int* npartials;         // [nstores]
+  double* oacc;           // outer strategy: [nstores][nout] accumulators (reducing stores only)
   int64_t range_begin = 0;
 
   T* reg(int64_t k) const { return regs + k * block; }
@@ -291,6 +292,29 @@ struct Worker {
         st.row = -1;
       }
     }
+  }
+
+  // Outer strategy: v[n] are elements [s, s+n) (first coordinate c0) for
+  // reducing store k; each lands in this thread's accumulator of its output.
+  void reduce_store_outer(int64_t k, const T* v, const int64_t* c0, int64_t n) {
+    const int mode = r.stores[k].mode;
+    double* acc = oacc + k * r.nout;
+    const int nd = r.ndim;
+    const int64_t os = r.ostride[nd - 1];
+    for_runs(r, c0, n, [&](const int64_t* c, int64_t i0, int64_t len) {
+      double* a = acc + dot(c, r.ostride, nd);
+      const T* x = v + i0;
+      if (os == 1) {
+        if (mode == MODE_SUM)
+          for (int64_t j = 0; j < len; ++j) a[j] += double(x[j]);
+        else if (mode == MODE_MAX)
+          for (int64_t j = 0; j < len; ++j) a[j] = fg_MAX(a[j], double(x[j]));
+        else
+          for (int64_t j = 0; j < len; ++j) a[j] = fg_MIN(a[j], double(x[j]));
+      } else {
+        for (int64_t j = 0; j < len; ++j) a[j * os] = red_combine(mode, a[j * os], double(x[j]));
+      }
+    });
   }
 
   void exec_block(int64_t s, int64_t n) {
@@ -329,7 +353,9 @@ struct Worker {
         case OP_STORE: {
           const StoreRec& S = r.stores[I.a];
           const T* v = reg(I.b);
-          if (S.mode != MODE_ASSIGN) {
+          if (S.mode != MODE_ASSIGN && r.red_outer) {
+            reduce_store_outer(I.a, v, c0, n);
+          } else if (S.mode != MODE_ASSIGN) {
             reduce_store(I.a, v, s, n);
           } else {
             with_storage(S.dtype, [&](auto tag) {
@@ -383,12 +409,72 @@ struct Worker {
 
   void run_range(int64_t a, int64_t b) {
     range_begin = a;
+    if (r.red_outer)
+      for (size_t k = 0; k < r.stores.size(); ++k)
+        if (r.stores[k].mode != MODE_ASSIGN)
+          std::fill(oacc + k * r.nout, oacc + (k + 1) * r.nout, red_init(r.stores[k].mode));
     for (size_t k = 0; k < r.stores.size(); ++k) state[k].row = -1, npartials[k] = 0;
     for (int64_t s = a; s < b; s += block) exec_block(s, std::min(block, b - s));
     for (size_t k = 0; k < r.stores.size(); ++k)
       if (state[k].row >= 0) push_partial(k, state[k].row, state[k].acc);  // cut by our range end
   }
 };
+
+// Outer strategy: combine the threads' accumulators (in thread order) and
+// write every output element, walking the outer dims with an odometer.
+void combine_outer(const Region& r, const double* oacc, const std::vector<char>& used, int nt) {
+  const size_t ns = r.stores.size();
+  const int nd = r.ndim;
+  int od[kMaxNdim], no = 0;  // the outer dims, outermost first
+  for (int d = 0; d < nd; ++d)
+    if (!(r.red_mask >> d & 1)) od[no++] = d;
+  for (size_t k = 0; k < ns; ++k) {
+    const StoreRec& S = r.stores[k];
+    if (S.mode == MODE_ASSIGN) continue;
+    const int64_t nout = r.nout;
+    auto range = [&](int64_t o0, int64_t o1) {
+      int64_t c[kMaxNdim], q = o0;
+      for (int i = no - 1; i >= 0; --i) {
+        c[i] = q % r.shape[od[i]];
+        q /= r.shape[od[i]];
+      }
+      with_storage(S.dtype, [&](auto tag) {
+        using S_ = FG_STORAGE_T(tag);
+        S_* base = reinterpret_cast<S_*>(S.ptr);
+        for (int64_t o = o0; o < o1; ++o) {
+          double v = 0;
+          bool first = true;
+          for (int t = 0; t < nt; ++t) {
+            if (!used[t]) continue;
+            const double x = oacc[((size_t)t * ns + k) * nout + o];
+            v = first ? x : red_combine(S.mode, v, x);
+            first = false;
+          }
+          int64_t off = 0;
+          for (int i = 0; i < no; ++i) off += c[i] * S.stride[od[i]];
+          base[off] = to_storage<S_>(v);
+          for (int i = no - 1; i >= 0; --i) {
+            if (++c[i] < r.shape[od[i]]) break;
+            c[i] = 0;
+          }
+        }
+      });
+    };
+#ifdef _OPENMP
+    if (nt > 1 && nout >= kParallelMin) {
+#pragma omp parallel num_threads(nt)
+      {
+        const int tid = omp_get_thread_num(), tc = omp_get_num_threads();
+        const int64_t chunk = (nout + tc - 1) / tc;
+        const int64_t o0 = std::min(nout, chunk * tid), o1 = std::min(nout, o0 + chunk);
+        if (o0 < o1) range(o0, o1);
+      }
+      continue;
+    }
+#endif
+    range(0, nout);
+  }
+}
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -410,10 +496,16 @@ void run_typed(const Region& r, int nthreads) {
   std::vector<RowState> state(nt * ns + 1);
   std::vector<RowPartial> partials(nt * ns * 2 + 1);
   std::vector<int> npartials(nt * ns + 1, 0);
+  // Outer strategy: per-thread accumulators, [nt][nstores][nout] (slots of
+  // assign stores are left unused, which keeps the indexing trivial).
+  std::vector<double> oacc(r.red_outer ? (size_t)nt * ns * r.nout : 0);
+  std::vector<char> used(nt, 0);
 
   auto body = [&](int tid, int tcount) {
+    used[tid] = 1;
     Worker<T> w{r, block, regs.get() + (size_t)tid * nregs * block, &state[tid * ns],
-                &partials[tid * ns * 2], &npartials[tid * ns]};
+                &partials[tid * ns * 2], &npartials[tid * ns],
+                r.red_outer ? &oacc[(size_t)tid * ns * r.nout] : nullptr};
     const int64_t chunk = (r.numel + tcount - 1) / tcount;
     const int64_t a = std::min(r.numel, chunk * tid), b = std::min(r.numel, a + chunk);
     w.run_range(a, b);
@@ -429,8 +521,12 @@ void run_typed(const Region& r, int nthreads) {
 #endif
   }
 
-  // Rows cut by thread boundaries: combine their pieces in thread order.
   if (!r.has_reduce) return;
+  if (r.red_outer) {
+    combine_outer(r, oacc.data(), used, nt);
+    return;
+  }
+  // Rows cut by thread boundaries: combine their pieces in thread order.
   for (size_t k = 0; k < ns; ++k) {
     const StoreRec& S = r.stores[k];
     if (S.mode == MODE_ASSIGN) continue;
