@@ -48,10 +48,11 @@ template <class T> FG_HD inline T fg_TANH(T x) { return m_tanh(x); }
 // Stable for large |x|: exp never sees a positive argument, so it cannot
 // overflow (1/(1+exp(-x)) for x >= 0, exp(x)/(1+exp(x)) for x < 0).
 // NaN -> NaN, +inf -> 1, -inf -> 0.
+// (A select of two ready values, then arithmetic: GCC will not if-convert
+// a multiply that only one branch performs, and would not vectorize.)
 template <class T> FG_HD inline T fg_SIGMOID(T x) {
   const T e = m_exp(-m_fabs(x));
-  const T r = T(1) / (T(1) + e);
-  return x < T(0) ? e * r : r;
+  return (x < T(0) ? e : T(1)) / (T(1) + e);
 }
 template <class T> FG_HD inline T fg_SQRT(T x) { return m_sqrt(x); }
 template <class T> FG_HD inline T fg_ABS(T x) { return m_fabs(x); }
