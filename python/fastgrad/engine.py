@@ -125,14 +125,40 @@ def _lower_vjp(fn, gs, bind):
     return grads
 
 
-def _call_opaque(fn, gs, create_graph):
-    """Run one PyTorch node through PyTorch's engine (any node kind, its own checks)."""
+def _reaches(src, targets, needed):
+    """Whether node src leads (through nodes on a needed path) to one of targets."""
+    stack, seen = [src], set()
+    while stack:
+        n = stack.pop()
+        for m, _ in n.next_functions:
+            if m is None or id(m) in seen or not needed.get(id(m)):
+                continue
+            if id(m) in targets:
+                return True
+            seen.add(id(m))
+            stack.append(m)
+    return False
+
+
+def _call_opaque(fn, gs, create_graph, needed):
+    """Run one PyTorch node on its incoming gradients; returns (edges, gradients)."""
     if lowering._is_freed(fn) and any(a.startswith("_saved_") or a == "saved_tensors"
                                       for a in dir(fn)):
         raise RuntimeError(freed_message())
+    if callable(fn):  # a C++ node: call it directly, one result per next edge
+        with torch.set_grad_enabled(create_graph):
+            res = fn(*gs)
+        return fn.next_functions, (res,) if isinstance(res, torch.Tensor) else res
+    # A Python Function's node: PyTorch's engine runs it (materialising gradients, mapping
+    # results to tensor inputs) when stopped at its input edges. That is exact only when no
+    # input edge lies behind another, or the engine would add the indirect paths too.
+    edges = list(dict.fromkeys((m, k) for m, k in fn.next_functions
+                               if m is not None and needed.get(id(m))))
+    ids = {id(m) for m, _ in edges}
+    if any(_reaches(m, ids - {id(m)}, needed) for m, _ in edges):
+        raise Unplannable(f"{fn.name()}: a Python Function whose inputs depend on each other")
     outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
     gos = [g for g in gs if g is not None]
-    edges = list(dict.fromkeys((m, k) for m, k in fn.next_functions if m is not None))
     res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=True,
                       create_graph=create_graph, allow_unused=True)
     return edges, res
@@ -173,7 +199,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
-            edges, res = _call_opaque(fn, gts, create_graph)
+            edges, res = _call_opaque(fn, gts, create_graph, needed)
             grads = [None if r is None else bind(r) for r in res]
         for (m, k), g in zip(edges, grads):
             if m is None or g is None or not needed.get(id(m)):
