@@ -100,7 +100,7 @@ RULES = {
     "sub": lambda n, g: [g, neg(g)],
     "mul": lambda n, g: [mul(g, n.args[1]), mul(g, n.args[0])],
     "div": lambda n, g: [div(g, n.args[1]),
-                         div(mul(neg(g), n.args[0]), mul(n.args[1], n.args[1]))],
+                         mul(neg(g), div(div(n.args[0], n.args[1]), n.args[1]))],
     "neg": lambda n, g: [neg(g)],
     "pow": _pow_rule,
     "max": _minmax_rule,
