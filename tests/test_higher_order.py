@@ -62,9 +62,21 @@ def test_third_order_two_inputs(gen):
                gen=gen, orders=3)
 
 
-def test_third_order_reductions(gen):
-    check_grad(lambda x: torch.logsumexp(torch.tanh(x), 1) * x.mean(1), [rand((3, 5), gen)],
-               gen=gen, orders=3)
+REDUCTION_CHAINS = {
+    "lse_tanh_mean": lambda x: torch.logsumexp(torch.tanh(x), 1) * x.mean(1),
+    "softmax_by_hand": lambda x: torch.exp(x - x.amax(1, keepdim=True))
+    / torch.exp(x - x.amax(1, keepdim=True)).sum(1, keepdim=True),
+    # piecewise quadratic: the 2nd derivative is constant, so torch's does not require grad
+    "amax_centered_quadratic": lambda x: (x - x.amax(1, keepdim=True))
+    * (x - x.amax(1, keepdim=True)).sum(1, keepdim=True),
+    "max_dim_times_sum": lambda x: x.max(1)[0] * torch.sin(x).sum(1),
+    "log_softmax_sq": lambda x: torch.log_softmax(x, 1) ** 2,
+}
+
+
+@pytest.mark.parametrize("name", list(REDUCTION_CHAINS))
+def test_third_order_reductions(name, gen):
+    check_grad(REDUCTION_CHAINS[name], [rand((3, 5), gen)], gen=gen, orders=3)
 
 
 def test_fourth_derivative_scalar_chain(gen):
