@@ -96,6 +96,6 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.def("cuda_compiled", [] { return false; });
   m.def("cuda_device_count", [] { return 0; });
-  m.def("cuda_status", [] { return std::string("not compiled with CUDA (CMake found no nvcc at build time)"); });
+  m.def("cuda_status", [] { return std::string("not compiled with CUDA (no CUDA compiler at build time, or FASTGRAD_CUDA=OFF)"); });
 #endif
 }
