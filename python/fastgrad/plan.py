@@ -114,7 +114,7 @@ def build(requested):
             continue
         if n.op in _REDUCE_MODE:
             mat[id(n)] = n
-        elif n.op == "embed" and not known(n.args[0]):
+        elif n.op == "embed" and not known(_strip_trivial_reshape(n.args[0])):
             mat[id(n.args[0])] = n.args[0]
         elif n.op == "reshape" and not trivial_reshape(n.args[0].shape, n.shape):
             if not known(n.args[0]):
@@ -155,6 +155,12 @@ def build(requested):
         if isinstance(s, Region):
             _Emitter(s, loadable).run()
     return Plan(requested, exprs, steps)
+
+
+def _strip_trivial_reshape(n):
+    if n.op == "reshape" and trivial_reshape(n.args[0].shape, n.shape):
+        return n.args[0]
+    return n
 
 
 def _contig_strides(shape):
@@ -252,7 +258,19 @@ class _Emitter:
                 e = ("c", t // step)
             else:
                 e = ("q", e[1], e[2], e[3] - start, step, x.shape[dim])
-            return self.load(x, imap[:dim] + (e,) + imap[dim + 1:])
+            xmap = imap[:dim] + (e,) + imap[dim + 1:]
+            if self.loadable(x):
+                return self.load(x, xmap)
+            # A squeeze-like reshape of a loaded tensor (as after select): map the remaining
+            # dims; a predicate on a dropped size-1 dim still decides validity (stride 0).
+            base = x.args[0]
+            kept = [e for s_, e in zip(x.shape, xmap) if s_ != 1]
+            extra = tuple(e for s_, e in zip(x.shape, xmap) if s_ == 1 and e[0] == "q")
+            if any(e[0] == "c" and e[1] != 0 for s_, e in zip(x.shape, xmap) if s_ == 1):
+                return self.const(0.0)
+            it = iter(kept)
+            bmap = tuple(next(it) if s_ != 1 else ("c", 0) for s_ in base.shape)
+            return self.load(base, bmap + extra)
         if op in OPCODES:
             regs = []
             for a in n.args:

@@ -32,7 +32,8 @@ def _num_threads(n):
 def _load_record(t, imap):
     strides = [0] * _NDIM[0]
     offset, preds = 0, []
-    for e, st in zip(imap, t.stride()):
+    # Entries past the tensor's dims are pure predicates (stride 0): see plan._Emitter, embed.
+    for e, st in zip(imap, tuple(t.stride()) + (0,) * (len(imap) - t.dim())):
         if e[0] == "c":
             offset += e[1] * st
         elif e[0] == "d":
