@@ -201,7 +201,7 @@ def vjp(outputs, cotangents, wrt):
     # Only nodes on a path to some wrt node carry gradient.
     reaches = set()
     for n in order:
-        if id(n) in wrt_ids or any(id(a) in reaches for a in n.args):
+        if id(n) in wrt_ids or any(id(n.args[i]) in reaches for i in differentiable_args(n)):
             reaches.add(id(n))
     ct = {}
     for o, c in zip(outputs, cotangents):

@@ -105,9 +105,9 @@ class RegionFunction(torch.autograd.Function):
         cots = [ir.leaf(n + j, tuple(g.shape), g.dtype) if g is not None else None
                 for j, g in enumerate(gs)]
         need = ctx.needs_input_grad[1:]
-        wrt = [w for w, nd in zip(region.local_inputs, need)]
-        grads = rules.vjp(region.local_outputs, cots, wrt)
-        grads = [g if nd else None for g, nd in zip(grads, need)]
+        wrt = [w for w, nd in zip(region.local_inputs, need) if nd]
+        res = iter(rules.vjp(region.local_outputs, cots, wrt))
+        grads = [next(res) if nd else None for nd in need]
         tensors = list(ins) + [g for g in gs]
         res = materialize(grads, tensors, torch.is_grad_enabled())
         return (None,) + tuple(res)
