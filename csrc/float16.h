@@ -6,14 +6,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include "hd.h"
 
-#ifndef FG_HD
-#ifdef __CUDACC__
-#define FG_HD __host__ __device__
-#else
-#define FG_HD
-#endif
-#endif
 
 namespace fg {
 

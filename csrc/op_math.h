@@ -10,14 +10,8 @@
 #pragma once
 #include <math.h>
 #include "float16.h"
+#include "hd.h"
 
-#ifndef FG_HD
-#ifdef __CUDACC__
-#define FG_HD __host__ __device__
-#else
-#define FG_HD
-#endif
-#endif
 
 namespace fg {
 
