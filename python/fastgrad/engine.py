@@ -71,7 +71,7 @@ class _Binder:
 
 def _collect(out_nodes, input_ids):
     """Nodes on a path from the outputs to an input, consumers first."""
-    needed, children, post = {}, {}, []
+    needed, post = {}, []
     for root in out_nodes:
         if id(root) in needed:
             continue
@@ -81,7 +81,6 @@ def _collect(out_nodes, input_ids):
             n, done = stack.pop()
             if done:
                 kids = [m for m, _ in n.next_functions if m is not None]
-                children[id(n)] = n
                 needed[id(n)] = id(n) in input_ids or any(needed.get(id(m), False) for m in kids)
                 post.append(n)
                 continue
