@@ -125,7 +125,7 @@ def _dims(v, dims, nd):
     return tuple(range(nd)) if len(dims) == 0 else tuple(_signed(d) % nd for d in dims)
 
 
-def _reduced(v, op, x, dims_attr="_saved_dim", keepdim_attr="_saved_keepdim"):
+def _reduced(v, op, x, dims_attr="_saved_dim"):
     dims = _dims(v, v.raw(dims_attr), x.ndim) if dims_attr else tuple(range(x.ndim))
     r = ir.reduce(op, x, dims) if op != "rsum" else ir.rsum(x, dims)
     return r, dims

@@ -316,7 +316,7 @@ class _Emitter:
         r.local_outputs = ir.substitute(r.targets, {id(n): l for n, l in
                                                     zip(r.inputs, r.local_inputs)})
         ix = {id(n): i for i, n in enumerate(r.inputs)}
-        r.diff_deps = [rules.differentiable_deps(t if t.op in _REDUCE_MODE else t, lambda m: (
+        r.diff_deps = [rules.differentiable_deps(t, lambda m: (
             ix.get(id(m)) if m is not t else None)) for t in r.targets]
 
     def _allocate(self):

@@ -29,8 +29,8 @@ def _num_threads(n):
     return torch.get_num_threads() if n >= _PARALLEL_MIN else 1
 
 
-def _load_record(t, imap):
-    strides = [0] * _NDIM[0]
+def _load_record(t, imap, nd):
+    strides = [0] * nd
     offset, preds = 0, []
     # Entries past the tensor's dims are pure predicates (stride 0): see plan._Emitter, embed.
     for e, st in zip(imap, tuple(t.stride()) + (0,) * (len(imap) - t.dim())):
@@ -47,8 +47,6 @@ def _load_record(t, imap):
     return rec
 
 
-_NDIM = [0]
-
 
 def run_region(region, ins, stats=None):
     """Run one region on CPU tensors ``ins`` (one per region input); returns its targets."""
@@ -59,10 +57,9 @@ def run_region(region, ins, stats=None):
         outs.append(torch.empty(t.shape, dtype=dt, device=dev))
     shape = region.shape
     nd = len(shape)
-    _NDIM[0] = nd
     desc = [nd, len(region.loads), len(region.stores), len(region.instrs), region.nregs, *shape]
     for ix, imap in region.loads:
-        desc += _load_record(ins[ix], imap)
+        desc += _load_record(ins[ix], imap, nd)
     for ti, mode in region.stores:
         o = outs[ti]
         t = region.targets[ti]
