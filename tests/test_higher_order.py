@@ -74,17 +74,7 @@ REDUCTION_CHAINS = {
 }
 
 
-# Known difference (issue note): fastgrad's second derivative of this piecewise quadratic has the
-# right values but requires_grad=True where PyTorch's does not (a saved intermediate that needs
-# grad reaches a region output through ops whose derivative is zero only mathematically).
-# strict: the test fails as soon as the difference is fixed, so the mark cannot outlive it.
-_KNOWN_REQUIRES_GRAD_GAP = {"amax_centered_quadratic"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="requires_grad of a constant "
-                                            "2nd derivative differs from torch"))
-    if n in _KNOWN_REQUIRES_GRAD_GAP else n for n in REDUCTION_CHAINS])
+@pytest.mark.parametrize("name", list(REDUCTION_CHAINS))
 def test_third_order_reductions(name, gen):
     check_grad(REDUCTION_CHAINS[name], [rand((3, 5), gen)], gen=gen, orders=3)
 

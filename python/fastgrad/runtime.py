@@ -89,9 +89,9 @@ class RegionFunction(torch.autograd.Function):
         outs = run_region(region, ins)
         # As in PyTorch, a result that depends on no grad-requiring input only through
         # differentiable ops (e.g. relu's mask) does not require grad.
-        for o, deps in zip(outs, region.diff_deps):
-            if not any(ins[i].requires_grad for i in deps):
-                ctx.mark_non_differentiable(o)
+        # One call: each mark_non_differentiable call replaces the previous set.
+        ctx.mark_non_differentiable(*[o for o, deps in zip(outs, region.diff_deps)
+                                      if not any(ins[i].requires_grad for i in deps)])
         return tuple(outs)
 
     @staticmethod
