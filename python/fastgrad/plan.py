@@ -21,6 +21,7 @@ from .runtime_table import OPCODES
 
 _VIEW_OPS = {"expand", "permute", "reshape", "slice", "embed"}
 _REDUCE_MODE = {"rsum": 1, "rmax": 2, "rmin": 3}
+_POW_SPECIAL = (1.0, 0.5, -0.5, -1.0, 2.0, 3.0, -2.0)
 _ROUND = {torch.float32: "to_f32", torch.float16: "to_f16", torch.bfloat16: "to_bf16"}
 
 
@@ -271,6 +272,8 @@ class _Emitter:
             it = iter(kept)
             bmap = tuple(next(it) if s_ != 1 else ("c", 0) for s_ in base.shape)
             return self.load(base, bmap + extra)
+        if op == "pow" and n.args[1].op == "const" and n.args[1].attrs[0] in _POW_SPECIAL:
+            return self._round(self._pow_special(n, imap), n.dtype)
         if op in OPCODES:
             regs = []
             for a in n.args:
@@ -282,6 +285,29 @@ class _Emitter:
             out = self.instr(op, *regs)
             return self._round(out, n.dtype)
         raise Unplannable(f"cannot emit {op}")
+
+    def _pow_special(self, n, imap):
+        # PyTorch computes these exponents as products / sqrt / reciprocal rather than pow()
+        # (ATen's pow_tensor_scalar kernels); doing the same gives its roundings and is faster.
+        lead = n.ndim - n.args[0].ndim
+        x = self.emit(n.args[0], tuple(("c", 0) if s == 1 and n.shape[lead + i] != 1
+                                       else imap[lead + i]
+                                       for i, s in enumerate(n.args[0].shape)))
+        v = n.args[1].attrs[0]
+        if v == 1.0:
+            return x
+        if v == 0.5:
+            return self.instr("sqrt", x)
+        if v == -0.5:
+            return self.instr("reciprocal", self.instr("sqrt", x))
+        if v == -1.0:
+            return self.instr("reciprocal", x)
+        sq = self.instr("mul", x, x)
+        if v == 2.0:
+            return sq
+        if v == 3.0:
+            return self.instr("mul", sq, x)
+        return self.instr("reciprocal", sq)  # -2.0
 
     def _c(self, v):
         self.r.consts.append(float(v))
