@@ -78,7 +78,9 @@ class Report:
 def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused,
          is_grads_batched, trace):
     out_edges = [_edge(o) for o in outputs]
-    in_edges = [_edge(i) for i in inputs]
+    # Leaf inputs go as tensors: the engine finds their nodes while it walks the graph.
+    in_edges = [i if type(i) is not _GradientEdge and i.grad_fn is None else _edge(i)
+                for i in inputs]
     if is_grads_batched:
         nb = next(g.shape[0] for g in grad_outputs if g is not None)
         rows = []
@@ -141,7 +143,7 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
         retain_graph = create_graph
     try:
         results = _run(outs, ins, gos, retain_graph, create_graph, allow_unused,
-                       is_grads_batched, trace or engine.Trace(runtime.Stats()))
+                       is_grads_batched, trace or engine.Trace())
     except Unplannable as e:
         return torch_grad(str(e))
     except engine.Unused:

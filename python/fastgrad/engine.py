@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import ir, lowering, rules
+from . import graph_cache, ir, lowering, rules
 from .plan import Unplannable
 from .runtime import materialize
 from .runtime_table import DTYPE_CODES
@@ -53,25 +53,48 @@ class _Binder:
     """Numbers the tensors a call reads; the same tensor seen twice gets one leaf."""
 
     def __init__(self):
-        self.tensors, self.index = [], {}
+        self.tensors, self.keys = [], {}
 
-    def __call__(self, t):
+    def index(self, t):
+        """The leaf number of ``t``, or None for a tensor the compiled path cannot read."""
         if t.dtype not in DTYPE_CODES or t.device.type != "cpu" or t.layout != torch.strided:
-            raise Unplannable(f"tensor of {t.dtype} on {t.device} ({t.layout})")
+            return None
         gf = t.grad_fn
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.requires_grad,
                id(gf) if gf is not None else (id(t) if t.requires_grad else None),
                t.output_nr if gf is not None else 0)
-        k = self.index.get(key)
+        k = self.keys.get(key)
         if k is None:
-            k = self.index[key] = len(self.tensors)
+            k = self.keys[key] = len(self.tensors)
             self.tensors.append(t)
+        return k
+
+    def __call__(self, t):
+        k = self.index(t)
+        if k is None:
+            raise Unplannable(f"tensor of {t.dtype} on {t.device} ({t.layout})")
         return ir.leaf(k, tuple(t.shape), t.dtype)
 
 
-def _collect(out_nodes, input_ids):
-    """Nodes on a path from the outputs to an input, consumers first."""
-    needed, post = {}, []
+_ACCUMULATE_GRAD = []  # the class of PyTorch's leaf nodes, read once
+
+
+def _accumulate_grad_class():
+    if not _ACCUMULATE_GRAD:
+        x = torch.zeros(1, requires_grad=True)
+        with torch.enable_grad():
+            _ACCUMULATE_GRAD.append(type(x.view_as(x).grad_fn.next_functions[0][0]))
+    return _ACCUMULATE_GRAD[0]
+
+
+def _collect(out_nodes, input_ids, leaf_ids):
+    """Nodes on a path from the outputs to an input, consumers first.
+
+    Inputs are nodes (``input_ids``) or leaf tensors (``leaf_ids``), whose AccumulateGrad nodes
+    are found on the way; returns (order, needed, {id(leaf): its node}).
+    """
+    acc_cls = _accumulate_grad_class() if leaf_ids else None
+    needed, post, leaf_nodes = {}, [], {}
     for root in out_nodes:
         if id(root) in needed:
             continue
@@ -80,8 +103,12 @@ def _collect(out_nodes, input_ids):
         while stack:
             n, done = stack.pop()
             if done:
+                hit = id(n) in input_ids
+                if not hit and type(n) is acc_cls and id(n.variable) in leaf_ids:
+                    leaf_nodes[id(n.variable)] = n
+                    hit = True
                 kids = [m for m, _ in n.next_functions if m is not None]
-                needed[id(n)] = id(n) in input_ids or any(needed.get(id(m), False) for m in kids)
+                needed[id(n)] = hit or any(needed.get(id(m), False) for m in kids)
                 post.append(n)
                 continue
             if id(n) in needed or id(n) in seen:
@@ -92,7 +119,7 @@ def _collect(out_nodes, input_ids):
                 if m is not None and id(m) not in needed and id(m) not in seen:
                     stack.append((m, False))
     order = [n for n in reversed(post) if needed[id(n)]]
-    return order, needed
+    return order, needed, leaf_nodes
 
 
 def _slots(outs):
@@ -168,8 +195,45 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer."""
     bind = _Binder()
     trace = trace or Trace()
+    # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
+    leaf_ids = {id(e) for e in in_edges if isinstance(e, torch.Tensor)}
+    input_ids = {id(e[0]) for e in in_edges if not isinstance(e, torch.Tensor)}
+    order, needed, leaf_nodes = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
+    in_edges = [e if not isinstance(e, torch.Tensor) else
+                ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
+                for e in in_edges]
+    key = graph_cache.signature(order, needed, out_edges, grad_tensors, in_edges, bind)
+    entry = graph_cache.lookup(key)
+    if entry is not None:
+        for fn in order:
+            if lowering._is_freed(fn) and graph_cache.has_saved(fn):
+                raise RuntimeError(freed_message())
+        exprs = entry.exprs
+        trace.native.extend(entry.native)
+    else:
+        native_before, fallback_before = len(trace.native), len(trace.fallback)
+        exprs = _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
+                       trace)
+        if len(trace.fallback) == fallback_before:
+            graph_cache.store(key, exprs, trace.native[native_before:])
+    if not allow_unused and any(e is None for e in exprs):
+        raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
+    results = materialize(exprs, bind.tensors, create_graph, trace.stats)
+    if not retain_graph:
+        for fn in order:
+            lowering.mark_freed(fn, freed_message)
+    return results
+
+
+def _leaf_edge(t):
+    # A leaf the outputs do not reach: its node is not in the graph (it gets no gradient).
+    with torch.enable_grad():
+        return t.view_as(t).grad_fn.next_functions[0]
+
+
+def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind, trace):
+    """The reverse sweep: IR of the gradients flowing into ``in_edges`` (None where none)."""
     input_ids = {id(n) for n, _ in in_edges}
-    order, needed = _collect([n for n, _ in out_edges], input_ids)
     cot = {}
 
     def accumulate(node, k, g):
@@ -205,11 +269,4 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
                 continue
             meta = m._input_metadata[k]
             accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
-    exprs = [answers.get((id(n), k)) for n, k in in_edges]
-    if not allow_unused and any(e is None for e in exprs):
-        raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
-    results = materialize(exprs, bind.tensors, create_graph, trace.stats)
-    if not retain_graph:
-        for fn in order:
-            lowering.mark_freed(fn, freed_message)
-    return results
+    return [answers.get((id(n), k)) for n, k in in_edges]

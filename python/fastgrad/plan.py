@@ -48,6 +48,17 @@ class Region:
         self.nregs = 0
         self.compute = torch.float32
         self.local_inputs = self.local_outputs = None
+        self.packers = {}        # runtime: descriptor templates by input strides
+        self._out_specs = None
+
+    @property
+    def out_specs(self):
+        """(shape, dtype) of each target, as the runtime allocates them."""
+        if self._out_specs is None:
+            self._out_specs = [(t.shape, t.dtype) for t in self.targets]
+        if any(dt is None for _, dt in self._out_specs):
+            return [(sh, dt or torch.get_default_dtype()) for sh, dt in self._out_specs]
+        return self._out_specs
 
     def describe(self):
         kind = f"reduce over dims {list(self.reduce_dims)}" if self.reduce_dims else "elementwise"

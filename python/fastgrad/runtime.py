@@ -15,6 +15,7 @@ from .runtime_table import DTYPE_CODES
 
 _COMPUTE = {torch.float32: 0, torch.float64: 1}
 _PARALLEL_MIN = 1 << 15
+_CPU = torch.device("cpu")
 
 
 class Stats:
@@ -30,6 +31,7 @@ def _num_threads(n):
 
 
 def _load_record(t, imap, nd):
+    """A load's descriptor record, with the data pointer left 0 (patched per call)."""
     strides = [0] * nd
     offset, preds = 0, []
     # Entries past the tensor's dims are pure predicates (stride 0): see plan._Emitter, embed.
@@ -41,44 +43,73 @@ def _load_record(t, imap, nd):
             offset += e[3] * st
         else:  # ("q", dim, mul, add, div, len): predicated (embed into zeros)
             preds.append((e[1], e[2], e[3], e[4], e[5], st))
-    rec = [t.data_ptr(), DTYPE_CODES[t.dtype], offset] + strides + [len(preds)]
+    rec = [0, DTYPE_CODES[t.dtype], offset] + strides + [len(preds)]
     for p in preds:
         rec.extend(p)
     return rec
 
 
+class _Packer:
+    """A region's descriptor for one layout of its inputs; only data pointers change per call."""
 
-def run_region(region, ins, stats=None):
-    """Run one region on CPU tensors ``ins`` (one per region input); returns its targets."""
-    dev = ins[0].device if ins else torch.device("cpu")
-    outs = []
-    for t in region.targets:
-        dt = t.dtype if t.dtype is not None else torch.get_default_dtype()
-        outs.append(torch.empty(t.shape, dtype=dt, device=dev))
-    shape = region.shape
-    nd = len(shape)
-    desc = [nd, len(region.loads), len(region.stores), len(region.instrs), region.nregs, *shape]
-    for ix, imap in region.loads:
-        desc += _load_record(ins[ix], imap, nd)
-    for ti, mode in region.stores:
-        o = outs[ti]
-        t = region.targets[ti]
-        st = list(o.stride())
-        if mode:  # reduced target: keepdim layout, stride 0 along the reduced dims
-            rd = set(t.attrs[0])
-            st = [0 if i in rd else s for i, s in enumerate(st)]
-        desc += [o.data_ptr(), DTYPE_CODES[o.dtype], mode] + st
-    for ins_ in region.instrs:
-        desc += ins_
-    n = ir.numel(shape)
-    _C.run_cpu(array("q", desc), array("d", region.consts), _COMPUTE[region.compute],
-               _num_threads(n))
-    if stats is not None:
-        stats.launches += 1
-        stats.bytes_read += sum(ins[ix].element_size() * min(ins[ix].numel(), n)
-                                for ix in {ix for ix, _ in region.loads})
-        stats.bytes_written += sum(o.numel() * o.element_size() for o in outs)
+    def __init__(self, region, ins, outs):
+        shape = region.shape
+        nd = len(shape)
+        desc = [nd, len(region.loads), len(region.stores), len(region.instrs), region.nregs,
+                *shape]
+        self.load_slots, self.store_slots = [], []
+        for ix, imap in region.loads:
+            self.load_slots.append((len(desc), ix))
+            desc += _load_record(ins[ix], imap, nd)
+        for ti, mode in region.stores:
+            o = outs[ti]
+            st = list(o.stride())
+            if mode:  # reduced target: keepdim layout, stride 0 along the reduced dims
+                rd = set(region.targets[ti].attrs[0])
+                st = [0 if i in rd else s for i, s in enumerate(st)]
+            self.store_slots.append((len(desc), ti))
+            desc += [0, DTYPE_CODES[o.dtype], mode] + st
+        for ins_ in region.instrs:
+            desc += ins_
+        self.desc = array("q", desc)
+        self.consts = array("d", region.consts)
+
+    def pack(self, ins, outs):
+        d = array("q", self.desc)
+        for at, ix in self.load_slots:
+            d[at] = ins[ix].data_ptr()
+        for at, ti in self.store_slots:
+            d[at] = outs[ti].data_ptr()
+        return d
+
+
+def run_region(region, ins):
+    """Run one region on tensors ``ins`` (one per region input); returns its targets."""
+    dev = ins[0].device if ins else _CPU
+    outs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in region.out_specs]
+    key = tuple(t.stride() for t in ins)
+    packer = region.packers.get(key)
+    if packer is None:
+        if len(region.packers) > 64:
+            region.packers.clear()
+        packer = region.packers[key] = _Packer(region, ins, outs)
+    desc = packer.pack(ins, outs)
+    if dev.type == "cpu":
+        _C.run_cpu(desc, packer.consts, _COMPUTE[region.compute],
+                   _num_threads(ir.numel(region.shape)))
+    else:
+        _C.run_cuda(desc, packer.consts, _COMPUTE[region.compute], dev.index,
+                    torch.cuda.current_stream(dev).cuda_stream)
     return outs
+
+
+def _count(stats, region, ins, outs):
+    n = ir.numel(region.shape)
+    stats.launches += 1
+    stats.bytes_read += sum(ins[ix].element_size() * min(ins[ix].numel(), n)
+                            for ix in {ix for ix, _ in region.loads})
+    stats.bytes_written += sum(o.numel() * o.element_size() for o in outs)
+    stats.regions.append(region.describe())
 
 
 class RegionFunction(torch.autograd.Function):
@@ -131,12 +162,10 @@ def execute(plan, tensors, create_graph, stats=None):
             ins = [value(m) for m in step.inputs]
             if create_graph and any(ins[i].requires_grad for d in step.diff_deps for i in d):
                 outs = RegionFunction.apply(step, *ins)
-                if stats is not None:
-                    stats.launches += 1
             else:
-                outs = run_region(step, ins, stats)
+                outs = run_region(step, ins)
             if stats is not None:
-                stats.regions.append(step.describe())
+                _count(stats, step, ins, outs)
             for t, o in zip(step.targets, outs):
                 env[id(t)] = o
         else:

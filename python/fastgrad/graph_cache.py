@@ -1,0 +1,120 @@
+"""Signatures of autograd graphs, so a graph seen before skips lowering and derivation.
+
+Lowering a node reads only its class, its input metadata, its edges (and their targets'
+metadata) and its saved attributes. The signature records all of these for every node of the
+sweep, with each saved tensor described by its layout and by the leaf number the call's binder
+gives it (which also records which saved tensors are the same tensor). Two calls with equal
+signatures therefore build the same IR over the same leaf numbers, so the derived expressions of
+the first call are valid for the second one, bound to its own tensors.
+
+Graphs with a node fastgrad cannot lower (run through PyTorch's node) are not cached: what that
+node returns is only known by running it.
+"""
+import torch
+
+from . import lowering
+
+_MAX_ENTRIES = 512
+_ENTRIES = {}
+_SPECS = {}
+_NOT_CACHED = object()
+
+
+class Entry:
+    __slots__ = ("exprs", "native")
+
+    def __init__(self, exprs, native):
+        self.exprs, self.native = exprs, native
+
+
+def _spec(cls, fn):
+    """(lowerable, names of the saved attributes) of a node class, computed once per class."""
+    spec = _SPECS.get(cls)
+    if spec is None:
+        name = fn.name()
+        saved = tuple(a for a in dir(fn) if a.startswith("_saved_"))
+        spec = _SPECS[cls] = (name in lowering.LOWER, name == "RegionFunctionBackward", saved)
+    return spec
+
+
+def _meta(m):
+    return (tuple(m.shape), m.dtype, m.device)
+
+
+def _value(v, bind):
+    if isinstance(v, torch.Tensor):
+        k = bind.index(v)
+        return None if k is None else (k, tuple(v.shape), v.stride(), v.dtype, v.requires_grad)
+    if isinstance(v, list):
+        v = tuple(v)
+    try:
+        hash(v)
+    except TypeError:
+        return _NOT_CACHED
+    return (type(v), v)
+
+
+def signature(order, needed, out_edges, grad_tensors, in_edges, bind):
+    """A hashable key describing everything lowering will read, or None if not cacheable.
+
+    Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the same
+    binder numbers them identically.
+    """
+    pos = {id(fn): i for i, fn in enumerate(order)}
+    parts = []
+    for g in grad_tensors:
+        parts.append(None if g is None else _value(g, bind))
+    for fn in order:
+        cls = type(fn)
+        lowerable, is_region, saved = _spec(cls, fn)
+        edges = fn.next_functions
+        meta = tuple(_meta(m) for m in fn._input_metadata)
+        if not any(m is not None and needed.get(id(m)) for m, _ in edges):
+            parts.append((cls, len(edges), meta))  # an input or a node the sweep skips
+            continue
+        if not lowerable:
+            return None
+        es = []
+        for m, k in edges:
+            if m is None:
+                es.append(None)
+            elif id(m) in pos:
+                es.append((pos[id(m)], k))
+            else:
+                es.append((-1, k, _meta(m._input_metadata[k])))
+        vals = [cls, tuple(es), meta]
+        if is_region:
+            vals.append(fn.region)
+            src = fn.saved_tensors
+        else:
+            src = [getattr(fn, a) for a in saved]
+        for v in src:
+            v = _value(v, bind)
+            if v is _NOT_CACHED:
+                return None
+            vals.append(v)
+        parts.append(tuple(vals))
+    parts.append(tuple((pos.get(id(n), -1), k) for n, k in out_edges))
+    parts.append(tuple((pos.get(id(n), -1), k) for n, k in in_edges))
+    return tuple(parts)
+
+
+def has_saved(fn):
+    lowerable, is_region, saved = _spec(type(fn), fn)
+    return bool(saved) or is_region
+
+
+def lookup(key):
+    return _ENTRIES.get(key) if key is not None else None
+
+
+def store(key, exprs, native):
+    if key is None:
+        return
+    if len(_ENTRIES) >= _MAX_ENTRIES:
+        _ENTRIES.clear()
+    _ENTRIES[key] = Entry(exprs, tuple(native))
+
+
+def clear():
+    _ENTRIES.clear()
