@@ -1,0 +1,118 @@
+"""The graph signature cache (python/fastgrad/graph_cache.py).
+
+A graph whose signature matches one seen before reuses that call's derived expressions, so the
+signature must tell apart every pair of graphs that need different ones. Each pair below has the
+same node classes and edges and differs in one thing lowering reads (a saved scalar, a layout, a
+dtype, which saved tensors are the same tensor, ...). The first graph fills the cache, the second
+must still match torch.
+"""
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import graph_cache
+
+from conftest import TORCH_GRAD, assert_same, check_grad, rand
+
+
+def _const(gen, shape=(3, 4)):
+    return rand(shape, gen)
+
+
+PAIRS = {
+    "pow_exponent": (lambda g: (lambda x: x ** 2, [rand((3, 4), g)]),
+                     lambda g: (lambda x: x ** 3, [rand((3, 4), g)])),
+    "sum_dim": (lambda g: (lambda x: x.sum(0), [rand((3, 3), g)]),
+                lambda g: (lambda x: x.sum(1), [rand((3, 3), g)])),
+    "softmax_dim": (lambda g: (lambda x: torch.softmax(x, 0), [rand((3, 3), g)]),
+                    lambda g: (lambda x: torch.softmax(x, 1), [rand((3, 3), g)])),
+    "select_index": (lambda g: (lambda x: x[:, 0], [rand((3, 3), g)]),
+                     lambda g: (lambda x: x[:, 2], [rand((3, 3), g)])),
+    "clamp_bound": (lambda g: (lambda x: x.clamp(min=0.0), [rand((3, 4), g)]),
+                    lambda g: (lambda x: x.clamp(min=0.5), [rand((3, 4), g)])),
+    "shape": (lambda g: (lambda x: torch.sin(x) * x, [rand((3, 4), g)]),
+              lambda g: (lambda x: torch.sin(x) * x, [rand((4, 3), g)])),
+    "broadcast_shape": (lambda g: (lambda x, y: x * y, [rand((3, 4), g), rand((3, 4), g)]),
+                        lambda g: (lambda x, y: x * y, [rand((3, 4), g), rand((4,), g)])),
+    "add_broadcast": (lambda g: (lambda x, y: x + y, [rand((3, 4), g), rand((3, 4), g)]),
+                      lambda g: (lambda x, y: x + y, [rand((3, 4), g), rand((4,), g)])),
+    "dtype": (lambda g: (lambda x: torch.exp(x) * x, [rand((3, 4), g)]),
+              lambda g: (lambda x: torch.exp(x) * x, [rand((3, 4), g, dtype=torch.float32)])),
+    "strides": (lambda g: (lambda x: torch.tanh(x) * x, [rand((3, 4), g)]),
+                lambda g: (lambda x: torch.tanh(x.t()) * x.t(), [rand((4, 3), g)])),
+}
+
+
+def _aliased(g):
+    c = _const(g)
+    return (lambda x: x * c * c), [rand((3, 4), g)]
+
+
+def _distinct(g):
+    c, d = _const(g), _const(g)
+    return (lambda x: x * c * d), [rand((3, 4), g)]
+
+
+PAIRS["saved_tensor_aliasing"] = (_aliased, _distinct)
+PAIRS["saved_tensor_aliasing_reverse"] = (_distinct, _aliased)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("orders", [1, 2])
+def test_same_structure_different_graphs(name, orders, gen):
+    graph_cache.clear()
+    for build in PAIRS[name]:
+        fn, inputs = build(gen)
+        check_grad(fn, inputs, gen=gen, orders=orders)
+
+
+def test_grad_outputs_layout(gen):
+    graph_cache.clear()
+    x = rand((3, 4), gen).requires_grad_(True)
+    y = torch.sin(x)
+    for go in (rand((3, 4), gen), rand((4,), gen).expand(3, 4), rand((4, 3), gen).t()):
+        assert_same(fastgrad.grad(y, x, go, retain_graph=True),
+                    TORCH_GRAD(y, x, go, retain_graph=True))
+
+
+def test_repeated_structure_is_a_hit(gen):
+    """Fresh graphs of one structure reuse one entry (and give each graph's own values)."""
+    graph_cache.clear()
+    for _ in range(4):
+        x = rand((5, 2), gen).requires_grad_(True)
+        y = (torch.sin(x) * torch.exp(x)).sum()
+        assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x))
+    assert len(graph_cache._ENTRIES) == 1
+
+
+def test_explain_on_a_hit_reports_the_nodes(gen):
+    graph_cache.clear()
+    x = rand((5,), gen).requires_grad_(True)
+    y = torch.cos(x).sum()
+    first = fastgrad.explain(y, x)
+    second = fastgrad.explain(y, x)
+    assert second.native == first.native == ["SumBackward0", "CosBackward0"]
+    assert second.kernel_launches == first.kernel_launches == 1
+
+
+def test_freed_graph_raises_on_a_hit(gen):
+    graph_cache.clear()
+    x = rand((4,), gen).requires_grad_(True)
+    y = torch.exp(x).sum()
+    fastgrad.grad(y, x)  # frees (retain_graph=False)
+    with pytest.raises(RuntimeError) as got:
+        fastgrad.grad(y, x)
+    x2 = rand((4,), gen).requires_grad_(True)
+    y2 = torch.exp(x2).sum()
+    TORCH_GRAD(y2, x2)
+    with pytest.raises(RuntimeError) as ref:
+        TORCH_GRAD(y2, x2)
+    assert str(got.value) == str(ref.value)
+
+
+def test_fallback_graphs_are_not_cached(gen):
+    graph_cache.clear()
+    x = rand((3, 3), gen).requires_grad_(True)
+    y = torch.cumsum(torch.sin(x), 0).sum()
+    assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x, retain_graph=True))
+    assert len(graph_cache._ENTRIES) == 0
