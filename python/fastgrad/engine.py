@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import graph_cache, ir, lowering, rules
+from . import _C, graph_cache, ir, lowering, rules
 from .plan import Unplannable
 from .runtime import materialize
 from .runtime_table import DTYPE_CODES
@@ -17,6 +17,8 @@ from .runtime_table import DTYPE_CODES
 # Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
 _torch_grad = torch.autograd.grad
 _GradientEdge = torch.autograd.graph.GradientEdge
+# Devices the compiled evaluator runs on (CUDA when the extension was built with it).
+_DEVICE_TYPES = ("cpu", "cuda") if _C.cuda_compiled() and hasattr(_C, "run_cuda") else ("cpu",)
 
 
 class Trace:
@@ -54,11 +56,18 @@ class _Binder:
 
     def __init__(self):
         self.tensors, self.keys = [], {}
+        self.device = None
 
     def index(self, t):
-        """The leaf number of ``t``, or None for a tensor the compiled path cannot read."""
-        if t.dtype not in DTYPE_CODES or t.device.type != "cpu" or t.layout != torch.strided:
+        """The leaf number of ``t``, or None for a tensor the compiled path cannot read
+        (a dtype, layout or device it does not handle, or another device than the call's)."""
+        if t.dtype not in DTYPE_CODES or t.layout != torch.strided:
             return None
+        dev = t.device
+        if dev != self.device:
+            if self.device is not None or dev.type not in _DEVICE_TYPES:
+                return None
+            self.device = dev
         gf = t.grad_fn
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.requires_grad,
                id(gf) if gf is not None else (id(t) if t.requires_grad else None),

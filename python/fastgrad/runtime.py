@@ -83,9 +83,11 @@ class _Packer:
         return d
 
 
-def run_region(region, ins):
-    """Run one region on tensors ``ins`` (one per region input); returns its targets."""
-    dev = ins[0].device if ins else _CPU
+def run_region(region, ins, dev=None):
+    """Run one region on tensors ``ins`` (one per region input) on device ``dev`` (default:
+    that of ``ins``, else the CPU); returns its targets."""
+    if dev is None:
+        dev = ins[0].device if ins else _CPU
     outs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in region.out_specs]
     key = tuple(t.stride() for t in ins)
     packer = region.packers.get(key)
@@ -150,6 +152,7 @@ def _known_tensor(n, tensors):
 
 def execute(plan, tensors, create_graph, stats=None):
     env = {}
+    dev = tensors[0].device if tensors else _CPU
 
     def value(n):
         v = env.get(id(n))
@@ -163,7 +166,7 @@ def execute(plan, tensors, create_graph, stats=None):
             if create_graph and any(ins[i].requires_grad for d in step.diff_deps for i in d):
                 outs = RegionFunction.apply(step, *ins)
             else:
-                outs = run_region(step, ins)
+                outs = run_region(step, ins, dev)
             if stats is not None:
                 _count(stats, step, ins, outs)
             for t, o in zip(step.targets, outs):
