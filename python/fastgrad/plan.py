@@ -62,8 +62,8 @@ class Region:
 
     def describe(self):
         kind = f"reduce over dims {list(self.reduce_dims)}" if self.reduce_dims else "elementwise"
-        ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: any(
-            m is i for i in self.inputs))} - {"leaf"})
+        ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: m.known is not None or
+                                                any(m is i for i in self.inputs))} - {"leaf"})
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
                 f"instructions; ops {ops}")
@@ -186,7 +186,7 @@ def _contig_strides(shape):
 class _Emitter:
     def __init__(self, region, loadable):
         self.r, self.loadable = region, loadable
-        self.memo, self.input_ix = {}, {}
+        self.memo, self.input_ix, self.alias, self.loaded = {}, {}, {}, {}
         self.code = []  # (op name, dst, a, b, c) with virtual registers
         self.nvirt = 0
         self.dtypes = set()
@@ -206,12 +206,19 @@ class _Emitter:
         return self.instr("const", len(r.consts) - 1)
 
     def load(self, n, imap):
-        ix = self.input_ix.get(id(n))
+        # Different nodes bound to the same tensor (a saved value that is both a leaf and, say,
+        # tanh's known result) are one input and one load.
+        ident = (n.known, n.shape) if n.known is not None else id(n)
+        ix = self.input_ix.get(ident)
         if ix is None:
-            ix = self.input_ix[id(n)] = len(self.r.inputs)
+            ix = self.input_ix[ident] = len(self.r.inputs)
             self.r.inputs.append(n)
-        self.r.loads.append((ix, imap))
-        return self.instr("load", len(self.r.loads) - 1)
+        self.alias[id(n)] = ix
+        reg = self.loaded.get((ix, imap))
+        if reg is None:
+            self.r.loads.append((ix, imap))
+            reg = self.loaded[(ix, imap)] = self.instr("load", len(self.r.loads) - 1)
+        return reg
 
     def emit(self, n, imap, top=False):
         key = (id(n), imap)
@@ -350,9 +357,8 @@ class _Emitter:
             self.code.append(("store", -1, len(r.stores) - 1, val, 0))
         self._allocate()
         r.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(r.inputs)]
-        r.local_outputs = ir.substitute(r.targets, {id(n): l for n, l in
-                                                    zip(r.inputs, r.local_inputs)})
-        ix = {id(n): i for i, n in enumerate(r.inputs)}
+        ix = self.alias
+        r.local_outputs = ir.substitute(r.targets, {k: r.local_inputs[i] for k, i in ix.items()})
         r.diff_deps = [rules.differentiable_deps(t, lambda m: (
             ix.get(id(m)) if m is not t else None)) for t in r.targets]
 
