@@ -541,3 +541,20 @@ def test_torch_grad_can_be_patched(gen):
         torch.autograd.grad = orig
     assert_same(got, ref)
     assert_same(got2, TORCH_GRAD(ref[0].sum(), xr))
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.sum(), lambda x: x.sum(1).sum(),
+                                lambda x: x.sum(0, keepdim=True).sum(), lambda x: x.mean()],
+                         ids=["sum", "sum_sum", "sum_keepdim_sum", "mean"])
+def test_broadcast_results_are_views_like_torch(fn, gen):
+    """The VJP of a sum is an expanded view of the grad_output in torch; fastgrad returns the
+    same layout (and writes nothing), and materialises what torch materialises."""
+    x = rand((4, 3), gen).requires_grad_(True)
+    y = fn(x)
+    go = rand(y.shape, gen)
+    ref = TORCH_GRAD(y, x, go, retain_graph=True)
+    got = fastgrad.grad(y, x, go, retain_graph=True)
+    assert_same(got, ref)
+    assert got[0].stride() == ref[0].stride()
+    if 0 in ref[0].stride():
+        assert fastgrad.explain(y, x, go).kernel_launches == 0

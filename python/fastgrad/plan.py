@@ -70,10 +70,15 @@ class Region:
 
 
 class ViewStep:
-    """A reshape of a materialised tensor, taken by PyTorch (a view when the layout allows)."""
+    """A reshape of a materialised tensor, taken by PyTorch (a view when the layout allows),
+    or the expand of a bound tensor (``source`` is then that tensor's node)."""
 
     def __init__(self, node):
         self.node = node
+        if node.op == "expand":
+            self.source, self.chain = _view_chain(node)
+        else:
+            self.source, self.chain = node.args[0], [node]
 
 
 class Plan:
@@ -132,6 +137,11 @@ def build(requested):
             if not known(n.args[0]):
                 mat[id(n.args[0])] = n.args[0]
             views[id(n)] = n
+    for e in exprs:
+        # A result that only broadcasts a bound tensor (the VJP of a sum) is returned as
+        # PyTorch returns it: an expanded view, nothing written.
+        if e.op == "expand" and known(_view_chain(e)[0]):
+            views[id(e)] = e
     for vid in views:
         mat.pop(vid, None)
     loadable = lambda n: known(n) or id(n) in mat or id(n) in views  # noqa: E731
@@ -141,6 +151,8 @@ def build(requested):
     level, regions, steps = {}, {}, []
     for n in order:
         body = n.args if (n.op in _REDUCE_MODE or id(n) in views) else [n]
+        if n.op == "expand" and id(n) in views:
+            body = [_view_chain(n)[0]]
         deps = set()
         for m in ir.topo(list(body), stop=lambda m: loadable(m) and m is not n):
             if m is not n and loadable(m) and not known(m):
@@ -167,6 +179,15 @@ def build(requested):
         if isinstance(s, Region):
             _Emitter(s, loadable).run()
     return Plan(requested, exprs, steps)
+
+
+def _view_chain(n):
+    """(base, [views from base up to n]) for a chain of expands and trivial reshapes."""
+    chain = []
+    while n.op == "expand" or (n.op == "reshape" and trivial_reshape(n.args[0].shape, n.shape)):
+        chain.append(n)
+        n = n.args[0]
+    return n, chain[::-1]
 
 
 def _strip_trivial_reshape(n):

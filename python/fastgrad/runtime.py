@@ -172,8 +172,10 @@ def execute(plan, tensors, create_graph, stats=None):
             for t, o in zip(step.targets, outs):
                 env[id(t)] = o
         else:
-            n = step.node
-            env[id(n)] = value(n.args[0]).reshape(n.shape)
+            v = value(step.source)
+            for m in step.chain:
+                v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
+            env[id(step.node)] = v
     return [value(e) for e in plan.outputs]
 
 
