@@ -62,11 +62,11 @@ class _Binder:
         """The leaf number of ``t``, or None for a tensor the compiled path cannot read
         (a dtype, layout or device it does not handle, or another device than the call's)."""
         if t.dtype not in DTYPE_CODES or t.layout != torch.strided:
-            return None
+            return None, None
         dev = t.device
         if dev != self.device:
             if self.device is not None or dev.type not in _DEVICE_TYPES:
-                return None
+                return None, None
             self.device = dev
         gf = t.grad_fn
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.requires_grad,
@@ -76,10 +76,10 @@ class _Binder:
         if k is None:
             k = self.keys[key] = len(self.tensors)
             self.tensors.append(t)
-        return k
+        return k, key
 
     def __call__(self, t):
-        k = self.index(t)
+        k = self.index(t)[0]
         if k is None:
             raise Unplannable(f"tensor of {t.dtype} on {t.device} ({t.layout})")
         return ir.leaf(k, tuple(t.shape), t.dtype)
@@ -100,35 +100,38 @@ def _collect(out_nodes, input_ids, leaf_ids):
     """Nodes on a path from the outputs to an input, consumers first.
 
     Inputs are nodes (``input_ids``) or leaf tensors (``leaf_ids``), whose AccumulateGrad nodes
-    are found on the way; returns (order, needed, {id(leaf): its node}).
+    are found on the way. Returns (order, needed, {id(leaf): its node}, {id(node): its edges}).
     """
     acc_cls = _accumulate_grad_class() if leaf_ids else None
-    needed, post, leaf_nodes = {}, [], {}
+    needed, post, leaf_nodes, nexts = {}, [], {}, {}
     for root in out_nodes:
-        if id(root) in needed:
+        if id(root) in nexts:
             continue
+        nexts[id(root)] = root.next_functions
         stack = [(root, False)]
-        seen = set()
         while stack:
             n, done = stack.pop()
+            nf = nexts[id(n)]
             if done:
                 hit = id(n) in input_ids
                 if not hit and type(n) is acc_cls and id(n.variable) in leaf_ids:
                     leaf_nodes[id(n.variable)] = n
                     hit = True
-                kids = [m for m, _ in n.next_functions if m is not None]
-                needed[id(n)] = hit or any(needed.get(id(m), False) for m in kids)
+                if not hit:
+                    for m, _ in nf:
+                        if m is not None and needed[id(m)]:
+                            hit = True
+                            break
+                needed[id(n)] = hit
                 post.append(n)
                 continue
-            if id(n) in needed or id(n) in seen:
-                continue
-            seen.add(id(n))
             stack.append((n, True))
-            for m, _ in n.next_functions:
-                if m is not None and id(m) not in needed and id(m) not in seen:
+            for m, _ in nf:
+                if m is not None and id(m) not in nexts:
+                    nexts[id(m)] = m.next_functions
                     stack.append((m, False))
     order = [n for n in reversed(post) if needed[id(n)]]
-    return order, needed, leaf_nodes
+    return order, needed, leaf_nodes, nexts
 
 
 def _slots(outs):
@@ -207,11 +210,11 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
     leaf_ids = {id(e) for e in in_edges if isinstance(e, torch.Tensor)}
     input_ids = {id(e[0]) for e in in_edges if not isinstance(e, torch.Tensor)}
-    order, needed, leaf_nodes = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
+    order, needed, leaf_nodes, nexts = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
     in_edges = [e if not isinstance(e, torch.Tensor) else
                 ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
                 for e in in_edges]
-    key = graph_cache.signature(order, needed, out_edges, grad_tensors, in_edges, bind)
+    key = graph_cache.signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind)
     entry = graph_cache.lookup(key)
     if entry is not None:
         for fn in order:

@@ -43,8 +43,8 @@ def _meta(m):
 
 def _value(v, bind):
     if isinstance(v, torch.Tensor):
-        k = bind.index(v)
-        return None if k is None else (k, tuple(v.shape), v.stride(), v.dtype, v.requires_grad)
+        k, key = bind.index(v)
+        return None if k is None else (k,) + key[1:5]  # number, shape, strides, dtype, grad
     if isinstance(v, list):
         v = tuple(v)
     try:
@@ -54,7 +54,7 @@ def _value(v, bind):
     return (type(v), v)
 
 
-def signature(order, needed, out_edges, grad_tensors, in_edges, bind):
+def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind):
     """A hashable key describing everything lowering will read, or None if not cacheable.
 
     Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the same
@@ -67,9 +67,9 @@ def signature(order, needed, out_edges, grad_tensors, in_edges, bind):
     for fn in order:
         cls = type(fn)
         lowerable, is_region, saved = _spec(cls, fn)
-        edges = fn.next_functions
+        edges = nexts[id(fn)]
         meta = tuple(_meta(m) for m in fn._input_metadata)
-        if not any(m is not None and needed.get(id(m)) for m, _ in edges):
+        if not any(m is not None and needed[id(m)] for m, _ in edges):
             parts.append((cls, len(edges), meta))  # an input or a node the sweep skips
             continue
         if not lowerable:
