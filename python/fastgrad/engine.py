@@ -105,14 +105,13 @@ def _collect(out_nodes, input_ids, leaf_ids):
     acc_cls = _accumulate_grad_class() if leaf_ids else None
     needed, post, leaf_nodes, nexts = {}, [], {}, {}
     for root in out_nodes:
-        if id(root) in nexts:
-            continue
-        nexts[id(root)] = root.next_functions
+        # A node is expanded when first popped, so a node pushed by several consumers is
+        # finished before any of them (post-order on a DAG).
         stack = [(root, False)]
         while stack:
             n, done = stack.pop()
-            nf = nexts[id(n)]
             if done:
+                nf = nexts[id(n)]
                 hit = id(n) in input_ids
                 if not hit and type(n) is acc_cls and id(n.variable) in leaf_ids:
                     leaf_nodes[id(n.variable)] = n
@@ -125,10 +124,12 @@ def _collect(out_nodes, input_ids, leaf_ids):
                 needed[id(n)] = hit
                 post.append(n)
                 continue
+            if id(n) in nexts:
+                continue
+            nf = nexts[id(n)] = n.next_functions
             stack.append((n, True))
             for m, _ in nf:
                 if m is not None and id(m) not in nexts:
-                    nexts[id(m)] = m.next_functions
                     stack.append((m, False))
     order = [n for n in reversed(post) if needed[id(n)]]
     return order, needed, leaf_nodes, nexts
