@@ -138,7 +138,14 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
             "accumulate gradient for other parts of the graph, please use "
             "torch.autograd.backward.", FutureWarning, stacklevel=3)
         args = args[:5] + (True,) + args[6:]
-    gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)), is_grads_batched=is_grads_batched)
+    if grad_outputs is None and not is_grads_batched and all(
+            type(o) is torch.Tensor and o.numel() == 1 and o.dtype.is_floating_point
+            for o in outs):
+        # What _make_grads does for implicit scalar gradients, without its general checks.
+        gos = tuple(torch.ones_like(o, memory_format=torch.preserve_format) for o in outs)
+    else:
+        gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)),
+                          is_grads_batched=is_grads_batched)
     if retain_graph is None:
         retain_graph = create_graph
     try:

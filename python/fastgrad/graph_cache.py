@@ -61,41 +61,35 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind):
     binder numbers them identically.
     """
     pos = {id(fn): i for i, fn in enumerate(order)}
-    parts = []
-    for g in grad_tensors:
-        parts.append(None if g is None else _value(g, bind))
+    parts = [None if g is None else _value(g, bind) for g in grad_tensors]
+    specs = _SPECS
     for fn in order:
         cls = type(fn)
-        lowerable, is_region, saved = _spec(cls, fn)
+        spec = specs.get(cls) or _spec(cls, fn)
         edges = nexts[id(fn)]
-        meta = tuple(_meta(m) for m in fn._input_metadata)
-        if not any(m is not None and needed[id(m)] for m, _ in edges):
+        meta = tuple([(tuple(m.shape), m.dtype, m.device) for m in fn._input_metadata])
+        if not any([m is not None and needed[id(m)] for m, _ in edges]):
             parts.append((cls, len(edges), meta))  # an input or a node the sweep skips
             continue
-        if not lowerable:
+        if not spec[0]:
             return None
-        es = []
-        for m, k in edges:
-            if m is None:
-                es.append(None)
-            elif id(m) in pos:
-                es.append((pos[id(m)], k))
-            else:
-                es.append((-1, k, _meta(m._input_metadata[k])))
-        vals = [cls, tuple(es), meta]
-        if is_region:
-            vals.append(fn.region)
+        es = tuple([None if m is None else
+                    (pos[id(m)], k) if id(m) in pos else (-1, k, _meta(m._input_metadata[k]))
+                    for m, k in edges])
+        if spec[1]:
+            vals = [cls, es, meta, fn.region]
             src = fn.saved_tensors
         else:
-            src = [getattr(fn, a) for a in saved]
+            vals = [cls, es, meta]
+            src = [getattr(fn, a) for a in spec[2]]
         for v in src:
             v = _value(v, bind)
             if v is _NOT_CACHED:
                 return None
             vals.append(v)
         parts.append(tuple(vals))
-    parts.append(tuple((pos.get(id(n), -1), k) for n, k in out_edges))
-    parts.append(tuple((pos.get(id(n), -1), k) for n, k in in_edges))
+    parts.append(tuple([(pos.get(id(n), -1), k) for n, k in out_edges]))
+    parts.append(tuple([(pos.get(id(n), -1), k) for n, k in in_edges]))
     return tuple(parts)
 
 
