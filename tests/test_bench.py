@@ -1,0 +1,158 @@
+"""The benchmark suite's own correctness check, at small sizes (timings are never asserted).
+
+Every case of ``python -m fastgrad bench`` goes through the same ``check_case`` the benchmark
+runs before timing; the check must also be able to fail, and the CLI must run end to end.
+"""
+import json
+
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import bench
+
+SMALL = 256
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", bench.CASE_NAMES)
+def test_case_check_passes(name, dtype):
+    st, ref = bench.check_case(name, SMALL, dtype)
+    assert len(ref) >= 1
+    assert all(r is None or r.dtype == dtype for r in ref)
+
+
+@pytest.mark.parametrize("name", bench.CASE_NAMES)
+def test_case_is_rerunnable(name):
+    """The timed thunk runs again and again on one forward graph (retain_graph)."""
+    case = bench.get_case(name)
+    st = case.setup(64, torch.float64, "cpu")
+    first = case.run(st, fastgrad.grad)
+    for _ in range(2):
+        bench.compare(case.run(st, fastgrad.grad), first, torch.float64, case.tol)
+        bench.compare(case.run(st, bench._TORCH), first, torch.float64, case.tol)
+
+
+@pytest.mark.parametrize("name", bench.CASE_NAMES)
+def test_func_matches_torch(name):
+    """The torch.func column computes the same results as torch.autograd.grad."""
+    case = bench.get_case(name)
+    st = case.setup(64, torch.float64, "cpu")
+    ref = case.run(st, bench._TORCH)
+    thunk = case.func(st)
+    assert thunk is not None
+    bench.compare(thunk(), ref, torch.float64, case.tol, none_is_zero=True)
+
+
+def _scaled_grad(factor):
+    def grad(*args, **kwargs):
+        res = fastgrad.grad(*args, **kwargs)
+        return tuple(None if r is None else r * factor for r in res)
+    return grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", bench.CASE_NAMES)
+def test_check_catches_wrong_answer(name, dtype):
+    """A 'fastgrad' 1% off is reported as wrong, in every case (even the second-order/MLP ones
+    with their looser tolerances)."""
+    with pytest.raises(bench.CheckFailed):
+        bench.check_case(name, SMALL, dtype, grad=_scaled_grad(1.01))
+
+
+def test_compare_none_vs_tensor():
+    with pytest.raises(bench.CheckFailed):
+        bench.compare((None,), (torch.zeros(3),), torch.float32)
+    bench.compare((None,), (torch.zeros(3),), torch.float32, none_is_zero=True)
+    with pytest.raises(bench.CheckFailed):
+        bench.compare((None,), (torch.ones(3),), torch.float32, none_is_zero=True)
+
+
+def test_hand_fused_when_present():
+    fn = getattr(fastgrad._C, "hand_fused_sin_exp_grad", None)
+    case = bench.get_case("sin_exp_sum")
+    for dtype in (torch.float32, torch.float64):
+        st, ref = bench.check_case(case, 1000, dtype)
+        thunk = case.hand(st)
+        if fn is None:
+            assert thunk is None
+            continue
+        bench.compare(thunk(), ref, dtype)
+
+
+_ROW_KEYS = {"case", "size", "dtype", "device", "check", "times_s", "speedup", "floor_bytes",
+             "floor_time_s", "floor_fraction", "errors", "checks", "numel", "rounds"}
+
+
+def _run_cli(tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--sizes", "200", "--repeats", "1", "--min-time", "0", "--no-plot",
+                     "--no-compile", "--quiet", "--json", str(out), *extra])
+    return rc, json.loads(out.read_text())
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    rc, data = _run_cli(tmp_path)
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert data["ok"] is True
+    for key in ("machine", "versions", "args", "copy_bandwidth_Bps", "rows", "wall_s"):
+        assert key in data
+    assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
+    assert {"torch", "fastgrad"} <= set(data["versions"])
+    assert data["args"]["sizes"] == [200]
+    assert [r["case"] for r in data["rows"]] == bench.CASE_NAMES
+    for r in data["rows"]:
+        assert _ROW_KEYS <= set(r), set(_ROW_KEYS) - set(r)
+        assert r["check"] == "ok"
+        assert {"torch", "fastgrad"} <= set(r["times_s"])
+        assert r["speedup"] > 0
+    sin = next(r for r in data["rows"] if r["case"] == "sin_exp_sum")
+    assert ("hand" in sin["times_s"]) == (data["versions"]["hand_fused_sin_exp_grad"])
+    assert "sin_exp_sum" in text and "speedup" in text
+
+
+def test_cli_reports_wrong_result(tmp_path, monkeypatch, capsys):
+    """A fast wrong answer marks the row WRONG and the exit status 1; other cases go on."""
+    right = bench.api.grad
+
+    def wrong(outputs, inputs, *args, **kwargs):
+        res = right(outputs, inputs, *args, **kwargs)
+        return tuple(None if r is None else r * 1.01 for r in res)
+    monkeypatch.setattr(bench.api, "grad", wrong)
+    rc, data = _run_cli(tmp_path, "--cases", "seed_sum,tanh_cube_2nd", "--no-func")
+    assert rc == 1
+    assert data["ok"] is False
+    assert [r["check"] for r in data["rows"]] == ["WRONG", "WRONG"]
+    assert "WRONG" in capsys.readouterr().out
+
+
+def test_cli_case_selection_and_errors(tmp_path):
+    rc, data = _run_cli(tmp_path, "--cases", "sin_exp_sum", "--dtype", "float64")
+    assert rc == 0
+    assert [r["case"] for r in data["rows"]] == ["sin_exp_sum"]
+    assert data["rows"][0]["dtype"] == "float64"
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "no_such_case"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cli_cuda_unavailable(capsys):
+    assert bench.main(["--device", "cuda", "--no-plot", "--json", ""]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"case": c, "check": "ok", "size": n, "numel": n, "speedup": s}
+            for c in ("a", "b") for n, s in ((1000, 0.5), (100000, 2.0))]
+    path = tmp_path / "p.png"
+    assert bench.plot(rows, str(path)) is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_entry_point():
+    from fastgrad import __main__
+    assert __main__.main(["nope"]) == 2
