@@ -154,3 +154,21 @@ def test_fallback_parameters_model(gen):
         return torch.tanh(torch.nn.functional.linear(torch.sigmoid(x), w, b))
 
     check_grad(fn, [rand((5, 4), gen)] + params, gen=gen, orders=2)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_fallback_node_computes_only_wanted_edges(create_graph, gen):
+    """A fallback matmul node computes the input's gradient only, as in PyTorch's engine, not
+    the weight's and bias's gradients nobody asked for (the node's hook sees which it made)."""
+    lin = torch.nn.Linear(4, 3).double()
+    x = rand((5, 4), gen).requires_grad_(True)
+    y = torch.tanh(lin(x)).sum()
+    node = y.grad_fn.next_functions[0][0].next_functions[0][0]
+    assert node.name() == "AddmmBackward0"
+    made = []
+    node.register_hook(lambda grad_inputs, grad_outputs: made.append(
+        [g is not None for g in grad_inputs]))
+    got = fastgrad.grad(y, x, retain_graph=True, create_graph=create_graph)
+    ref = torch.autograd.grad(y, x, retain_graph=True)
+    torch.testing.assert_close(got[0], ref[0])
+    assert made == [[False, True, False]] * 2

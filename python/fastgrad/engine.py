@@ -184,18 +184,27 @@ def _call_opaque(fn, gs, create_graph, needed):
     if lowering._is_freed(fn) and any(a.startswith("_saved_") or a == "saved_tensors"
                                       for a in dir(fn)):
         raise RuntimeError(freed_message())
-    if callable(fn):  # a C++ node: call it directly, one result per next edge
+    # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
+    # matmul's weight gradient when only the input's is asked for): call it directly only when
+    # every edge is wanted.
+    direct = callable(fn) and all(m is None or needed.get(id(m)) for m, _ in fn.next_functions)
+    if not direct:
+        # PyTorch's engine runs the node (computing only the wanted edges, materialising
+        # gradients, mapping a Python Function's results to its tensor inputs) when stopped
+        # at its input edges. That is exact only when no input edge lies behind another, or
+        # the engine would add the indirect paths too.
+        edges = list(dict.fromkeys((m, k) for m, k in fn.next_functions
+                                   if m is not None and needed.get(id(m))))
+        ids = {id(m) for m, _ in edges}
+        if any(_reaches(m, ids - {id(m)}, needed) for m, _ in edges):
+            if not callable(fn):
+                raise Unplannable(
+                    f"{fn.name()}: a Python Function whose inputs depend on each other")
+            direct = True
+    if direct:  # one result per next edge
         with torch.set_grad_enabled(create_graph):
             res = fn(*gs)
         return fn.next_functions, (res,) if isinstance(res, torch.Tensor) else res
-    # A Python Function's node: PyTorch's engine runs it (materialising gradients, mapping
-    # results to tensor inputs) when stopped at its input edges. That is exact only when no
-    # input edge lies behind another, or the engine would add the indirect paths too.
-    edges = list(dict.fromkeys((m, k) for m, k in fn.next_functions
-                               if m is not None and needed.get(id(m))))
-    ids = {id(m) for m, _ in edges}
-    if any(_reaches(m, ids - {id(m)}, needed) for m, _ in edges):
-        raise Unplannable(f"{fn.name()}: a Python Function whose inputs depend on each other")
     outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
     gos = [g for g in gs if g is not None]
     res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=True,
