@@ -28,16 +28,32 @@ ENGINES = {"torch": TORCH_GRAD, "fastgrad": FAST_GRAD}
 # --------------------------------------------------------------------------
 
 
+def seed_key(nodeid):
+    """The part of a test id that seeds its generator.
+
+    The device does not change the draw: ``[cuda-float32-...]`` draws what
+    ``[cpu-float32-...]`` draws, so a CUDA case compares the same values the CPU
+    case does.  The CPU float64 variants of a device/dtype-parametrized test draw
+    what the test drew before it was parametrized (``[cpu-float64-X]`` -> ``[X]``).
+    """
+    return nodeid.replace("[cuda-", "[cpu-").replace("[cpu-float64-", "[")
+
+
 @pytest.fixture
 def gen(request):
-    """A torch.Generator seeded from the test id: reproducible, distinct per test."""
+    """A torch.Generator seeded from the test id: reproducible, distinct per test
+    (but the same on every device, see ``seed_key``)."""
     g = torch.Generator()
-    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    g.manual_seed(zlib.crc32(seed_key(request.node.nodeid).encode()))
     return g
 
 
-def rand(shape, gen, domain="real", dtype=torch.float64):
+def rand(shape, gen, domain="real", dtype=torch.float64, device="cpu"):
     """Random tensor of ``shape`` drawn from ``domain``.
+
+    The values are always drawn in float64 on the CPU (from ``gen``, a CPU
+    generator), then converted to ``dtype`` and moved to ``device``, so a test
+    sees the same values whatever the device.
 
     real      standard normal
     positive  uniform in [0.3, 2.0]
@@ -57,7 +73,7 @@ def rand(shape, gen, domain="real", dtype=torch.float64):
         t = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * 0.9
     else:
         raise ValueError(f"unknown domain {domain!r}")
-    return t.to(dtype)
+    return t.to(dtype).to(device)
 
 
 def leaf(t):
@@ -77,7 +93,7 @@ def strided_leaf(t):
             base = t.permute(perm).contiguous()
             out = base.permute(perm)  # same values as t, reversed strides
         elif t.dim() == 1 and t.numel() > 0:
-            base = torch.empty(t.shape[0] * 2, dtype=t.dtype)
+            base = torch.empty(t.shape[0] * 2, dtype=t.dtype, device=t.device)
             base[::2] = t
             base[1::2] = float("nan")  # must never be read
             out = base[::2]
@@ -94,12 +110,53 @@ def as_tuple(x):
 
 
 # --------------------------------------------------------------------------
+# devices
+# --------------------------------------------------------------------------
+
+
+def device_skip_reason(device):
+    """Why tests on ``device`` cannot run here (None when they can)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        if not fastgrad._C.cuda_compiled():
+            return "fastgrad built without CUDA (fastgrad._C.cuda_compiled() is False)"
+        return None
+    return f"no tests for device type {device.type!r}"
+
+
+def requires_device(device):
+    """A pytest mark skipping the test where ``device`` is unusable (no mark otherwise)."""
+    reason = device_skip_reason(device)
+    return [pytest.mark.skip(reason=reason)] if reason is not None else []
+
+
+# --------------------------------------------------------------------------
 # comparison
 # --------------------------------------------------------------------------
 
 
-def assert_same(actual, expected, what="", rtol=None, atol=None, none_is_zero=False):
-    """Compare two tuples of (Tensor | None) results."""
+def _magnitude(e):
+    """Largest finite |value| of ``e`` (1.0 when there is none or it is 0)."""
+    e = e.detach()
+    if e.numel() == 0:
+        return 1.0
+    a = e.abs().to(torch.float64)
+    a = a[torch.isfinite(a)]
+    m = float(a.max()) if a.numel() else 0.0
+    return m if m > 0 else 1.0
+
+
+def assert_same(actual, expected, what="", rtol=None, atol=None, none_is_zero=False,
+                atol_scale=False):
+    """Compare two tuples of (Tensor | None) results.
+
+    With ``atol_scale`` the absolute tolerance is relative to the magnitude of
+    the expected values (``atol * max|expected|``): what a low-precision
+    dtype can resolve near zero depends on the size of what was summed."""
     actual, expected = as_tuple(actual), as_tuple(expected)
     assert len(actual) == len(expected), f"{what}: {len(actual)} results, torch gives {len(expected)}"
     for i, (a, e) in enumerate(zip(actual, expected)):
@@ -118,6 +175,8 @@ def assert_same(actual, expected, what="", rtol=None, atol=None, none_is_zero=Fa
         kw = {}
         if rtol is not None or atol is not None:
             kw = dict(rtol=rtol if rtol is not None else 1e-7, atol=atol if atol is not None else 1e-7)
+            if atol_scale:
+                kw["atol"] *= _magnitude(e)
         torch.testing.assert_close(
             a.detach(), e.detach(), equal_nan=True, msg=lambda m: f"{tag}: {m}", **kw
         )
@@ -156,7 +215,8 @@ class _Cotangents:
 
     def get(self, key, like):
         if key not in self.cache:
-            self.cache[key] = rand(like.shape, self.gen, self.domain, dtype=like.dtype)
+            self.cache[key] = rand(like.shape, self.gen, self.domain, dtype=like.dtype,
+                                   device=like.device)
         v = self.cache[key]
         assert v.shape == like.shape, f"{key}: shape {tuple(like.shape)} != {tuple(v.shape)}"
         return v
@@ -212,7 +272,7 @@ def run_chain(engine, fn, inputs, grad_outputs, orders, cot, prep=None, wrt="lea
 
 
 def check_grad(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=None, wrt="leaves",
-               leaf_fn=leaf, rtol=None, atol=None, native=False):
+               leaf_fn=leaf, rtol=None, atol=None, native=False, atol_scale=False):
     """Differential check of fastgrad.grad against torch.autograd.grad.
 
     fn            builds the forward graph from the (prepared) inputs; returns a
@@ -225,6 +285,8 @@ def check_grad(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=None,
     wrt           "leaves" or "prepped": differentiate w.r.t. the leaves or the
                   (possibly non-leaf) prepared inputs
     native        also require ``fastgrad.explain`` to report all-native at every level
+    rtol, atol    tolerances (default: torch.testing.assert_close's for the dtype);
+                  ``atol_scale`` makes atol relative to max|expected| (see assert_same)
     """
     if gen is None:
         gen = torch.Generator().manual_seed(0)
@@ -239,7 +301,7 @@ def check_grad(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=None,
                     explain_levels=reports)
     for level, ((r_res, r_flags), (g_res, g_flags)) in enumerate(zip(ref, got), start=1):
         assert_same(g_res, r_res, what=f"order {level}", rtol=rtol, atol=atol,
-                    none_is_zero=level > 1)
+                    none_is_zero=level > 1, atol_scale=atol_scale)
         if level < orders:
             assert g_flags == r_flags, (
                 f"order {level} (create_graph=True): requires_grad of results "
