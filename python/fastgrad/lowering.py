@@ -248,6 +248,23 @@ def _region(v):
     return ir.substitute(region.local_outputs, mapping)
 
 
+def _softplus(v):
+    # softplus(x) = x where x*beta > threshold, else log1p(exp(x*beta))/beta. The exp's argument
+    # is capped at the threshold so the branch `where` discards cannot overflow to inf, whose
+    # zero cotangent would otherwise turn into NaN (0 * inf) in the derivative.
+    # PyTorch's kernel computes half types in float32 and rounds once, so the IR does too.
+    beta, th = float(v.scalar("_saved_beta")), float(v.scalar("_saved_threshold"))
+    x = v.x(0, "_saved_self")
+    xc = ir.cast(x, _OPMATH.get(x.dtype, x.dtype))
+    bx = mul(xc, beta)
+    over = ew("gt", bx, th)
+    soft = div(ew("log1p", ew("exp", ir.where(over, th, bx))), beta)
+    return [ir.cast(ir.where(over, xc, soft), x.dtype)]
+
+
+_OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def _unary(op, saved):
     return lambda v: [ew(op, v.x(0, saved))]
 
@@ -280,6 +297,7 @@ LOWER = {
     "CosBackward0": _unary("cos", "_saved_self"),
     "TanhBackward0": _unary_known("tanh"),
     "SigmoidBackward0": _unary_known("sigmoid"),
+    "SoftplusBackward0": _softplus,
     "SqrtBackward0": _unary_known("sqrt"),
     "ReluBackward0": _unary_known("relu"),
     "AbsBackward0": _unary("abs", "_saved_self"),
