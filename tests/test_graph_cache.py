@@ -110,9 +110,44 @@ def test_freed_graph_raises_on_a_hit(gen):
     assert str(got.value) == str(ref.value)
 
 
-def test_fallback_graphs_are_not_cached(gen):
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_fallback_graphs_replay(create_graph, gen):
+    """A graph with fallback nodes is cached too: a hit runs those nodes again on the new
+    graph's cotangents (values must be the new graph's)."""
     graph_cache.clear()
-    x = rand((3, 3), gen).requires_grad_(True)
-    y = torch.cumsum(torch.sin(x), 0).sum()
-    assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x, retain_graph=True))
-    assert len(graph_cache._ENTRIES) == 0
+    for _ in range(3):
+        w = rand((3, 3), gen)
+        x = rand((4, 3), gen).requires_grad_(True)
+        y = torch.tanh(torch.cumsum(torch.sin(x) @ w, 0)).sum()
+        got = fastgrad.grad(y, x, retain_graph=True, create_graph=create_graph)
+        assert_same(got, TORCH_GRAD(y, x, retain_graph=True))
+        report = fastgrad.explain(y, x)
+        assert {n for n, _ in report.fallback} == {"CumsumBackward0", "MmBackward0"}
+    # one entry per create_graph value (explain runs without it)
+    assert len(graph_cache._ENTRIES) == (2 if create_graph else 1)
+
+
+class _Layout(torch.autograd.Function):
+    """Identity whose backward returns a contiguous or a transposed-layout gradient."""
+    transposed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.t().contiguous().t() if _Layout.transposed else g.contiguous()
+
+
+def test_replay_with_a_different_result_layout(gen):
+    """Same signature, but the fallback node returns another layout: derive anew."""
+    graph_cache.clear()
+    try:
+        for transposed in (False, True, False):
+            _Layout.transposed = transposed
+            x = rand((3, 4), gen).requires_grad_(True)
+            y = (torch.exp(_Layout.apply(torch.sin(x))) * 2).sum()
+            assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x))
+    finally:
+        _Layout.transposed = False

@@ -224,20 +224,29 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     in_edges = [e if not isinstance(e, torch.Tensor) else
                 ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
                 for e in in_edges]
-    key = graph_cache.signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind)
+    key = graph_cache.signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind,
+                                create_graph)
     entry = graph_cache.lookup(key)
+    exprs = None
     if entry is not None:
         for fn in order:
             if lowering._is_freed(fn) and graph_cache.has_saved(fn):
                 raise RuntimeError(freed_message())
-        exprs = entry.exprs
-        trace.native.extend(entry.native)
-    else:
+        if _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
+            exprs = entry.exprs
+            trace.native.extend(entry.native)
+            trace.fallback.extend(entry.fallback)
+        else:  # a fallback node's results differ in layout from last time: derive anew
+            bind = _Binder()
+            key = graph_cache.signature(order, needed, nexts, out_edges, grad_tensors,
+                                        in_edges, bind, create_graph)
+    if exprs is None:
         native_before, fallback_before = len(trace.native), len(trace.fallback)
+        tape = []
         exprs = _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
-                       trace)
-        if len(trace.fallback) == fallback_before:
-            graph_cache.store(key, exprs, trace.native[native_before:])
+                       trace, tape)
+        graph_cache.store(key, exprs, trace.native[native_before:],
+                          trace.fallback[fallback_before:], tape)
     if not allow_unused and any(e is None for e in exprs):
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
@@ -253,8 +262,30 @@ def _leaf_edge(t):
         return t.view_as(t).grad_fn.next_functions[0]
 
 
-def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind, trace):
-    """The reverse sweep: IR of the gradients flowing into ``in_edges`` (None where none)."""
+def _replay(tape, order, needed, bind, create_graph, stats):
+    """Run a cached graph's fallback nodes as its first sweep did; False if a node's results
+    are not bound to the leaf numbers (and layouts) they had then."""
+    for pos, gs, bound in tape:
+        gts = materialize(gs, bind.tensors, create_graph, stats)
+        _, res = _call_opaque(order[pos], gts, create_graph, needed)
+        got = tuple(None if r is None else _leaf_record(bind, r) for r in res)
+        if got != bound:
+            return False
+    return True
+
+
+def _leaf_record(bind, t):
+    k, key = bind.index(t)
+    return None if k is None else (k,) + key[1:5]
+
+
+def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind, trace,
+           tape=None):
+    """The reverse sweep: IR of the gradients flowing into ``in_edges`` (None where none).
+
+    Each fallback node call is appended to ``tape`` as (position in order, the IR of its
+    incoming cotangents, the leaf records of its results), so a later call with the same
+    signature can replay it."""
     input_ids = {id(n) for n, _ in in_edges}
     cot = {}
 
@@ -286,6 +317,9 @@ def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
             edges, res = _call_opaque(fn, gts, create_graph, needed)
             grads = [None if r is None else bind(r) for r in res]
+            if tape is not None:
+                tape.append((order.index(fn), gs,
+                             tuple(None if r is None else _leaf_record(bind, r) for r in res)))
         for (m, k), g in zip(edges, grads):
             if m is None or g is None or not needed.get(id(m)):
                 continue

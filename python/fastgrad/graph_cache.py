@@ -7,8 +7,9 @@ gives it (which also records which saved tensors are the same tensor). Two calls
 signatures therefore build the same IR over the same leaf numbers, so the derived expressions of
 the first call are valid for the second one, bound to its own tensors.
 
-Graphs with a node fastgrad cannot lower (run through PyTorch's node) are not cached: what that
-node returns is only known by running it.
+A node fastgrad cannot lower (run through PyTorch's node) is described by its class, edges and
+metadata only: a hit runs it again (engine._replay) and checks that its results are bound like
+the first time, falling back to a fresh sweep if not.
 """
 import torch
 
@@ -21,10 +22,12 @@ _NOT_CACHED = object()
 
 
 class Entry:
-    __slots__ = ("exprs", "native")
+    """What the first sweep of a graph produced: the gradients' IR, the node names for explain,
+    and the tape of fallback-node calls (engine._replay) that a hit runs again."""
+    __slots__ = ("exprs", "native", "fallback", "tape")
 
-    def __init__(self, exprs, native):
-        self.exprs, self.native = exprs, native
+    def __init__(self, exprs, native, fallback, tape):
+        self.exprs, self.native, self.fallback, self.tape = exprs, native, fallback, tape
 
 
 def _spec(cls, fn):
@@ -54,14 +57,15 @@ def _value(v, bind):
     return (type(v), v)
 
 
-def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind):
+def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, create_graph):
     """A hashable key describing everything lowering will read, or None if not cacheable.
 
     Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the same
     binder numbers them identically.
     """
     pos = {id(fn): i for i, fn in enumerate(order)}
-    parts = [None if g is None else _value(g, bind) for g in grad_tensors]
+    # create_graph changes what fallback nodes return (results that require grad)
+    parts = [create_graph] + [None if g is None else _value(g, bind) for g in grad_tensors]
     specs = _SPECS
     for fn in order:
         cls = type(fn)
@@ -71,11 +75,12 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind):
         if not any([m is not None and needed[id(m)] for m, _ in edges]):
             parts.append((cls, len(edges), meta))  # an input or a node the sweep skips
             continue
-        if not spec[0]:
-            return None
         es = tuple([None if m is None else
                     (pos[id(m)], k) if id(m) in pos else (-1, k, _meta(m._input_metadata[k]))
                     for m, k in edges])
+        if not spec[0]:  # run through PyTorch's node: only what it returns matters (replay)
+            parts.append((cls, es, meta, "fallback"))
+            continue
         if spec[1]:
             vals = [cls, es, meta, fn.region]
             src = fn.saved_tensors
@@ -102,12 +107,12 @@ def lookup(key):
     return _ENTRIES.get(key) if key is not None else None
 
 
-def store(key, exprs, native):
+def store(key, exprs, native, fallback=(), tape=()):
     if key is None:
         return
     if len(_ENTRIES) >= _MAX_ENTRIES:
         _ENTRIES.clear()
-    _ENTRIES[key] = Entry(exprs, tuple(native))
+    _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape))
 
 
 def clear():
