@@ -5,9 +5,11 @@
 #include <cstring>
 #include <string>
 
+#include "floor.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
 #include "cuda_info.h"
+#include "vm_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -47,6 +49,28 @@ void run_cpu(const py::buffer& desc, const py::buffer& consts, int compute_dtype
   fg::run_region_cpu(region, compute_dtype, nthreads);
 }
 
+#ifdef FASTGRAD_WITH_CUDA
+void run_cuda(const py::buffer& desc, const py::buffer& consts, int compute_dtype, int device_index,
+              std::uintptr_t stream, bool check_pointers) {
+  if (compute_dtype != 0 && compute_dtype != 1)
+    throw py::value_error("compute_dtype must be 0 (float32) or 1 (float64), got " + std::to_string(compute_dtype));
+  const py::buffer_info d = request_1d(desc, "desc", "ql");
+  const py::buffer_info c = request_1d(consts, "consts", "d");
+  fg::Region region;
+  try {
+    region = fg::parse_region(static_cast<const int64_t*>(d.ptr), d.shape[0],
+                              static_cast<const double*>(c.ptr), c.shape[0]);
+  } catch (const fg::DescriptorError& e) {
+    throw py::value_error(e.what());
+  }
+  // The consts are copied into the kernel's program before this returns.
+  // CudaPointerError / DescriptorError derive from std::invalid_argument (ValueError in
+  // Python); CUDA failures are std::runtime_error (RuntimeError).
+  py::gil_scoped_release nogil;
+  fg::run_region_cuda(region, compute_dtype, device_index, stream, check_pointers);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -57,6 +81,12 @@ PYBIND11_MODULE(_C, m) {
         "desc: int64 buffer (array.array('q')) holding the region descriptor; consts: float64\n"
         "buffer (array.array('d')); compute_dtype: 0 = float32, 1 = float64; nthreads >= 1.\n"
         "Raises ValueError on a malformed descriptor. Releases the GIL while computing.");
+
+  m.def("hand_fused_sin_exp_grad", &fg::hand_fused_sin_exp_grad, py::arg("x_ptr"), py::arg("out_ptr"), py::arg("n"),
+        py::arg("dtype_code"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+        "Reference loop: out[i] = cos(x)*exp(x) + sin(x)*exp(x) over n contiguous elements\n"
+        "(dtype_code 0 = float32, 1 = float64), OpenMP over nthreads. Raises ValueError on bad\n"
+        "arguments. Releases the GIL.");
 
   m.def("opcodes", [] {
     py::dict d;
@@ -85,6 +115,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_ndim", [] { return fg::kMaxNdim; }, "Most iteration dims a region may have.");
 
 #ifdef FASTGRAD_WITH_CUDA
+  m.def("run_cuda", &run_cuda, py::arg("desc"), py::arg("consts"), py::arg("compute_dtype"), py::arg("device_index"),
+        py::arg("stream"), py::arg("check_pointers") = true,
+        "Run one fused region on CUDA device `device_index`, asynchronously on `stream`.\n\n"
+        "desc/consts/compute_dtype as for run_cpu, with device pointers of that device in desc;\n"
+        "stream: the integer cudaStream_t (torch.cuda.current_stream(dev).cuda_stream; 0 = legacy\n"
+        "default stream). Does not synchronize. check_pointers: verify that every data pointer is\n"
+        "memory of that device first (a few microseconds). Raises ValueError on a malformed\n"
+        "descriptor or a pointer that is not device memory of that device, RuntimeError (with the\n"
+        "CUDA error text) when CUDA or the device is unavailable or a launch fails. Releases the GIL.");
   m.def("cuda_compiled", [] { return true; });
   m.def("cuda_device_count", [] { return fg::cuda_device_count(nullptr); });
   m.def("cuda_status", [] {
@@ -94,6 +133,10 @@ PYBIND11_MODULE(_C, m) {
            " device(s) (" + reason + ")";
   });
 #else
+  m.def("run_cuda", [](py::args, py::kwargs) {
+    throw std::runtime_error("fastgrad run_cuda: fastgrad was not compiled with CUDA (no CUDA compiler at build "
+                             "time, or FASTGRAD_CUDA=OFF)");
+  }, "Unavailable: this build has no CUDA support (always raises RuntimeError).");
   m.def("cuda_compiled", [] { return false; });
   m.def("cuda_device_count", [] { return 0; });
   m.def("cuda_status", [] { return std::string("not compiled with CUDA (no CUDA compiler at build time, or FASTGRAD_CUDA=OFF)"); });
