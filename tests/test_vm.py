@@ -722,3 +722,19 @@ def test_narrow_reductions_and_broadcasts(k, nthreads):
     r.store(out_t.t(), r.load(col))
     r.run(F64, nthreads)
     assert torch.equal(out_t.t(), col.expand(n, k))
+
+
+def test_more_than_2_31_elements():
+    """64-bit indexing on the CPU: an iteration space of 2^31+5 elements (a stride-0 input, so
+    no memory): a full sum, and iota max/min whose coordinates pass 2^31."""
+    n = (1 << 31) + 5
+    one = torch.ones(1, dtype=torch.float32).expand(n)
+    s, mx, mn = (torch.empty((), dtype=torch.float64) for _ in range(3))
+    r = Region([n])
+    r.store(s, r.load(one, strides=[0]), mode=SUM)
+    io = r.iota(0, 1.0, 0.0)
+    r.store(mx, io, mode=MAX)
+    r.store(mn, io, mode=MIN)
+    r.run(F64, 2)
+    assert s.item() == float(n)
+    assert mx.item() == float(n - 1) and mn.item() == 0.0
