@@ -160,8 +160,9 @@ def test_fallback_parameters_model(gen):
 def test_fallback_node_computes_only_wanted_edges(create_graph, gen):
     """A fallback matmul node computes the input's gradient only, as in PyTorch's engine, not
     the weight's and bias's gradients nobody asked for (the node's hook sees which it made)."""
-    lin = torch.nn.Linear(4, 3).double()
-    x = rand((5, 4), gen).requires_grad_(True)
+    # large enough for the engine path (small nodes are called directly: cheaper than a walk)
+    lin = torch.nn.Linear(4, 300).double()
+    x = rand((256, 4), gen).requires_grad_(True)
     y = torch.tanh(lin(x)).sum()
     node = y.grad_fn.next_functions[0][0].next_functions[0][0]
     assert node.name() == "AddmmBackward0"

@@ -85,6 +85,7 @@ class _Binder:
         return ir.leaf(k, tuple(t.shape), t.dtype)
 
 
+_ENGINE_MIN_NUMEL = 1 << 16  # see _call_opaque
 _ACCUMULATE_GRAD = []  # the class of PyTorch's leaf nodes, read once
 
 
@@ -185,9 +186,12 @@ def _call_opaque(fn, gs, create_graph, needed):
                                       for a in dir(fn)):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
-    # matmul's weight gradient when only the input's is asked for): call it directly only when
-    # every edge is wanted.
-    direct = callable(fn) and all(m is None or needed.get(id(m)) for m, _ in fn.next_functions)
+    # matmul's weight gradient when only the input's is asked for). PyTorch's engine computes
+    # only the wanted ones but costs a walk of the whole graph below the node per call, so it
+    # is used only when the unwanted work is large.
+    direct = callable(fn) and (
+        all(m is None or needed.get(id(m)) for m, _ in fn.next_functions) or
+        sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL)
     if not direct:
         # PyTorch's engine runs the node (computing only the wanted edges, materialising
         # gradients, mapping a Python Function's results to its tensor inputs) when stopped
