@@ -1,4 +1,4 @@
-"""``python -m fastgrad bench [...]``: the benchmark suite (see fastgrad/bench.py)."""
+"""``python -m fastgrad bench [...]``: the benchmark suite (see fastgrad/bench/)."""
 import sys
 
 USAGE = """usage: python -m fastgrad bench [--help] [options]

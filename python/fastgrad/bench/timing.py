@@ -1,0 +1,61 @@
+"""How the benchmark measures: per-call timers, interleaved rounds with a median, and the
+copy bandwidth that sets the memory floor each fastgrad time is compared with."""
+import statistics
+import time
+
+import torch
+
+
+class Timer:
+    """Seconds taken by one call of a thunk: perf_counter on CPU, CUDA events on cuda."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max_rounds=2000):
+    """Median seconds per thunk. Warm-up first (plans, compiled kernels, allocator), then
+    rounds that run every thunk once each (interleaved, so load from other processes hits all
+    engines alike): at least ``repeats`` rounds (fewer, but at least 3, when a round is so slow
+    that ``repeats`` rounds would exceed ``budget`` seconds), more until ``min_time`` passed."""
+    per_round = 0.0
+    for _ in range(warmup):
+        per_round = sum(timer(fn) for fn in thunks.values())
+    rounds = repeats
+    if per_round * repeats > budget:
+        rounds = max(3, min(repeats, int(budget / max(per_round, 1e-9))))
+    times = {k: [] for k in thunks}
+    start = time.perf_counter()
+    r = 0
+    while r < rounds or (time.perf_counter() - start < min_time and r < max_rounds):
+        for k, fn in thunks.items():
+            times[k].append(timer(fn))
+        r += 1
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: min(v) for k, v in times.items()}, r)
+
+
+def copy_bandwidth(dtype, device, nbytes=64 << 20, repeats=9):
+    """Bytes read + written per second of ``dst.copy_(src)`` on a buffer larger than caches."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    n = max(nbytes // esize, 1)
+    src = torch.rand(n, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    t, _, _ = time_engines({"copy": lambda: dst.copy_(src)}, timer, repeats, warmup=2,
+                           min_time=0.2, budget=5.0)
+    return 2 * n * esize / t["copy"]
