@@ -57,6 +57,7 @@ class _Binder:
     def __init__(self):
         self.tensors, self.keys = [], {}
         self.device = None
+        self.pos = {}  # id(node) -> position in the sweep (set by graph_cache.signature)
 
     def index(self, t):
         """The leaf number of ``t``, or None for a tensor the compiled path cannot read

@@ -47,7 +47,9 @@ def _meta(m):
 def _value(v, bind):
     if isinstance(v, torch.Tensor):
         k, key = bind.index(v)
-        return None if k is None else (k,) + key[1:5]  # number, shape, strides, dtype, grad
+        # number, shape, strides, dtype, requires_grad, and which node of the sweep made it
+        # (lowering may recompute a saved value from that node's own saved input)
+        return None if k is None else (k,) + key[1:5] + (bind.pos.get(key[5], -1), key[6])
     if isinstance(v, list):
         v = tuple(v)
     try:
@@ -63,7 +65,7 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, cre
     Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the same
     binder numbers them identically.
     """
-    pos = {id(fn): i for i, fn in enumerate(order)}
+    pos = bind.pos = {id(fn): i for i, fn in enumerate(order)}
     # create_graph changes what fallback nodes return (results that require grad)
     parts = [create_graph] + [None if g is None else _value(g, bind) for g in grad_tensors]
     specs = _SPECS

@@ -57,7 +57,18 @@ class NodeView:
         t = self.raw(name)
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
-        return self._bind(t)
+        leaf = self._bind(t)
+        # A saved value that a node of this sweep computed from its own saved input (sin(x)
+        # saved by a mul) is described as that op of that input, still bound to the tensor:
+        # the planner loads it, or recomputes it when the region loads the input anyway.
+        gf = t.grad_fn
+        if gf is not None and t.output_nr == 0 and id(gf) in self._bind.pos:
+            op = _REMAT.get(gf.name())
+            if op is not None:
+                x = self._bind(gf._saved_self)
+                if x.shape == leaf.shape and x.dtype == leaf.dtype:
+                    return ir.with_known(ew(op, x), leaf.known)
+        return leaf
 
     def in_meta(self, i):
         fn, k = self.edges[i]
@@ -83,6 +94,11 @@ class NodeView:
         t = self.tensor(saved)
         return ir.with_known(expr, t.known) if t.shape == expr.shape or \
             ir.numel(t.shape) == ir.numel(expr.shape) else expr
+
+
+# Nodes whose output is one elementwise op of their saved input (see NodeView.tensor).
+_REMAT = {"SinBackward0": "sin", "CosBackward0": "cos", "LogBackward0": "log",
+          "AbsBackward0": "abs"}
 
 
 def _is_freed(fn):
