@@ -1,6 +1,8 @@
 """fastgrad: torch.autograd.grad with fused C++ kernels for the VJPs and higher derivatives."""
-from . import _C
+from . import _C, hooks
 from .api import Report, explain, grad
+
+hooks.install()
 
 __version__ = "0.1.0"
 

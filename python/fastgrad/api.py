@@ -132,6 +132,8 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
     if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
            for t in tensors) or not _valid(outs, ins):
         return torch_grad("arguments handled by PyTorch")
+    if any(isinstance(i, torch.Tensor) and i._backward_hooks for i in ins):
+        return torch_grad("an input has tensor hooks")  # PyTorch applies them to the result
     if not only_inputs:
         warnings.warn(
             "only_inputs argument is deprecated and is ignored now (defaults to True). To "

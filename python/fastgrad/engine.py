@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import _C, graph_cache, ir, lowering, rules
+from . import _C, graph_cache, hooks, ir, lowering, rules
 from .plan import Unplannable
 from .runtime import materialize
 from .runtime_table import DTYPE_CODES
@@ -267,6 +267,20 @@ def _leaf_edge(t):
         return t.view_as(t).grad_fn.next_functions[0]
 
 
+def _run_tensor_hooks(th, gs, bind, create_graph, trace):
+    """Run the tensor hooks of a node's outputs on their gradients, in registration order,
+    as PyTorch does before calling the node; a hook's result replaces the gradient."""
+    for k, d in th:
+        if gs[k] is None:
+            continue
+        g = materialize([gs[k]], bind.tensors, create_graph, trace.stats)[0]
+        for hook in list(d.values()):
+            r = hook(g)
+            if r is not None:
+                g = r
+        gs[k] = bind(g)
+
+
 def _replay(tape, order, needed, bind, create_graph, stats):
     """Run a cached graph's fallback nodes as its first sweep did; False if a node's results
     are not bound to the leaf numbers (and layouts) they had then."""
@@ -312,6 +326,9 @@ def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
         if not any(m is not None and needed.get(id(m)) for m, _ in edges):
             continue
         gs = [cot.pop((id(fn), j), None) for j in range(len(fn._input_metadata))]
+        th = hooks.tensor_hooks(fn)
+        if th:
+            _run_tensor_hooks(th, gs, bind, create_graph, trace)
         if all(g is None for g in gs):
             continue
         try:

@@ -13,7 +13,7 @@ the first time, falling back to a fresh sweep if not.
 """
 import torch
 
-from . import lowering
+from . import hooks, lowering
 
 _MAX_ENTRIES = 512
 _ENTRIES = {}
@@ -70,6 +70,8 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, cre
     parts = [create_graph] + [None if g is None else _value(g, bind) for g in grad_tensors]
     specs = _SPECS
     for fn in order:
+        if hooks.tensor_hooks(fn):
+            return None  # user code runs on the gradient mid-sweep: derive anew each call
         cls = type(fn)
         spec = specs.get(cls) or _spec(cls, fn)
         edges = nexts[id(fn)]

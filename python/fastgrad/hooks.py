@@ -1,0 +1,44 @@
+"""Tensor hooks (``Tensor.register_hook``) on intermediate tensors of a graph.
+
+PyTorch runs such a hook on the gradient flowing into the tensor, before its grad_fn, and uses
+what it returns. fastgrad only sees graph nodes, and PyTorch offers no way to list a node's
+hooks, so importing fastgrad wraps ``torch.Tensor.register_hook`` to note, in the grad_fn's
+``metadata``, which output carries hooks and where they live (the tensor's own hook dict, so a
+removed handle removes the hook here too). The sweep then runs them at the same point
+(engine._run_tensor_hooks). Hooks registered before fastgrad was imported are not seen.
+"""
+import torch
+
+_KEY = "fastgrad_tensor_hooks"
+_STATE = {"any": False}
+_orig_register_hook = torch.Tensor.register_hook
+
+
+def _register_hook(self, hook):
+    handle = _orig_register_hook(self, hook)
+    fn = self.grad_fn
+    if fn is not None and self._backward_hooks is not None:
+        try:
+            entries = fn.metadata.setdefault(_KEY, [])
+        except Exception:  # pragma: no cover - every node has metadata in torch >= 2.0
+            return handle
+        if not any(d is self._backward_hooks for _, d in entries):
+            entries.append((self.output_nr, self._backward_hooks))
+        _STATE["any"] = True
+    return handle
+
+
+def install():
+    if torch.Tensor.register_hook is not _register_hook:
+        _register_hook.__doc__ = _orig_register_hook.__doc__
+        torch.Tensor.register_hook = _register_hook
+
+
+def tensor_hooks(fn):
+    """[(output number, hook dict)] for node ``fn``; empty when nothing was registered."""
+    if not _STATE["any"]:
+        return ()
+    try:
+        return [(k, d) for k, d in fn.metadata.get(_KEY, ()) if d]
+    except Exception:  # pragma: no cover
+        return ()
