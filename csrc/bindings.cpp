@@ -31,20 +31,30 @@ py::buffer_info request_1d(const py::buffer& b, const char* name, const char* co
   return info;
 }
 
-void run_cpu(const py::buffer& desc, const py::buffer& consts, int compute_dtype, int nthreads) {
+void check_compute(int compute_dtype) {
   if (compute_dtype != 0 && compute_dtype != 1)
     throw py::value_error("compute_dtype must be 0 (float32) or 1 (float64), got " + std::to_string(compute_dtype));
-  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
-  const py::buffer_info d = request_1d(desc, "desc", "ql");
-  const py::buffer_info c = request_1d(consts, "consts", "d");
-  fg::Region region;
+}
+
+// Decodes the descriptor both entry points take (ValueError on any fault). `d` and `c` keep the
+// buffers alive and pinned while the region runs.
+fg::Region parse(const py::buffer& desc, const py::buffer& consts, py::buffer_info& d,
+                 py::buffer_info& c) {
+  d = request_1d(desc, "desc", "ql");
+  c = request_1d(consts, "consts", "d");
   try {
-    region = fg::parse_region(static_cast<const int64_t*>(d.ptr), d.shape[0],
-                              static_cast<const double*>(c.ptr), c.shape[0]);
+    return fg::parse_region(static_cast<const int64_t*>(d.ptr), d.shape[0],
+                            static_cast<const double*>(c.ptr), c.shape[0]);
   } catch (const fg::DescriptorError& e) {
     throw py::value_error(e.what());
   }
-  // The buffer_info objects keep both buffers alive and pinned meanwhile.
+}
+
+void run_cpu(const py::buffer& desc, const py::buffer& consts, int compute_dtype, int nthreads) {
+  check_compute(compute_dtype);
+  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+  py::buffer_info d, c;
+  fg::Region region = parse(desc, consts, d, c);
   py::gil_scoped_release nogil;
   fg::run_region_cpu(region, compute_dtype, nthreads);
 }
@@ -52,17 +62,9 @@ void run_cpu(const py::buffer& desc, const py::buffer& consts, int compute_dtype
 #ifdef FASTGRAD_WITH_CUDA
 void run_cuda(const py::buffer& desc, const py::buffer& consts, int compute_dtype, int device_index,
               std::uintptr_t stream, bool check_pointers) {
-  if (compute_dtype != 0 && compute_dtype != 1)
-    throw py::value_error("compute_dtype must be 0 (float32) or 1 (float64), got " + std::to_string(compute_dtype));
-  const py::buffer_info d = request_1d(desc, "desc", "ql");
-  const py::buffer_info c = request_1d(consts, "consts", "d");
-  fg::Region region;
-  try {
-    region = fg::parse_region(static_cast<const int64_t*>(d.ptr), d.shape[0],
-                              static_cast<const double*>(c.ptr), c.shape[0]);
-  } catch (const fg::DescriptorError& e) {
-    throw py::value_error(e.what());
-  }
+  check_compute(compute_dtype);
+  py::buffer_info d, c;
+  fg::Region region = parse(desc, consts, d, c);
   // The consts are copied into the kernel's program before this returns.
   // CudaPointerError / DescriptorError derive from std::invalid_argument (ValueError in
   // Python); CUDA failures are std::runtime_error (RuntimeError).
