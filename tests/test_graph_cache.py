@@ -151,3 +151,22 @@ def test_replay_with_a_different_result_layout(gen):
             assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x))
     finally:
         _Layout.transposed = False
+
+
+def test_ir_table_is_bounded(gen, monkeypatch):
+    """Many graphs of new shapes: the interned IR is forgotten between calls once over the
+    limit, and results stay right across the reset (with create_graph, through regions made
+    before it)."""
+    from fastgrad import engine, ir
+    monkeypatch.setattr(engine, "IR_TABLE_LIMIT", 50)
+    keep = []
+    for n in range(2, 12):
+        x = rand((n,), gen).requires_grad_(True)
+        y = (torch.sin(x) * torch.exp(x)).sum()
+        g = fastgrad.grad(y, x, create_graph=True)
+        keep.append((x, g))
+        assert ir.table_size() < 50 + 200
+    for x, g in keep:  # second derivatives through regions built before resets
+        xr = x.detach().clone().requires_grad_(True)
+        (gr,) = TORCH_GRAD((torch.sin(xr) * torch.exp(xr)).sum(), xr, create_graph=True)
+        assert_same(fastgrad.grad(g[0].sum(), x), TORCH_GRAD(gr.sum(), xr))

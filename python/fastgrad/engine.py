@@ -10,7 +10,7 @@ the sweep as bound tensors.
 import torch
 
 from . import _C, graph_cache, hooks, ir, lowering, rules
-from .plan import Unplannable
+from .plan import Unplannable, clear_plan_cache
 from .runtime import materialize
 from .runtime_table import DTYPE_CODES
 
@@ -87,6 +87,7 @@ class _Binder:
 
 
 _ENGINE_MIN_NUMEL = 1 << 16  # see _call_opaque
+IR_TABLE_LIMIT = 200_000  # interned IR nodes kept between calls (see run)
 _ACCUMULATE_GRAD = []  # the class of PyTorch's leaf nodes, read once
 
 
@@ -220,6 +221,13 @@ def _call_opaque(fn, gs, create_graph, needed):
 def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unused,
         trace=None):
     """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer."""
+    if ir.table_size() > IR_TABLE_LIMIT:
+        # Graphs of ever new shapes would grow the hash-consing table without bound. Nodes are
+        # immutable and every cache is keyed by identity, so forgetting them is safe (between
+        # calls); the caches holding old nodes go too, to free them.
+        ir.clear_tables()
+        graph_cache.clear()
+        clear_plan_cache()
     bind = _Binder()
     trace = trace or Trace()
     # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.

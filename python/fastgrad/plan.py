@@ -95,6 +95,10 @@ class Plan:
 _CACHE = {}
 
 
+def clear_plan_cache():
+    _CACHE.clear()
+
+
 def get_plan(exprs):
     key = tuple(id(e) for e in exprs)
     p = _CACHE.get(key)
