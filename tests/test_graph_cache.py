@@ -170,3 +170,47 @@ def test_ir_table_is_bounded(gen, monkeypatch):
         xr = x.detach().clone().requires_grad_(True)
         (gr,) = TORCH_GRAD((torch.sin(xr) * torch.exp(xr)).sum(), xr, create_graph=True)
         assert_same(fastgrad.grad(g[0].sum(), x), TORCH_GRAD(gr.sum(), xr))
+
+
+def _fresh_x(gen):
+    return rand((3,), gen).requires_grad_(True)
+
+
+FREED_CASES = {
+    # no saved tensors at all: PyTorch lets the graph run again
+    "no_saved_tensors": lambda G, x: (G((x + x).sum(), x), G((x + x).sum(), x))[1],
+    # the input's own node is never run, so nothing of it is freed
+    "input_node_not_run": lambda G, x: (lambda y: (G((y * 3).sum(), y),
+                                                   G((y * 3).sum(), y))[1])(x.exp()),
+    "later_call_through_input_node": lambda G, x: (lambda y: (G((y * 3).sum(), y),
+                                                              G(y.sum(), x))[1])(x.exp()),
+    # saved tensors freed: both raise PyTorch's error
+    "saved_tensors_freed": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])((x.exp() ** 2).sum()),
+}
+
+
+@pytest.mark.parametrize("name", list(FREED_CASES))
+def test_freed_graphs_like_torch(name, gen):
+    x0 = rand((3,), gen)
+    outcomes = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        try:
+            outcomes.append(("ok", FREED_CASES[name](G, x0.clone().requires_grad_(True))))
+        except RuntimeError as e:
+            outcomes.append(("error", str(e)))
+    (rk, rv), (fk, fv) = outcomes
+    assert fk == rk, outcomes
+    if rk == "ok":
+        assert_same(fv, rv)
+    else:
+        assert fv == rv
+
+
+def test_view_result_is_not_attached_to_grad_outputs(gen):
+    """create_graph=False: the expanded view result does not carry the grad_output's graph."""
+    x = rand((3, 2), gen).requires_grad_(True)
+    go = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (r,) = fastgrad.grad(x.sum(), x, go)
+    assert r.grad_fn is None
+    with pytest.raises(RuntimeError):
+        TORCH_GRAD(r.sum(), go)

@@ -81,3 +81,14 @@ def test_hooked_graphs_are_not_cached(gen):
     graph_cache.clear()
     _run(FAST_GRAD, rand((3,), gen), [lambda g: g * 2.0])
     assert len(graph_cache._ENTRIES) == 0
+
+
+def test_hook_on_a_gradient_edge_input(gen):
+    x0 = rand((3,), gen)
+
+    def run(grad):
+        x = x0.clone().requires_grad_(True)
+        y = x.sin()
+        y.register_hook(lambda g: g * 2.0)
+        return grad((y * y).sum(), torch.autograd.graph.get_gradient_edge(y))
+    assert_same(run(FAST_GRAD), run(TORCH_GRAD))

@@ -57,7 +57,6 @@ class _Binder:
     def __init__(self):
         self.tensors, self.keys = [], {}
         self.device = None
-        self.pos = {}  # id(node) -> position in the sweep (set by graph_cache.signature)
 
     def index(self, t):
         """The leaf number of ``t``, or None for a tensor the compiled path cannot read
@@ -184,8 +183,7 @@ def _reaches(src, targets, needed):
 
 def _call_opaque(fn, gs, create_graph, needed):
     """Run one PyTorch node on its incoming gradients; returns (edges, gradients)."""
-    if lowering._is_freed(fn) and any(a.startswith("_saved_") or a == "saved_tensors"
-                                      for a in dir(fn)):
+    if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
     # matmul's weight gradient when only the input's is asked for). PyTorch's engine computes
@@ -243,7 +241,8 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     exprs = None
     if entry is not None:
         for fn in order:
-            if lowering._is_freed(fn) and graph_cache.has_saved(fn):
+            if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn) and \
+                    _runs(fn, nexts, needed):
                 raise RuntimeError(freed_message())
         if _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
             exprs = entry.exprs
@@ -263,10 +262,16 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if not allow_unused and any(e is None for e in exprs):
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
-    if not retain_graph:
+    if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
         for fn in order:
-            lowering.mark_freed(fn, freed_message)
+            if _runs(fn, nexts, needed):
+                lowering.mark_freed(fn, freed_message)
     return results
+
+
+def _runs(fn, nexts, needed):
+    """Whether the sweep (like PyTorch's engine) runs node fn: some edge leads to an input."""
+    return any(m is not None and needed[id(m)] for m, _ in nexts[id(fn)])
 
 
 def _leaf_edge(t):
@@ -275,18 +280,19 @@ def _leaf_edge(t):
         return t.view_as(t).grad_fn.next_functions[0]
 
 
-def _run_tensor_hooks(th, gs, bind, create_graph, trace):
-    """Run the tensor hooks of a node's outputs on their gradients, in registration order,
-    as PyTorch does before calling the node; a hook's result replaces the gradient."""
+def _run_tensor_hooks(th, fn, cot, bind, create_graph, trace):
+    """Run the tensor hooks of fn's outputs on their gradients (in ``cot``), in registration
+    order, as PyTorch does before calling the node; a hook's result replaces the gradient."""
     for k, d in th:
-        if gs[k] is None:
+        g = cot.get((id(fn), k))
+        if g is None:
             continue
-        g = materialize([gs[k]], bind.tensors, create_graph, trace.stats)[0]
+        g = materialize([g], bind.tensors, create_graph, trace.stats)[0]
         for hook in list(d.values()):
             r = hook(g)
             if r is not None:
                 g = r
-        gs[k] = bind(g)
+        cot[(id(fn), k)] = bind(g)
 
 
 def _replay(tape, order, needed, bind, create_graph, stats):
@@ -326,6 +332,9 @@ def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
             accumulate(n, k, ir.cast(bind(g), meta.dtype))
     answers = {}
     for fn in order:
+        th = hooks.tensor_hooks(fn)
+        if th:  # before an input's gradient is captured, as PyTorch runs them
+            _run_tensor_hooks(th, fn, cot, bind, create_graph, trace)
         if id(fn) in input_ids:
             for n, k in in_edges:
                 if n is fn:
@@ -334,9 +343,6 @@ def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
         if not any(m is not None and needed.get(id(m)) for m, _ in edges):
             continue
         gs = [cot.pop((id(fn), j), None) for j in range(len(fn._input_metadata))]
-        th = hooks.tensor_hooks(fn)
-        if th:
-            _run_tensor_hooks(th, gs, bind, create_graph, trace)
         if all(g is None for g in gs):
             continue
         try:

@@ -47,9 +47,7 @@ def _meta(m):
 def _value(v, bind):
     if isinstance(v, torch.Tensor):
         k, key = bind.index(v)
-        # number, shape, strides, dtype, requires_grad, and which node of the sweep made it
-        # (lowering may recompute a saved value from that node's own saved input)
-        return None if k is None else (k,) + key[1:5] + (bind.pos.get(key[5], -1), key[6])
+        return None if k is None else (k,) + key[1:5]  # number, shape, strides, dtype, grad
     if isinstance(v, list):
         v = tuple(v)
     try:
@@ -65,7 +63,7 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, cre
     Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the same
     binder numbers them identically.
     """
-    pos = bind.pos = {id(fn): i for i, fn in enumerate(order)}
+    pos = {id(fn): i for i, fn in enumerate(order)}
     # create_graph changes what fallback nodes return (results that require grad)
     parts = [create_graph] + [None if g is None else _value(g, bind) for g in grad_tensors]
     specs = _SPECS
@@ -100,11 +98,6 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, cre
     parts.append(tuple([(pos.get(id(n), -1), k) for n, k in out_edges]))
     parts.append(tuple([(pos.get(id(n), -1), k) for n, k in in_edges]))
     return tuple(parts)
-
-
-def has_saved(fn):
-    lowerable, is_region, saved = _spec(type(fn), fn)
-    return bool(saved) or is_region
 
 
 def lookup(key):

@@ -57,18 +57,7 @@ class NodeView:
         t = self.raw(name)
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
-        leaf = self._bind(t)
-        # A saved value that a node of this sweep computed from its own saved input (sin(x)
-        # saved by a mul) is described as that op of that input, still bound to the tensor:
-        # the planner loads it, or recomputes it when the region loads the input anyway.
-        gf = t.grad_fn
-        if gf is not None and t.output_nr == 0 and id(gf) in self._bind.pos:
-            op = _REMAT.get(gf.name())
-            if op is not None:
-                x = self._bind(gf._saved_self)
-                if x.shape == leaf.shape and x.dtype == leaf.dtype:
-                    return ir.with_known(ew(op, x), leaf.known)
-        return leaf
+        return self._bind(t)
 
     def in_meta(self, i):
         fn, k = self.edges[i]
@@ -96,16 +85,26 @@ class NodeView:
             ir.numel(t.shape) == ir.numel(expr.shape) else expr
 
 
-# Nodes whose output is one elementwise op of their saved input (see NodeView.tensor).
-_REMAT = {"SinBackward0": "sin", "CosBackward0": "cos", "LogBackward0": "log",
-          "AbsBackward0": "abs"}
-
-
 def _is_freed(fn):
     try:
         return fn.metadata.get(_FREED, False)
     except Exception:
         return False
+
+
+_HOLDS_SAVED = {}
+
+
+def holds_saved_tensors(fn):
+    """Whether nodes of fn's class keep saved tensors (what a freed graph loses). PyTorch names a
+    saved tensor `_raw_saved_<name>` besides `_saved_<name>`; saved scalars have no raw form.
+    A Python Function's node may hold `saved_tensors`."""
+    cls = type(fn)
+    v = _HOLDS_SAVED.get(cls)
+    if v is None:
+        v = _HOLDS_SAVED[cls] = any(a.startswith("_raw_saved_") or a == "saved_tensors"
+                                    for a in dir(fn))
+    return v
 
 
 def mark_freed(fn, message):
@@ -121,7 +120,7 @@ def mark_freed(fn, message):
         fn.metadata[_FREED] = True
     except Exception:
         return
-    if any(a.startswith("_saved_") or a == "saved_tensors" for a in dir(fn)):
+    if holds_saved_tensors(fn):
         def refuse(grads):
             raise RuntimeError(message())
         fn.register_prehook(refuse)

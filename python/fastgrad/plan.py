@@ -21,7 +21,6 @@ from .runtime_table import OPCODES
 
 _VIEW_OPS = {"expand", "permute", "reshape", "slice", "embed"}
 _REDUCE_MODE = {"rsum": 1, "rmax": 2, "rmin": 3}
-_REMAT_OPS = ("sin", "cos", "log", "abs")
 _POW_SPECIAL = (1.0, 0.5, -0.5, -1.0, 2.0, 3.0, -2.0)
 _ROUND = {torch.float32: "to_f32", torch.float16: "to_f16", torch.bfloat16: "to_bf16"}
 
@@ -256,7 +255,7 @@ class _Emitter:
     def _emit(self, n, imap, top):
         if n.dtype is not None:
             self.dtypes.add(n.dtype)
-        if not top and self.loadable(n) and id(n) not in self.remat:
+        if not top and self.loadable(n):
             return self.load(n, imap)
         op = n.op
         if op == "const":
@@ -371,16 +370,6 @@ class _Emitter:
             for m in ir.topo(list(body), stop=lambda m: self.loadable(m)):
                 if m.dtype == torch.float64:
                     r.compute = torch.float64
-        # A known value that is one elementwise op of a known input the region reads anyway
-        # (sin(x) saved by a mul, with x loaded for cos(x)) is recomputed: a load saved.
-        bodies = [m for t in r.targets for m in (t.args if t.op in _REDUCE_MODE else [t])]
-        tops = {id(t) for t in r.targets}
-        inside = ir.topo(bodies, stop=lambda m: self.loadable(m) and id(m) not in tops)
-        reached = {id(m) for m in inside}
-        self.remat = {id(m) for m in inside
-                      if m.known is not None and m.op in _REMAT_OPS and len(m.args) == 1
-                      and m.args[0].known is not None and id(m.args[0]) in reached
-                      and m.args[0].shape == m.shape}
         ident = tuple(("d", i, 1, 0) for i in range(len(r.shape)))
         for ti, t in enumerate(r.targets):
             if t.op in _REDUCE_MODE:
@@ -394,11 +383,7 @@ class _Emitter:
         self._allocate()
         r.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(r.inputs)]
         ix = self.alias
-        local = {k: r.local_inputs[i] for k, i in ix.items()}
-        for m in inside:
-            if id(m) in self.remat:
-                local[id(m)] = ir.ew(m.op, local[id(m.args[0])])
-        r.local_outputs = ir.substitute(r.targets, local)
+        r.local_outputs = ir.substitute(r.targets, {k: r.local_inputs[i] for k, i in ix.items()})
         r.diff_deps = [rules.differentiable_deps(t, lambda m: (
             ix.get(id(m)) if m is not t else None)) for t in r.targets]
 

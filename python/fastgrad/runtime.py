@@ -173,6 +173,8 @@ def execute(plan, tensors, create_graph, stats=None):
                 env[id(t)] = o
         else:
             v = value(step.source)
+            if not create_graph:  # a result is not attached to the grad_outputs' graph
+                v = v.detach()
             for m in step.chain:
                 v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
             env[id(step.node)] = v
