@@ -242,7 +242,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if entry is not None:
         for fn in order:
             if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn) and \
-                    _runs(fn, nexts, needed):
+                    graph_cache.runs(fn, nexts, needed):
                 raise RuntimeError(freed_message())
         if _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
             exprs = entry.exprs
@@ -255,8 +255,8 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if exprs is None:
         native_before, fallback_before = len(trace.native), len(trace.fallback)
         tape = []
-        exprs = _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
-                       trace, tape)
+        exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
+                       bind, trace, tape)
         graph_cache.store(key, exprs, trace.native[native_before:],
                           trace.fallback[fallback_before:], tape)
     if not allow_unused and any(e is None for e in exprs):
@@ -264,14 +264,9 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
         for fn in order:
-            if _runs(fn, nexts, needed):
+            if graph_cache.runs(fn, nexts, needed):
                 lowering.mark_freed(fn, freed_message)
     return results
-
-
-def _runs(fn, nexts, needed):
-    """Whether the sweep (like PyTorch's engine) runs node fn: some edge leads to an input."""
-    return any(m is not None and needed[id(m)] for m, _ in nexts[id(fn)])
 
 
 def _leaf_edge(t):
@@ -301,18 +296,17 @@ def _replay(tape, order, needed, bind, create_graph, stats):
     for pos, gs, bound in tape:
         gts = materialize(gs, bind.tensors, create_graph, stats)
         _, res = _call_opaque(order[pos], gts, create_graph, needed)
-        got = tuple(None if r is None else _leaf_record(bind, r) for r in res)
-        if got != bound:
+        if _records(bind, res) != bound:
             return False
     return True
 
 
-def _leaf_record(bind, t):
-    k, key = bind.index(t)
-    return None if k is None else (k,) + key[1:5]
+def _records(bind, res):
+    """How a fallback node's results were bound (compared by a replay)."""
+    return tuple(None if r is None else graph_cache.tensor_record(bind, r) for r in res)
 
 
-def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind, trace,
+def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph, bind, trace,
            tape=None):
     """The reverse sweep: IR of the gradients flowing into ``in_edges`` (None where none).
 
@@ -339,9 +333,9 @@ def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
             for n, k in in_edges:
                 if n is fn:
                     answers[(id(n), k)] = cot.get((id(n), k))
-        edges = fn.next_functions
-        if not any(m is not None and needed.get(id(m)) for m, _ in edges):
+        if not graph_cache.runs(fn, nexts, needed):
             continue
+        edges = nexts[id(fn)]
         gs = [cot.pop((id(fn), j), None) for j in range(len(fn._input_metadata))]
         if all(g is None for g in gs):
             continue
@@ -354,8 +348,7 @@ def _sweep(order, needed, out_edges, grad_tensors, in_edges, create_graph, bind,
             edges, res = _call_opaque(fn, gts, create_graph, needed)
             grads = [None if r is None else bind(r) for r in res]
             if tape is not None:
-                tape.append((order.index(fn), gs,
-                             tuple(None if r is None else _leaf_record(bind, r) for r in res)))
+                tape.append((order.index(fn), gs, _records(bind, res)))
         for (m, k), g in zip(edges, grads):
             if m is None or g is None or not needed.get(id(m)):
                 continue

@@ -31,7 +31,8 @@ class Entry:
 
 
 def _spec(cls, fn):
-    """(lowerable, names of the saved attributes) of a node class, computed once per class."""
+    """(lowerable, is one of our regions, names of the saved attributes) of a node class,
+    computed once per class."""
     spec = _SPECS.get(cls)
     if spec is None:
         name = fn.name()
@@ -44,10 +45,21 @@ def _meta(m):
     return (tuple(m.shape), m.dtype, m.device)
 
 
+def runs(fn, nexts, needed):
+    """Whether the sweep (like PyTorch's engine) runs node fn: some edge leads to an input."""
+    return any([m is not None and needed[id(m)] for m, _ in nexts[id(fn)]])
+
+
+def tensor_record(bind, t):
+    """How a bound tensor enters a signature: its leaf number, shape, strides, dtype and
+    requires_grad (None for a tensor the compiled path cannot read)."""
+    k, key = bind.index(t)
+    return None if k is None else (k,) + key[1:5]
+
+
 def _value(v, bind):
     if isinstance(v, torch.Tensor):
-        k, key = bind.index(v)
-        return None if k is None else (k,) + key[1:5]  # number, shape, strides, dtype, grad
+        return tensor_record(bind, v)
     if isinstance(v, list):
         v = tuple(v)
     try:
@@ -74,7 +86,7 @@ def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, cre
         spec = specs.get(cls) or _spec(cls, fn)
         edges = nexts[id(fn)]
         meta = tuple([(tuple(m.shape), m.dtype, m.device) for m in fn._input_metadata])
-        if not any([m is not None and needed[id(m)] for m, _ in edges]):
+        if not runs(fn, nexts, needed):
             parts.append((cls, len(edges), meta))  # an input or a node the sweep skips
             continue
         es = tuple([None if m is None else

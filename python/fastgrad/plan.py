@@ -200,14 +200,6 @@ def _strip_trivial_reshape(n):
     return n
 
 
-def _contig_strides(shape):
-    st, acc = [0] * len(shape), 1
-    for i in range(len(shape) - 1, -1, -1):
-        st[i] = acc
-        acc *= shape[i]
-    return st
-
-
 class _Emitter:
     def __init__(self, region, loadable):
         self.r, self.loadable = region, loadable
