@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "capture.h"
 #include "floor.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
@@ -113,6 +114,33 @@ PYBIND11_MODULE(_C, m) {
 #undef FG_DTYPE
     return d;
   }, "torch dtype name -> storage dtype code, from csrc/dtypes.def.");
+
+  py::class_<fg::Binder>(m, "Binder", py::dynamic_attr(),
+      "Numbers the tensors one call reads (engine._Binder adds __call__).")
+      .def(py::init<>())
+      .def_readonly("tensors", &fg::Binder::tensors)
+      .def_readonly("device", &fg::Binder::device)
+      .def("index", [](fg::Binder& b, py::handle t) -> py::tuple {
+        py::object key;
+        Py_ssize_t n = b.index(t, &key);
+        if (n < 0) return py::make_tuple(py::none(), py::none());
+        return py::make_tuple(n, key);
+      }, py::arg("t"), "(number, identity key) of tensor t, or (None, None) if it cannot be read.")
+      .def("record", &fg::Binder::record, py::arg("t"),
+           "(number, shape, strides, dtype, requires_grad) of t, or None: its signature record.");
+  py::class_<fg::Graph>(m, "Graph", "The nodes of one call's graph walk (capture.h).")
+      .def_readonly("order", &fg::Graph::order)
+      .def_readonly("needed", &fg::Graph::needed)
+      .def_readonly("leaf_nodes", &fg::Graph::leaf_nodes)
+      .def_readonly("nexts", &fg::Graph::nexts);
+  m.def("collect", &fg::collect, py::arg("out_nodes"), py::arg("input_ids"), py::arg("leaf_ids"),
+        py::arg("acc_cls"), "Walk an autograd graph from out_nodes toward the inputs (engine.run).");
+  m.def("signature", &fg::signature, py::arg("graph"), py::arg("out_edges"), py::arg("grad_tensors"),
+        py::arg("in_edges"), py::arg("bind"), py::arg("create_graph"), py::arg("spec_fn"),
+        py::arg("hooks_fn"), py::arg("freed_key"),
+        "(signature key or None, whether a node to run was freed): see graph_cache.signature.");
+  m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
+        py::arg("device_types"), py::arg("tensor_cls"), "Constants capture reads (once, at import).");
 
   m.def("max_ndim", [] { return fg::kMaxNdim; }, "Most iteration dims a region may have.");
 

@@ -33,15 +33,20 @@ def _edge(t):
     return _get_edge(t).node, 0
 
 
-def _valid(outputs, inputs):
-    """True when PyTorch would not raise before running the graph."""
-    for o in outputs:
-        if not _is_edge(o) and not o.requires_grad:
-            return False
-    for i in inputs:
-        if not _is_edge(i) and not i.requires_grad:
-            return False
-    return True
+def _unhandled(outputs, inputs):
+    """Why PyTorch must run the call (None if fastgrad may): a tensor subclass, an argument
+    that does not require grad (PyTorch raises before running the graph), or an input with
+    tensor hooks (PyTorch applies them to the result)."""
+    for group in (outputs, inputs):
+        for t in group:
+            if type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+                if not t.requires_grad:
+                    return "arguments handled by PyTorch"
+                if group is inputs and t._backward_hooks:
+                    return "an input has tensor hooks"
+            elif isinstance(t, torch.Tensor) or not _is_edge(t):
+                return "arguments handled by PyTorch"
+    return None
 
 
 class Report:
@@ -128,12 +133,9 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
         ins = tuple(inputs) if not hasattr(inputs, "keys") else None
     if ins is None or len(ins) == 0 or _make_grads is None or _to_tuple is None:
         return torch_grad("arguments handled by PyTorch")
-    tensors = [t for t in outs + ins if isinstance(t, torch.Tensor)]
-    if any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
-           for t in tensors) or not _valid(outs, ins):
-        return torch_grad("arguments handled by PyTorch")
-    if any(isinstance(i, torch.Tensor) and i._backward_hooks for i in ins):
-        return torch_grad("an input has tensor hooks")  # PyTorch applies them to the result
+    why = _unhandled(outs, ins)
+    if why is not None:
+        return torch_grad(why)
     if not only_inputs:
         warnings.warn(
             "only_inputs argument is deprecated and is ignored now (defaults to True). To "
@@ -144,7 +146,7 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
             type(o) is torch.Tensor and o.numel() == 1 and o.dtype.is_floating_point
             for o in outs):
         # What _make_grads does for implicit scalar gradients, without its general checks.
-        gos = tuple(torch.ones_like(o, memory_format=torch.preserve_format) for o in outs)
+        gos = tuple([torch.ones_like(o) for o in outs])  # preserve_format by default
     else:
         gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)),
                           is_grads_batched=is_grads_batched)

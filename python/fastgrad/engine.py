@@ -51,38 +51,18 @@ class Unused(Exception):
     """An input gets no gradient and allow_unused is False: PyTorch reports it."""
 
 
-class _Binder:
-    """Numbers the tensors a call reads; the same tensor seen twice gets one leaf."""
-
-    def __init__(self):
-        self.tensors, self.keys = [], {}
-        self.device = None
-
-    def index(self, t):
-        """The leaf number of ``t``, or None for a tensor the compiled path cannot read
-        (a dtype, layout or device it does not handle, or another device than the call's)."""
-        if t.dtype not in DTYPE_CODES or t.layout != torch.strided:
-            return None, None
-        dev = t.device
-        if dev != self.device:
-            if self.device is not None or dev.type not in _DEVICE_TYPES:
-                return None, None
-            self.device = dev
-        gf = t.grad_fn
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.requires_grad,
-               id(gf) if gf is not None else (id(t) if t.requires_grad else None),
-               t.output_nr if gf is not None else 0)
-        k = self.keys.get(key)
-        if k is None:
-            k = self.keys[key] = len(self.tensors)
-            self.tensors.append(t)
-        return k, key
+class _Binder(_C.Binder):
+    """Numbers the tensors a call reads; the same tensor seen twice gets one leaf
+    (``index``, ``record`` and ``tensors`` come from csrc/capture.h)."""
 
     def __call__(self, t):
         k = self.index(t)[0]
         if k is None:
             raise Unplannable(f"tensor of {t.dtype} on {t.device} ({t.layout})")
         return ir.leaf(k, tuple(t.shape), t.dtype)
+
+
+_C.capture_setup(DTYPE_CODES, torch.strided, _DEVICE_TYPES, torch.Tensor)
 
 
 _ENGINE_MIN_NUMEL = 1 << 16  # see _call_opaque
@@ -99,42 +79,13 @@ def _accumulate_grad_class():
 
 
 def _collect(out_nodes, input_ids, leaf_ids):
-    """Nodes on a path from the outputs to an input, consumers first.
+    """The nodes on a path from the outputs to an input, consumers first (an _C.Graph: order,
+    needed, leaf_nodes, nexts; see csrc/capture.h).
 
     Inputs are nodes (``input_ids``) or leaf tensors (``leaf_ids``), whose AccumulateGrad nodes
-    are found on the way. Returns (order, needed, {id(leaf): its node}, {id(node): its edges}).
-    """
+    are found on the way."""
     acc_cls = _accumulate_grad_class() if leaf_ids else None
-    needed, post, leaf_nodes, nexts = {}, [], {}, {}
-    for root in out_nodes:
-        # A node is expanded when first popped, so a node pushed by several consumers is
-        # finished before any of them (post-order on a DAG).
-        stack = [(root, False)]
-        while stack:
-            n, done = stack.pop()
-            if done:
-                nf = nexts[id(n)]
-                hit = id(n) in input_ids
-                if not hit and type(n) is acc_cls and id(n.variable) in leaf_ids:
-                    leaf_nodes[id(n.variable)] = n
-                    hit = True
-                if not hit:
-                    for m, _ in nf:
-                        if m is not None and needed[id(m)]:
-                            hit = True
-                            break
-                needed[id(n)] = hit
-                post.append(n)
-                continue
-            if id(n) in nexts:
-                continue
-            nf = nexts[id(n)] = n.next_functions
-            stack.append((n, True))
-            for m, _ in nf:
-                if m is not None and id(m) not in nexts:
-                    stack.append((m, False))
-    order = [n for n in reversed(post) if needed[id(n)]]
-    return order, needed, leaf_nodes, nexts
+    return _C.collect(out_nodes, input_ids, leaf_ids, acc_cls)
 
 
 def _slots(outs):
@@ -229,29 +180,33 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     bind = _Binder()
     trace = trace or Trace()
     # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
-    leaf_ids = {id(e) for e in in_edges if isinstance(e, torch.Tensor)}
-    input_ids = {id(e[0]) for e in in_edges if not isinstance(e, torch.Tensor)}
-    order, needed, leaf_nodes, nexts = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
-    in_edges = [e if not isinstance(e, torch.Tensor) else
-                ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
-                for e in in_edges]
-    key = graph_cache.signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind,
-                                create_graph)
+    leaf_ids, input_ids = set(), set()
+    for e in in_edges:
+        if type(e) is tuple:
+            input_ids.add(id(e[0]))
+        else:
+            leaf_ids.add(id(e))
+    graph = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
+    order, needed, leaf_nodes, nexts = graph.order, graph.needed, graph.leaf_nodes, graph.nexts
+    if leaf_ids:
+        in_edges = [e if type(e) is tuple else
+                    ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
+                    for e in in_edges]
+    key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
+                                       create_graph)
     entry = graph_cache.lookup(key)
     exprs = None
     if entry is not None:
-        for fn in order:
-            if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn) and \
-                    graph_cache.runs(fn, nexts, needed):
-                raise RuntimeError(freed_message())
+        if freed:
+            raise RuntimeError(freed_message())
         if _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)
         else:  # a fallback node's results differ in layout from last time: derive anew
             bind = _Binder()
-            key = graph_cache.signature(order, needed, nexts, out_edges, grad_tensors,
-                                        in_edges, bind, create_graph)
+            key, _ = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
+                                           create_graph)
     if exprs is None:
         native_before, fallback_before = len(trace.native), len(trace.fallback)
         tape = []
@@ -259,7 +214,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
                        bind, trace, tape)
         graph_cache.store(key, exprs, trace.native[native_before:],
                           trace.fallback[fallback_before:], tape)
-    if not allow_unused and any(e is None for e in exprs):
+    if not allow_unused and None in exprs:
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
@@ -303,7 +258,7 @@ def _replay(tape, order, needed, bind, create_graph, stats):
 
 def _records(bind, res):
     """How a fallback node's results were bound (compared by a replay)."""
-    return tuple(None if r is None else graph_cache.tensor_record(bind, r) for r in res)
+    return tuple(None if r is None else bind.record(r) for r in res)
 
 
 def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph, bind, trace,

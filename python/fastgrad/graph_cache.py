@@ -11,14 +11,10 @@ A node fastgrad cannot lower (run through PyTorch's node) is described by its cl
 metadata only: a hit runs it again (engine._replay) and checks that its results are bound like
 the first time, falling back to a fresh sweep if not.
 """
-import torch
-
-from . import hooks, lowering
+from . import _C, hooks, lowering
 
 _MAX_ENTRIES = 512
 _ENTRIES = {}
-_SPECS = {}
-_NOT_CACHED = object()
 
 
 class Entry:
@@ -31,18 +27,12 @@ class Entry:
 
 
 def _spec(cls, fn):
-    """(lowerable, is one of our regions, names of the saved attributes) of a node class,
-    computed once per class."""
-    spec = _SPECS.get(cls)
-    if spec is None:
-        name = fn.name()
-        saved = tuple(a for a in dir(fn) if a.startswith("_saved_"))
-        spec = _SPECS[cls] = (name in lowering.LOWER, name == "RegionFunctionBackward", saved)
-    return spec
-
-
-def _meta(m):
-    return (tuple(m.shape), m.dtype, m.device)
+    """(lowerable, is one of our regions, names of the saved attributes, holds saved tensors)
+    of a node class; capture asks once per class."""
+    name = fn.name()
+    saved = tuple(a for a in dir(fn) if a.startswith("_saved_"))
+    return (name in lowering.LOWER, name == "RegionFunctionBackward", saved,
+            lowering.holds_saved_tensors(fn))
 
 
 def runs(fn, nexts, needed):
@@ -50,66 +40,22 @@ def runs(fn, nexts, needed):
     return any([m is not None and needed[id(m)] for m, _ in nexts[id(fn)]])
 
 
-def tensor_record(bind, t):
-    """How a bound tensor enters a signature: its leaf number, shape, strides, dtype and
-    requires_grad (None for a tensor the compiled path cannot read)."""
-    k, key = bind.index(t)
-    return None if k is None else (k,) + key[1:5]
+def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
+    """(key, freed): a hashable key describing everything lowering will read (None if not
+    cacheable), and whether a node the sweep runs holds saved tensors and was freed by an
+    earlier call (retain_graph=False).
 
-
-def _value(v, bind):
-    if isinstance(v, torch.Tensor):
-        return tensor_record(bind, v)
-    if isinstance(v, list):
-        v = tuple(v)
-    try:
-        hash(v)
-    except TypeError:
-        return _NOT_CACHED
-    return (type(v), v)
-
-
-def signature(order, needed, nexts, out_edges, grad_tensors, in_edges, bind, create_graph):
-    """A hashable key describing everything lowering will read, or None if not cacheable.
-
-    Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the same
-    binder numbers them identically.
-    """
-    pos = {id(fn): i for i, fn in enumerate(order)}
-    # create_graph changes what fallback nodes return (results that require grad)
-    parts = [create_graph] + [None if g is None else _value(g, bind) for g in grad_tensors]
-    specs = _SPECS
-    for fn in order:
-        if hooks.tensor_hooks(fn):
-            return None  # user code runs on the gradient mid-sweep: derive anew each call
-        cls = type(fn)
-        spec = specs.get(cls) or _spec(cls, fn)
-        edges = nexts[id(fn)]
-        meta = tuple([(tuple(m.shape), m.dtype, m.device) for m in fn._input_metadata])
-        if not runs(fn, nexts, needed):
-            parts.append((cls, len(edges), meta))  # an input or a node the sweep skips
-            continue
-        es = tuple([None if m is None else
-                    (pos[id(m)], k) if id(m) in pos else (-1, k, _meta(m._input_metadata[k]))
-                    for m, k in edges])
-        if not spec[0]:  # run through PyTorch's node: only what it returns matters (replay)
-            parts.append((cls, es, meta, "fallback"))
-            continue
-        if spec[1]:
-            vals = [cls, es, meta, fn.region]
-            src = fn.saved_tensors
-        else:
-            vals = [cls, es, meta]
-            src = [getattr(fn, a) for a in spec[2]]
-        for v in src:
-            v = _value(v, bind)
-            if v is _NOT_CACHED:
-                return None
-            vals.append(v)
-        parts.append(tuple(vals))
-    parts.append(tuple([(pos.get(id(n), -1), k) for n, k in out_edges]))
-    parts.append(tuple([(pos.get(id(n), -1), k) for n, k in in_edges]))
-    return tuple(parts)
+    The key holds, per node of the walk, its class, its edges (as positions in the order, or
+    the metadata of an edge leaving the walk), its input metadata and, for a node lowering
+    reads, its saved values: a saved tensor as (leaf number, shape, strides, dtype,
+    requires_grad), anything else as (type, value); a region node also gives its Region. A
+    node run through PyTorch is described without its saved values (engine._replay). Saved
+    tensors are bound into ``bind`` in a fixed order, so a later sweep with the same binder
+    numbers them identically. Built in C++ (csrc/capture.cpp); graphs with tensor hooks are
+    not cached."""
+    hooks_fn = hooks.tensor_hooks if hooks.any_registered() else None
+    return _C.signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph, _spec,
+                        hooks_fn, lowering._FREED)
 
 
 def lookup(key):

@@ -34,6 +34,11 @@ def install():
         torch.Tensor.register_hook = _register_hook
 
 
+def any_registered():
+    """Whether any tensor hook was registered since import (none: nodes need no look)."""
+    return _STATE["any"]
+
+
 def tensor_hooks(fn):
     """[(output number, hook dict)] for node ``fn``; empty when nothing was registered."""
     if not _STATE["any"]:

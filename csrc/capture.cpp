@@ -1,0 +1,329 @@
+// Capture in C++ (see capture.h). Everything is read through Python attribute access, as the
+// Python code it replaced did; the gain is the interpreter overhead between those reads.
+#include "capture.h"
+
+namespace fg {
+namespace {
+
+// Objects held for the life of the process (never released: they may outlive the interpreter's
+// own teardown of the modules they come from).
+struct Names {
+  PyObject *dtype, *layout, *device, *type, *grad_fn, *requires_grad, *data_ptr, *shape, *stride,
+      *output_nr, *next_functions, *variable, *input_metadata, *metadata, *region,
+      *saved_tensors, *fallback;
+};
+Names N{};
+PyObject* g_dtype_codes = nullptr;   // dict: torch.dtype -> code
+PyObject* g_strided = nullptr;       // torch.strided
+PyObject* g_device_types = nullptr;  // tuple of str
+PyObject* g_tensor_cls = nullptr;    // torch.Tensor
+
+PyObject* intern(const char* s) {
+  PyObject* o = PyUnicode_InternFromString(s);
+  if (!o) throw py::error_already_set();
+  return o;
+}
+
+py::object get(py::handle o, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(o.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+py::object call0(py::handle o, PyObject* name) {
+  PyObject* r = PyObject_CallMethodNoArgs(o.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+bool truthy(py::handle o) {
+  int r = PyObject_IsTrue(o.ptr());
+  if (r < 0) throw py::error_already_set();
+  return r == 1;
+}
+
+bool equal(py::handle a, py::handle b) {
+  if (a.ptr() == b.ptr()) return true;
+  int r = PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ);
+  if (r < 0) throw py::error_already_set();
+  return r == 1;
+}
+
+py::object id_of(py::handle o) {
+  return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
+}
+
+py::tuple as_tuple(py::handle seq) {
+  PyObject* r = PySequence_Tuple(seq.ptr());
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::tuple>(r);
+}
+
+// (shape, dtype, device) of one InputMetadata entry.
+py::tuple meta_record(py::handle m) {
+  return py::make_tuple(as_tuple(get(m, N.shape)), get(m, N.dtype), get(m, N.device));
+}
+
+struct Spec {
+  py::object cls;  // keeps the class alive while its address is a key
+  bool lowerable, region, holds_saved;
+  std::vector<py::object> saved;  // attribute names
+};
+// Heap-held and never destroyed: its destructor would run after the interpreter is gone.
+std::unordered_map<PyObject*, Spec>& g_specs = *new std::unordered_map<PyObject*, Spec>();
+
+const Spec& spec_of(py::handle fn, py::handle spec_fn) {
+  PyObject* cls = reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr()));
+  auto it = g_specs.find(cls);
+  if (it != g_specs.end()) return it->second;
+  py::tuple t = spec_fn(py::handle(cls), fn);
+  Spec s;
+  s.cls = py::reinterpret_borrow<py::object>(cls);
+  s.lowerable = truthy(t[0]);
+  s.region = truthy(t[1]);
+  for (auto a : py::iter(t[2])) s.saved.push_back(py::reinterpret_borrow<py::object>(a));
+  s.holds_saved = truthy(t[3]);
+  return g_specs.emplace(cls, std::move(s)).first->second;
+}
+
+}  // namespace
+
+Py_ssize_t Binder::index(py::handle t, py::object* key) {
+  py::object dtype = get(t, N.dtype);
+  int has = PyDict_Contains(g_dtype_codes, dtype.ptr());
+  if (has < 0) throw py::error_already_set();
+  if (!has || !equal(get(t, N.layout), g_strided)) return -1;
+  py::object dev = get(t, N.device);
+  if (!equal(dev, device)) {
+    if (!device.is_none()) return -1;
+    int ok = PySequence_Contains(g_device_types, get(dev, N.type).ptr());
+    if (ok < 0) throw py::error_already_set();
+    if (!ok) return -1;
+    device = dev;
+  }
+  py::object gf = get(t, N.grad_fn);
+  bool rg = truthy(get(t, N.requires_grad));
+  py::object producer = !gf.is_none() ? id_of(gf) : rg ? id_of(t) : py::none();
+  py::object onr = !gf.is_none() ? get(t, N.output_nr) : py::int_(0);
+  py::tuple k = py::make_tuple(call0(t, N.data_ptr), as_tuple(get(t, N.shape)),
+                               call0(t, N.stride), dtype, py::bool_(rg), producer, onr);
+  Py_ssize_t n;
+  PyObject* hit = PyDict_GetItemWithError(keys.ptr(), k.ptr());
+  if (hit) {
+    n = PyLong_AsSsize_t(hit);
+  } else {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    n = PyList_GET_SIZE(tensors.ptr());
+    keys[k] = py::int_(n);
+    tensors.append(t);
+  }
+  if (key) *key = std::move(k);
+  return n;
+}
+
+py::object Binder::record(py::handle t) {
+  py::object key;
+  Py_ssize_t n = index(t, &key);
+  if (n < 0) return py::none();
+  py::tuple k = key;
+  return py::make_tuple(n, k[1], k[2], k[3], k[4]);
+}
+
+bool Graph::runs(PyObject* fn) const {
+  PyObject* nf = edges.at(fn);
+  for (Py_ssize_t i = 0, e = PyTuple_GET_SIZE(nf); i < e; ++i) {
+    PyObject* m = PyTuple_GET_ITEM(PyTuple_GET_ITEM(nf, i), 0);
+    if (m != Py_None && need.at(m)) return true;
+  }
+  return false;
+}
+
+Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set& leaf_ids,
+              py::handle acc_cls) {
+  Graph g;
+  g.roots = out_nodes;
+  std::vector<PyObject*> post;
+  std::vector<std::pair<PyObject*, bool>> stack;  // (node, expanded)
+  auto tuple_of = [](py::handle o) {
+    if (!PyTuple_Check(o.ptr())) throw py::type_error("next_functions is not a tuple");
+    return o.ptr();
+  };
+  for (auto root : out_nodes) {
+    // A node is expanded when first popped, so a node pushed by several consumers is finished
+    // before any of them (post-order on a DAG).
+    stack.emplace_back(root.ptr(), false);
+    while (!stack.empty()) {
+      auto [n, done] = stack.back();
+      stack.pop_back();
+      if (done) {
+        PyObject* nf = g.edges.at(n);
+        bool hit = input_ids.contains(id_of(n));
+        if (!hit && acc_cls.ptr() == reinterpret_cast<PyObject*>(Py_TYPE(n))) {
+          py::object var = get(n, N.variable);
+          py::object vid = id_of(var);
+          if (leaf_ids.contains(vid)) {
+            g.leaf_nodes[vid] = py::handle(n);
+            hit = true;
+          }
+        }
+        for (Py_ssize_t i = 0, e = PyTuple_GET_SIZE(nf); !hit && i < e; ++i) {
+          PyObject* m = PyTuple_GET_ITEM(PyTuple_GET_ITEM(nf, i), 0);
+          hit = m != Py_None && g.need.at(m);
+        }
+        g.need[n] = hit;
+        g.needed[id_of(n)] = py::bool_(hit);
+        post.push_back(n);
+        continue;
+      }
+      if (g.edges.count(n)) continue;
+      py::object nfo = get(n, N.next_functions);
+      PyObject* nf = tuple_of(nfo);
+      g.nexts[id_of(n)] = nfo;  // holds the tuple (and so the nodes in it) for the call
+      g.edges[n] = nf;
+      stack.emplace_back(n, true);
+      for (Py_ssize_t i = 0, e = PyTuple_GET_SIZE(nf); i < e; ++i) {
+        PyObject* m = PyTuple_GET_ITEM(PyTuple_GET_ITEM(nf, i), 0);
+        if (m != Py_None && !g.edges.count(m)) stack.emplace_back(m, false);
+      }
+    }
+  }
+  for (auto it = post.rbegin(); it != post.rend(); ++it)
+    if (g.need[*it]) g.order.append(py::handle(*it));
+  return g;
+}
+
+namespace {
+
+// A saved value as it enters a signature; nullptr when it cannot be part of a key (unhashable).
+py::object value_record(py::handle v, Binder& bind) {
+  int is_tensor = PyObject_IsInstance(v.ptr(), g_tensor_cls);
+  if (is_tensor < 0) throw py::error_already_set();
+  if (is_tensor) return bind.record(v);
+  py::object val = PyList_Check(v.ptr()) ? py::object(as_tuple(v))
+                                         : py::reinterpret_borrow<py::object>(v);
+  if (PyObject_Hash(val.ptr()) == -1) {
+    PyErr_Clear();
+    return py::object();
+  }
+  return py::make_tuple(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(val.ptr()))), val);
+}
+
+bool is_freed(py::handle fn, py::handle freed_key) {
+  PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
+  if (!md) {  // as lowering._is_freed: a node without metadata is never freed
+    PyErr_Clear();
+    return false;
+  }
+  py::object m = py::reinterpret_steal<py::object>(md);
+  if (!PyDict_Check(md)) return false;
+  PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
+  if (!v && PyErr_Occurred()) throw py::error_already_set();
+  return v && truthy(v);
+}
+
+}  // namespace
+
+py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
+                    py::handle in_edges, Binder& bind, bool create_graph,
+                    py::handle spec_fn, py::handle hooks_fn, py::handle freed_key) {
+  std::unordered_map<PyObject*, Py_ssize_t> pos;
+  Py_ssize_t norder = PyList_GET_SIZE(g.order.ptr());
+  for (Py_ssize_t i = 0; i < norder; ++i) pos[PyList_GET_ITEM(g.order.ptr(), i)] = i;
+  auto position = [&](py::handle n) {
+    auto it = pos.find(n.ptr());
+    return it == pos.end() ? Py_ssize_t(-1) : it->second;
+  };
+  bool freed = false;
+  py::list parts;
+  // create_graph changes what fallback nodes return (results that require grad)
+  parts.append(py::bool_(create_graph));
+  for (auto gt : py::iter(grad_tensors)) parts.append(gt.is_none() ? py::none() : bind.record(gt));
+  py::str fallback_tag("fallback");
+  for (Py_ssize_t i = 0; i < norder; ++i) {
+    py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
+    // user code runs on the gradient mid-sweep: derive anew each call
+    if (!hooks_fn.is_none() && truthy(hooks_fn(fn))) return py::make_tuple(py::none(), false);
+    const Spec& spec = spec_of(fn, spec_fn);
+    py::handle cls(reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr())));
+    PyObject* nf = g.edges.at(fn.ptr());
+    py::list metas;
+    for (auto m : get(fn, N.input_metadata)) metas.append(meta_record(m));
+    py::tuple meta = as_tuple(metas);
+    if (!g.runs(fn.ptr())) {  // an input or a node the sweep skips
+      parts.append(py::make_tuple(cls, PyTuple_GET_SIZE(nf), meta));
+      continue;
+    }
+    if (spec.holds_saved && is_freed(fn, freed_key)) freed = true;
+    py::list es;
+    for (Py_ssize_t j = 0, e = PyTuple_GET_SIZE(nf); j < e; ++j) {
+      py::handle edge = PyTuple_GET_ITEM(nf, j);
+      py::handle m = PyTuple_GET_ITEM(edge.ptr(), 0);
+      py::handle k = PyTuple_GET_ITEM(edge.ptr(), 1);
+      if (m.is_none()) {
+        es.append(py::none());
+        continue;
+      }
+      Py_ssize_t p = position(m);
+      if (p >= 0) {
+        es.append(py::make_tuple(p, k));
+      } else {
+        py::object md = get(m, N.input_metadata);
+        es.append(py::make_tuple(-1, k, meta_record(md[k])));
+      }
+    }
+    py::tuple est = as_tuple(es);
+    if (!spec.lowerable) {  // run through PyTorch's node: only what it returns matters (replay)
+      parts.append(py::make_tuple(cls, est, meta, fallback_tag));
+      continue;
+    }
+    py::list vals;
+    vals.append(cls);
+    vals.append(est);
+    vals.append(meta);
+    std::vector<py::object> src;
+    if (spec.region) {
+      vals.append(get(fn, N.region));
+      for (auto v : get(fn, N.saved_tensors)) src.push_back(py::reinterpret_borrow<py::object>(v));
+    } else {
+      for (const auto& a : spec.saved) src.push_back(get(fn, a.ptr()));
+    }
+    for (const auto& v : src) {
+      py::object r = value_record(v, bind);
+      if (!r) return py::make_tuple(py::none(), freed);
+      vals.append(r);
+    }
+    parts.append(as_tuple(vals));
+  }
+  for (py::handle edges : {out_edges, in_edges}) {
+    py::list ps;
+    for (auto e : py::iter(edges)) {
+      py::tuple t = py::reinterpret_borrow<py::tuple>(e);
+      ps.append(py::make_tuple(position(t[0]), t[1]));
+    }
+    parts.append(as_tuple(ps));
+  }
+  return py::make_tuple(as_tuple(parts), freed);
+}
+
+void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,
+                   py::object tensor_cls) {
+  if (!N.dtype) {
+    N = Names{intern("dtype"),         intern("layout"),          intern("device"),
+              intern("type"),          intern("grad_fn"),         intern("requires_grad"),
+              intern("data_ptr"),      intern("shape"),           intern("stride"),
+              intern("output_nr"),     intern("next_functions"),  intern("variable"),
+              intern("_input_metadata"), intern("metadata"),      intern("region"),
+              intern("saved_tensors"), intern("fallback")};
+  }
+  Py_XDECREF(g_dtype_codes);
+  Py_XDECREF(g_strided);
+  Py_XDECREF(g_device_types);
+  Py_XDECREF(g_tensor_cls);
+  g_dtype_codes = dtype_codes.release().ptr();
+  g_strided = strided.release().ptr();
+  g_device_types = device_types.release().ptr();
+  g_tensor_cls = tensor_cls.release().ptr();
+  g_specs.clear();
+}
+
+}  // namespace fg

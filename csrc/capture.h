@@ -1,0 +1,64 @@
+// Capture: the per-call walk of PyTorch's autograd graph and the graph signature, in C++.
+//
+// Both only read node and tensor attributes through Python (no libtorch linkage), exactly as
+// python/fastgrad/engine.py and graph_cache.py describe them; they live here because on small
+// graphs the interpreter overhead of doing it in Python cost more than torch's whole backward.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <unordered_map>
+#include <vector>
+
+namespace fg {
+namespace py = pybind11;
+
+// Numbers the tensors a call reads; the same tensor seen twice gets one number (engine._Binder
+// subclasses it in Python to add __call__).
+class Binder {
+ public:
+  py::list tensors;
+  py::dict keys;
+  py::object device = py::none();
+
+  // The number of tensor `t` (-1 for a tensor the compiled path cannot read: a dtype, layout or
+  // device it does not handle, or another device than the call's); `key` receives the identity
+  // key (data_ptr, shape, strides, dtype, requires_grad, producer id, output_nr).
+  Py_ssize_t index(py::handle t, py::object* key = nullptr);
+  // (number, shape, strides, dtype, requires_grad), or None: how a tensor enters a signature.
+  py::object record(py::handle t);
+};
+
+// The nodes on a path from the outputs to an input, consumers first (engine.run's view of it).
+struct Graph {
+  py::list order;       // nodes, consumers before producers
+  py::dict needed;      // id(node) -> whether it leads to an input
+  py::dict leaf_nodes;  // id(leaf tensor) -> its AccumulateGrad node
+  py::dict nexts;       // id(node) -> node.next_functions
+  py::list roots;       // the output nodes (alive while their addresses are keys below)
+  // The same facts keyed by the node objects (alive while `nexts` holds them).
+  std::unordered_map<PyObject*, bool> need;
+  std::unordered_map<PyObject*, PyObject*> edges;  // node -> next_functions tuple
+
+  bool runs(PyObject* fn) const;  // some edge leads to an input (the sweep calls fn)
+};
+
+// Walks from `out_nodes`; inputs are nodes (ids in `input_ids`) or leaf tensors (ids in
+// `leaf_ids`), found through their AccumulateGrad nodes (class `acc_cls`).
+Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set& leaf_ids,
+              py::handle acc_cls);
+
+// What graph_cache.signature documents: (key or None when not cacheable, whether a node the
+// sweep runs holds saved tensors and was freed by an earlier call). `spec_fn(cls, fn)` gives
+// (lowerable, is a region node, saved attribute names, holds saved tensors) once per class;
+// `hooks_fn(fn)` (None: no hooks anywhere) lists a node's tensor hooks.
+py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
+                    py::handle in_edges, Binder& bind, bool create_graph,
+                    py::handle spec_fn, py::handle hooks_fn, py::handle freed_key);
+
+// Called once at import: the dtype -> code dict, torch.strided, the device types the compiled
+// path runs on, and torch.Tensor.
+void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,
+                   py::object tensor_cls);
+
+}  // namespace fg
