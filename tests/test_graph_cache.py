@@ -38,6 +38,8 @@ PAIRS = {
                       lambda g: (lambda x, y: x + y, [rand((3, 4), g), rand((4,), g)])),
     "dtype": (lambda g: (lambda x: torch.exp(x) * x, [rand((3, 4), g)]),
               lambda g: (lambda x: torch.exp(x) * x, [rand((3, 4), g, dtype=torch.float32)])),
+    "saved_dims_list": (lambda g: (lambda x: x.permute(1, 0, 2).sin(), [rand((3, 3, 3), g)]),
+                        lambda g: (lambda x: x.permute(0, 2, 1).sin(), [rand((3, 3, 3), g)])),
     "strides": (lambda g: (lambda x: torch.tanh(x) * x, [rand((3, 4), g)]),
                 lambda g: (lambda x: torch.tanh(x.t()) * x.t(), [rand((4, 3), g)])),
 }
