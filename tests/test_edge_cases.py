@@ -73,6 +73,13 @@ def softplus_overflow(gen):
     return (lambda x: torch.nn.functional.softplus(x)), [x]
 
 
+def softplus_nonfinite(gen):
+    # inf, -inf and NaN inputs, with a beta and threshold other than the defaults
+    x = rand((3, 4), gen) * 4
+    x.reshape(-1)[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 2.6])
+    return (lambda x: torch.nn.functional.softplus(x, beta=2.0, threshold=5.0)), [x]
+
+
 def pow_tt_base_zero(gen):
     # d/dy x**y at x == 0 (PyTorch masks log(0) for y >= 0)
     x = _plant(rand((3, 4), gen, "positive"), gen, 0.0, count=4)
@@ -266,7 +273,7 @@ CASES = {
     f.__name__: f
     for f in [
         sqrt_at_zero, pow_half_at_zero, pow0_at_zero, pow2_at_zero, pow_neg_at_zero,
-        pow_specials_at_extremes, softplus_overflow, pow_tt_base_zero, amax_ties, amax_all_ties, amin_ties_keepdim, max_dim_ties,
+        pow_specials_at_extremes, softplus_overflow, softplus_nonfinite, pow_tt_base_zero, amax_ties, amax_all_ties, amin_ties_keepdim, max_dim_ties,
         min_dim_ties_keepdim, max_all_ties, min_all_ties, logsumexp_neg_inf,
         logsumexp_full_neg_inf_row, logsumexp_full_neg_inf_keepdim, abs_at_zero, relu_at_zero,
         clamp_on_bounds, clamp_min_on_bound, clamp_max_on_bound, clamp_min_eq_max,

@@ -49,6 +49,25 @@ def _unhandled(outputs, inputs):
     return None
 
 
+def _plain_grads(outs, grad_outputs):
+    """What _make_grads returns, for the common cases it needs no checks for (None otherwise):
+    implicit ones for real scalar outputs, or given gradients of the outputs' shapes."""
+    if grad_outputs is None:
+        for o in outs:
+            if type(o) is not torch.Tensor or o.numel() != 1 or not o.dtype.is_floating_point:
+                return None
+        return tuple([torch.ones_like(o) for o in outs])  # preserve_format by default
+    gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
+    if type(gos) not in (tuple, list) or len(gos) != len(outs):
+        return None
+    for o, g in zip(outs, gos):
+        if type(o) is not torch.Tensor or type(g) is not torch.Tensor or o.is_nested or \
+                g.shape != o.shape or not o.dtype.is_floating_point or \
+                not g.dtype.is_floating_point:
+            return None
+    return tuple(gos)
+
+
 class Report:
     """What fastgrad did for one call (returned by ``explain``)."""
 
@@ -142,12 +161,8 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
             "accumulate gradient for other parts of the graph, please use "
             "torch.autograd.backward.", FutureWarning, stacklevel=3)
         args = args[:5] + (True,) + args[6:]
-    if grad_outputs is None and not is_grads_batched and all(
-            type(o) is torch.Tensor and o.numel() == 1 and o.dtype.is_floating_point
-            for o in outs):
-        # What _make_grads does for implicit scalar gradients, without its general checks.
-        gos = tuple([torch.ones_like(o) for o in outs])  # preserve_format by default
-    else:
+    gos = None if is_grads_batched else _plain_grads(outs, grad_outputs)
+    if gos is None:
         gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)),
                           is_grads_batched=is_grads_batched)
     if retain_graph is None:

@@ -143,6 +143,18 @@ def ew(op, *args, dtype=None):
 
 
 def add(a, b):
+    a, b = _as_node(a), _as_node(b)
+    if a.op == "where" and b.op == "where" and a.args[0] is b.args[0]:
+        # where(c, x, 0) + where(c, 0, y) = where(c, x, y) (up to the sign of a zero): the
+        # cotangent of a `where` whose two branches come from one tensor (softplus, clamp, ...)
+        fused = None
+        if is_const(a.args[2], 0.0) and is_const(b.args[1], 0.0):
+            fused = where(a.args[0], a.args[1], b.args[2])
+        elif is_const(a.args[1], 0.0) and is_const(b.args[2], 0.0):
+            fused = where(a.args[0], b.args[1], a.args[2])
+        if fused is not None and fused.shape == broadcast(a.shape, b.shape) and \
+                fused.dtype == promote(a.dtype, b.dtype):
+            return fused
     return ew("add", a, b)
 
 
