@@ -50,7 +50,7 @@ def pow_neg_at_zero(gen):
     return (lambda x: x**-1), [x]
 
 
-_POW_SPECIALS = (0.5, -0.5, -1.0, 2.0, 3.0, -2.0, 1.0)
+_POW_SPECIALS = (0.0, 0.5, -0.5, -1.0, 2.0, 3.0, -2.0, 1.0)
 
 
 def pow_specials_at_extremes(gen):

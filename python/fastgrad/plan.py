@@ -21,7 +21,7 @@ from .runtime_table import OPCODES
 
 _VIEW_OPS = {"expand", "permute", "reshape", "slice", "embed"}
 _REDUCE_MODE = {"rsum": 1, "rmax": 2, "rmin": 3}
-_POW_SPECIAL = (1.0, 0.5, -0.5, -1.0, 2.0, 3.0, -2.0)
+_POW_SPECIAL = (0.0, 1.0, 0.5, -0.5, -1.0, 2.0, 3.0, -2.0)
 _ROUND = {torch.float32: "to_f32", torch.float16: "to_f16", torch.bfloat16: "to_bf16"}
 
 
@@ -324,11 +324,13 @@ class _Emitter:
     def _pow_special(self, n, imap):
         # PyTorch computes these exponents as products / sqrt / reciprocal rather than pow()
         # (ATen's pow_tensor_scalar kernels); doing the same gives its roundings and is faster.
+        v = n.args[1].attrs[0]
+        if v == 0.0:  # ones, even at NaN and inf (ATen fills the result with 1)
+            return self.const(1.0)
         lead = n.ndim - n.args[0].ndim
         x = self.emit(n.args[0], tuple(("c", 0) if s == 1 and n.shape[lead + i] != 1
                                        else imap[lead + i]
                                        for i, s in enumerate(n.args[0].shape)))
-        v = n.args[1].attrs[0]
         if v == 1.0:
             return x
         if v == 0.5:
