@@ -184,6 +184,18 @@ def neg(a):
     return ew("neg", a)
 
 
+def pow(a, b):
+    """a ** b; a constant exponent of 2 is built as a * a (how ATen computes it), so it is the
+    same node as any other a * a, and 1 as a itself."""
+    a, b = _as_node(a), _as_node(b)
+    if is_const(b) and b.shape == () and a.dtype is not None and a.dtype.is_floating_point:
+        if b.attrs[0] == 2.0:
+            return mul(a, a)
+        if b.attrs[0] == 1.0:
+            return a
+    return ew("pow", a, b)
+
+
 def where(c, a, b):
     return ew("where", c, a, b)
 

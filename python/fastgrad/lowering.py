@@ -239,7 +239,7 @@ def _transpose(v):
 
 def _pow_scalar_exp(v):
     e = v.scalar("_saved_exponent")
-    return [ew("pow", v.x(0, "_saved_self"), const(e))]
+    return [ir.pow(v.x(0, "_saved_self"), const(e))]
 
 
 def _pow_scalar_base(v):

@@ -21,6 +21,7 @@ from .runtime_table import OPCODES
 
 _VIEW_OPS = {"expand", "permute", "reshape", "slice", "embed"}
 _REDUCE_MODE = {"rsum": 1, "rmax": 2, "rmin": 3}
+_COMMUTATIVE = {"add", "mul"}
 _POW_SPECIAL = (0.0, 1.0, 0.5, -0.5, -1.0, 2.0, 3.0, -2.0)
 _ROUND = {torch.float32: "to_f32", torch.float16: "to_f16", torch.bfloat16: "to_bf16"}
 
@@ -204,6 +205,7 @@ class _Emitter:
     def __init__(self, region, loadable):
         self.r, self.loadable = region, loadable
         self.memo, self.input_ix, self.alias, self.loaded = {}, {}, {}, {}
+        self.cse, self.const_ix = {}, {}
         self.code = []  # (op name, dst, a, b, c) with virtual registers
         self.nvirt = 0
         self.dtypes = set()
@@ -213,14 +215,25 @@ class _Emitter:
         return self.nvirt - 1
 
     def instr(self, op, a=0, b=0, c=0):
-        d = self.reg()
-        self.code.append((op, d, a, b, c))
+        # Registers are virtual (each written once) until _allocate, so the same op on the same
+        # registers is the same value: different IR nodes computing one thing (t*t from tanh's
+        # derivative and from t**2, nodes bound to one load) emit it once.
+        if op in _COMMUTATIVE and a > b:
+            a, b = b, a
+        key = (op, a, b, c)
+        d = self.cse.get(key) if op not in ("load", "store") else None
+        if d is None:
+            d = self.cse[key] = self.reg()
+            self.code.append((op, d, a, b, c))
         return d
 
     def const(self, v):
-        r = self.r
-        r.consts.append(float(v))
-        return self.instr("const", len(r.consts) - 1)
+        key = repr(float(v))  # tells -0.0 from 0.0
+        ix = self.const_ix.get(key)
+        if ix is None:
+            ix = self.const_ix[key] = len(self.r.consts)
+            self.r.consts.append(float(v))
+        return self.instr("const", ix)
 
     def load(self, n, imap):
         # Different nodes bound to the same tensor (a saved value that is both a leaf and, say,

@@ -25,9 +25,9 @@ def _pow_rule(n, g):
     if ir.is_const(b):
         e = b.attrs[0]
         ga = ir.zeros(a.shape, a.dtype) if e == 0 else \
-            mul(g, mul(const(e), ew("pow", a, const(e - 1))))
+            mul(g, mul(const(e), ir.pow(a, const(e - 1))))
     else:
-        ga = where(ew("eq", b, 0.0), const(0.0), mul(g, mul(b, ew("pow", a, sub(b, 1.0)))))
+        ga = where(ew("eq", b, 0.0), const(0.0), mul(g, mul(b, ir.pow(a, sub(b, 1.0)))))
     if ir.is_const(a):
         c = a.attrs[0]
         gb = mul(g, mul(n, ew("log", a))) if c != 0 else \
