@@ -199,7 +199,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if entry is not None:
         if freed:
             raise RuntimeError(freed_message())
-        if _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
+        if not entry.tape or _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)

@@ -50,6 +50,7 @@ class Region:
         self.compute = torch.float32
         self.local_inputs = self.local_outputs = None
         self.packers = {}        # runtime: descriptor templates by input strides
+        self.vjps = {}           # runtime: the IR of its VJP by (wanted inputs, cotangents)
         self._out_specs = None
 
     @property

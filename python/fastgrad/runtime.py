@@ -131,14 +131,21 @@ class RegionFunction(torch.autograd.Function):
     def backward(ctx, *gs):
         region = ctx.region
         ins = ctx.saved_tensors
-        n = len(ins)
-        cots = [ir.leaf(n + j, tuple(g.shape), g.dtype) if g is not None else None
-                for j, g in enumerate(gs)]
         need = ctx.needs_input_grad[1:]
-        wrt = [w for w, nd in zip(region.local_inputs, need) if nd]
-        res = iter(rules.vjp(region.local_outputs, cots, wrt))
-        grads = [next(res) if nd else None for nd in need]
-        tensors = list(ins) + [g for g in gs]
+        specs = tuple([None if g is None else (tuple(g.shape), g.dtype) for g in gs])
+        # The IR is hash-consed, so the derivation is the same for the same region, wanted
+        # inputs and cotangent layouts: derived once (a backward through our regions on every
+        # training step, e.g. a gradient penalty's, then costs one plan lookup).
+        vjps = region.vjps  # see plan.Region
+        grads = vjps.get((need, specs))
+        if grads is None:
+            n = len(ins)
+            cots = [None if s is None else ir.leaf(n + j, s[0], s[1])
+                    for j, s in enumerate(specs)]
+            wrt = [w for w, nd in zip(region.local_inputs, need) if nd]
+            res = iter(rules.vjp(region.local_outputs, cots, wrt))
+            grads = vjps[(need, specs)] = [next(res) if nd else None for nd in need]
+        tensors = list(ins) + list(gs)
         res = materialize(grads, tensors, torch.is_grad_enabled())
         return (None,) + tuple(res)
 
