@@ -79,6 +79,8 @@ class ViewStep:
         self.node = node
         if node.op == "expand":
             self.source, self.chain = _view_chain(node)
+            if ir.numel(self.source.shape) == 1 and self.source.ndim <= node.ndim:
+                self.chain = [node]  # one expand of a single value (a sum's VJP) says it all
         else:
             self.source, self.chain = node.args[0], [node]
 

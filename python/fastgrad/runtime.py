@@ -73,6 +73,7 @@ class _Packer:
             desc += ins_
         self.desc = array("q", desc)
         self.consts = array("d", region.consts)
+        self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
 
     def pack(self, ins, outs):
         d = array("q", self.desc)
@@ -88,17 +89,22 @@ def run_region(region, ins, dev=None):
     that of ``ins``, else the CPU); returns its targets."""
     if dev is None:
         dev = ins[0].device if ins else _CPU
-    outs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in region.out_specs]
-    key = tuple(t.stride() for t in ins)
+    # (per-call Python cost matters on small graphs: `dev == _CPU` is 10x cheaper than
+    # `dev.type`, and torch.empty is cheaper without a device argument)
+    on_cpu = dev == _CPU or dev.type == "cpu"
+    if on_cpu:
+        outs = [torch.empty(shape, dtype=dt) for shape, dt in region.out_specs]
+    else:
+        outs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in region.out_specs]
+    key = tuple([t.stride() for t in ins])
     packer = region.packers.get(key)
     if packer is None:
         if len(region.packers) > 64:
             region.packers.clear()
         packer = region.packers[key] = _Packer(region, ins, outs)
     desc = packer.pack(ins, outs)
-    if dev.type == "cpu":
-        _C.run_cpu(desc, packer.consts, _COMPUTE[region.compute],
-                   _num_threads(ir.numel(region.shape)))
+    if on_cpu:
+        _C.run_cpu(desc, packer.consts, packer.compute, _num_threads(packer.numel))
     else:
         _C.run_cuda(desc, packer.consts, _COMPUTE[region.compute], dev.index,
                     torch.cuda.current_stream(dev).cuda_stream)
@@ -150,13 +156,6 @@ class RegionFunction(torch.autograd.Function):
         return (None,) + tuple(res)
 
 
-def _known_tensor(n, tensors):
-    t = tensors[n.known]
-    if tuple(t.shape) != n.shape:
-        t = t.reshape(n.shape)
-    return t
-
-
 def execute(plan, tensors, create_graph, stats=None):
     env = {}
     dev = tensors[0].device if tensors else _CPU
@@ -164,7 +163,8 @@ def execute(plan, tensors, create_graph, stats=None):
     def value(n):
         v = env.get(id(n))
         if v is None:
-            v = env[id(n)] = _known_tensor(n, tensors)
+            t = tensors[n.known]
+            v = env[id(n)] = t if t.shape == n.shape else t.reshape(n.shape)
         return v
 
     for step in plan.steps:
