@@ -233,3 +233,21 @@ def test_region_node_named_in_explain(gen):
     r = fastgrad.explain((g * g).sum(), x)
     assert any("Region" in n for n in r.native), str(r)
     assert r.all_native, str(r)
+
+
+def test_region_backward_repeated_with_other_cotangents(gen):
+    # RegionFunction.backward keeps the derived VJP per (wanted inputs, cotangent layouts):
+    # each later backward through the same region, with other cotangent values and layouts,
+    # must still match torch
+    x = rand((6, 5), gen).requires_grad_(True)
+    w = rand((6, 5), gen).requires_grad_(True)
+    g = FAST_GRAD((torch.sin(x * w) * x).sum(), x, create_graph=True)[0]
+    ref = TORCH_GRAD((torch.sin(x * w) * x).sum(), x, create_graph=True)[0]
+    assert g.grad_fn.name() == "RegionFunctionBackward"
+    for v in [rand((6, 5), gen), rand((6, 5), gen), rand((5, 6), gen).t(), rand((6, 5), gen)]:
+        ours = torch.autograd.grad(g, [x, w], v, retain_graph=True)
+        theirs = torch.autograd.grad(ref, [x, w], v, retain_graph=True)
+        assert_same(ours, theirs, what="backward through the region")
+    ours = torch.autograd.grad(g.sum(), [w], retain_graph=True)
+    theirs = torch.autograd.grad(ref.sum(), [w], retain_graph=True)
+    assert_same(ours, theirs, what="backward to w only")
