@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "capture.h"
 #include "floor.h"
@@ -60,6 +61,27 @@ void run_cpu(const py::buffer& desc, const py::buffer& consts, int compute_dtype
   fg::run_region_cpu(region, compute_dtype, nthreads);
 }
 
+// Row group (vm.h, run_group_cpu): descs, consts and computes hold one entry per region.
+int64_t run_cpu_group(const py::sequence& descs, const py::sequence& consts, const py::sequence& computes,
+                      int64_t chunk_mask, int nthreads) {
+  const size_t n = descs.size();
+  if (consts.size() != n || computes.size() != n)
+    throw py::value_error("descs, consts and computes must have the same length");
+  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+  if (chunk_mask < 0 || chunk_mask >= (int64_t(1) << fg::kMaxNdim))
+    throw py::value_error("chunk_mask must be in [0, 2**" + std::to_string(fg::kMaxNdim) + ")");
+  std::vector<py::buffer_info> d(n), c(n);
+  std::vector<fg::Region> regions;
+  std::vector<int> comp(n);
+  for (size_t i = 0; i < n; ++i) {
+    comp[i] = computes[i].cast<int>();
+    check_compute(comp[i]);
+    regions.push_back(parse(descs[i].cast<py::buffer>(), consts[i].cast<py::buffer>(), d[i], c[i]));
+  }
+  py::gil_scoped_release nogil;
+  return fg::run_group_cpu(regions, comp, (uint32_t)chunk_mask, nthreads);
+}
+
 #ifdef FASTGRAD_WITH_CUDA
 void run_cuda(const py::buffer& desc, const py::buffer& consts, int compute_dtype, int device_index,
               std::uintptr_t stream, bool check_pointers) {
@@ -84,6 +106,14 @@ PYBIND11_MODULE(_C, m) {
         "desc: int64 buffer (array.array('q')) holding the region descriptor; consts: float64\n"
         "buffer (array.array('d')); compute_dtype: 0 = float32, 1 = float64; nthreads >= 1.\n"
         "Raises ValueError on a malformed descriptor. Releases the GIL while computing.");
+
+  m.def("run_cpu_group", &run_cpu_group, py::arg("descs"), py::arg("consts"), py::arg("computes"),
+        py::arg("chunk_mask"), py::arg("nthreads"),
+        "Run fused regions in order on the CPU as one row group, chunk by chunk over rows of the\n"
+        "leading iteration dims in chunk_mask (bit d = dim d); see csrc/vm.h run_group_cpu for what\n"
+        "the caller guarantees. descs/consts/computes: one entry per region, as for run_cpu. Returns the\n"
+        "number of chunks run (0: the regions ran one after another). Raises ValueError on a\n"
+        "malformed descriptor. Releases the GIL while computing.");
 
   m.def("hand_fused_sin_exp_grad", &fg::hand_fused_sin_exp_grad, py::arg("x_ptr"), py::arg("out_ptr"), py::arg("n"),
         py::arg("dtype_code"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),

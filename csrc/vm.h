@@ -119,4 +119,22 @@ void normalize_region(Region& r);
 // Call without the GIL; does not throw for a region parse_region accepted.
 void run_region_cpu(Region& r, int compute, int nthreads);
 
+// Run parsed regions rs (rs[i] in compute type computes[i]) in order, as a
+// "row group": with the results of run_region_cpu on each in turn, but chunk
+// by chunk -- a chunk being some consecutive "rows", the coordinates of the
+// leading dims 0..k-1 in chunk_mask (bit d = dim d), whole along the other
+// dims -- each chunk through every region before the next, so what an
+// earlier region read or wrote is still in cache when a later one reads it.
+// The caller guarantees that a region reads what an earlier region of the
+// group writes only at its own row (dim d of that output indexed by
+// iteration dim d, d < k) and writes nothing an earlier region reads. The
+// leading dims stop at the first one some region lacks, has of another size,
+// or reduces; with none left, data that fit in cache, rows too large for it,
+// or a reduction with the innermost dim kept, the regions run one after
+// another. A reduction's rows are each reduced by one thread. Returns the
+// number of chunks run (0: one region after another).
+// Call without the GIL; throws only DescriptorError (sizes) and bad_alloc.
+int64_t run_group_cpu(std::vector<Region>& rs, const std::vector<int>& computes, uint32_t chunk_mask,
+                      int nthreads);
+
 }  // namespace fg

@@ -20,7 +20,13 @@
 //    predicate on the innermost dim becomes a strided gather of the valid
 //    positions (an arithmetic progression) instead of a test per element;
 //  - programs with transcendental ops use short blocks and prefetch the next
-//    block's contiguous inputs/outputs, so memory traffic overlaps the math.
+//    block's contiguous inputs/outputs, so memory traffic overlaps the math;
+//  - a load broadcast along the innermost dim (a row sum read back over its
+//    row) is read once per run by the binary ops that use it, and a product
+//    that only a sum store reads is added up without being written
+//    (plan_direct_reads), each saving a pass over the block;
+//  - a row group (vm_cpu_group.h) writes a large final output with streaming
+//    stores, straight from the instruction that computes it.
 //
 // Reductions: normalize_region() puts the reduced dims innermost, so each
 // output element of a reducing store ("row") is a contiguous range of
@@ -50,7 +56,7 @@
 #include "vm_cpu_loops.h"   // block/tile walks, loads, predicates, stores, prefetch
 #include "vm_cpu_tuning.h"  // thread and block-size constants, is_heavy
 #include "vm_cpu_reduce.h"  // reduction rules, segment reductions, row output, combine_outer
-#include "vm_cpu_plan.h"    // FastPlan / make_fast_plan (register-pointer fast paths)
+#include "vm_cpu_plan.h"    // FastPlan / make_fast_plan (register-pointer fast paths, direct reads)
 
 namespace fg {
 namespace {
@@ -84,8 +90,11 @@ struct Worker {
     partials[2 * k + npartials[k]++] = RowPartial{row, acc};
   }
 
-  // v[n]: values of elements [s, s+n) for reducing store k.
-  void reduce_store(int64_t k, const T* v, int64_t s, int64_t n) {
+  // Reduces elements [s, s+n) into reducing store k (rows strategy);
+  // seg(i, len) is the reduction of values [i, i+len) of the block (a row or
+  // part of one).
+  template <class Seg>
+  void reduce_rows(int64_t k, int64_t s, int64_t n, Seg&& seg) {
     const StoreRec& S = r.stores[k];
     RowState& st = state[k];
     const int64_t R = r.row_len;
@@ -102,17 +111,8 @@ struct Worker {
         with_storage(S.dtype, [&](auto tag) {
           using S_ = FG_STORAGE_T(tag);
           S_* base = reinterpret_cast<S_*>(S.ptr);
-          const T* x = v + i;
-          const bool short_sum = S.mode == MODE_SUM && R < 16;  // seg_sum's order for R < 16
-          for (int64_t q = 0; q < nrows; ++q, x += R) {
-            double a;
-            if (short_sum) {
-              a = 0.0;
-              for (int64_t j = 0; j < R; ++j) a += double(x[j]);
-            } else {
-              a = seg_reduce(S.mode, x, R);
-            }
-            base[off] = to_storage<S_>(a);
+          for (int64_t q = 0; q < nrows; ++q) {
+            base[off] = to_storage<S_>(seg(i + q * R, R));
             if (no == 1) {
               off += S.stride[0];
               continue;
@@ -131,7 +131,7 @@ struct Worker {
       }
       const int64_t row_end = (row + 1) * R;
       const int64_t len = std::min(row_end - pos, n - i);
-      const double part = seg_reduce(S.mode, v + i, len);
+      const double part = seg(i, len);
       if (st.row == row) {
         st.acc = red_combine(S.mode, st.acc, part);
       } else {
@@ -148,6 +148,19 @@ struct Worker {
         st.row = -1;
       }
     }
+  }
+
+  // v[n]: values of elements [s, s+n) for reducing store k.
+  void reduce_store(int64_t k, const T* v, int64_t s, int64_t n) {
+    const int mode = r.stores[k].mode;
+    reduce_rows(k, s, n, [&](int64_t i, int64_t len) {
+      if (mode == MODE_SUM && len < 16) {  // seg_sum's order for len < 16
+        double a = 0.0;
+        for (int64_t j = 0; j < len; ++j) a += double(v[i + j]);
+        return a;
+      }
+      return seg_reduce(mode, v + i, len);
+    });
   }
 
   // Outer strategy: v[n] are elements [s, s+n) (first coordinate c0) for
@@ -238,6 +251,14 @@ struct Worker {
     return p;
   }
 
+  // Whether instruction i computes straight into a store written with
+  // streaming stores (dst_for redirected it this block).
+  bool streams(size_t i) const {
+    if (fp.stream.empty() || fp.redirect[i] < 0) return false;
+    const int k = fp.redirect[i];
+    return fp.stream[k] && done[k];
+  }
+
   void exec_block(int64_t s, int64_t n) {
     const int nd = r.ndim;
     int64_t c0[kMaxNdim];
@@ -251,6 +272,7 @@ struct Worker {
     const size_t ni = r.instrs.size();
     for (size_t ii = 0; ii < ni; ++ii) {
       const Instr& I = r.instrs[ii];
+      if (fp.enabled && fp.skip[ii]) continue;  // read where it is (plan_direct_reads)
       switch (I.op) {
         case OP_LOAD: {
           const LoadRec& L = r.loads[I.a];
@@ -291,8 +313,15 @@ struct Worker {
           const T* v = regp[I.b];
           if (S.mode != MODE_ASSIGN && r.red_outer) {
             reduce_store_outer(I.a, v, c0, n);
+          } else if (S.mode != MODE_ASSIGN && fp.enabled && fp.dot[I.a] >= 0) {
+            const Instr& M = r.instrs[fp.dot[I.a]];
+            const T *x = regp[M.a], *y = regp[M.b];
+            reduce_rows(I.a, s, n, [&](int64_t i, int64_t len) { return seg_dot(x + i, y + i, len); });
           } else if (S.mode != MODE_ASSIGN) {
             reduce_store(I.a, v, s, n);
+          } else if (!(fp.enabled && done[I.a]) && !fp.stream.empty() && fp.stream[I.a] &&
+                     contiguous(fp.store_ck[I.a], fp.store_span[I.a], s, n)) {
+            stream_run(reinterpret_cast<T*>(S.ptr) + dot(c0, S.stride, nd), v, n);
           } else if (!(fp.enabled && done[I.a])) {
             with_storage(S.dtype, [&](auto tag) {
               using S_ = FG_STORAGE_T(tag);
@@ -305,31 +334,43 @@ struct Worker {
           }
           break;
         }
-          // The math ops: one vectorizable loop each, generated from ops.def.
+          // The math ops: one vectorizable loop each, generated from ops.def
+          // (and its streaming-store twin, see streams()).
 #define FG_CASE_0(E)
-#define FG_CASE_1(E)                                          \
-  case OP_##E: {                                              \
-    const T* x = regp[I.a];                                   \
-    T* d = dst_for(ii, I.dst, c0, s, n);                      \
-    for (int64_t i = 0; i < n; ++i) d[i] = fg_##E<T>(x[i]);  \
-    break;                                                    \
+#define FG_LOOP(EXPR)                                            \
+  if (streams(ii))                                               \
+    stream_apply<T>(d, n, [&](int64_t i) { return EXPR; });      \
+  else                                                           \
+    for (int64_t i = 0; i < n; ++i) d[i] = EXPR;
+#define FG_CASE_1(E)                     \
+  case OP_##E: {                         \
+    const T* x = regp[I.a];              \
+    T* d = dst_for(ii, I.dst, c0, s, n); \
+    FG_LOOP(fg_##E<T>(x[i]))             \
+    break;                               \
   }
-#define FG_CASE_2(E)                                                   \
-  case OP_##E: {                                                       \
-    const T* x = regp[I.a];                                            \
-    const T* y = regp[I.b];                                            \
-    T* d = dst_for(ii, I.dst, c0, s, n);                               \
-    for (int64_t i = 0; i < n; ++i) d[i] = fg_##E<T>(x[i], y[i]);     \
-    break;                                                             \
+#define FG_CASE_2(E)                                                                     \
+  case OP_##E: {                                                                         \
+    const T* x = regp[I.a];                                                              \
+    const T* y = regp[I.b];                                                              \
+    T* d = dst_for(ii, I.dst, c0, s, n);                                                 \
+    if (fp.enabled && fp.bcast[ii]) {                                                    \
+      const bool vf = fp.bcast[ii] == 1;                                                 \
+      bcast_binary<T>(r, r.loads[fp.bcast_load[ii]], c0, n, vf ? y : x, d, vf, streams(ii), \
+                      [](T a, T b) { return fg_##E<T>(a, b); });                         \
+      break;                                                                             \
+    }                                                                                    \
+    FG_LOOP(fg_##E<T>(x[i], y[i]))                                                       \
+    break;                                                                               \
   }
-#define FG_CASE_3(E)                                                          \
-  case OP_##E: {                                                              \
-    const T* x = regp[I.a];                                                   \
-    const T* y = regp[I.b];                                                   \
-    const T* z = regp[I.c];                                                   \
-    T* d = dst_for(ii, I.dst, c0, s, n);                                      \
-    for (int64_t i = 0; i < n; ++i) d[i] = fg_##E<T>(x[i], y[i], z[i]);      \
-    break;                                                                    \
+#define FG_CASE_3(E)                        \
+  case OP_##E: {                            \
+    const T* x = regp[I.a];                 \
+    const T* y = regp[I.b];                 \
+    const T* z = regp[I.c];                 \
+    T* d = dst_for(ii, I.dst, c0, s, n);    \
+    FG_LOOP(fg_##E<T>(x[i], y[i], z[i]))    \
+    break;                                  \
   }
 #define FG_OP(E, N, A) FG_CASE_##A(E)
 #include "ops.def"
@@ -338,6 +379,7 @@ struct Worker {
 #undef FG_CASE_1
 #undef FG_CASE_2
 #undef FG_CASE_3
+#undef FG_LOOP
         default:
           break;
       }
@@ -365,27 +407,8 @@ struct FreeDeleter {
 template <class T>
 void run_typed(const Region& r, int nthreads) {
   const int64_t nregs = std::max<int64_t>(r.nregs, 1);
-  // Block length: programs with a transcendental op are compute-bound, and
-  // run short blocks while prefetching the next block's contiguous inputs
-  // and outputs, so memory traffic overlaps the math (a long burst of
-  // misses would stall it, as would a long burst of stores). Memory-bound
-  // programs run long blocks (less per-block overhead) and leave streaming
-  // to the hardware prefetcher.
-  // (Data that fits in cache needs no prefetching: then longer blocks win.)
-  bool heavy = false;
-  for (const Instr& I : r.instrs) heavy |= is_heavy(I.op);
-  int64_t item_bytes = 0;
-  for (const LoadRec& L : r.loads) item_bytes += dtype_itemsize(L.dtype);
-  for (const StoreRec& S : r.stores) item_bytes += dtype_itemsize(S.dtype);
-  const bool streaming = double(r.numel) * double(item_bytes) > kStreamBytes;
-  const int64_t max_block = heavy ? (streaming ? kHeavyBlock : kHeavyCachedBlock) : kMaxBlock;
-  int64_t block = kRegBytes / (nregs * (int64_t)sizeof(T));
-  block = std::max<int64_t>(64, std::min<int64_t>(max_block, block)) & ~int64_t(15);
-  // A column sum (outer strategy, rows of the innermost dim reduced) adds
-  // several rows per pass over its accumulators: let a block hold 4 rows.
-  if (!heavy && r.red_outer && r.ndim >= 2 && r.ostride[r.ndim - 2] == 0 && r.ostride[r.ndim - 1] == 1)
-    block = std::max(block, std::min({4 * r.shape[r.ndim - 1], kMaxOuterBlock,
-                                      4 * kRegBytes / (nregs * (int64_t)sizeof(T))}) & ~int64_t(15));
+  const bool heavy = region_heavy(r), streaming = region_streaming(r);
+  const int64_t block = block_length(r, sizeof(T), heavy, streaming);
   int nt = 1;
   if (r.numel >= kParallelMin)
     nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, r.numel / (kParallelMin / 2)));
@@ -513,6 +536,20 @@ void run_region_cpu(Region& r, int compute, int nthreads) {
     run_typed<float>(r, std::max(1, nthreads));
   else
     run_typed<double>(r, std::max(1, nthreads));
+}
+
+}  // namespace fg
+
+// Row groups string Worker's runs of several regions together chunk by chunk,
+// so they come after everything above (see the note at the other includes).
+#include "vm_cpu_group.h"
+
+namespace fg {
+
+int64_t run_group_cpu(std::vector<Region>& rs, const std::vector<int>& computes, uint32_t chunk_mask,
+                      int nthreads) {
+  if (computes.size() != rs.size()) throw DescriptorError("fastgrad row group: one compute type per region");
+  return run_group(rs, computes.data(), chunk_mask, std::max(1, nthreads));
 }
 
 }  // namespace fg

@@ -11,6 +11,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #include "dtype_convert.h"
 #include "vm.h"
 
@@ -368,6 +371,74 @@ inline void store_tile(S* p, int64_t so, int64_t si, int64_t rows, int64_t len, 
   } else {
     for (int64_t q = 0; q < rows; ++q) store_run<S, T>(p + q * so, si, len, v + q * len);
   }
+}
+
+// p[0..n) = v[0..n) with non-temporal (streaming) stores where the address is
+// aligned: the lines go to memory without being read first and without
+// evicting what the cache holds. Ordered for other threads only after
+// _mm_sfence (stream_fence).
+template <class T>
+inline void stream_run(T* p, const T* v, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX__
+  for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 31); ++i) p[i] = v[i];
+  if (std::is_same<T, float>::value) {
+    float* q = reinterpret_cast<float*>(p);
+    const float* w = reinterpret_cast<const float*>(v);
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(q + i, _mm256_loadu_ps(w + i));
+  } else if (std::is_same<T, double>::value) {
+    double* q = reinterpret_cast<double*>(p);
+    const double* w = reinterpret_cast<const double*>(v);
+    for (; i + 4 <= n; i += 4) _mm256_stream_pd(q + i, _mm256_loadu_pd(w + i));
+  }
+#endif
+  for (; i < n; ++i) p[i] = v[i];
+}
+
+inline void stream_fence() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
+// d[i] = f(i) for i < n, written with streaming stores: computed a piece at
+// a time into a buffer that stays in L1, each piece then streamed out.
+template <class T, class F>
+inline void stream_apply(T* d, int64_t n, F f) {
+  alignas(64) T tmp[64];
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t m = std::min<int64_t>(64, n - i0);
+    for (int64_t j = 0; j < m; ++j) tmp[j] = f(i0 + j);
+    stream_run(d + i0, tmp, m);
+  }
+}
+
+// d[i] = f(x[i], v) for the n elements of a block (c0: its first
+// coordinate), or f(v, x[i]) when v_first, where v is the one value that
+// load L (of storage T, broadcast along the innermost dim: stride 0) has on
+// each run of that dim: read once per run instead of filled into a register.
+template <class T, class F>
+inline void bcast_binary(const Region& r, const LoadRec& L, const int64_t* c0, int64_t n, const T* x, T* d,
+                         bool v_first, bool nt, F f) {
+  const int nd = r.ndim;
+  const T* base = reinterpret_cast<const T*>(L.ptr) + L.offset;
+  const int64_t so = nd > 1 ? L.stride[nd - 2] : 0;
+  for_tiles(r, c0, n, [&](const int64_t* c, int64_t i0, int64_t rows, int64_t len) {
+    const T* p = base + dot(c, L.stride, nd);
+    for (int64_t q = 0; q < rows; ++q) {
+      const T v = p[q * so];
+      const T* xq = x + i0 + q * len;
+      T* dq = d + i0 + q * len;
+      if (nt && v_first)
+        stream_apply<T>(dq, len, [&](int64_t j) { return f(v, xq[j]); });
+      else if (nt)
+        stream_apply<T>(dq, len, [&](int64_t j) { return f(xq[j], v); });
+      else if (v_first)
+        for (int64_t j = 0; j < len; ++j) dq[j] = f(v, xq[j]);
+      else
+        for (int64_t j = 0; j < len; ++j) dq[j] = f(xq[j], v);
+    }
+  });
 }
 
 // Asks for the cache lines of the n elements after p[0..n) (the same record's

@@ -80,6 +80,56 @@ double seg_sum(const T* x, int64_t n) {
   return s;
 }
 
+// v, materialised as is: an empty asm the compiler cannot see through keeps
+// a product from being contracted into the add that follows (-ffp-contract
+// is GCC's default; an FMA would round once where the program rounds twice).
+template <class T>
+inline T rounded(T v) {
+  asm("" : "+m"(v));
+  return v;
+}
+
+// Sum in double of the products x[i]*y[i] (i < n), each rounded to T as
+// fg_MUL rounds it: the value and order of seg_sum of the products.
+template <class T>
+double seg_dot(const T* x, const T* y, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX__
+  if (std::is_same<T, float>::value && n >= 16) {
+    // (float products convert to double before they are added: nothing to contract)
+    const float* f = reinterpret_cast<const float*>(x);
+    const float* g = reinterpret_cast<const float*>(y);
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(f + i), _mm256_loadu_ps(g + i));
+      const __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(f + i + 8), _mm256_loadu_ps(g + i + 8));
+      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(p0)));
+      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(p0, 1)));
+      a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(p1)));
+      a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(p1, 1)));
+    }
+    double t[4];
+    _mm256_storeu_pd(t, _mm256_add_pd(_mm256_add_pd(a0, a2), _mm256_add_pd(a1, a3)));
+    double s = (t[0] + t[2]) + (t[1] + t[3]);
+    for (; i < n; ++i) s += double(fg_MUL<float>(f[i], g[i]));
+    return s;
+  }
+#endif
+  constexpr int W = 16;
+  double acc[W] = {};
+  for (; i + W <= n; i += W) {
+    T p[W];
+    for (int j = 0; j < W; ++j) p[j] = fg_MUL<T>(x[i + j], y[i + j]);
+    asm("" : "+m"(p));  // the products, rounded, before any add (see rounded)
+    for (int j = 0; j < W; ++j) acc[j] += double(p[j]);
+  }
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  double s = acc[0];
+  for (; i < n; ++i) s += double(rounded(fg_MUL<T>(x[i], y[i])));
+  return s;
+}
+
 // NaN-propagating max (IsMax) or min of x[n].
 template <bool IsMax, class T>
 double seg_maxmin(const T* x, int64_t n) {

@@ -10,7 +10,9 @@ What gets materialised: the requested outputs, every reduction, the operand of a
 of a reshape that really moves elements between dims (a view of a materialised tensor is then
 taken by PyTorch at run time, which costs nothing for contiguous tensors). Regions that share an
 iteration space and depend on nothing of each other are merged, so one pass writes several
-outputs.
+outputs. Consecutive regions where a later one reads an earlier one's results only along rows
+aligned with its own (a row sum, then an elementwise pass over the same rows: softmax's VJP)
+form a ``RowGroup``, which the CPU runs chunk of rows by chunk of rows while they are in cache.
 
 Plans are cached by the identity of the interned output nodes: a training loop plans once.
 """
@@ -85,6 +87,22 @@ class ViewStep:
             self.source, self.chain = node.args[0], [node]
 
 
+class RowGroup:
+    """Regions that run as one row group on the CPU (csrc/vm.h, run_group_cpu): chunk of rows by
+    chunk of rows, a row being a coordinate of the leading ``dims`` (0..k-1), each chunk through
+    every region before the next, so a later region finds what an earlier one read, and its
+    small reduced results, in cache. Every region has ``dims`` with the same sizes, reduces none
+    of them, and reads what an earlier region of the group wrote only at its own coordinates
+    along them. Elsewhere (CUDA, create_graph) the regions simply run in order."""
+
+    def __init__(self, regions, dims):
+        self.regions, self.dims = regions, dims
+        self.mask = sum(1 << d for d in dims)
+
+    def describe(self):
+        return f"row group over dims {list(self.dims)} of the {len(self.regions)} regions below"
+
+
 class Plan:
     def __init__(self, requested, outputs, steps):
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
@@ -92,7 +110,13 @@ class Plan:
 
     @property
     def regions(self):
-        return [s for s in self.steps if isinstance(s, Region)]
+        out = []
+        for s in self.steps:
+            if isinstance(s, Region):
+                out.append(s)
+            elif isinstance(s, RowGroup):
+                out += s.regions
+        return out
 
 
 _CACHE = {}
@@ -186,7 +210,81 @@ def build(requested):
     for s in steps:
         if isinstance(s, Region):
             _Emitter(s, loadable).run()
-    return Plan(requested, exprs, steps)
+    return Plan(requested, exprs, _row_groups(steps))
+
+
+def _chunk_dims(r):
+    """The dims of r's iteration space that a chunk may cut: those it does not reduce."""
+    return {d for d in range(len(r.shape)) if d not in r.reduce_dims}
+
+
+def _aligned_dims(r, made):
+    """The dims along which r reads each tensor in ``made`` (ids of targets of the group) at its
+    own coordinate (dim d of the tensor indexed by iteration dim d), so a chunk of r needs only
+    the same chunk of the tensor; and whether r reads any of them."""
+    dims, reads = set(range(len(r.shape))), False
+    for ix, imap in r.loads:
+        t = r.inputs[ix]
+        if id(t) in made:
+            reads = True
+            dims &= {d for d in range(min(t.ndim, len(r.shape))) if imap[d] == ("d", d, 1, 0) or
+                     (r.shape[d] == 1 and imap[d] == ("c", 0))}
+    return dims, reads
+
+
+def _leading(dims):
+    """The leading dims 0, 1, ... in ``dims`` (the C++ side chunks rows of leading dims)."""
+    k = 0
+    while k in dims:
+        k += 1
+    return set(range(k))
+
+
+def _row_groups(steps):
+    """Gather regions into RowGroups, greedily in plan order. A step that cannot join the open
+    group but reads nothing it writes runs before the group (so same-level regions, e.g. a
+    column sum next to softmax's row sum, do not split it); a step that reads the group's
+    results without alignment closes it. Only groups where a region reads another's results
+    are kept: chunking gains nothing otherwise."""
+    out, cur, dims, made, dep = [], [], set(), set(), False
+
+    def close():
+        if len(cur) > 1 and dep and ir.numel(tuple(cur[0].shape[d] for d in dims)) > 1:
+            out.append(RowGroup(list(cur), tuple(sorted(dims))))
+        else:
+            out.extend(cur)
+        cur.clear()
+        made.clear()
+
+    for s in steps:
+        if not isinstance(s, Region):  # a view of the group's result is taken after the group
+            if id(s.source) in made:
+                close()
+                dep = False
+            out.append(s)
+            continue
+        cd = _chunk_dims(s)
+        if cur:
+            al, reads = _aligned_dims(s, made)
+            shape0 = cur[0].shape
+            keep = _leading({d for d in dims & cd & al if s.shape[d] == shape0[d]})
+            if keep:
+                cur.append(s)
+                made.update(id(t) for t in s.targets)
+                dims, dep = keep, dep or reads
+                continue
+            if not reads:
+                out.append(s)
+                continue
+            close()
+        if _leading(cd):
+            cur.append(s)
+            made.update(id(t) for t in s.targets)
+            dims, dep = _leading(cd), False
+        else:
+            out.append(s)
+    close()
+    return out
 
 
 def _view_chain(n):

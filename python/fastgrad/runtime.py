@@ -4,13 +4,17 @@ With ``create_graph`` every region runs inside ``RegionFunction`` (a torch.autog
 inputs are the region's loads), so its outputs are differentiable: the Function's backward is the
 region's own VJP program, planned and run the same way. A later ``fastgrad.grad`` that meets such
 a node lowers it back to IR (lowering.py, "RegionFunctionBackward") and keeps fusing.
+
+A ``RowGroup`` runs as one call (``_C.run_cpu_group``, chunk of rows by chunk of rows) on the
+CPU without ``create_graph``; on CUDA, or with ``create_graph`` (each region then runs in its own
+``RegionFunction``), its regions run one after another.
 """
 from array import array
 
 import torch
 
 from . import _C, ir, rules
-from .plan import Region, get_plan
+from .plan import Region, RowGroup, get_plan
 from .runtime_table import DTYPE_CODES
 
 _COMPUTE = {torch.float32: 0, torch.float64: 1}
@@ -19,11 +23,16 @@ _CPU = torch.device("cpu")
 
 
 class Stats:
-    """Counts what one call did, for explain() and the benchmark."""
+    """Counts what one call did, for explain() and the benchmark. ``launches`` counts calls into
+    the VM (a row group is one); ``regions`` describes each region, a row group as a line of its
+    own followed by its regions, indented; ``row_groups`` has one dict per row group that ran as
+    one call: ``dims`` (its chunk dims), ``regions`` (how many) and ``chunks`` (how many chunks
+    the VM ran; 0 when it ran the regions one after another, e.g. data that fit in cache)."""
 
     def __init__(self):
         self.launches = self.bytes_read = self.bytes_written = 0
         self.regions = []
+        self.row_groups = []
 
 
 def _num_threads(n):
@@ -84,15 +93,16 @@ class _Packer:
         return d
 
 
-def run_region(region, ins, dev=None):
-    """Run one region on tensors ``ins`` (one per region input) on device ``dev`` (default:
-    that of ``ins``, else the CPU); returns its targets."""
-    if dev is None:
-        dev = ins[0].device if ins else _CPU
+def _on_cpu(dev):
     # (per-call Python cost matters on small graphs: `dev == _CPU` is 10x cheaper than
-    # `dev.type`, and torch.empty is cheaper without a device argument)
-    on_cpu = dev == _CPU or dev.type == "cpu"
-    if on_cpu:
+    # `dev.type`)
+    return dev == _CPU or dev.type == "cpu"
+
+
+def _prepare(region, ins, dev, on_cpu):
+    """Allocate a region's targets on ``dev``; returns them, the packed descriptor and its
+    packer (whose ``consts`` go with the descriptor)."""
+    if on_cpu:  # torch.empty is cheaper without a device argument
         outs = [torch.empty(shape, dtype=dt) for shape, dt in region.out_specs]
     else:
         outs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in region.out_specs]
@@ -102,7 +112,16 @@ def run_region(region, ins, dev=None):
         if len(region.packers) > 64:
             region.packers.clear()
         packer = region.packers[key] = _Packer(region, ins, outs)
-    desc = packer.pack(ins, outs)
+    return outs, packer.pack(ins, outs), packer
+
+
+def run_region(region, ins, dev=None):
+    """Run one region on tensors ``ins`` (one per region input) on device ``dev`` (default:
+    that of ``ins``, else the CPU); returns its targets."""
+    if dev is None:
+        dev = ins[0].device if ins else _CPU
+    on_cpu = _on_cpu(dev)
+    outs, desc, packer = _prepare(region, ins, dev, on_cpu)
     if on_cpu:
         _C.run_cpu(desc, packer.consts, packer.compute, _num_threads(packer.numel))
     else:
@@ -111,13 +130,40 @@ def run_region(region, ins, dev=None):
     return outs
 
 
-def _count(stats, region, ins, outs):
+def _count(stats, region, ins, outs, launch=True, indent=""):
     n = ir.numel(region.shape)
-    stats.launches += 1
+    stats.launches += launch
     stats.bytes_read += sum(ins[ix].element_size() * min(ins[ix].numel(), n)
                             for ix in {ix for ix, _ in region.loads})
     stats.bytes_written += sum(o.numel() * o.element_size() for o in outs)
-    stats.regions.append(region.describe())
+    stats.regions.append(indent + region.describe())
+
+
+def run_group(group, value, env, stats=None):
+    """Run a RowGroup on the CPU in one call. ``value(node)`` gives an input's tensor; each
+    region's targets are put in ``env`` (by node id) before the next region's inputs are
+    looked up, since a later region reads them."""
+    descs, consts, computes, n = [], [], [], 0
+    if stats is not None:
+        stats.launches += 1
+        at = len(stats.regions)
+    for r in group.regions:
+        ins = [value(m) for m in r.inputs]
+        outs, desc, packer = _prepare(r, ins, _CPU, True)
+        descs.append(desc)
+        consts.append(packer.consts)
+        computes.append(packer.compute)
+        n = max(n, packer.numel)
+        for t, o in zip(r.targets, outs):
+            env[id(t)] = o
+        if stats is not None:
+            _count(stats, r, ins, outs, launch=False, indent="  ")
+    chunks = _C.run_cpu_group(descs, consts, computes, group.mask, _num_threads(n))
+    if stats is not None:
+        how = f"{chunks} chunks" if chunks else "one region after another (no chunking gain)"
+        stats.regions.insert(at, f"{group.describe()}: {how}")
+        stats.row_groups.append({"dims": list(group.dims), "regions": len(group.regions),
+                                 "chunks": chunks})
 
 
 class RegionFunction(torch.autograd.Function):
@@ -167,17 +213,28 @@ def execute(plan, tensors, create_graph, stats=None):
             v = env[id(n)] = t if t.shape == n.shape else t.reshape(n.shape)
         return v
 
+    def run(region):
+        ins = [value(m) for m in region.inputs]
+        if create_graph and any(ins[i].requires_grad for d in region.diff_deps for i in d):
+            outs = RegionFunction.apply(region, *ins)
+        else:
+            outs = run_region(region, ins, dev)
+        if stats is not None:
+            _count(stats, region, ins, outs)
+        for t, o in zip(region.targets, outs):
+            env[id(t)] = o
+
     for step in plan.steps:
         if isinstance(step, Region):
-            ins = [value(m) for m in step.inputs]
-            if create_graph and any(ins[i].requires_grad for d in step.diff_deps for i in d):
-                outs = RegionFunction.apply(step, *ins)
+            run(step)
+        elif isinstance(step, RowGroup):
+            # Chunked only on the CPU and without autograd Functions around the regions
+            # (create_graph puts each in a RegionFunction).
+            if not create_graph and _on_cpu(dev):
+                run_group(step, value, env, stats)
             else:
-                outs = run_region(step, ins, dev)
-            if stats is not None:
-                _count(stats, step, ins, outs)
-            for t, o in zip(step.targets, outs):
-                env[id(t)] = o
+                for r in step.regions:
+                    run(r)
         else:
             v = value(step.source)
             if not create_graph:  # a result is not attached to the grad_outputs' graph
