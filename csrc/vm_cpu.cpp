@@ -360,6 +360,15 @@ struct Worker {
                       [](T a, T b) { return fg_##E<T>(a, b); });                         \
       break;                                                                             \
     }                                                                                    \
+    if (fp.enabled && fp.cst[ii]) {                                                      \
+      const T v = T(fp.cst_val[ii]);                                                     \
+      if (fp.cst[ii] == 1) {                                                             \
+        FG_LOOP(fg_##E<T>(v, y[i]))                                                      \
+      } else {                                                                           \
+        FG_LOOP(fg_##E<T>(x[i], v))                                                      \
+      }                                                                                  \
+      break;                                                                             \
+    }                                                                                    \
     FG_LOOP(fg_##E<T>(x[i], y[i]))                                                       \
     break;                                                                               \
   }

@@ -35,6 +35,8 @@ struct FastPlan {
                                     // the innermost dim, one value of a load broadcast along it, else 0
   std::vector<int> bcast_load;      // per instruction: that load record
   std::vector<int> dot;             // per store: the MUL instruction whose products this sum store adds, or -1
+  std::vector<int> cst;             // per instruction: a binary op whose operand a (1) or b (2) is a constant
+  std::vector<double> cst_val;      // per instruction: that constant
 };
 
 // Store k (contiguous, of the compute dtype: store_ck[k] >= 0) is written
@@ -135,7 +137,9 @@ inline std::vector<std::pair<size_t, int>> readers_of(const Region& r, size_t i)
 //  - a product read only by a sum store (rows strategy) is not written to a
 //    register: the store adds the products of the MUL's operands, each
 //    rounded as the MUL would (seg_dot), in the order it would add them.
-// Both give the values the plain program gives.
+//  - a constant read only as one operand of binary ops is not filled into a
+//    register either: those ops take it as a scalar.
+// All give the values the plain program gives.
 inline void plan_direct_reads(const Region& r, int compute_dtype, FastPlan& fp) {
   const size_t ni = r.instrs.size(), ns = r.stores.size();
   const int nd = r.ndim;
@@ -162,6 +166,25 @@ inline void plan_direct_reads(const Region& r, int compute_dtype, FastPlan& fp) 
       fp.bcast_load[j] = (int)I.a;
     }
   }
+  fp.cst.assign(ni, 0);
+  fp.cst_val.assign(ni, 0.0);
+  for (size_t i = 0; i < ni; ++i) {
+    const Instr& I = r.instrs[i];
+    if (I.op != OP_CONST || fp.redirect[i] >= 0) continue;
+    const auto rd = readers_of(r, i);
+    bool ok = !rd.empty();
+    for (const auto& [j, m] : rd) {
+      const Instr& J = r.instrs[j];
+      ok = ok && J.op != OP_STORE && kOpArity[J.op] == 2 && (m == 1 || m == 2) && fp.bcast[j] == 0 &&
+           fp.cst[j] == 0;
+    }
+    if (!ok) continue;
+    fp.skip[i] = 1;
+    for (const auto& [j, m] : rd) {
+      fp.cst[j] = m;
+      fp.cst_val[j] = r.consts[I.a];
+    }
+  }
   if (r.red_outer) return;
   for (size_t j = 0; j < ni; ++j) {
     const Instr& S = r.instrs[j];
@@ -170,7 +193,8 @@ inline void plan_direct_reads(const Region& r, int compute_dtype, FastPlan& fp) 
     while (i-- > 0 && !(r.instrs[i].op != OP_STORE && r.instrs[i].dst == S.b)) {}
     if (i >= j) continue;
     const Instr& M = r.instrs[i];
-    if (M.op != OP_MUL || M.dst == M.a || M.dst == M.b || fp.bcast[i] || fp.skip[i] || fp.redirect[i] >= 0 ||
+    if (M.op != OP_MUL || M.dst == M.a || M.dst == M.b || fp.bcast[i] || fp.cst[i] || fp.skip[i] ||
+        fp.redirect[i] >= 0 ||
         readers_of(r, i).size() != 1)
       continue;
     bool kept = true;  // the MUL's operands still hold their values at the store
