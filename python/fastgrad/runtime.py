@@ -102,8 +102,9 @@ def _on_cpu(dev):
 def _prepare(region, ins, dev, on_cpu):
     """Allocate a region's targets on ``dev``; returns them, the packed descriptor and its
     packer (whose ``consts`` go with the descriptor)."""
-    if on_cpu:  # torch.empty is cheaper without a device argument
-        outs = [torch.empty(shape, dtype=dt) for shape, dt in region.out_specs]
+    if on_cpu:  # torch.empty is cheaper without a device argument and with unpacked sizes
+        outs = [torch.empty(*shape, dtype=dt) if shape else torch.empty((), dtype=dt)
+                for shape, dt in region.out_specs]
     else:
         outs = [torch.empty(shape, dtype=dt, device=dev) for shape, dt in region.out_specs]
     key = tuple([t.stride() for t in ins])
