@@ -126,7 +126,7 @@ def run_region(region, ins, dev=None):
     if on_cpu:
         _C.run_cpu(desc, packer.consts, packer.compute, _num_threads(packer.numel))
     else:
-        _C.run_cuda(desc, packer.consts, _COMPUTE[region.compute], dev.index,
+        _C.run_cuda(desc, packer.consts, packer.compute, dev.index,
                     torch.cuda.current_stream(dev).cuda_stream)
     return outs
 
