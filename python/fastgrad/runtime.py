@@ -83,6 +83,15 @@ class _Packer:
         self.desc = array("q", desc)
         self.consts = array("d", region.consts)
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
+        self.program = None
+
+    def cpu_program(self, ins, outs):
+        """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers."""
+        if self.program is None:
+            self.program = _C.Program(self.pack(ins, outs), self.consts, self.compute,
+                                      [ix for _, ix in self.load_slots],
+                                      [ti for _, ti in self.store_slots], len(ins), len(outs))
+        return self.program
 
     def pack(self, ins, outs):
         d = array("q", self.desc)
@@ -100,8 +109,8 @@ def _on_cpu(dev):
 
 
 def _prepare(region, ins, dev, on_cpu):
-    """Allocate a region's targets on ``dev``; returns them, the packed descriptor and its
-    packer (whose ``consts`` go with the descriptor)."""
+    """Allocate a region's targets on ``dev``; returns them and the packer of the inputs'
+    layout."""
     if on_cpu:  # torch.empty is cheaper without a device argument and with unpacked sizes
         outs = [torch.empty(*shape, dtype=dt) if shape else torch.empty((), dtype=dt)
                 for shape, dt in region.out_specs]
@@ -113,7 +122,7 @@ def _prepare(region, ins, dev, on_cpu):
         if len(region.packers) > 64:
             region.packers.clear()
         packer = region.packers[key] = _Packer(region, ins, outs)
-    return outs, packer.pack(ins, outs), packer
+    return outs, packer
 
 
 def run_region(region, ins, dev=None):
@@ -122,11 +131,11 @@ def run_region(region, ins, dev=None):
     if dev is None:
         dev = ins[0].device if ins else _CPU
     on_cpu = _on_cpu(dev)
-    outs, desc, packer = _prepare(region, ins, dev, on_cpu)
+    outs, packer = _prepare(region, ins, dev, on_cpu)
     if on_cpu:
-        _C.run_cpu(desc, packer.consts, packer.compute, _num_threads(packer.numel))
+        packer.cpu_program(ins, outs).run(ins, outs, _num_threads(packer.numel))
     else:
-        _C.run_cuda(desc, packer.consts, packer.compute, dev.index,
+        _C.run_cuda(packer.pack(ins, outs), packer.consts, packer.compute, dev.index,
                     torch.cuda.current_stream(dev).cuda_stream)
     return outs
 
@@ -144,22 +153,22 @@ def run_group(group, value, env, stats=None):
     """Run a RowGroup on the CPU in one call. ``value(node)`` gives an input's tensor; each
     region's targets are put in ``env`` (by node id) before the next region's inputs are
     looked up, since a later region reads them."""
-    descs, consts, computes, n = [], [], [], 0
+    progs, ins_all, outs_all, n = [], [], [], 0
     if stats is not None:
         stats.launches += 1
         at = len(stats.regions)
     for r in group.regions:
         ins = [value(m) for m in r.inputs]
-        outs, desc, packer = _prepare(r, ins, _CPU, True)
-        descs.append(desc)
-        consts.append(packer.consts)
-        computes.append(packer.compute)
+        outs, packer = _prepare(r, ins, _CPU, True)
+        progs.append(packer.cpu_program(ins, outs))
+        ins_all.append(ins)
+        outs_all.append(outs)
         n = max(n, packer.numel)
         for t, o in zip(r.targets, outs):
             env[id(t)] = o
         if stats is not None:
             _count(stats, r, ins, outs, launch=False, indent="  ")
-    chunks = _C.run_cpu_group(descs, consts, computes, group.mask, _num_threads(n))
+    chunks = _C.run_program_group(progs, ins_all, outs_all, group.mask, _num_threads(n))
     if stats is not None:
         how = f"{chunks} chunks" if chunks else "one region after another (no chunking gain)"
         stats.regions.insert(at, f"{group.describe()}: {how}")

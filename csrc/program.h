@@ -1,0 +1,37 @@
+// A region parsed once and run many times: the CPU fast path of a cache hit.
+//
+// A plan's region keeps one descriptor per layout of its inputs (runtime._Packer); only the data
+// pointers change from call to call. Parsing that descriptor on every call (and packing it in
+// Python) cost more than running a small region, so the packer parses it once into a Program and
+// each call only patches the pointers of a copy of the parsed region.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "vm.h"
+
+namespace fg {
+
+struct Program {
+  Region region;                   // parsed, not normalised; region.consts points into consts
+  std::vector<double> consts;      // [nconsts]
+  std::vector<int64_t> load_src;   // [nloads]: the input (of the caller's list) each load reads
+  std::vector<int64_t> store_dst;  // [nstores]: the output each store writes
+  int compute = 0;                 // 0 = float32, 1 = float64
+
+  // desc[len] with valid pointers (they are replaced on every run), consts[nconsts]; throws
+  // DescriptorError on a malformed descriptor or a source/destination index out of range of
+  // nins / nouts.
+  Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,
+          std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,
+          int64_t nouts);
+  Program(const Program&) = delete;
+  Program& operator=(const Program&) = delete;
+
+  // A copy of the region reading ins[load_src[i]] and writing outs[store_dst[k]]
+  // (ins[nins], outs[nouts]: data pointers of tensors laid out as the descriptor said).
+  Region bind(char* const* ins, char* const* outs) const;
+};
+
+}  // namespace fg
