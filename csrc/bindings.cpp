@@ -10,7 +10,7 @@
 
 #include "capture.h"
 #include "floor.h"
-#include "program.h"
+#include "executor.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
 #include "cuda_info.h"
@@ -85,74 +85,32 @@ int64_t run_cpu_group(const py::sequence& descs, const py::sequence& consts, con
   return fg::run_group_cpu(regions, comp, (uint32_t)chunk_mask, nthreads);
 }
 
-// Data pointers (data_ptr()) of a sequence of exactly `need` tensors.
-std::vector<char*> data_ptrs(const py::sequence& ts, size_t need, const char* what) {
-  static PyObject* name = PyUnicode_InternFromString("data_ptr");
-  const size_t n = ts.size();
-  if (n != need)
-    throw py::value_error(std::string(what) + ": expected " + std::to_string(need) + " tensors, got " +
-                          std::to_string(n));
-  std::vector<char*> ps(n);
-  for (size_t i = 0; i < n; ++i) {
-    PyObject* r = PyObject_CallMethodNoArgs(ts[i].ptr(), name);
-    if (!r) throw py::error_already_set();
-    ps[i] = reinterpret_cast<char*>(PyLong_AsVoidPtr(r));
-    Py_DECREF(r);
-    if (PyErr_Occurred()) throw py::error_already_set();
-  }
-  return ps;
-}
-
-struct PyProgram {
-  std::unique_ptr<fg::Program> p;
-  int64_t nins, nouts;
-};
-
-PyProgram make_program(const py::buffer& desc, const py::buffer& consts, int compute_dtype,
-                       std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,
-                       int64_t nouts) {
+fg::ProgramHandle make_program(const py::buffer& desc, const py::buffer& consts, int compute_dtype,
+                               std::vector<int64_t> load_src, std::vector<int64_t> store_dst,
+                               int64_t nins, int64_t nouts) {
   check_compute(compute_dtype);
   py::buffer_info d = request_1d(desc, "desc", "ql"), c = request_1d(consts, "consts", "d");
   try {
-    return PyProgram{std::make_unique<fg::Program>(
-                         static_cast<const int64_t*>(d.ptr), d.shape[0], static_cast<const double*>(c.ptr),
-                         c.shape[0], compute_dtype, std::move(load_src), std::move(store_dst), nins, nouts),
-                     nins, nouts};
+    return fg::ProgramHandle{
+        std::make_shared<fg::Program>(static_cast<const int64_t*>(d.ptr), d.shape[0],
+                                      static_cast<const double*>(c.ptr), c.shape[0], compute_dtype,
+                                      std::move(load_src), std::move(store_dst), nins, nouts),
+        nins, nouts};
   } catch (const fg::DescriptorError& e) {
     throw py::value_error(e.what());
   }
 }
 
-fg::Region bind_program(const PyProgram& p, const py::sequence& ins, const py::sequence& outs) {
-  std::vector<char*> pi = data_ptrs(ins, p.nins, "Program inputs");
-  std::vector<char*> po = data_ptrs(outs, p.nouts, "Program outputs");
-  return p.p->bind(pi.data(), po.data());
-}
-
-void run_program(const PyProgram& p, const py::sequence& ins, const py::sequence& outs, int nthreads) {
-  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
-  fg::Region r = bind_program(p, ins, outs);
-  py::gil_scoped_release nogil;
-  fg::run_region_cpu(r, p.p->compute, nthreads);
-}
-
 int64_t run_program_group(const py::sequence& progs, const py::sequence& ins, const py::sequence& outs,
                           int64_t chunk_mask, int nthreads) {
-  const size_t n = progs.size();
-  if (ins.size() != n || outs.size() != n)
-    throw py::value_error("programs, inputs and outputs must have the same length");
-  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
   if (chunk_mask < 0 || chunk_mask >= (int64_t(1) << fg::kMaxNdim))
     throw py::value_error("chunk_mask must be in [0, 2**" + std::to_string(fg::kMaxNdim) + ")");
-  std::vector<fg::Region> regions;
-  std::vector<int> comp(n);
-  for (size_t i = 0; i < n; ++i) {
-    const PyProgram& p = progs[i].cast<const PyProgram&>();
-    regions.push_back(bind_program(p, ins[i].cast<py::sequence>(), outs[i].cast<py::sequence>()));
-    comp[i] = p.p->compute;
-  }
-  py::gil_scoped_release nogil;
-  return fg::run_group_cpu(regions, comp, (uint32_t)chunk_mask, nthreads);
+  std::vector<const fg::ProgramHandle*> ps;
+  std::vector<py::handle> hi, ho;
+  for (auto p : progs) ps.push_back(&p.cast<const fg::ProgramHandle&>());
+  for (auto i : ins) hi.push_back(i);
+  for (auto o : outs) ho.push_back(o);
+  return fg::run_program_group(ps, hi, ho, (uint32_t)chunk_mask, nthreads);
 }
 
 #ifdef FASTGRAD_WITH_CUDA
@@ -188,14 +146,16 @@ PYBIND11_MODULE(_C, m) {
         "number of chunks run (0: the regions ran one after another). Raises ValueError on a\n"
         "malformed descriptor. Releases the GIL while computing.");
 
-  py::class_<PyProgram>(m, "Program",
+  py::class_<fg::ProgramHandle>(m, "Program",
       "A CPU region parsed once (csrc/program.h); each run reads new data pointers.")
       .def(py::init(&make_program), py::arg("desc"), py::arg("consts"), py::arg("compute_dtype"),
            py::arg("load_src"), py::arg("store_dst"), py::arg("nins"), py::arg("nouts"),
            "desc/consts/compute_dtype as for run_cpu (its pointers are replaced on each run);\n"
            "load_src[i]: which of the nins inputs load i reads, store_dst[k]: which of the nouts\n"
            "outputs store k writes. Raises ValueError on a malformed descriptor.")
-      .def("run", &run_program, py::arg("ins"), py::arg("outs"), py::arg("nthreads"),
+      .def("run", [](const fg::ProgramHandle& p, py::sequence ins, py::sequence outs, int nthreads) {
+             fg::run_program(p, ins, outs, nthreads);
+           }, py::arg("ins"), py::arg("outs"), py::arg("nthreads"),
            "Run on the CPU over tensors ins and outs (sequences of nins / nouts tensors laid out as\n"
            "the descriptor said: the caller guarantees shapes, strides and dtypes). Releases the GIL.");
 
@@ -203,6 +163,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("chunk_mask"), py::arg("nthreads"),
         "run_cpu_group over Programs: ins[i] / outs[i] are the tensors of programs[i] (as for\n"
         "Program.run). Returns the number of chunks run. Releases the GIL while computing.");
+
+  py::class_<fg::Executor>(m, "Executor",
+      "A plan's CPU run repeated in C++ for tensors of the same layout (csrc/executor.h).")
+      .def(py::init<py::list, py::list, py::list, py::object, py::object, int64_t>(), py::arg("leaves"),
+           py::arg("steps"), py::arg("outputs"), py::arg("empty"), py::arg("num_threads"),
+           py::arg("parallel_min"), "See csrc/executor.h for the format of leaves, steps and outputs.")
+      .def("run", &fg::Executor::run, py::arg("tensors"),
+           "The plan's outputs for the call's tensors, or None when a leaf's layout differs.");
 
   m.def("hand_fused_sin_exp_grad", &fg::hand_fused_sin_exp_grad, py::arg("x_ptr"), py::arg("out_ptr"), py::arg("n"),
         py::arg("dtype_code"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),

@@ -107,6 +107,7 @@ class Plan:
     def __init__(self, requested, outputs, steps):
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
         self.requested, self.outputs, self.steps = requested, outputs, steps
+        self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
 
     @property
     def regions(self):

@@ -14,7 +14,7 @@ from array import array
 import torch
 
 from . import _C, ir, rules
-from .plan import Region, RowGroup, get_plan
+from .plan import Region, RowGroup, ViewStep, get_plan
 from .runtime_table import DTYPE_CODES
 
 _COMPUTE = {torch.float32: 0, torch.float64: 1}
@@ -212,9 +212,83 @@ class RegionFunction(torch.autograd.Function):
         return (None,) + tuple(res)
 
 
+class _NoExecutor(Exception):
+    pass
+
+
+def _executor(plan, env, tensors):
+    """A _C.Executor repeating the CPU run of ``plan`` that just put its values in ``env``
+    (csrc/executor.h): the same steps, Programs and output specs, for later calls whose bound
+    tensors have the layouts these had. Raises _NoExecutor where the run is not repeatable."""
+    produced = set()
+    for step in plan.steps:
+        if isinstance(step, ViewStep):
+            produced.add(id(step.node))
+        else:
+            for r in step.regions if isinstance(step, RowGroup) else (step,):
+                produced.update(id(t) for t in r.targets)
+    slots, leaves = {}, []
+
+    def leaf(n):
+        if id(n) in produced or id(n) in slots:
+            return
+        t = tensors[n.known]
+        if t.shape != n.shape:  # read through a reshape (value() below)
+            raise _NoExecutor()
+        slots[id(n)] = len(leaves)
+        leaves.append((n.known, tuple(t.shape), t.stride()))
+
+    for step in plan.steps:
+        if isinstance(step, ViewStep):
+            leaf(step.source)
+        else:
+            for r in step.regions if isinstance(step, RowGroup) else (step,):
+                for m in r.inputs:
+                    leaf(m)
+    for e in plan.outputs:
+        leaf(e)
+    steps, nslots = [], len(leaves)
+
+    def part(r):
+        nonlocal nslots
+        ins = [env[id(m)] for m in r.inputs]
+        outs = [env[id(t)] for t in r.targets]
+        packer = r.packers.get(tuple([t.stride() for t in ins]))
+        specs = r.out_specs
+        if packer is None or any(dt is None for _, dt in r._out_specs):
+            raise _NoExecutor()  # (the default dtype is read per call)
+        spec = (packer.cpu_program(ins, outs), [slots[id(m)] for m in r.inputs],
+                [(tuple(sh) if sh else ((),), dt) for sh, dt in specs])
+        for t in r.targets:
+            slots[id(t)] = nslots
+            nslots += 1
+        return spec, packer.numel
+
+    for step in plan.steps:
+        if isinstance(step, Region):
+            spec, n = part(step)
+            steps.append((0, spec, n))
+        elif isinstance(step, RowGroup):
+            specs = [part(r) for r in step.regions]
+            steps.append((1, [s for s, _ in specs], step.mask, max(n for _, n in specs)))
+        else:
+            steps.append((2, slots[id(step.source)],
+                          [(m.op != "reshape", tuple(m.shape)) for m in step.chain]))
+            slots[id(step.node)] = nslots
+            nslots += 1
+    return _C.Executor(leaves, steps, [slots[id(e)] for e in plan.outputs], torch.empty,
+                       torch.get_num_threads, _PARALLEL_MIN)
+
+
 def execute(plan, tensors, create_graph, stats=None):
-    env = {}
     dev = tensors[0].device if tensors else _CPU
+    # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
+    repeat = stats is None and not create_graph and _on_cpu(dev)
+    if repeat and plan.executor is not None:
+        res = plan.executor.run(tensors)
+        if res is not None:
+            return res
+    env = {}
 
     def value(n):
         v = env.get(id(n))
@@ -252,7 +326,13 @@ def execute(plan, tensors, create_graph, stats=None):
             for m in step.chain:
                 v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
             env[id(step.node)] = v
-    return [value(e) for e in plan.outputs]
+    outs = [value(e) for e in plan.outputs]
+    if repeat:
+        try:
+            plan.executor = _executor(plan, env, tensors)
+        except _NoExecutor:
+            plan.executor = None
+    return outs
 
 
 def materialize(exprs, tensors, create_graph, stats=None):

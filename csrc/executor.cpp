@@ -1,0 +1,212 @@
+#include "executor.h"
+
+#include <algorithm>
+#include <string>
+
+namespace fg {
+namespace {
+
+PyObject* intern(const char* s) {
+  PyObject* o = PyUnicode_InternFromString(s);
+  if (!o) throw py::error_already_set();
+  return o;
+}
+
+py::object call_method(py::handle o, PyObject* name, PyObject* arg = nullptr) {
+  PyObject* r = arg ? PyObject_CallMethodOneArg(o.ptr(), name, arg) : PyObject_CallMethodNoArgs(o.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+py::object attr(py::handle o, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(o.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+bool equal(py::handle a, py::handle b) {
+  int r = PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ);
+  if (r < 0) throw py::error_already_set();
+  return r == 1;
+}
+
+struct Names {
+  PyObject *data_ptr = intern("data_ptr"), *shape = intern("shape"), *stride = intern("stride"),
+           *detach = intern("detach"), *reshape = intern("reshape"), *expand = intern("expand"),
+           *dtype = intern("dtype");
+};
+const Names& names() {
+  static const Names* n = new Names();  // never destroyed: may outlive the interpreter
+  return *n;
+}
+
+// Data pointers (data_ptr()) of a sequence of exactly `need` tensors.
+std::vector<char*> data_ptrs(py::handle seq, int64_t need, const char* what) {
+  PyObject* fast = PySequence_Fast(seq.ptr(), "expected a sequence of tensors");
+  if (!fast) throw py::error_already_set();
+  py::object keep = py::reinterpret_steal<py::object>(fast);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  if (n != need)
+    throw py::value_error(std::string(what) + ": expected " + std::to_string(need) + " tensors, got " +
+                          std::to_string(n));
+  std::vector<char*> ps(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    py::object r = call_method(PySequence_Fast_GET_ITEM(fast, i), names().data_ptr);
+    ps[i] = reinterpret_cast<char*>(PyLong_AsVoidPtr(r.ptr()));
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  return ps;
+}
+
+Region bind(const ProgramHandle& p, py::handle ins, py::handle outs) {
+  std::vector<char*> pi = data_ptrs(ins, p.nins, "Program inputs");
+  std::vector<char*> po = data_ptrs(outs, p.nouts, "Program outputs");
+  return p.p->bind(pi.data(), po.data());
+}
+
+}  // namespace
+
+void run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nthreads) {
+  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+  Region r = bind(p, ins, outs);
+  py::gil_scoped_release nogil;
+  run_region_cpu(r, p.p->compute, nthreads);
+}
+
+int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,
+                          const std::vector<py::handle>& ins, const std::vector<py::handle>& outs,
+                          uint32_t chunk_mask, int nthreads) {
+  const size_t n = programs.size();
+  if (ins.size() != n || outs.size() != n)
+    throw py::value_error("programs, inputs and outputs must have the same length");
+  if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
+  std::vector<Region> regions;
+  std::vector<int> comp(n);
+  for (size_t i = 0; i < n; ++i) {
+    regions.push_back(bind(*programs[i], ins[i], outs[i]));
+    comp[i] = programs[i]->p->compute;
+  }
+  py::gil_scoped_release nogil;
+  return run_group_cpu(regions, comp, chunk_mask, nthreads);
+}
+
+Executor::Part Executor::part_of(py::handle spec) {
+  py::tuple t = py::reinterpret_borrow<py::tuple>(spec);
+  Part part;
+  part.program = py::reinterpret_borrow<py::object>(t[0]);
+  part.prog = &part.program.cast<const ProgramHandle&>();
+  for (auto s : t[1]) {
+    const int slot = s.cast<int>();
+    if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: input slot out of range");
+    part.in.push_back(slot);
+  }
+  if ((int64_t)part.in.size() != part.prog->nins) throw py::value_error("Executor: one input slot per Program input");
+  for (auto o : t[2]) {
+    py::tuple spec_o = py::reinterpret_borrow<py::tuple>(o);
+    Alloc a;
+    a.args = py::tuple(spec_o[0]);
+    a.kwargs[names().dtype] = spec_o[1];
+    part.outs.push_back(std::move(a));
+  }
+  if ((int64_t)part.outs.size() != part.prog->nouts) throw py::value_error("Executor: one output spec per Program output");
+  nslots_ += part.outs.size();
+  return part;
+}
+
+Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object empty,
+                   py::object num_threads, int64_t parallel_min)
+    : empty_(std::move(empty)), num_threads_(std::move(num_threads)), parallel_min_(parallel_min) {
+  for (auto l : leaves) {
+    py::tuple t = py::reinterpret_borrow<py::tuple>(l);
+    leaves_.push_back(Leaf{t[0].cast<Py_ssize_t>(), py::tuple(t[1]), py::tuple(t[2])});
+  }
+  nslots_ = leaves_.size();
+  for (auto s : steps) {
+    py::tuple t = py::reinterpret_borrow<py::tuple>(s);
+    Step st;
+    st.kind = t[0].cast<int>();
+    if (st.kind == 0) {
+      st.parts.push_back(part_of(t[1]));
+      st.numel = t[2].cast<int64_t>();
+    } else if (st.kind == 1) {
+      for (auto p : t[1]) st.parts.push_back(part_of(p));
+      st.mask = t[2].cast<uint32_t>();
+      st.numel = t[3].cast<int64_t>();
+    } else if (st.kind == 2) {
+      st.src = t[1].cast<int>();
+      if (st.src < 0 || (size_t)st.src >= nslots_) throw py::value_error("Executor: view source out of range");
+      for (auto c : t[2]) {
+        py::tuple ct = py::reinterpret_borrow<py::tuple>(c);
+        st.chain.emplace_back(ct[0].cast<bool>(), py::tuple(ct[1]));
+      }
+      nslots_ += 1;
+    } else {
+      throw py::value_error("Executor: unknown step kind " + std::to_string(st.kind));
+    }
+    steps_.push_back(std::move(st));
+  }
+  for (auto o : outputs) {
+    const int slot = o.cast<int>();
+    if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: output slot out of range");
+    outputs_.push_back(slot);
+  }
+}
+
+int Executor::threads_for(int64_t numel) const {
+  if (numel < parallel_min_) return 1;
+  return std::max(1, num_threads_().cast<int>());
+}
+
+py::object Executor::run(py::handle tensors) const {
+  const Names& N = names();
+  std::vector<py::object> slots;
+  slots.reserve(nslots_);
+  for (const Leaf& l : leaves_) {
+    PyObject* t = PySequence_GetItem(tensors.ptr(), l.index);
+    if (!t) throw py::error_already_set();
+    py::object tt = py::reinterpret_steal<py::object>(t);
+    if (!equal(attr(tt, N.shape), l.shape) || !equal(call_method(tt, N.stride), l.strides))
+      return py::none();
+    slots.push_back(std::move(tt));
+  }
+  for (const Step& st : steps_) {
+    if (st.kind == 2) {
+      py::object v = call_method(slots[st.src], N.detach);
+      for (const auto& [is_expand, shape] : st.chain)
+        v = call_method(v, is_expand ? N.expand : N.reshape, shape.ptr());
+      slots.push_back(std::move(v));
+      continue;
+    }
+    std::vector<py::list> ins, outs;
+    for (const Part& p : st.parts) {
+      py::list in(p.in.size()), out(p.outs.size());
+      for (size_t i = 0; i < p.in.size(); ++i) in[i] = slots[p.in[i]];
+      for (size_t k = 0; k < p.outs.size(); ++k) {
+        PyObject* o = PyObject_Call(empty_.ptr(), p.outs[k].args.ptr(), p.outs[k].kwargs.ptr());
+        if (!o) throw py::error_already_set();
+        out[k] = py::reinterpret_steal<py::object>(o);
+        slots.push_back(out[k]);
+      }
+      ins.push_back(std::move(in));
+      outs.push_back(std::move(out));
+    }
+    const int nt = threads_for(st.numel);
+    if (st.kind == 0) {
+      run_program(*st.parts[0].prog, ins[0], outs[0], nt);
+    } else {
+      std::vector<const ProgramHandle*> progs;
+      std::vector<py::handle> hi, ho;
+      for (size_t i = 0; i < st.parts.size(); ++i) {
+        progs.push_back(st.parts[i].prog);
+        hi.push_back(ins[i]);
+        ho.push_back(outs[i]);
+      }
+      run_program_group(progs, hi, ho, st.mask, nt);
+    }
+  }
+  py::list res(outputs_.size());
+  for (size_t i = 0; i < outputs_.size(); ++i) res[i] = slots[outputs_[i]];
+  return std::move(res);
+}
+
+}  // namespace fg

@@ -1,0 +1,84 @@
+// The CPU cache-hit path in C++: run a plan's steps over a call's tensors.
+//
+// On small graphs the Python around each region (allocating outputs, reading data pointers,
+// looking up the descriptor for the inputs' layout) cost more than the region itself. An
+// Executor is built in Python (runtime.py) from one run of a plan on the CPU without
+// create_graph, with the Programs that run used; it then repeats that run for later calls
+// whose tensors have the same layout, and declines (returns None) when they do not. It talks
+// to tensors only through Python calls (torch.empty, data_ptr, stride, ...): no libtorch.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <vector>
+
+#include "program.h"
+
+namespace fg {
+namespace py = pybind11;
+
+// A Program and the number of tensors each run takes (what _C.Program is in Python).
+struct ProgramHandle {
+  std::shared_ptr<Program> p;
+  int64_t nins = 0, nouts = 0;
+};
+
+// Run on tensors ins / outs (sequences of nins / nouts tensors laid out as the descriptor said);
+// releases the GIL while computing.
+void run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nthreads);
+// run_group_cpu over programs[i] on ins[i] / outs[i]; returns the number of chunks run.
+int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,
+                          const std::vector<py::handle>& ins, const std::vector<py::handle>& outs,
+                          uint32_t chunk_mask, int nthreads);
+
+class Executor {
+ public:
+  // leaves: [(index in the call's tensors, shape, strides)], slots 0..L-1;
+  // steps, each adding slots for what it produces, in order:
+  //   (0, region, numel)                  region = (Program, [input slots], [(shape, dtype)])
+  //   (1, [region, ...], chunk_mask, numel)  a row group
+  //   (2, source slot, [(is_expand, shape), ...])  detach, then reshape / expand
+  // outputs: [slot]. empty: torch.empty; num_threads: torch.get_num_threads; a step of fewer
+  // than parallel_min elements runs on one thread.
+  Executor(py::list leaves, py::list steps, py::list outputs, py::object empty,
+           py::object num_threads, int64_t parallel_min);
+  // The plan's outputs (a list) for the call's tensors, or None when a leaf's shape or
+  // strides differ from those the Executor was built for.
+  py::object run(py::handle tensors) const;
+
+ private:
+  struct Leaf {
+    Py_ssize_t index;
+    py::object shape, strides;
+  };
+  struct Alloc {
+    py::tuple args;  // the sizes
+    py::dict kwargs;  // dtype
+  };
+  struct Part {
+    py::object program;  // keeps `prog` alive
+    const ProgramHandle* prog;
+    std::vector<int> in;
+    std::vector<Alloc> outs;
+  };
+  struct Step {
+    int kind;
+    std::vector<Part> parts;
+    uint32_t mask = 0;
+    int64_t numel = 0;
+    int src = 0;
+    std::vector<std::pair<bool, py::object>> chain;
+  };
+  std::vector<Leaf> leaves_;
+  std::vector<Step> steps_;
+  std::vector<int> outputs_;
+  py::object empty_, num_threads_;
+  int64_t parallel_min_;
+  size_t nslots_ = 0;
+
+  Part part_of(py::handle spec);
+  int threads_for(int64_t numel) const;
+};
+
+}  // namespace fg

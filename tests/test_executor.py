@@ -1,0 +1,116 @@
+"""The C++ repeat of a plan's CPU run (runtime._executor, csrc/executor.h).
+
+The first call of a graph runs its plan step by step in Python and leaves a _C.Executor on the
+plan; later calls whose bound tensors have the same layouts run through it. Each case here calls
+fastgrad.grad three times on fresh graphs with fresh values, checks every result against
+torch.autograd.grad, and checks that the later calls really ran through an Executor."""
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import _C, plan as fplan
+from conftest import TORCH_GRAD, assert_same, rand, strided_leaf
+
+
+class Counting:
+    """Stands in for a plan's Executor and counts its runs (None: it declined)."""
+
+    def __init__(self, exe):
+        self.exe, self.runs, self.declined = exe, 0, 0
+
+    def run(self, tensors):
+        res = self.exe.run(tensors)
+        self.runs += 1
+        self.declined += res is None
+        return res
+
+
+def _watch():
+    watched = []
+    for p in list(fplan._CACHE.values()):
+        if p.executor is not None and not isinstance(p.executor, Counting):
+            p.executor = Counting(p.executor)
+        if isinstance(p.executor, Counting):
+            watched.append(p.executor)
+    return watched
+
+
+CASES = [  # (name, shapes of the leaves, forward)
+    ("sin_exp_sum", [(3000,)], lambda x: ((torch.sin(x) * torch.exp(x)).sum(),)),
+    ("tanh_cube", [(50, 70)], lambda x: (torch.tanh(x) ** 3,)),
+    ("softmax_rows", [(300, 130)], lambda x: (torch.softmax(x, 1),)),
+    ("log_softmax_rows", [(64, 33)], lambda x: (torch.log_softmax(x, -1),)),
+    ("sum_is_a_view", [(40, 30)], lambda x: (x.sum(),)),
+    ("mean_rows", [(40, 30)], lambda x: (x.mean(1),)),
+    ("amax_rows", [(40, 30)], lambda x: (x.amax(1),)),
+    ("broadcast_two_leaves", [(40, 30), (30,)], lambda x, b: (torch.exp(x) * b + b.sin(),)),
+    ("two_outputs", [(100,)], lambda x: (x.exp(), x.sin().sum())),
+    ("threads", [(70000,)], lambda x: (torch.tanh(x) * x,)),
+    ("reshape_between", [(12, 10)], lambda x: ((x.exp().reshape(4, 30) * 2.0).sin(),)),
+]
+
+
+def _call(fn, shapes, gen, make_leaf=None):
+    xs = [rand(s, gen) for s in shapes]
+    if make_leaf is not None:
+        xs = [make_leaf(x) for x in xs]
+    else:
+        xs = [x.requires_grad_() for x in xs]
+    outs = fn(*xs)
+    gos = [None if o.dim() == 0 else rand(tuple(o.shape), gen) for o in outs]
+    gos = [torch.ones((), dtype=torch.float64) if g is None else g for g in gos]
+    got = fastgrad.grad(outs, xs, gos, retain_graph=True)
+    ref = TORCH_GRAD(outs, xs, gos)
+    assert_same(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,shapes,fn", CASES, ids=[c[0] for c in CASES])
+def test_later_calls_run_through_the_executor(name, shapes, fn, gen):
+    _call(fn, shapes, gen)
+    watched = _watch()
+    assert watched, "the first call left no Executor on its plan"
+    for _ in range(2):
+        _call(fn, shapes, gen)
+    assert sum(w.runs - w.declined for w in watched) >= 2
+
+
+def test_executor_declines_other_layouts(gen):
+    fn = lambda x: (torch.tanh(x) * torch.exp(x),)  # noqa: E731
+    _call(fn, [(30, 20)], gen)
+    watched = _watch()
+    assert watched
+    _call(fn, [(30, 20)], gen, make_leaf=strided_leaf)  # transposed strides: declined
+    assert sum(w.declined for w in watched) >= 1
+    for mk in (None, strided_leaf, None):  # rebuilt for each layout in turn, always right
+        _call(fn, [(30, 20)], gen, make_leaf=mk)
+
+
+def test_executor_not_used_with_create_graph(gen):
+    x = rand((50,), gen).requires_grad_()
+    y = torch.tanh(x) ** 2
+    go = rand((50,), gen)
+    fastgrad.grad(y, x, go, retain_graph=True)
+    watched = _watch()
+    runs = sum(w.runs for w in watched)
+    g = fastgrad.grad(y, x, go, create_graph=True)[0]
+    assert sum(w.runs for w in watched) == runs
+    x2 = x.detach().clone().requires_grad_()
+    g_ref = TORCH_GRAD(torch.tanh(x2) ** 2, x2, go, create_graph=True)[0]
+    assert g.requires_grad
+    assert_same(TORCH_GRAD(g.sum(), x), TORCH_GRAD(g_ref.sum(), x2), rtol=1e-12, atol=1e-12)
+
+
+def test_executor_rejects_malformed_specs():
+    empty, nt = torch.empty, torch.get_num_threads
+    with pytest.raises(ValueError, match="unknown step kind"):
+        _C.Executor([], [(7, None)], [], empty, nt, 1)
+    with pytest.raises(ValueError, match="view source out of range"):
+        _C.Executor([(0, (3,), (1,))], [(2, 1, [])], [], empty, nt, 1)
+    with pytest.raises(ValueError, match="output slot out of range"):
+        _C.Executor([(0, (3,), (1,))], [], [1], empty, nt, 1)
+    exe = _C.Executor([(0, (3,), (1,))], [(2, 0, [(True, (2, 3))])], [1], empty, nt, 1)
+    t = torch.arange(3.0)
+    out = exe.run([t])
+    assert torch.equal(out[0], t.expand(2, 3))
+    assert exe.run([torch.arange(4.0)]) is None  # another shape
+    assert exe.run([torch.arange(6.0)[::2]]) is None  # other strides
