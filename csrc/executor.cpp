@@ -118,7 +118,8 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
     : empty_(std::move(empty)), num_threads_(std::move(num_threads)), parallel_min_(parallel_min) {
   for (auto l : leaves) {
     py::tuple t = py::reinterpret_borrow<py::tuple>(l);
-    leaves_.push_back(Leaf{t[0].cast<Py_ssize_t>(), py::tuple(t[1]), py::tuple(t[2])});
+    leaves_.push_back(Leaf{t[0].cast<Py_ssize_t>(), py::tuple(t[1]), py::tuple(t[2]),
+                           t[3].is_none() ? py::object(py::none()) : py::object(py::tuple(t[3]))});
   }
   nslots_ = leaves_.size();
   for (auto s : steps) {
@@ -167,6 +168,7 @@ py::object Executor::run(py::handle tensors) const {
     py::object tt = py::reinterpret_steal<py::object>(t);
     if (!equal(attr(tt, N.shape), l.shape) || !equal(call_method(tt, N.stride), l.strides))
       return py::none();
+    if (!l.reshape.is_none()) tt = call_method(tt, N.reshape, l.reshape.ptr());
     slots.push_back(std::move(tt));
   }
   for (const Step& st : steps_) {

@@ -34,7 +34,8 @@ int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,
 
 class Executor {
  public:
-  // leaves: [(index in the call's tensors, shape, strides)], slots 0..L-1;
+  // leaves: [(index in the call's tensors, shape, strides, shape to reshape to or None)],
+  // slots 0..L-1;
   // steps, each adding slots for what it produces, in order:
   //   (0, region, numel)                  region = (Program, [input slots], [(shape, dtype)])
   //   (1, [region, ...], chunk_mask, numel)  a row group
@@ -50,7 +51,7 @@ class Executor {
  private:
   struct Leaf {
     Py_ssize_t index;
-    py::object shape, strides;
+    py::object shape, strides, reshape;  // reshape: None, or the shape the plan reads it as
   };
   struct Alloc {
     py::tuple args;  // the sizes

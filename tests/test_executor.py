@@ -43,6 +43,7 @@ CASES = [  # (name, shapes of the leaves, forward)
     ("sum_is_a_view", [(40, 30)], lambda x: (x.sum(),)),
     ("mean_rows", [(40, 30)], lambda x: (x.mean(1),)),
     ("amax_rows", [(40, 30)], lambda x: (x.amax(1),)),
+    ("logsumexp_rows", [(40, 30)], lambda x: (torch.logsumexp(x, 1),)),  # result read reshaped
     ("broadcast_two_leaves", [(40, 30), (30,)], lambda x, b: (torch.exp(x) * b + b.sin(),)),
     ("two_outputs", [(100,)], lambda x: (x.exp(), x.sin().sum())),
     ("threads", [(70000,)], lambda x: (torch.tanh(x) * x,)),
@@ -105,12 +106,14 @@ def test_executor_rejects_malformed_specs():
     with pytest.raises(ValueError, match="unknown step kind"):
         _C.Executor([], [(7, None)], [], empty, nt, 1)
     with pytest.raises(ValueError, match="view source out of range"):
-        _C.Executor([(0, (3,), (1,))], [(2, 1, [])], [], empty, nt, 1)
+        _C.Executor([(0, (3,), (1,), None)], [(2, 1, [])], [], empty, nt, 1)
     with pytest.raises(ValueError, match="output slot out of range"):
-        _C.Executor([(0, (3,), (1,))], [], [1], empty, nt, 1)
-    exe = _C.Executor([(0, (3,), (1,))], [(2, 0, [(True, (2, 3))])], [1], empty, nt, 1)
+        _C.Executor([(0, (3,), (1,), None)], [], [1], empty, nt, 1)
+    exe = _C.Executor([(0, (3,), (1,), None)], [(2, 0, [(True, (2, 3))])], [1], empty, nt, 1)
     t = torch.arange(3.0)
     out = exe.run([t])
     assert torch.equal(out[0], t.expand(2, 3))
     assert exe.run([torch.arange(4.0)]) is None  # another shape
     assert exe.run([torch.arange(6.0)[::2]]) is None  # other strides
+    exe = _C.Executor([(0, (3,), (1,), (3, 1))], [(2, 0, [(True, (3, 2))])], [1], empty, nt, 1)
+    assert torch.equal(exe.run([t])[0], t.reshape(3, 1).expand(3, 2))  # a leaf read reshaped

@@ -128,9 +128,13 @@ def clear_plan_cache():
 
 
 def get_plan(exprs):
-    key = tuple(id(e) for e in exprs)
+    """The plan computing the list of IR nodes ``exprs`` (cached by their identities)."""
+    if type(exprs) is not list:
+        exprs = list(exprs)
+    key = tuple(map(id, exprs))
     p = _CACHE.get(key)
-    if p is None or any(a is not b for a, b in zip(p.requested, exprs)):
+    # (Nodes compare by identity: a list comparison checks that the ids are not reused ones.)
+    if p is None or p.requested != exprs:
         if len(_CACHE) > 4096:
             _CACHE.clear()
         p = _CACHE[key] = build(list(exprs))

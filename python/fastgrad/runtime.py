@@ -233,10 +233,10 @@ def _executor(plan, env, tensors):
         if id(n) in produced or id(n) in slots:
             return
         t = tensors[n.known]
-        if t.shape != n.shape:  # read through a reshape (value() below)
-            raise _NoExecutor()
         slots[id(n)] = len(leaves)
-        leaves.append((n.known, tuple(t.shape), t.stride()))
+        # read through a reshape where the node's shape differs (value() below)
+        leaves.append((n.known, tuple(t.shape), t.stride(),
+                       None if t.shape == n.shape else tuple(n.shape)))
 
     for step in plan.steps:
         if isinstance(step, ViewStep):
@@ -337,6 +337,8 @@ def execute(plan, tensors, create_graph, stats=None):
 
 def materialize(exprs, tensors, create_graph, stats=None):
     """Compute IR expressions (None stays None) over the bound ``tensors``."""
+    if None not in exprs:
+        return execute(get_plan(exprs), tensors, create_graph, stats)
     todo = [e for e in exprs if e is not None]
     if not todo:
         return [None] * len(exprs)
