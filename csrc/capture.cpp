@@ -305,6 +305,30 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
   return py::make_tuple(as_tuple(parts), freed);
 }
 
+void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn) {
+  static PyObject* register_prehook = intern("register_prehook");
+  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(g.order.ptr()); i < n; ++i) {
+    py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
+    if (!g.runs(fn.ptr())) continue;
+    PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
+    if (!md) {  // a node without metadata cannot be marked (as lowering.mark_freed did)
+      PyErr_Clear();
+      continue;
+    }
+    py::object m = py::reinterpret_steal<py::object>(md);
+    if (!PyDict_Check(md)) continue;
+    PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
+    if (!v && PyErr_Occurred()) throw py::error_already_set();
+    if (v && truthy(v)) continue;
+    if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
+    if (spec_of(fn, spec_fn).holds_saved) {
+      PyObject* r = PyObject_CallMethodOneArg(fn.ptr(), register_prehook, refuse.ptr());
+      if (!r) throw py::error_already_set();
+      Py_DECREF(r);
+    }
+  }
+}
+
 void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,
                    py::object tensor_cls) {
   if (!N.dtype) {

@@ -56,6 +56,11 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
                     py::handle in_edges, Binder& bind, bool create_graph,
                     py::handle spec_fn, py::handle hooks_fn, py::handle freed_key);
 
+// Marks every node the sweep ran as consumed (retain_graph=False): metadata[freed_key] = True,
+// and `refuse` (a hook raising PyTorch's freed-graph error) as a pre-hook on those that hold
+// saved tensors, so PyTorch's engine refuses them too (see lowering.mark_freed).
+void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn);
+
 // Called once at import: the dtype -> code dict, torch.strided, the device types the compiled
 // path runs on, and torch.Tensor.
 void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,

@@ -233,6 +233,23 @@ def test_fastgrad_frees_graph_for_torch_too(gen):
     assert_same_error(lambda: then_torch(TORCH_GRAD), lambda: then_torch(FAST_GRAD))
 
 
+def test_fastgrad_frees_inner_nodes_for_torch_too(gen):
+    """Every node the call ran is freed, not only the output's: torch then fails on a backward
+    that starts at an intermediate tensor (sin's node holds a saved tensor), and succeeds where
+    only nodes without saved tensors were run (x + 1)."""
+    x0 = rand((3, 4), gen)
+
+    def then_torch(first, start):
+        x = x0.clone().requires_grad_(True)
+        s, a = torch.sin(x), x + 1.0
+        y = (torch.exp(s) + a).sum()
+        first(y, x)
+        return TORCH_GRAD({"sin": s, "add": a}[start].sum(), x)
+
+    assert_same_error(lambda: then_torch(TORCH_GRAD, "sin"), lambda: then_torch(FAST_GRAD, "sin"))
+    assert_same(then_torch(FAST_GRAD, "add"), then_torch(TORCH_GRAD, "add"))
+
+
 def test_retain_graph_true_allows_second_call(gen):
     x0 = rand((3, 4), gen)
     x = x0.clone().requires_grad_(True)

@@ -218,10 +218,17 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
-        for fn in order:
-            if graph_cache.runs(fn, nexts, needed):
-                lowering.mark_freed(fn, freed_message)
+        _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec)
     return results
+
+
+def _refuse_freed(grads):
+    """Pre-hook on the nodes a call consumed with retain_graph=False (_C.mark_freed).
+
+    fastgrad cannot release PyTorch's saved tensors, so a node that has them refuses to run
+    again instead: fastgrad checks the flag (lowering._is_freed), and this hook makes PyTorch's
+    engine raise its own "backward through the graph a second time" error too."""
+    raise RuntimeError(freed_message())
 
 
 def _leaf_edge(t):

@@ -107,25 +107,6 @@ def holds_saved_tensors(fn):
     return v
 
 
-def mark_freed(fn, message):
-    """Record that fastgrad consumed the graph (retain_graph=False).
-
-    fastgrad cannot release PyTorch's saved tensors, so a node that has them refuses to run again
-    instead: fastgrad checks the flag, and a pre-hook makes PyTorch's engine raise its own
-    "backward through the graph a second time" error too.
-    """
-    try:
-        if fn.metadata.get(_FREED):
-            return
-        fn.metadata[_FREED] = True
-    except Exception:
-        return
-    if holds_saved_tensors(fn):
-        def refuse(grads):
-            raise RuntimeError(message())
-        fn.register_prehook(refuse)
-
-
 def _signed(d):
     # Some saved dims come back as unsigned 64-bit integers (-1 reads as 2**64 - 1).
     return d - (1 << 64) if d >= (1 << 63) else d
