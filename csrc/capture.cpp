@@ -105,7 +105,7 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
   bool rg = truthy(get(t, N.requires_grad));
   py::object producer = !gf.is_none() ? id_of(gf) : rg ? id_of(t) : py::none();
   py::object onr = !gf.is_none() ? get(t, N.output_nr) : py::int_(0);
-  py::tuple k = py::make_tuple(call0(t, N.data_ptr), as_tuple(get(t, N.shape)),
+  py::tuple k = py::make_tuple(call0(t, N.data_ptr), get(t, N.shape),
                                call0(t, N.stride), dtype, py::bool_(rg), producer, onr);
   Py_ssize_t n;
   PyObject* hit = PyDict_GetItemWithError(keys.ptr(), k.ptr());
