@@ -157,7 +157,20 @@ PYBIND11_MODULE(_C, m) {
              fg::run_program(p, ins, outs, nthreads);
            }, py::arg("ins"), py::arg("outs"), py::arg("nthreads"),
            "Run on the CPU over tensors ins and outs (sequences of nins / nouts tensors laid out as\n"
-           "the descriptor said: the caller guarantees shapes, strides and dtypes). Releases the GIL.");
+           "the descriptor said: the caller guarantees shapes, strides and dtypes). Releases the GIL.")
+      .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep) {
+             if (address != 0 && !p.p->kernel_fits())
+               throw py::value_error("this program's region cannot run as a compiled loop");
+             p.p->kernel = reinterpret_cast<fg::Program::Kernel>(address);
+             p.keep = std::move(keep);
+           }, py::arg("address"), py::arg("keep"),
+           "Run through the compiled loop at `address` (void(char* const* ptrs, int64_t begin,\n"
+           "int64_t end); 0: the interpreter again); `keep` is held as long as it is used (its library).\n"
+           "Raises ValueError for a region kernel_fits() refuses.")
+      .def_property_readonly("kernel_fits", [](const fg::ProgramHandle& p) { return p.p->kernel_fits(); },
+           "Whether the region is one a compiled loop can compute (csrc/program.h).")
+      .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel != nullptr; },
+           "Whether runs go through a compiled loop.");
 
   m.def("run_program_group", &run_program_group, py::arg("programs"), py::arg("ins"), py::arg("outs"),
         py::arg("chunk_mask"), py::arg("nthreads"),
@@ -230,6 +243,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("spec_fn"), "Mark the nodes a sweep ran as consumed (lowering.mark_freed, for a whole graph).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), "Constants capture reads (once, at import).");
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["cxx"] = FG_CXX_COMPILER;
+    d["cxx_id"] = FG_CXX_COMPILER_ID;
+    d["native"] = bool(FG_JIT_NATIVE);
+    return d;
+  }, "The C++ compiler this module was built with, its id and whether -march=native was used\n"
+     "(what fastgrad.jit compiles loops with).");
 
   m.def("max_ndim", [] { return fg::kMaxNdim; }, "Most iteration dims a region may have.");
 

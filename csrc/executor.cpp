@@ -70,7 +70,7 @@ void run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nt
   if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
   Region r = bind(p, ins, outs);
   py::gil_scoped_release nogil;
-  run_region_cpu(r, p.p->compute, nthreads);
+  p.p->run(r, nthreads);
 }
 
 int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,

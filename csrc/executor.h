@@ -22,6 +22,7 @@ namespace py = pybind11;
 struct ProgramHandle {
   std::shared_ptr<Program> p;
   int64_t nins = 0, nouts = 0;
+  py::object keep;  // what keeps p->kernel's code loaded (a ctypes library), if any
 };
 
 // Run on tensors ins / outs (sequences of nins / nouts tensors laid out as the descriptor said);

@@ -19,6 +19,15 @@ struct Program {
   std::vector<int64_t> load_src;   // [nloads]: the input (of the caller's list) each load reads
   std::vector<int64_t> store_dst;  // [nstores]: the output each store writes
   int compute = 0;                 // 0 = float32, 1 = float64
+  // A loop compiled for this program (python/fastgrad/jit.py), or null: it computes elements
+  // [begin, end) of a region whose loads and stores are all contiguous over the iteration space
+  // or (loads) a single value; ptrs[nloads + nstores] are the load then store data pointers.
+  using Kernel = void (*)(char* const* ptrs, int64_t begin, int64_t end);
+  Kernel kernel = nullptr;
+  // Whether the region is one a kernel can compute: no reduction, no iota, loads without
+  // predicates that are row-major contiguous over the iteration space or a single value,
+  // assign stores that are row-major contiguous, every record of the compute dtype.
+  bool kernel_fits() const;
 
   // desc[len] with valid pointers (they are replaced on every run), consts[nconsts]; throws
   // DescriptorError on a malformed descriptor or a source/destination index out of range of
@@ -32,6 +41,11 @@ struct Program {
   // A copy of the region reading ins[load_src[i]] and writing outs[store_dst[k]]
   // (ins[nins], outs[nouts]: data pointers of tensors laid out as the descriptor said).
   Region bind(char* const* ins, char* const* outs) const;
+
+  // Run the bound region r (from bind) on the CPU: through the compiled kernel when there is one
+  // and no store overlaps a load or another store, else through the interpreter. Returns
+  // whether the kernel ran. Call without the GIL.
+  bool run(Region& r, int nthreads) const;
 };
 
 }  // namespace fg

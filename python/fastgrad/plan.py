@@ -68,9 +68,11 @@ class Region:
         kind = f"reduce over dims {list(self.reduce_dims)}" if self.reduce_dims else "elementwise"
         ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: m.known is not None or
                                                 any(m is i for i in self.inputs))} - {"leaf"})
+        compiled = any(p.program is not None and p.program.compiled
+                       for p in self.packers.values())
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
-                f"instructions; ops {ops}")
+                f"instructions; ops {ops}" + ("; compiled loop" if compiled else ""))
 
 
 class ViewStep:
@@ -108,6 +110,7 @@ class Plan:
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
         self.requested, self.outputs, self.steps = requested, outputs, steps
         self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
+        self.runs = 0  # runtime: how many times it ran (jit.AFTER)
 
     @property
     def regions(self):

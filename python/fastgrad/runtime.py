@@ -1,11 +1,15 @@
-"""Execute a plan: allocate outputs, pack each region's descriptor, call the compiled VM.
+"""Execute a plan: allocate outputs, call the compiled VM on each region's descriptor (parsed
+once per input layout into a ``_C.Program`` on the CPU, packed per call for CUDA).
+
+On the CPU without ``create_graph`` a plan's run leaves a ``_C.Executor`` (csrc/executor.h)
+that repeats it in C++ on later calls whose tensors have the same layouts.
 
 With ``create_graph`` every region runs inside ``RegionFunction`` (a torch.autograd.Function whose
 inputs are the region's loads), so its outputs are differentiable: the Function's backward is the
 region's own VJP program, planned and run the same way. A later ``fastgrad.grad`` that meets such
 a node lowers it back to IR (lowering.py, "RegionFunctionBackward") and keeps fusing.
 
-A ``RowGroup`` runs as one call (``_C.run_cpu_group``, chunk of rows by chunk of rows) on the
+A ``RowGroup`` runs as one call (``_C.run_program_group``, chunk of rows by chunk of rows) on the
 CPU without ``create_graph``; on CUDA, or with ``create_graph`` (each region then runs in its own
 ``RegionFunction``), its regions run one after another.
 """
@@ -13,7 +17,7 @@ from array import array
 
 import torch
 
-from . import _C, ir, rules
+from . import _C, ir, jit, rules
 from .plan import Region, RowGroup, ViewStep, get_plan
 from .runtime_table import DTYPE_CODES
 
@@ -83,6 +87,8 @@ class _Packer:
         self.desc = array("q", desc)
         self.consts = array("d", region.consts)
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
+        # per load: it reads one value (all strides 0), for jit.source
+        self.load_single = [not any(desc[at + 3:at + 3 + nd]) for at, _ in self.load_slots]
         self.program = None
 
     def cpu_program(self, ins, outs):
@@ -282,6 +288,9 @@ def _executor(plan, env, tensors):
 
 def execute(plan, tensors, create_graph, stats=None):
     dev = tensors[0].device if tensors else _CPU
+    plan.runs += 1
+    if plan.runs == jit.AFTER and jit._STATE["enabled"]:
+        jit.compile_plan(plan)  # (after a run on the CPU, the regions hold their Programs)
     # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
     repeat = stats is None and not create_graph and _on_cpu(dev)
     if repeat and plan.executor is not None:

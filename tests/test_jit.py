@@ -1,0 +1,188 @@
+"""Compiled loops (fastgrad.jit): the generated C++ loop of a region must give torch's values
+(and the interpreter's) for every op and special value, run only where it is exact (no
+overlapping outputs, only the regions csrc/program.h kernel_fits accepts), take over a plan's
+regions after jit.AFTER runs, and leave the interpreter running when the compiler fails."""
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import _C, jit
+from fastgrad import plan as fplan
+from conftest import TORCH_GRAD, assert_same, rand
+from test_vm import BINARY, COMPUTE, SPECIAL, UNARY, Region, inputs, tol
+
+pytestmark = pytest.mark.skipif(not jit.status()["enabled"], reason="FASTGRAD_JIT=0")
+
+
+class _Spec:
+    """What jit.source reads of a region: loads, stores, instrs, consts (test_vm's packer)."""
+
+    def __init__(self, r):
+        self.loads, self.stores, self.instrs, self.consts = r.loads, r.stores, r.instrs, r.consts
+
+
+def _programs(r, compute, nins, nouts):
+    """(interpreted, compiled) Programs of test_vm Region r whose load i reads input i and
+    store k writes output k."""
+    desc, consts = r.pack()
+    make = lambda: C_Program(desc, consts, compute, list(range(len(r.loads))),  # noqa: E731
+                             list(range(len(r.stores))), nins, nouts)
+    plain, fast = make(), make()
+    nd = len(r.shape)
+    single = [not any(rec[3:3 + nd]) for rec in r.loads]
+    # (one loop computes every op here; some, e.g. the half-type roundings, keep GCC from
+    # vectorising it, which the runtime would refuse, but the values must be right anyway)
+    got = jit.kernel_address(jit.source(_Spec(r), single, compute), vector_only=False)
+    assert got is not None, jit.status()
+    fast.set_kernel(got[1], got[0])
+    assert fast.compiled and not plain.compiled
+    return plain, fast
+
+
+C_Program = _C.Program
+
+
+def _run_both(r, compute, ins, outs_like, nthreads=1):
+    plain, fast = _programs(r, compute, len(ins), len(outs_like))
+    a = [torch.full_like(o, float("nan")) for o in outs_like]
+    b = [torch.full_like(o, float("nan")) for o in outs_like]
+    plain.run(ins, a, nthreads)
+    fast.run(ins, b, nthreads)
+    return a, b
+
+
+def _close_to_interpreter(a, b):
+    # the same op math; a transcendental may take its vector variant on one path and the
+    # scalar one on the other
+    tight = dict(rtol=4e-7, atol=1e-37) if a.dtype == torch.float32 else dict(rtol=1e-15, atol=1e-300)
+    torch.testing.assert_close(b, a, equal_nan=True, **tight)
+
+
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+def test_every_unary_op(dtype, compute):
+    x = inputs(dtype)
+    names = sorted(UNARY)
+    r = Region(x.shape)
+    rx = r.load(x)
+    outs = [torch.empty_like(x) for _ in names]
+    for name, o in zip(names, outs):
+        r.store(o, r.op(name, rx))
+    a, b = _run_both(r, compute, [x], outs)
+    for name, ai, bi in zip(names, a, b):
+        torch.testing.assert_close(bi, UNARY[name](x), equal_nan=True, msg=name, **tol(dtype))
+        _close_to_interpreter(ai, bi)
+
+
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+def test_every_binary_op_and_where(dtype, compute):
+    v = torch.tensor(SPECIAL + [3.0, 0.25, -1.5, 7.0], dtype=dtype)
+    x = torch.cat([v[:, None].expand(len(v), len(v)).flatten(), inputs(dtype, seed=1)])
+    y = torch.cat([v[None, :].expand(len(v), len(v)).flatten(), inputs(dtype, seed=2)])
+    names = sorted(BINARY)
+    r = Region(x.shape)
+    rx, ry = r.load(x), r.load(y)
+    outs = [torch.empty_like(x) for _ in names + ["where"]]
+    for name, o in zip(names, outs):
+        r.store(o, r.op(name, rx, ry))
+    r.store(outs[-1], r.op("where", r.op("gt", rx, ry), rx, r.op("mul", ry, r.const(-2.5))))
+    a, b = _run_both(r, compute, [x, y], outs)
+    for name, ai, bi in zip(names, a, b):
+        torch.testing.assert_close(bi, BINARY[name](x, y), equal_nan=True, msg=name, **tol(dtype))
+        _close_to_interpreter(ai, bi)
+    torch.testing.assert_close(b[-1], torch.where(x > y, x, y * -2.5), equal_nan=True, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+def test_constants_and_single_value_loads(dtype, compute):
+    x = rand((70001,), torch.Generator().manual_seed(4), dtype=dtype)
+    s = torch.tensor(1.75, dtype=dtype)
+    r = Region(x.shape)
+    rx, rs = r.load(x), r.load(s, strides=[0])  # a scalar read at every element
+    out = torch.empty_like(x)
+    inf, nan = r.const(float("inf")), r.const(float("nan"))
+    e = r.op("add", r.op("mul", rx, rs), r.const(0.1))
+    r.store(out, r.op("where", r.op("gt", rx, r.const(3.0)), inf, r.op("where", r.op("lt", rx, r.const(-3.0)), nan, e)))
+    for nthreads in (1, 2):  # 70001 elements: chunks on two threads
+        a, b = _run_both(r, compute, [x, s], [out], nthreads)
+        ref = torch.where(x > 3, torch.full_like(x, float("inf")),
+                          torch.where(x < -3, torch.full_like(x, float("nan")), x * 1.75 + 0.1))
+        torch.testing.assert_close(b[0], ref, equal_nan=True, **tol(dtype))
+        assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())  # no transcendental: exact
+
+
+def test_overlapping_store_runs_the_interpreter():
+    # y = exp(x) written over x itself: the loop would be exact here too, but a store that
+    # overlaps a load (shifted by one element below) is left to the interpreter.
+    base = torch.randn(1001, dtype=torch.float64)
+    r = Region((1000,))
+    x, out = base[1:], base[:-1]
+    r.store(out, r.op("exp", r.load(x)))
+    plain, fast = _programs(r, 1, 1, 1)
+    want = torch.exp(base[1:].clone())
+    fast.run([x], [out], 1)
+    torch.testing.assert_close(base[:-1], want, rtol=1e-15, atol=0)
+
+
+def test_set_kernel_refuses_other_regions():
+    x = torch.randn(8, 4, dtype=torch.float64)
+    s = torch.empty(8, 1, dtype=torch.float64)
+    r = Region(x.shape)
+    r.store(s, r.load(x), mode=1)  # a row sum
+    desc, consts = r.pack()
+    p = _C.Program(desc, consts, 1, [0], [0], 1, 1)
+    assert not p.kernel_fits
+    with pytest.raises(ValueError, match="compiled loop"):
+        p.set_kernel(1, None)
+    r = Region(x.shape)
+    r.store(torch.empty_like(x), r.load(x.t().contiguous().t()))  # column-major load
+    desc, consts = r.pack()
+    assert not _C.Program(desc, consts, 1, [0], [0], 1, 1).kernel_fits
+
+
+CASES = [
+    ("tanh_cube", lambda x: torch.tanh(x) ** 3, 1),
+    ("softplus_sigmoid", lambda x: torch.nn.functional.softplus(x) * torch.sigmoid(x), 1),
+    ("sin_exp_sum", lambda x: (torch.sin(x) * torch.exp(x)).sum(), 1),
+    ("tanh_cube_2nd", lambda x: torch.tanh(x) ** 3, 2),
+]
+
+
+@pytest.mark.parametrize("name,fn,order", CASES, ids=[c[0] for c in CASES])
+def test_plans_compile_after_some_runs(name, fn, order, gen):
+    for k in range(jit.AFTER + 2):
+        x = rand((5000,), gen).requires_grad_()
+        y = fn(x)
+        go = torch.ones_like(y) if y.dim() == 0 else rand(tuple(y.shape), gen)
+        xr = x.detach().clone().requires_grad_()
+        yr = fn(xr)
+        if order == 1:
+            got = fastgrad.grad(y, x, go, retain_graph=True)
+            ref = TORCH_GRAD(yr, xr, go)
+        else:
+            g = fastgrad.grad(y, x, go, create_graph=True)[0]
+            got = fastgrad.grad(g, x, go, retain_graph=True)
+            gr = TORCH_GRAD(yr, xr, go, create_graph=True)[0]
+            ref = TORCH_GRAD(gr, xr, go)
+        assert_same(got, ref, rtol=1e-12, atol=1e-12)
+    report = str(fastgrad.explain(y, x, go, create_graph=order == 2))
+    assert "compiled loop" in report, report
+
+
+def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, tmp_path, gen):
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_command", lambda src, out: ["/nonexistent/c++", src, "-o", out])
+    monkeypatch.setattr(jit, "_LIBS", {})
+    try:
+        fn = lambda x: torch.cos(x) * torch.exp(x) * 3.0  # noqa: E731
+        for _ in range(jit.AFTER + 1):
+            x = rand((300,), gen).requires_grad_()
+            go = rand((300,), gen)
+            xr = x.detach().clone().requires_grad_()
+            y = fn(x)
+            assert_same(fastgrad.grad(y, x, go, retain_graph=True), TORCH_GRAD(fn(xr), xr, go),
+                        rtol=1e-12, atol=1e-12)
+        st = jit.status()
+        assert not st["enabled"] and "nonexistent" in st["reason"]
+        assert "compiled loop" not in str(fastgrad.explain(y, x, go))
+    finally:
+        jit.enable(True)
