@@ -161,15 +161,15 @@ PYBIND11_MODULE(_C, m) {
       .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep) {
              if (address != 0 && !p.p->kernel_fits())
                throw py::value_error("this program's region cannot run as a compiled loop");
-             p.p->kernel = reinterpret_cast<fg::Program::Kernel>(address);
-             p.keep = std::move(keep);
+             p.keep = keep;  // (ctypes never unloads a library: a run in an older loop stays valid)
+             p.p->kernel.store(reinterpret_cast<fg::Program::Kernel>(address), std::memory_order_release);
            }, py::arg("address"), py::arg("keep"),
            "Run through the compiled loop at `address` (void(char* const* ptrs, int64_t begin,\n"
            "int64_t end); 0: the interpreter again); `keep` is held as long as it is used (its library).\n"
            "Raises ValueError for a region kernel_fits() refuses.")
       .def_property_readonly("kernel_fits", [](const fg::ProgramHandle& p) { return p.p->kernel_fits(); },
            "Whether the region is one a compiled loop can compute (csrc/program.h).")
-      .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel != nullptr; },
+      .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },
            "Whether runs go through a compiled loop.");
 
   m.def("run_program_group", &run_program_group, py::arg("programs"), py::arg("ins"), py::arg("outs"),

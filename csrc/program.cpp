@@ -72,7 +72,8 @@ bool Program::run(Region& r, int nthreads) const {
     run_region_cpu(r, compute, nthreads);
     return false;
   };
-  if (kernel == nullptr || r.numel == 0) return interpret();
+  const Kernel k = kernel.load(std::memory_order_acquire);
+  if (k == nullptr || r.numel == 0) return interpret();
   // The kernel reads every load at element i (or its single value) and writes every store at
   // element i: exact only when no store shares memory with a load or another store (the
   // runtime's outputs are fresh tensors; the interpreter handles the general case).
@@ -98,13 +99,12 @@ bool Program::run(Region& r, int nthreads) const {
   if (n >= kJitParallelMin) nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, n / (kJitParallelMin / 2)));
   char* const* pp = ptrs.data();
   if (nt == 1) {
-    kernel(pp, 0, n);
+    k(pp, 0, n);
     return true;
   }
   // Chunks of whole cache lines (16 floats / 8 doubles), the same for any thread count.
   const int64_t chunk = ((n + 4 * nt - 1) / (4 * nt) + 63) & ~int64_t(63);
   const int64_t nchunks = (n + chunk - 1) / chunk;
-  const Kernel k = kernel;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t c = 0; c < nchunks; ++c) k(pp, c * chunk, std::min(n, (c + 1) * chunk));
   return true;

@@ -6,6 +6,7 @@
 // each call only patches the pointers of a copy of the parsed region.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -23,7 +24,7 @@ struct Program {
   // [begin, end) of a region whose loads and stores are all contiguous over the iteration space
   // or (loads) a single value; ptrs[nloads + nstores] are the load then store data pointers.
   using Kernel = void (*)(char* const* ptrs, int64_t begin, int64_t end);
-  Kernel kernel = nullptr;
+  std::atomic<Kernel> kernel{nullptr};  // set under the GIL, read by runs without it
   // Whether the region is one a kernel can compute: no reduction, no iota, loads without
   // predicates that are row-major contiguous over the iteration space or a single value,
   // assign stores that are row-major contiguous, every record of the compute dtype.
