@@ -158,17 +158,21 @@ PYBIND11_MODULE(_C, m) {
            }, py::arg("ins"), py::arg("outs"), py::arg("nthreads"),
            "Run on the CPU over tensors ins and outs (sequences of nins / nouts tensors laid out as\n"
            "the descriptor said: the caller guarantees shapes, strides and dtypes). Releases the GIL.")
-      .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep) {
-             if (address != 0 && !p.p->kernel_fits())
-               throw py::value_error("this program's region cannot run as a compiled loop");
+      .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep, int split) {
+             if (address != 0 && !p.p->kernel_fits(split))
+               throw py::value_error("this program's region cannot run as a compiled loop with split " +
+                                     std::to_string(split));
              p.keep = keep;  // (ctypes never unloads a library: a run in an older loop stays valid)
+             p.p->kernel.store(nullptr, std::memory_order_release);  // no run pairs new split, old loop
+             p.p->split.store(split, std::memory_order_release);
              p.p->kernel.store(reinterpret_cast<fg::Program::Kernel>(address), std::memory_order_release);
-           }, py::arg("address"), py::arg("keep"),
+           }, py::arg("address"), py::arg("keep"), py::arg("split") = 0,
            "Run through the compiled loop at `address` (void(char* const* ptrs, int64_t begin,\n"
-           "int64_t end); 0: the interpreter again); `keep` is held as long as it is used (its library).\n"
-           "Raises ValueError for a region kernel_fits() refuses.")
-      .def_property_readonly("kernel_fits", [](const fg::ProgramHandle& p) { return p.p->kernel_fits(); },
-           "Whether the region is one a compiled loop can compute (csrc/program.h).")
+           "int64_t end), over elements with split 0, over rows of dims 0..split-1 otherwise; 0: the\n"
+           "interpreter again); `keep` is held as long as it is used (its library). Raises\n"
+           "ValueError for a region kernel_fits(split) refuses.")
+      .def("kernel_fits", [](const fg::ProgramHandle& p, int split) { return p.p->kernel_fits(split); },
+           py::arg("split") = 0, "Whether a compiled loop with this split can compute the region (csrc/program.h).")
       .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },
            "Whether runs go through a compiled loop.");
 

@@ -28,40 +28,54 @@ namespace {
 // kParallelMin).
 constexpr int64_t kJitParallelMin = 32768;
 
-// Byte range [lo, hi) a record touches when it is contiguous over n elements (step 1) or reads
-// one element (step 0).
+// Byte range [lo, hi) a record with these strides can touch.
 struct Span {
   uintptr_t lo, hi;
 };
-Span span_of(const char* p, int dtype, int64_t offset, bool single, int64_t n) {
+Span span_of(const Region& r, const char* p, int dtype, int64_t offset, const int64_t* st) {
   const int64_t isz = dtype_itemsize(dtype);
-  const uintptr_t lo = (uintptr_t)p + uintptr_t(offset * isz);
-  return Span{lo, lo + uintptr_t((single ? 1 : n) * isz)};
+  int64_t lo = offset, hi = offset;
+  for (int d = 0; d < r.ndim; ++d) {
+    const int64_t reach = st[d] * (r.shape[d] - 1);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  return Span{(uintptr_t)p + uintptr_t(lo * isz), (uintptr_t)p + uintptr_t((hi + 1) * isz)};
 }
 bool overlap(const Span& a, const Span& b) { return a.lo < b.hi && b.lo < a.hi; }
 
+// Whether strides st over dims [d0, d1) of r are row-major contiguous (size-1 dims take any
+// stride) or, with zero, all 0.
+bool row_major(const Region& r, const int64_t* st, int d0, int d1) {
+  int64_t expect = 1;
+  for (int d = d1 - 1; d >= d0; --d) {
+    if (r.shape[d] != 1 && st[d] != expect) return false;
+    expect *= r.shape[d];
+  }
+  return true;
+}
+bool zero(const Region& r, const int64_t* st, int d0, int d1) {
+  for (int d = d0; d < d1; ++d)
+    if (st[d] != 0 && r.shape[d] != 1) return false;
+  return true;
+}
+
 }  // namespace
 
-bool Program::kernel_fits() const {
+bool Program::kernel_fits(int k) const {
   const Region& r = region;
   const int dt = compute == 0 ? DT_F32 : DT_F64;
-  if (r.has_reduce) return false;
-  // Row-major strides of the iteration space (dims of size 1 take any stride).
-  auto contiguous = [&](const int64_t* st) {
-    int64_t expect = 1;
-    for (int d = r.ndim - 1; d >= 0; --d) {
-      if (r.shape[d] != 1 && st[d] != expect) return false;
-      expect *= r.shape[d];
-    }
-    return true;
-  };
+  if (r.has_reduce || k < 0 || k >= std::max(r.ndim, 1)) return false;
+  const int n = r.ndim;
   for (const LoadRec& L : r.loads) {
-    bool zero = true;
-    for (int d = 0; d < r.ndim; ++d) zero = zero && L.stride[d] == 0;
-    if (L.dtype != dt || !L.preds.empty() || !(zero || contiguous(L.stride))) return false;
+    if (L.dtype != dt || !L.preds.empty()) return false;
+    const bool whole = row_major(r, L.stride, 0, n) || zero(r, L.stride, 0, n);
+    // k > 0: also one value per row (0 along the columns), or one row for all rows
+    const bool per_row = k > 0 && row_major(r, L.stride, 0, k) && zero(r, L.stride, k, n);
+    const bool per_col = k > 0 && zero(r, L.stride, 0, k) && row_major(r, L.stride, k, n);
+    if (!whole && !per_row && !per_col) return false;
   }
   for (const StoreRec& S : r.stores)
-    if (S.dtype != dt || S.mode != MODE_ASSIGN || !contiguous(S.stride)) return false;
+    if (S.dtype != dt || S.mode != MODE_ASSIGN || !row_major(r, S.stride, 0, n)) return false;
   for (const Instr& I : r.instrs)
     if (I.op == OP_IOTA) return false;
   return true;
@@ -74,19 +88,17 @@ bool Program::run(Region& r, int nthreads) const {
   };
   const Kernel k = kernel.load(std::memory_order_acquire);
   if (k == nullptr || r.numel == 0) return interpret();
-  // The kernel reads every load at element i (or its single value) and writes every store at
-  // element i: exact only when no store shares memory with a load or another store (the
+  // The loop reads every load at its element (row, column) and writes every store at its
+  // element: exact only when no store shares memory with a load or another store (the
   // runtime's outputs are fresh tensors; the interpreter handles the general case).
   std::vector<char*> ptrs;
   std::vector<Span> loads, stores;
   for (const LoadRec& L : r.loads) {
-    bool single = true;
-    for (int d = 0; d < r.ndim; ++d) single = single && L.stride[d] == 0;
-    loads.push_back(span_of(L.ptr, L.dtype, L.offset, single, r.numel));
+    loads.push_back(span_of(r, L.ptr, L.dtype, L.offset, L.stride));
     ptrs.push_back(L.ptr + L.offset * dtype_itemsize(L.dtype));
   }
   for (const StoreRec& S : r.stores) {
-    const Span sp = span_of(S.ptr, S.dtype, 0, false, r.numel);
+    const Span sp = span_of(r, S.ptr, S.dtype, 0, S.stride);
     for (const Span& o : loads)
       if (overlap(sp, o)) return interpret();
     for (const Span& o : stores)
@@ -94,16 +106,25 @@ bool Program::run(Region& r, int nthreads) const {
     stores.push_back(sp);
     ptrs.push_back(S.ptr);
   }
-  const int64_t n = r.numel;
+  const int sk = split.load(std::memory_order_acquire);
+  int64_t n = r.numel, per = 1;  // n items (elements or rows) of `per` elements
+  if (sk > 0) {
+    n = 1;
+    for (int d = 0; d < sk; ++d) n *= r.shape[d];
+    per = r.numel / n;
+  }
   int nt = 1;
-  if (n >= kJitParallelMin) nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, n / (kJitParallelMin / 2)));
+  if (r.numel >= kJitParallelMin)
+    nt = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nthreads, r.numel / (kJitParallelMin / 2), n}));
   char* const* pp = ptrs.data();
   if (nt == 1) {
     k(pp, 0, n);
     return true;
   }
-  // Chunks of whole cache lines (16 floats / 8 doubles), the same for any thread count.
-  const int64_t chunk = ((n + 4 * nt - 1) / (4 * nt) + 63) & ~int64_t(63);
+  // About four chunks per thread, the same for any thread count; elements in multiples of 64
+  // (whole cache lines of floats or doubles).
+  int64_t chunk = (n + 4 * nt - 1) / (4 * nt);
+  if (per == 1) chunk = (chunk + 63) & ~int64_t(63);
   const int64_t nchunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t c = 0; c < nchunks; ++c) k(pp, c * chunk, std::min(n, (c + 1) * chunk));

@@ -20,19 +20,19 @@ struct Program {
   std::vector<int64_t> load_src;   // [nloads]: the input (of the caller's list) each load reads
   std::vector<int64_t> store_dst;  // [nstores]: the output each store writes
   int compute = 0;                 // 0 = float32, 1 = float64
-  // A loop compiled for this program (python/fastgrad/jit.py), or null: it computes elements
-  // [begin, end) of a region whose loads and stores are all contiguous over the iteration space
-  // or (loads) a single value; ptrs[nloads + nstores] are the load then store data pointers.
+  // A loop compiled for this program (python/fastgrad/jit.py), or null. With split == 0 it
+  // computes elements [begin, end) of a region whose loads and stores are all row-major
+  // contiguous over the iteration space or (loads) a single value; with split = k > 0 it
+  // computes rows [begin, end) of the iteration space seen as rows (dims 0..k-1) by columns
+  // (dims k..), where a load may also be broadcast along the columns (one value per row) or
+  // along the rows (one row read by every row). ptrs[nloads + nstores]: the load (offset
+  // applied) then store data pointers.
   using Kernel = void (*)(char* const* ptrs, int64_t begin, int64_t end);
   std::atomic<Kernel> kernel{nullptr};  // set under the GIL, read by runs without it
-  // Whether the region is one a kernel can compute: no reduction, no iota, loads without
-  // predicates that are row-major contiguous over the iteration space or a single value,
-  // assign stores that are row-major contiguous, every record of the compute dtype.
-  bool kernel_fits() const;
-
-  // desc[len] with valid pointers (they are replaced on every run), consts[nconsts]; throws
-  // DescriptorError on a malformed descriptor or a source/destination index out of range of
-  // nins / nouts.
+  std::atomic<int> split{0};
+  // Whether a loop with this split can compute the region: no reduction, no iota, no predicate,
+  // every record in the compute dtype, stores row-major contiguous, loads as said above.
+  bool kernel_fits(int split) const;
   Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,
           std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,
           int64_t nouts);

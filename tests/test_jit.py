@@ -2,6 +2,8 @@
 (and the interpreter's) for every op and special value, run only where it is exact (no
 overlapping outputs, only the regions csrc/program.h kernel_fits accepts), take over a plan's
 regions after jit.AFTER runs, and leave the interpreter running when the compiler fails."""
+import math
+
 import pytest
 import torch
 
@@ -21,20 +23,22 @@ class _Spec:
         self.loads, self.stores, self.instrs, self.consts = r.loads, r.stores, r.instrs, r.consts
 
 
-def _programs(r, compute, nins, nouts):
+def _programs(r, compute, nins, nouts, split=0):
     """(interpreted, compiled) Programs of test_vm Region r whose load i reads input i and
-    store k writes output k."""
+    store k writes output k; the loop runs over rows of dims 0..split-1 when split > 0."""
     desc, consts = r.pack()
     make = lambda: C_Program(desc, consts, compute, list(range(len(r.loads))),  # noqa: E731
                              list(range(len(r.stores))), nins, nouts)
     plain, fast = make(), make()
     nd = len(r.shape)
-    single = [not any(rec[3:3 + nd]) for rec in r.loads]
+    assert fast.kernel_fits(split)
+    kinds = jit.load_kinds(r.shape, [rec[3:3 + nd] for rec in r.loads], split)
+    inner = math.prod(r.shape[split:]) if split else None
     # (one loop computes every op here; some, e.g. the half-type roundings, keep GCC from
     # vectorising it, which the runtime would refuse, but the values must be right anyway)
-    got = jit.kernel_address(jit.source(_Spec(r), single, compute), vector_only=False)
+    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner), vector_only=False)
     assert got is not None, jit.status()
-    fast.set_kernel(got[1], got[0])
+    fast.set_kernel(got[1], got[0], split)
     assert fast.compiled and not plain.compiled
     return plain, fast
 
@@ -42,8 +46,8 @@ def _programs(r, compute, nins, nouts):
 C_Program = _C.Program
 
 
-def _run_both(r, compute, ins, outs_like, nthreads=1):
-    plain, fast = _programs(r, compute, len(ins), len(outs_like))
+def _run_both(r, compute, ins, outs_like, nthreads=1, split=0):
+    plain, fast = _programs(r, compute, len(ins), len(outs_like), split)
     a = [torch.full_like(o, float("nan")) for o in outs_like]
     b = [torch.full_like(o, float("nan")) for o in outs_like]
     plain.run(ins, a, nthreads)
@@ -110,6 +114,35 @@ def test_constants_and_single_value_loads(dtype, compute):
         assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())  # no transcendental: exact
 
 
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+@pytest.mark.parametrize("shape,split", [((300, 257), 1), ((6, 1, 50, 7), 2), ((5, 4, 3), 1),
+                                         ((5, 4, 3), 2), ((40000, 3), 1)])
+def test_rows_and_columns(shape, split, dtype, compute):
+    # exp(x - m) * g + w: m and g one value per row (dims before split), w one row for all rows
+    gen = torch.Generator().manual_seed(9)
+    rows, cols = shape[:split], shape[split:]
+    ones = (1,) * len(cols)
+    x = rand(shape, gen, dtype=dtype)
+    m = rand(rows + ones, gen, dtype=dtype)
+    g = rand(rows + ones, gen, dtype=dtype)
+    w = rand((1,) * len(rows) + cols, gen, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)
+    r = Region(shape)
+    v = r.op("mul", r.op("exp", r.op("sub", r.load(x), r.load(m))), r.load(g))
+    r.store(out, r.op("add", v, r.load(w)))
+    assert jit.load_kinds(shape, [rec[3:3 + len(shape)] for rec in r.loads], split) == \
+        ["c", "r", "r", "k"]
+    for nthreads in (1, 2):
+        a, b = _run_both(r, compute, [x, m, g, w], [out], nthreads, split)
+        xd, md, gd, wd = (t.double() for t in (x, m, g, w))
+        loose = 1e-12 if dtype == torch.float64 else 2e-5  # (x - m, then + w: cancellation)
+        torch.testing.assert_close(b[0].double(), torch.exp(xd - md) * gd + wd, rtol=loose,
+                                   atol=loose)
+        # a row's last elements take the scalar exp in the loop (the vector one in the
+        # interpreter, or the other way round): a few ulps, which the cancellation magnifies
+        torch.testing.assert_close(b[0], a[0], rtol=loose, atol=loose)
+
+
 def test_overlapping_store_runs_the_interpreter():
     # y = exp(x) written over x itself: the loop would be exact here too, but a store that
     # overlaps a load (shifted by one element below) is left to the interpreter.
@@ -130,13 +163,13 @@ def test_set_kernel_refuses_other_regions():
     r.store(s, r.load(x), mode=1)  # a row sum
     desc, consts = r.pack()
     p = _C.Program(desc, consts, 1, [0], [0], 1, 1)
-    assert not p.kernel_fits
+    assert not any(p.kernel_fits(k) for k in range(2))
     with pytest.raises(ValueError, match="compiled loop"):
         p.set_kernel(1, None)
     r = Region(x.shape)
     r.store(torch.empty_like(x), r.load(x.t().contiguous().t()))  # column-major load
     desc, consts = r.pack()
-    assert not _C.Program(desc, consts, 1, [0], [0], 1, 1).kernel_fits
+    assert not any(_C.Program(desc, consts, 1, [0], [0], 1, 1).kernel_fits(k) for k in range(2))
 
 
 CASES = [
@@ -144,6 +177,7 @@ CASES = [
     ("softplus_sigmoid", lambda x: torch.nn.functional.softplus(x) * torch.sigmoid(x), 1),
     ("sin_exp_sum", lambda x: (torch.sin(x) * torch.exp(x)).sum(), 1),
     ("tanh_cube_2nd", lambda x: torch.tanh(x) ** 3, 2),
+    ("logsumexp_rows", lambda x: torch.logsumexp(x.reshape(50, 100), 1), 1),  # rows: split 1
 ]
 
 

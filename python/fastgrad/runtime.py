@@ -87,8 +87,8 @@ class _Packer:
         self.desc = array("q", desc)
         self.consts = array("d", region.consts)
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
-        # per load: it reads one value (all strides 0), for jit.source
-        self.load_single = [not any(desc[at + 3:at + 3 + nd]) for at, _ in self.load_slots]
+        # per load: its strides (jit.load_kinds)
+        self.load_strides = [tuple(desc[at + 3:at + 3 + nd]) for at, _ in self.load_slots]
         self.program = None
 
     def cpu_program(self, ins, outs):
