@@ -162,15 +162,22 @@ PYBIND11_MODULE(_C, m) {
              if (address != 0 && !p.p->kernel_fits(split))
                throw py::value_error("this program's region cannot run as a compiled loop with split " +
                                      std::to_string(split));
+             // Once only: a run (without the GIL) reads the loop, then its split, so the pair
+             // must not change under it.
+             if (address != 0 && p.p->kernel.load() != nullptr)
+               throw py::value_error("this program already runs a compiled loop");
              p.keep = keep;  // (ctypes never unloads a library: a run in an older loop stays valid)
-             p.p->kernel.store(nullptr, std::memory_order_release);  // no run pairs new split, old loop
+             if (address == 0) {
+               p.p->kernel.store(nullptr, std::memory_order_release);
+               return;
+             }
              p.p->split.store(split, std::memory_order_release);
              p.p->kernel.store(reinterpret_cast<fg::Program::Kernel>(address), std::memory_order_release);
            }, py::arg("address"), py::arg("keep"), py::arg("split") = 0,
            "Run through the compiled loop at `address` (void(char* const* ptrs, int64_t begin,\n"
            "int64_t end), over elements with split 0, over rows of dims 0..split-1 otherwise; 0: the\n"
-           "interpreter again); `keep` is held as long as it is used (its library). Raises\n"
-           "ValueError for a region kernel_fits(split) refuses.")
+           "interpreter again, not while another thread runs it); `keep` is held as long as it is used\n"
+           "(its library). Raises ValueError for a region kernel_fits(split) refuses, or when a loop is set.")
       .def("kernel_fits", [](const fg::ProgramHandle& p, int split) { return p.p->kernel_fits(split); },
            py::arg("split") = 0, "Whether a compiled loop with this split can compute the region (csrc/program.h).")
       .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },

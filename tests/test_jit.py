@@ -154,6 +154,8 @@ def test_overlapping_store_runs_the_interpreter():
     want = torch.exp(base[1:].clone())
     fast.run([x], [out], 1)
     torch.testing.assert_close(base[:-1], want, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="already runs a compiled loop"):
+        fast.set_kernel(1, None)  # once only (a run reads the loop, then its split)
 
 
 def test_set_kernel_refuses_other_regions():
