@@ -105,11 +105,13 @@ int64_t run_program_group(const py::sequence& progs, const py::sequence& ins, co
                           int64_t chunk_mask, int nthreads) {
   if (chunk_mask < 0 || chunk_mask >= (int64_t(1) << fg::kMaxNdim))
     throw py::value_error("chunk_mask must be in [0, 2**" + std::to_string(fg::kMaxNdim) + ")");
+  // Lists hold the items (a generic sequence may build them on access) for the call.
+  py::list pl(progs), il(ins), ol(outs);
   std::vector<const fg::ProgramHandle*> ps;
   std::vector<py::handle> hi, ho;
-  for (auto p : progs) ps.push_back(&p.cast<const fg::ProgramHandle&>());
-  for (auto i : ins) hi.push_back(i);
-  for (auto o : outs) ho.push_back(o);
+  for (auto p : pl) ps.push_back(&p.cast<const fg::ProgramHandle&>());
+  for (auto i : il) hi.push_back(i);
+  for (auto o : ol) ho.push_back(o);
   return fg::run_program_group(ps, hi, ho, (uint32_t)chunk_mask, nthreads);
 }
 
@@ -154,10 +156,12 @@ PYBIND11_MODULE(_C, m) {
            "load_src[i]: which of the nins inputs load i reads, store_dst[k]: which of the nouts\n"
            "outputs store k writes. Raises ValueError on a malformed descriptor.")
       .def("run", [](const fg::ProgramHandle& p, py::sequence ins, py::sequence outs, int nthreads) {
-             fg::run_program(p, ins, outs, nthreads);
+             return fg::run_program(p, ins, outs, nthreads);
            }, py::arg("ins"), py::arg("outs"), py::arg("nthreads"),
            "Run on the CPU over tensors ins and outs (sequences of nins / nouts tensors laid out as\n"
-           "the descriptor said: the caller guarantees shapes, strides and dtypes). Releases the GIL.")
+           "the descriptor said: the caller guarantees shapes, strides and dtypes). Returns whether\n"
+           "its compiled loop ran (set_kernel; not when a store overlaps a load or another store).\n"
+           "Releases the GIL.")
       .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep, int split) {
              if (address != 0 && !p.p->kernel_fits(split))
                throw py::value_error("this program's region cannot run as a compiled loop with split " +

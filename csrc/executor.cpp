@@ -66,11 +66,11 @@ Region bind(const ProgramHandle& p, py::handle ins, py::handle outs) {
 
 }  // namespace
 
-void run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nthreads) {
+bool run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nthreads) {
   if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
   Region r = bind(p, ins, outs);
   py::gil_scoped_release nogil;
-  p.p->run(r, nthreads);
+  return p.p->run(r, nthreads);
 }
 
 int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,

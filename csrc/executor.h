@@ -26,8 +26,8 @@ struct ProgramHandle {
 };
 
 // Run on tensors ins / outs (sequences of nins / nouts tensors laid out as the descriptor said);
-// releases the GIL while computing.
-void run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nthreads);
+// releases the GIL while computing. Returns whether the compiled loop ran (Program::run).
+bool run_program(const ProgramHandle& p, py::handle ins, py::handle outs, int nthreads);
 // run_group_cpu over programs[i] on ins[i] / outs[i]; returns the number of chunks run.
 int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,
                           const std::vector<py::handle>& ins, const std::vector<py::handle>& outs,

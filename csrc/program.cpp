@@ -89,8 +89,9 @@ bool Program::run(Region& r, int nthreads) const {
   const Kernel k = kernel.load(std::memory_order_acquire);
   if (k == nullptr || r.numel == 0) return interpret();
   // The loop reads every load at its element (row, column) and writes every store at its
-  // element: exact only when no store shares memory with a load or another store (the
-  // runtime's outputs are fresh tensors; the interpreter handles the general case).
+  // element: exact only when no store shares memory with a load or another store. The runtime's
+  // outputs are fresh tensors; for a caller that passes overlapping buffers the interpreter
+  // runs, with its own rules (it is not exact for every overlap either).
   std::vector<char*> ptrs;
   std::vector<Span> loads, stores;
   for (const LoadRec& L : r.loads) {

@@ -144,16 +144,16 @@ def test_rows_and_columns(shape, split, dtype, compute):
 
 
 def test_overlapping_store_runs_the_interpreter():
-    # y = exp(x) written over x itself: the loop would be exact here too, but a store that
-    # overlaps a load (shifted by one element below) is left to the interpreter.
+    # A store one element ahead of its load in the same buffer: a loop reading element i
+    # after writing element i - 1 would read a new value. The compiled loop is not used then.
     base = torch.randn(1001, dtype=torch.float64)
     r = Region((1000,))
-    x, out = base[1:], base[:-1]
-    r.store(out, r.op("exp", r.load(x)))
+    r.store(base[1:], r.op("exp", r.load(base[:-1])))
     plain, fast = _programs(r, 1, 1, 1)
-    want = torch.exp(base[1:].clone())
-    fast.run([x], [out], 1)
-    torch.testing.assert_close(base[:-1], want, rtol=1e-15, atol=0)
+    assert fast.run([base[:-1]], [base[1:]], 1) is False
+    x, out = base[:-1].clone(), torch.empty(1000, dtype=torch.float64)
+    assert fast.run([x], [out], 1) is True  # disjoint: the loop
+    torch.testing.assert_close(out, torch.exp(x), rtol=1e-15, atol=0)
     with pytest.raises(ValueError, match="already runs a compiled loop"):
         fast.set_kernel(1, None)  # once only (a run reads the loop, then its split)
 
@@ -222,3 +222,44 @@ def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, tmp_path, gen):
         assert "compiled loop" not in str(fastgrad.explain(y, x, go))
     finally:
         jit.enable(True)
+
+
+def _compiled_programs(shape):
+    return [pk.program.compiled for pl in list(fplan._CACHE.values()) for r in pl.regions
+            if tuple(r.shape) == shape for pk in r.packers.values() if pk.program is not None]
+
+
+def test_compiles_after_the_run_that_reaches_after(monkeypatch, gen):
+    # jit.AFTER = 1: compiled after the first run; a layout first met later (a grad_output
+    # expanded along the rows: a new Program) is compiled after its own first run.
+    monkeypatch.setattr(jit, "AFTER", 1)
+    shape = (37, 41)
+    fn = lambda x: torch.sin(x) * torch.tanh(x)  # noqa: E731
+    x = rand(shape, gen).requires_grad_()
+    fastgrad.grad(fn(x), x, rand(shape, gen))
+    assert _compiled_programs(shape) == [True]
+    x = rand(shape, gen).requires_grad_()
+    go = rand(shape[1:], gen).expand(shape)
+    got = fastgrad.grad(fn(x), x, go)
+    assert _compiled_programs(shape) == [True, True]
+    xr = x.detach().clone().requires_grad_()
+    assert_same(got, TORCH_GRAD(fn(xr), xr, go), rtol=1e-12, atol=1e-12)
+
+
+def test_missing_headers_turn_the_jit_off(monkeypatch, tmp_path, gen):
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_include_dir", lambda: str(tmp_path / "no-include"))
+    monkeypatch.setattr(jit, "_STATE", dict(jit._STATE))
+    monkeypatch.setattr(jit, "_LIBS", {})
+    jit._STATE.pop("headers", None)
+    fn = lambda x: torch.exp(x) * torch.cos(x) - 1.5  # noqa: E731
+    for _ in range(jit.AFTER + 1):  # no error escapes on the call that compiles
+        x = rand((211,), gen).requires_grad_()
+        go = rand((211,), gen)
+        xr = x.detach().clone().requires_grad_()
+        assert_same(fastgrad.grad(fn(x), x, go), TORCH_GRAD(fn(xr), xr, go), rtol=1e-12,
+                    atol=1e-12)
+    st = jit.status()
+    assert not st["enabled"] and "op_math.h" in st["reason"]
+    assert _compiled_programs((211,)) == [False]
+

@@ -33,6 +33,10 @@ _CTYPE = {0: "float", 1: "double"}
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
           "compiled": 0, "loaded": 0, "seconds": 0.0}
 _LIBS = {}  # source hash -> (ctypes library, kernel address, whether it was vectorised)
+# How each compiler reports a vectorised loop (at its file:line on stderr); with another
+# compiler the check is skipped and the loop used.
+_VEC_REPORT = {"GNU": ["-fopt-info-vec-optimized"], "Clang": ["-Rpass=loop-vectorize"],
+               "AppleClang": ["-Rpass=loop-vectorize"]}
 _LOOP = "  for (int64_t i = begin; i < end; ++i) {"  # (the loop that must vectorise)
 _LOOP2 = "    for (int64_t j = 0; j < {}; ++j) {{"
 
@@ -143,16 +147,33 @@ def source(region, kinds, compute, inner=None):
 
 def _command(src, out):
     info = _C.build_info()
-    inc = os.path.join(os.path.dirname(_C.__file__), "include")
+    inc = _include_dir()
     # -fno-trapping-math lets GCC if-convert the selects of a fused loop (it would otherwise
     # sink a branch's exp/div under a jump and give up vectorising); it changes no value, only
     # whether floating-point exception flags may be raised speculatively.
     cmd = [info["cxx"], "-std=c++17", "-O3", "-fPIC", "-shared", "-fno-math-errno",
-           "-D__FAST_MATH__", "-ffp-contract=off", "-fno-trapping-math",
-           "-fopt-info-vec-optimized", "-I", inc]
+           "-D__FAST_MATH__", "-ffp-contract=off", "-fno-trapping-math", "-I", inc]
+    cmd += _VEC_REPORT.get(info["cxx_id"], [])
     if info["native"]:
         cmd.append("-march=native")
     return cmd + ["-o", out, src, "-lm"]
+
+
+def _include_dir():
+    """Where the op math headers are installed (fastgrad/include, beside the extension)."""
+    return os.path.join(os.path.dirname(_C.__file__), "include")
+
+
+def _cpu_identity():
+    """What -march=native compiles for, as part of the cache key (a home directory shared by
+    machines with other CPUs must not hand one a library built for another's instructions)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def _cache_dir():
@@ -167,21 +188,22 @@ def kernel_address(src, vector_only=True):
     fg_kernel), or None: with ``vector_only``, when the compiler did not vectorise the loop (the
     interpreter, whose per-instruction loops it does vectorise, is then faster), and when
     compiling failed (the JIT is then off for the process, status() says why)."""
-    if "headers" not in _STATE:  # part of every key: a rebuilt op math means new loops
-        inc = os.path.join(os.path.dirname(_C.__file__), "include")
-        _STATE["headers"] = "".join(open(os.path.join(inc, h)).read()
-                                    for h in ("op_math.h", "float16.h", "hd.h"))
-    key = hashlib.sha256("\0".join([src, _STATE["headers"], " ".join(_command("S", "O"))])
-                         .encode()).hexdigest()[:32]
-    if key not in _LIBS:
-        try:
+    try:
+        if "headers" not in _STATE:  # part of every key: a rebuilt op math means new loops
+            inc = _include_dir()
+            _STATE["headers"] = "".join(open(os.path.join(inc, h)).read()
+                                        for h in ("op_math.h", "float16.h", "hd.h"))
+            _STATE["cpu"] = _cpu_identity()
+        key = hashlib.sha256("\0".join([src, _STATE["headers"], _STATE["cpu"],
+                                        " ".join(_command("S", "O"))]).encode()).hexdigest()[:32]
+        if key not in _LIBS:
             _LIBS[key] = _load(key, src)
-        except (OSError, subprocess.SubprocessError) as e:
-            _STATE["enabled"] = False
-            err = getattr(e, "stderr", None)
-            _STATE["reason"] = f"{type(e).__name__}: {e}" + (
-                f": {err.decode(errors='replace')[:500]}" if err else "")
-            return None
+    except (OSError, subprocess.SubprocessError) as e:
+        _STATE["enabled"] = False
+        err = getattr(e, "stderr", None)
+        _STATE["reason"] = f"{type(e).__name__}: {e}" + (
+            f": {err.decode(errors='replace')[:500]}" if err else "")
+        return None
     lib, addr, vectorised = _LIBS[key]
     return (lib, addr) if vectorised or not vector_only else None
 
@@ -205,7 +227,8 @@ def _load(key, src):
             lines = src.splitlines()
             loop = 1 + next(n for n, line in enumerate(lines)
                             if line == _LOOP or line.startswith("    for (int64_t j = 0; j < "))
-            if f"k.cpp:{loop}:" not in done.stderr.decode(errors="replace"):
+            if _C.build_info()["cxx_id"] in _VEC_REPORT and \
+                    f"k.cpp:{loop}:" not in done.stderr.decode(errors="replace"):
                 open(scalar, "w").close()
             os.replace(so, path)  # atomic: a concurrent process finds all or nothing
         _STATE["compiled"] += 1
@@ -216,23 +239,21 @@ def _load(key, src):
 
 def compile_region(region):
     """Compile ``region``'s CPU programs (one per input layout it ran with) that can run as a
-    loop; returns how many now run compiled."""
+    loop, each tried once; returns how many now run compiled."""
     n = 0
     for packer in list(region.packers.values()):
         prog = packer.program
-        if prog is None or not _STATE["enabled"]:
-            continue
-        if not prog.compiled:
+        if prog is not None and not packer.jit_tried and _STATE["enabled"]:
             nd = len(region.shape)
             split = next((k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
-            if split is None:
-                continue
-            kinds = load_kinds(region.shape, packer.load_strides, split)
-            inner = math.prod(region.shape[split:]) if split else None
-            got = kernel_address(source(region, kinds, packer.compute, inner))
-            if got is not None:
-                prog.set_kernel(got[1], got[0], split)
-        n += prog.compiled
+            if split is not None:
+                kinds = load_kinds(region.shape, packer.load_strides, split)
+                inner = math.prod(region.shape[split:]) if split else None
+                got = kernel_address(source(region, kinds, packer.compute, inner))
+                if got is not None:
+                    prog.set_kernel(got[1], got[0], split)
+            packer.jit_tried = _STATE["enabled"]  # (a failed compiler: tried again if re-enabled)
+        n += prog is not None and prog.compiled
     return n
 
 

@@ -111,6 +111,7 @@ class Plan:
         self.requested, self.outputs, self.steps = requested, outputs, steps
         self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
         self.runs = 0  # runtime: how many times it ran (jit.AFTER)
+        self.jit_pending = True  # runtime: a run since its regions were last offered to jit
 
     @property
     def regions(self):

@@ -90,6 +90,7 @@ class _Packer:
         # per load: its strides (jit.load_kinds)
         self.load_strides = [tuple(desc[at + 3:at + 3 + nd]) for at, _ in self.load_slots]
         self.program = None
+        self.jit_tried = False  # jit.compile_region offered its Program a loop
 
     def cpu_program(self, ins, outs):
         """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers."""
@@ -289,14 +290,34 @@ def _executor(plan, env, tensors):
 def execute(plan, tensors, create_graph, stats=None):
     dev = tensors[0].device if tensors else _CPU
     plan.runs += 1
-    if plan.runs == jit.AFTER and jit._STATE["enabled"]:
-        jit.compile_plan(plan)  # (after a run on the CPU, the regions hold their Programs)
     # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
     repeat = stats is None and not create_graph and _on_cpu(dev)
-    if repeat and plan.executor is not None:
-        res = plan.executor.run(tensors)
+    exe = plan.executor
+    if repeat and exe is not None:
+        res = exe.run(tensors)
         if res is not None:
+            if plan.jit_pending and plan.runs >= jit.AFTER:
+                _compile(plan)
             return res
+    outs = _run_steps(plan, tensors, create_graph, stats, dev)
+    # this run may have met a new layout (a new Program): compiling is due again
+    plan.jit_pending = True
+    if plan.runs >= jit.AFTER:
+        _compile(plan)
+    return outs
+
+
+def _compile(plan):
+    """Compile the plan's regions into loops (jit.py) once it has run jit.AFTER times; after a
+    run, so that its CPU regions hold their Programs."""
+    if jit._STATE["enabled"]:
+        jit.compile_plan(plan)
+    plan.jit_pending = False
+
+
+def _run_steps(plan, tensors, create_graph, stats, dev):
+    """The Python path of execute: run the plan's steps one by one, and leave an Executor."""
+    repeat = stats is None and not create_graph and _on_cpu(dev)
     env = {}
 
     def value(n):
