@@ -82,12 +82,15 @@ int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,
   if (nthreads < 1) throw py::value_error("nthreads must be >= 1, got " + std::to_string(nthreads));
   std::vector<Region> regions;
   std::vector<int> comp(n);
+  std::vector<const Program*> ps(n);
   for (size_t i = 0; i < n; ++i) {
     regions.push_back(bind(*programs[i], ins[i], outs[i]));
     comp[i] = programs[i]->p->compute;
+    ps[i] = programs[i]->p.get();
   }
   py::gil_scoped_release nogil;
-  return run_group_cpu(regions, comp, chunk_mask, nthreads);
+  const int64_t chunks = run_group_loops(ps, regions, chunk_mask, nthreads);
+  return chunks >= 0 ? chunks : run_group_cpu(regions, comp, chunk_mask, nthreads);
 }
 
 Executor::Part Executor::part_of(py::handle spec) {

@@ -14,6 +14,9 @@
 
 namespace fg {
 
+// Longest row a compiled loop sums (python/fastgrad/jit.py sizes its row buffer by it).
+constexpr int64_t kJitMaxRowSum = 4096;
+
 struct Program {
   Region region;                   // parsed, not normalised; region.consts points into consts
   std::vector<double> consts;      // [nconsts]
@@ -30,9 +33,14 @@ struct Program {
   using Kernel = void (*)(char* const* ptrs, int64_t begin, int64_t end);
   std::atomic<Kernel> kernel{nullptr};  // set under the GIL, read by runs without it
   std::atomic<int> split{0};
-  // Whether a loop with this split can compute the region: no reduction, no iota, no predicate,
-  // every record in the compute dtype, stores row-major contiguous, loads as said above.
+  // Whether a loop with this split can compute the region: no iota, no predicate, every record
+  // in the compute dtype, loads as said above, stores row-major contiguous or (split > 0) one
+  // sum per row of at most kJitMaxRowSum elements (the loop keeps a row's values in a buffer
+  // on its stack and adds them in double, four partial sums in a fixed order).
   bool kernel_fits(int split) const;
+  // The loop's data pointers for bound region r, or false when a store overlaps a load or
+  // another store (then only the interpreter is exact).
+  bool loop_pointers(const Region& r, std::vector<char*>& ptrs) const;
   Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,
           std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,
           int64_t nouts);
@@ -48,5 +56,12 @@ struct Program {
   // whether the kernel ran. Call without the GIL.
   bool run(Region& r, int nthreads) const;
 };
+
+// Run bound regions rs (of programs ps, a row group over dims 0..k-1 of mask) through their
+// compiled loops, chunk of rows by chunk of rows, each chunk through every member before the
+// next; returns the number of chunks, or -1 (nothing run) when a member has no loop, a loop
+// over another split, other rows or overlapping buffers. Call without the GIL.
+int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Region>& rs, uint32_t mask,
+                        int nthreads);
 
 }  // namespace fg

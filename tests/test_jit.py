@@ -36,7 +36,9 @@ def _programs(r, compute, nins, nouts, split=0):
     inner = math.prod(r.shape[split:]) if split else None
     # (one loop computes every op here; some, e.g. the half-type roundings, keep GCC from
     # vectorising it, which the runtime would refuse, but the values must be right anyway)
-    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner), vector_only=False)
+    modes = [rec[2] for rec in r.stores]  # elementwise (0) or one sum per row (1)
+    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner, modes),
+                             vector_only=False)
     assert got is not None, jit.status()
     fast.set_kernel(got[1], got[0], split)
     assert fast.compiled and not plain.compiled
@@ -143,6 +145,52 @@ def test_rows_and_columns(shape, split, dtype, compute):
         torch.testing.assert_close(b[0], a[0], rtol=loose, atol=loose)
 
 
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+@pytest.mark.parametrize("shape", [(300, 257), (9000, 33), (4, 4096)])
+def test_row_sums_and_row_groups(shape, dtype, compute):
+    # softmax's VJP as a row group: s = rowsum(g * y) (a computed row, buffered), t = rowsum(g)
+    # (a loaded row, summed in place), then out = y * (g - s) + t, each region a loop over the
+    # rows, the group chunk of rows by chunk of rows; against the interpreter's group and torch
+    gen = torch.Generator().manual_seed(12)
+    y, g = rand(shape, gen, dtype=dtype), rand(shape, gen, dtype=dtype)
+    rows = shape[:1] + (1,)
+
+    def regions(s, t, out):
+        a = Region(shape)
+        ga = a.load(g)
+        a.store(s, a.op("mul", ga, a.load(y)), mode=1)
+        a.store(t, ga, mode=1)
+        b = Region(shape)
+        yb, gb = b.load(y), b.load(g)
+        b.store(out, b.op("add", b.op("mul", yb, b.op("sub", gb, b.load(s))), b.load(t)))
+        return a, b
+
+    bufs = [torch.empty(rows, dtype=dtype), torch.empty(rows, dtype=dtype), torch.empty(shape, dtype=dtype)]
+    a, b = regions(*bufs)
+    pa, fa = _programs(a, compute, 2, 2, split=1)
+    pb, fb = _programs(b, compute, 4, 1, split=1)
+    ref_s = (g.double() * y.double()).sum(1, keepdim=True)
+    ref = y.double() * (g.double() - ref_s) + g.double().sum(1, keepdim=True)
+    loose = 1e-12 if dtype == torch.float64 else 1e-4
+    for nthreads in (1, 2):
+        got = []
+        for progs in ((pa, pb), (fa, fb)):
+            s, t, out = (torch.full_like(u, float("nan")) for u in bufs)
+            n = _C.run_program_group(list(progs), [[g, y], [y, g, s, t]], [[s, t], [out]], 1,
+                                     nthreads)
+            assert n > 0 or progs[0] is pa
+            got.append((s, t, out))
+        (s0, t0, o0), (s1, t1, o1) = got
+        torch.testing.assert_close(o1.double(), ref, rtol=loose, atol=loose)
+        torch.testing.assert_close(s1.double(), ref_s, rtol=loose, atol=loose)
+        torch.testing.assert_close(o1, o0, rtol=loose, atol=loose)  # the interpreter's group
+        torch.testing.assert_close(t1, t0, rtol=loose, atol=loose)
+    # a member without a loop: the whole group runs in the interpreter
+    s, t, out = (torch.full_like(u, float("nan")) for u in bufs)
+    _C.run_program_group([fa, pb], [[g, y], [y, g, s, t]], [[s, t], [out]], 1, 1)
+    torch.testing.assert_close(out.double(), ref, rtol=loose, atol=loose)
+
+
 def test_overlapping_store_runs_the_interpreter():
     # A store one element ahead of its load in the same buffer: a loop reading element i
     # after writing element i - 1 would read a new value. The compiled loop is not used then.
@@ -162,12 +210,21 @@ def test_set_kernel_refuses_other_regions():
     x = torch.randn(8, 4, dtype=torch.float64)
     s = torch.empty(8, 1, dtype=torch.float64)
     r = Region(x.shape)
-    r.store(s, r.load(x), mode=1)  # a row sum
+    r.store(s, r.load(x), mode=1)  # a row sum: over rows only
     desc, consts = r.pack()
     p = _C.Program(desc, consts, 1, [0], [0], 1, 1)
-    assert not any(p.kernel_fits(k) for k in range(2))
+    assert [p.kernel_fits(k) for k in range(2)] == [False, True]
     with pytest.raises(ValueError, match="compiled loop"):
-        p.set_kernel(1, None)
+        p.set_kernel(1, None, 0)
+    r = Region(x.shape)
+    r.store(s, r.load(x), mode=2)  # a row max: its NaN and tie rules stay the interpreter's
+    desc, consts = r.pack()
+    assert not any(_C.Program(desc, consts, 1, [0], [0], 1, 1).kernel_fits(k) for k in range(2))
+    r = Region((8, 5000))
+    r.store(torch.empty(8, 1, dtype=torch.float64),
+            r.load(torch.empty(8, 5000, dtype=torch.float64)), mode=1)  # rows over 4096
+    desc, consts = r.pack()
+    assert not any(_C.Program(desc, consts, 1, [0], [0], 1, 1).kernel_fits(k) for k in range(2))
     r = Region(x.shape)
     r.store(torch.empty_like(x), r.load(x.t().contiguous().t()))  # column-major load
     desc, consts = r.pack()
@@ -180,6 +237,8 @@ CASES = [
     ("sin_exp_sum", lambda x: (torch.sin(x) * torch.exp(x)).sum(), 1),
     ("tanh_cube_2nd", lambda x: torch.tanh(x) ** 3, 2),
     ("logsumexp_rows", lambda x: torch.logsumexp(x.reshape(50, 100), 1), 1),  # rows: split 1
+    ("softmax_rows", lambda x: torch.softmax(x.reshape(50, 100), 1), 1),  # a row group
+    ("log_softmax_rows", lambda x: torch.log_softmax(x.reshape(20, 250), -1), 1),
 ]
 
 

@@ -94,14 +94,28 @@ def load_kinds(shape, strides, split):
     return kinds
 
 
-def source(region, kinds, compute, inner=None):
+def source(region, kinds, compute, inner=None, modes=None):
     """C++ source of the loop computing ``region`` (a plan.Region, or anything with its loads,
     stores, instrs and consts). ``kinds[i]``: how load i is read (load_kinds). With ``inner``
-    (the column count; split > 0) the loop runs over rows, then over the ``inner`` columns."""
+    (the column count; split > 0) the loop runs over rows, then over the ``inner`` columns.
+    ``modes[k]``: 0 store k is elementwise, 1 it is one sum per row (inner > 0): the row's values
+    go to a buffer, then are added in double as four partial sums in a fixed order."""
     t = _CTYPE[compute]
     nl = len(region.loads)
-    head, row, body = [], [], []
+    modes = modes or [0] * len(region.stores)
+    head, row, body, after = [], [], [], []
     ix = "j" if inner else "i"
+    # which value each sum store adds (register names as the body below gives them)
+    # and which values are a contiguous load's, read from a row pointer (with rows)
+    sum_of, names, direct = {}, {}, {}
+    for j, (op, dst, a, b, c) in enumerate(region.instrs):
+        if _NAMES[op] == "store":
+            if modes[a]:
+                sum_of[a] = names[b]
+        else:
+            names[dst] = f"v{j}"
+            if _NAMES[op] == "load" and inner and kinds[a] == "c":
+                direct[f"v{j}"] = f"R{a}"
     for i, kind in enumerate(kinds):
         head.append(f"  const {t}* __restrict L{i} = reinterpret_cast<const {t}*>(p[{i}]);")
         if kind == "s":
@@ -110,15 +124,30 @@ def source(region, kinds, compute, inner=None):
             row.append(f"    const {t} s{i} = L{i}[r];")
         elif kind == "c" and inner:
             row.append(f"    const {t}* __restrict R{i} = L{i} + r * {inner};")
-    for k in range(len(region.stores)):
+    for k, mode in enumerate(modes):
         head.append(f"  {t}* __restrict S{k} = reinterpret_cast<{t}*>(p[{nl + k}]);")
-        if inner:
+        if mode:
+            if not inner:
+                raise ValueError("a sum store needs rows (split > 0)")
+            # the row to add: a loaded row itself, else the buffer the column loop fills
+            src = direct.get(sum_of[k]) if k in sum_of else None
+            if src is None:
+                src = f"T{k}"
+                row.append(f"    {t} T{k}[{inner}];")
+            after += [f"    {{ double a = 0, b = 0, c = 0, d = 0; int64_t j = 0;",
+                      f"      for (; j + 4 <= {inner}; j += 4) {{ a += {src}[j]; b += {src}[j + 1]; "
+                      f"c += {src}[j + 2]; d += {src}[j + 3]; }}",
+                      f"      for (; j < {inner}; ++j) a += {src}[j];",
+                      f"      S{k}[r] = static_cast<{t}>((a + b) + (c + d)); }}"]
+        elif inner:
             row.append(f"    {t}* __restrict T{k} = S{k} + r * {inner};")
     read = {"s": "s{0}", "r": "s{0}", "k": "L{0}[j]", "c": ("R{0}[j]" if inner else "L{0}[i]")}
     cur = {}
     for j, (op, dst, a, b, c) in enumerate(region.instrs):
         name = _NAMES[op]
         if name == "store":
+            if modes[a] and cur[b] in direct:
+                continue  # a sum of a loaded row: added from the row itself
             body.append(f"    {'T' if inner else 'S'}{a}[{ix}] = {cur[b]};")
             continue
         if name == "load":
@@ -133,8 +162,10 @@ def source(region, kinds, compute, inner=None):
         body.append(f"    const {t} v{j} = {expr};")
         cur[dst] = f"v{j}"
     if inner:
-        loop = ["  for (int64_t r = begin; r < end; ++r) {", *row, _LOOP2.format(inner),
-                *["  " + line for line in body], "    }", "  }"]
+        # (no store left in the column loop: it computes nothing, and is left out)
+        cols = [_LOOP2.format(inner), *["  " + line for line in body], "    }"] \
+            if any("] = " in line for line in body) else []
+        loop = ["  for (int64_t r = begin; r < end; ++r) {", *row, *cols, *after, "  }"]
     else:
         loop = [_LOOP, *body, "  }"]
     return "\n".join([
@@ -225,9 +256,10 @@ def _load(key, src):
             done = subprocess.run(_command(cpp, so), check=True, capture_output=True,
                                   timeout=120)
             lines = src.splitlines()
-            loop = 1 + next(n for n, line in enumerate(lines)
-                            if line == _LOOP or line.startswith("    for (int64_t j = 0; j < "))
-            if _C.build_info()["cxx_id"] in _VEC_REPORT and \
+            loop = 1 + next((n for n, line in enumerate(lines)
+                             if line == _LOOP or line.startswith("    for (int64_t j = 0; j < ")),
+                            -1)  # (none: only sums of loaded rows, nothing to vectorise)
+            if loop > 0 and _C.build_info()["cxx_id"] in _VEC_REPORT and \
                     f"k.cpp:{loop}:" not in done.stderr.decode(errors="replace"):
                 open(scalar, "w").close()
             os.replace(so, path)  # atomic: a concurrent process finds all or nothing
@@ -237,19 +269,22 @@ def _load(key, src):
     return lib, ctypes.cast(lib.fg_kernel, ctypes.c_void_p).value, not os.path.exists(scalar)
 
 
-def compile_region(region):
+def compile_region(region, prefer=None):
     """Compile ``region``'s CPU programs (one per input layout it ran with) that can run as a
-    loop, each tried once; returns how many now run compiled."""
+    loop, each tried once, with split ``prefer`` where it fits (a row group's rows); returns how
+    many now run compiled."""
     n = 0
     for packer in list(region.packers.values()):
         prog = packer.program
         if prog is not None and not packer.jit_tried and _STATE["enabled"]:
             nd = len(region.shape)
-            split = next((k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
+            split = prefer if prefer is not None and prog.kernel_fits(prefer) else next(
+                (k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
             if split is not None:
                 kinds = load_kinds(region.shape, packer.load_strides, split)
                 inner = math.prod(region.shape[split:]) if split else None
-                got = kernel_address(source(region, kinds, packer.compute, inner))
+                modes = [mode for _, mode in region.stores]
+                got = kernel_address(source(region, kinds, packer.compute, inner, modes))
                 if got is not None:
                     prog.set_kernel(got[1], got[0], split)
             packer.jit_tried = _STATE["enabled"]  # (a failed compiler: tried again if re-enabled)
@@ -258,8 +293,13 @@ def compile_region(region):
 
 
 def compile_plan(plan):
-    """Compile the regions of ``plan`` that can run as loops (see compile_region)."""
-    from .plan import Region  # (plan imports the runtime table; no cycle at import)
+    """Compile the regions of ``plan`` that can run as loops (see compile_region); a row group's
+    members over its rows, so that the group runs through their loops (csrc/program.h,
+    run_group_loops)."""
+    from .plan import Region, RowGroup  # (plan imports the runtime table; no cycle at import)
     for step in plan.steps:
         if isinstance(step, Region):
             compile_region(step)
+        elif isinstance(step, RowGroup):
+            for r in step.regions:
+                compile_region(r, prefer=len(step.dims))
