@@ -299,7 +299,7 @@ def execute(plan, tensors, create_graph, stats=None):
             if plan.jit_pending and plan.runs >= jit.AFTER:
                 _compile(plan)
             return res
-    outs = _run_steps(plan, tensors, create_graph, stats, dev)
+    outs = _run_steps(plan, tensors, create_graph, stats, dev, repeat)
     # this run may have met a new layout (a new Program): compiling is due again
     plan.jit_pending = True
     if plan.runs >= jit.AFTER:
@@ -315,9 +315,9 @@ def _compile(plan):
     plan.jit_pending = False
 
 
-def _run_steps(plan, tensors, create_graph, stats, dev):
-    """The Python path of execute: run the plan's steps one by one, and leave an Executor."""
-    repeat = stats is None and not create_graph and _on_cpu(dev)
+def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
+    """The Python path of execute: run the plan's steps one by one, and (``repeat``) leave an
+    Executor that repeats the run."""
     env = {}
 
     def value(n):
