@@ -32,7 +32,7 @@ bool equal(py::handle a, py::handle b) {
 
 struct Names {
   PyObject *data_ptr = intern("data_ptr"), *shape = intern("shape"), *stride = intern("stride"),
-           *detach = intern("detach"), *reshape = intern("reshape"), *expand = intern("expand"),
+           *reshape = intern("reshape"), *expand = intern("expand"),
            *dtype = intern("dtype");
 };
 const Names& names() {
@@ -57,6 +57,28 @@ std::vector<char*> data_ptrs(py::handle seq, int64_t need, const char* what) {
   }
   return ps;
 }
+
+// Grad mode off for a scope, restored after (also when an exception leaves it).
+struct GradOff {
+  PyObject* set;
+  bool prev;
+  GradOff(py::handle enabled, py::handle set_) : set(set_.ptr()) {
+    PyObject* r = PyObject_CallNoArgs(enabled.ptr());
+    if (!r) throw py::error_already_set();
+    prev = r == Py_True;
+    Py_DECREF(r);
+    call(false);
+  }
+  ~GradOff() {
+    PyObject* r = PyObject_CallOneArg(set, prev ? Py_True : Py_False);
+    if (r) Py_DECREF(r); else PyErr_Clear();
+  }
+  void call(bool on) {
+    PyObject* r = PyObject_CallOneArg(set, on ? Py_True : Py_False);
+    if (!r) throw py::error_already_set();
+    Py_DECREF(r);
+  }
+};
 
 Region bind(const ProgramHandle& p, py::handle ins, py::handle outs) {
   std::vector<char*> pi = data_ptrs(ins, p.nins, "Program inputs");
@@ -117,8 +139,11 @@ Executor::Part Executor::part_of(py::handle spec) {
 }
 
 Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object empty,
-                   py::object num_threads, int64_t parallel_min)
-    : empty_(std::move(empty)), num_threads_(std::move(num_threads)), parallel_min_(parallel_min) {
+                   py::object num_threads, int64_t parallel_min, py::object grad_enabled,
+                   py::object set_grad_enabled)
+    : empty_(std::move(empty)), num_threads_(std::move(num_threads)),
+      grad_enabled_(std::move(grad_enabled)), set_grad_enabled_(std::move(set_grad_enabled)),
+      parallel_min_(parallel_min) {
   for (auto l : leaves) {
     py::tuple t = py::reinterpret_borrow<py::tuple>(l);
     leaves_.push_back(Leaf{t[0].cast<Py_ssize_t>(), py::tuple(t[1]), py::tuple(t[2]),
@@ -176,7 +201,8 @@ py::object Executor::run(py::handle tensors) const {
   }
   for (const Step& st : steps_) {
     if (st.kind == 2) {
-      py::object v = call_method(slots[st.src], N.detach);
+      GradOff off(grad_enabled_, set_grad_enabled_);
+      py::object v = slots[st.src];
       for (const auto& [is_expand, shape] : st.chain)
         v = call_method(v, is_expand ? N.expand : N.reshape, shape.ptr());
       slots.push_back(std::move(v));

@@ -40,11 +40,14 @@ class Executor {
   // steps, each adding slots for what it produces, in order:
   //   (0, region, numel)                  region = (Program, [input slots], [(shape, dtype)])
   //   (1, [region, ...], chunk_mask, numel)  a row group
-  //   (2, source slot, [(is_expand, shape), ...])  detach, then reshape / expand
+  //   (2, source slot, [(is_expand, shape), ...])  reshape / expand with grad mode off (as
+  //      PyTorch's engine takes them in a backward without create_graph)
   // outputs: [slot]. empty: torch.empty; num_threads: torch.get_num_threads; a step of fewer
-  // than parallel_min elements runs on one thread.
+  // than parallel_min elements runs on one thread; grad_enabled / set_grad_enabled:
+  // torch.is_grad_enabled / torch._C._set_grad_enabled.
   Executor(py::list leaves, py::list steps, py::list outputs, py::object empty,
-           py::object num_threads, int64_t parallel_min);
+           py::object num_threads, int64_t parallel_min, py::object grad_enabled,
+           py::object set_grad_enabled);
   // The plan's outputs (a list) for the call's tensors, or None when a leaf's shape or
   // strides differ from those the Executor was built for.
   py::object run(py::handle tensors) const;
@@ -75,7 +78,7 @@ class Executor {
   std::vector<Leaf> leaves_;
   std::vector<Step> steps_;
   std::vector<int> outputs_;
-  py::object empty_, num_threads_;
+  py::object empty_, num_threads_, grad_enabled_, set_grad_enabled_;
   int64_t parallel_min_;
   size_t nslots_ = 0;
 

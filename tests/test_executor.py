@@ -103,17 +103,36 @@ def test_executor_not_used_with_create_graph(gen):
 
 def test_executor_rejects_malformed_specs():
     empty, nt = torch.empty, torch.get_num_threads
+    gm = (torch.is_grad_enabled, torch._C._set_grad_enabled)
     with pytest.raises(ValueError, match="unknown step kind"):
-        _C.Executor([], [(7, None)], [], empty, nt, 1)
+        _C.Executor([], [(7, None)], [], empty, nt, 1, *gm)
     with pytest.raises(ValueError, match="view source out of range"):
-        _C.Executor([(0, (3,), (1,), None)], [(2, 1, [])], [], empty, nt, 1)
+        _C.Executor([(0, (3,), (1,), None)], [(2, 1, [])], [], empty, nt, 1, *gm)
     with pytest.raises(ValueError, match="output slot out of range"):
-        _C.Executor([(0, (3,), (1,), None)], [], [1], empty, nt, 1)
-    exe = _C.Executor([(0, (3,), (1,), None)], [(2, 0, [(True, (2, 3))])], [1], empty, nt, 1)
+        _C.Executor([(0, (3,), (1,), None)], [], [1], empty, nt, 1, *gm)
+    exe = _C.Executor([(0, (3,), (1,), None)], [(2, 0, [(True, (2, 3))])], [1], empty, nt, 1, *gm)
     t = torch.arange(3.0)
     out = exe.run([t])
     assert torch.equal(out[0], t.expand(2, 3))
     assert exe.run([torch.arange(4.0)]) is None  # another shape
     assert exe.run([torch.arange(6.0)[::2]]) is None  # other strides
-    exe = _C.Executor([(0, (3,), (1,), (3, 1))], [(2, 0, [(True, (3, 2))])], [1], empty, nt, 1)
+    exe = _C.Executor([(0, (3,), (1,), (3, 1))], [(2, 0, [(True, (3, 2))])], [1], empty, nt, 1, *gm)
     assert torch.equal(exe.run([t])[0], t.reshape(3, 1).expand(3, 2))  # a leaf read reshaped
+
+
+@pytest.mark.parametrize("shape,fn", [((5,), lambda x: x.sum()), ((3, 4), lambda x: x.sum(0)),
+                                      ((3, 4), lambda x: x.mean())])
+def test_views_of_grad_outputs_match_torch(shape, fn, gen):
+    # A sum's VJP is a view of the grad_output, taken with grad mode off (PyTorch's engine
+    # without create_graph): it requires grad when the grad_output does, with no grad_fn. The
+    # first call takes the Python path, later ones the Executor; grad mode is restored.
+    for k in range(3):
+        x = rand(shape, gen).requires_grad_()
+        y = fn(x)
+        go = rand(tuple(y.shape), gen).requires_grad_()
+        got = fastgrad.grad(y, x, go)[0]
+        ref = TORCH_GRAD(fn(x), x, go)[0]
+        assert torch.is_grad_enabled()
+        assert (got.requires_grad, got.grad_fn is None, got.is_leaf) == \
+            (ref.requires_grad, ref.grad_fn is None, ref.is_leaf), k
+        assert_same(got, ref, rtol=1e-12, atol=1e-12)

@@ -284,7 +284,8 @@ def _executor(plan, env, tensors):
             slots[id(step.node)] = nslots
             nslots += 1
     return _C.Executor(leaves, steps, [slots[id(e)] for e in plan.outputs], torch.empty,
-                       torch.get_num_threads, _PARALLEL_MIN)
+                       torch.get_num_threads, _PARALLEL_MIN, torch.is_grad_enabled,
+                       torch._C._set_grad_enabled)
 
 
 def execute(plan, tensors, create_graph, stats=None):
@@ -351,10 +352,12 @@ def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
                     run(r)
         else:
             v = value(step.source)
-            if not create_graph:  # a result is not attached to the grad_outputs' graph
-                v = v.detach()
-            for m in step.chain:
-                v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
+            # Without create_graph the views are taken with grad mode off, as PyTorch's engine
+            # takes them: not attached to the grad_outputs' graph, a view of it all the same
+            # (requires_grad as the grad_output's, no grad_fn).
+            with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+                for m in step.chain:
+                    v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
             env[id(step.node)] = v
     outs = [value(e) for e in plan.outputs]
     if repeat:
