@@ -22,6 +22,7 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 import time
 
 from . import _C
@@ -32,6 +33,7 @@ _NAMES = {code: name for name, code in OPCODES.items()}
 _CTYPE = {0: "float", 1: "double"}
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
           "compiled": 0, "loaded": 0, "seconds": 0.0}
+_COUNT = threading.Lock()  # compile_all's threads update _STATE's counts
 _LIBS = {}  # source hash -> (ctypes library, kernel address, whether it was vectorised)
 # How each compiler reports a vectorised loop (at its file:line on stderr); with another
 # compiler the check is skipped and the loop used.
@@ -43,7 +45,8 @@ _LOOP2 = "    for (int64_t j = 0; j < {}; ++j) {{"
 
 def status():
     """Whether compiling is on, why not if it is off, how many loops were compiled (and loaded
-    from the disk cache) in this process, and the seconds spent compiling."""
+    from the disk cache) in this process, and the seconds spent compiling (summed over compiles
+    that ran side by side)."""
     return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"]).items()
             if k != "headers"}
 
@@ -220,13 +223,7 @@ def kernel_address(src, vector_only=True):
     interpreter, whose per-instruction loops it does vectorise, is then faster), and when
     compiling failed (the JIT is then off for the process, status() says why)."""
     try:
-        if "headers" not in _STATE:  # part of every key: a rebuilt op math means new loops
-            inc = _include_dir()
-            _STATE["headers"] = "".join(open(os.path.join(inc, h)).read()
-                                        for h in ("op_math.h", "float16.h", "hd.h"))
-            _STATE["cpu"] = _cpu_identity()
-        key = hashlib.sha256("\0".join([src, _STATE["headers"], _STATE["cpu"],
-                                        " ".join(_command("S", "O"))]).encode()).hexdigest()[:32]
+        key = _key(src)
         if key not in _LIBS:
             _LIBS[key] = _load(key, src)
     except (OSError, subprocess.SubprocessError) as e:
@@ -239,6 +236,29 @@ def kernel_address(src, vector_only=True):
     return (lib, addr) if vectorised or not vector_only else None
 
 
+def _key(src):
+    """The cache key of ``src``: it, the op math headers, the CPU and the compile command."""
+    if "headers" not in _STATE:  # part of every key: a rebuilt op math means new loops
+        inc = _include_dir()
+        _STATE["headers"] = "".join(open(os.path.join(inc, h)).read()
+                                    for h in ("op_math.h", "float16.h", "hd.h"))
+        _STATE["cpu"] = _cpu_identity()
+    return hashlib.sha256("\0".join([src, _STATE["headers"], _STATE["cpu"],
+                                     " ".join(_command("S", "O"))]).encode()).hexdigest()[:32]
+
+
+def compile_all(srcs):
+    """kernel_address for each of ``srcs``, the compiles running side by side (one compiler
+    process per core: a plan's regions cost one compile's time per core, not one each)."""
+    from concurrent.futures import ThreadPoolExecutor
+    srcs = list(srcs)
+    workers = min(len(srcs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [kernel_address(src) for src in srcs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # (subprocess waits without the GIL)
+        return list(pool.map(kernel_address, srcs))
+
+
 def _load(key, src):
     """(library, kernel address, whether the loop was vectorised), compiling into the disk
     cache first when it is not there."""
@@ -246,7 +266,8 @@ def _load(key, src):
     path = os.path.join(d, f"fg_{key}.so")
     scalar = path[:-3] + ".scalar"  # marks a loop the compiler left scalar
     if os.path.exists(path):
-        _STATE["loaded"] += 1
+        with _COUNT:
+            _STATE["loaded"] += 1
     else:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=d) as tmp:
@@ -263,43 +284,48 @@ def _load(key, src):
                     f"k.cpp:{loop}:" not in done.stderr.decode(errors="replace"):
                 open(scalar, "w").close()
             os.replace(so, path)  # atomic: a concurrent process finds all or nothing
-        _STATE["compiled"] += 1
-        _STATE["seconds"] += time.perf_counter() - t0
+        with _COUNT:
+            _STATE["compiled"] += 1
+            _STATE["seconds"] += time.perf_counter() - t0
     lib = ctypes.CDLL(path)
     return lib, ctypes.cast(lib.fg_kernel, ctypes.c_void_p).value, not os.path.exists(scalar)
 
 
-def compile_region(region, prefer=None):
-    """Compile ``region``'s CPU programs (one per input layout it ran with) that can run as a
-    loop, each tried once, with split ``prefer`` where it fits (a row group's rows); returns how
-    many now run compiled."""
-    n = 0
+def _jobs(region, prefer=None):
+    """(Program, split, source) of each of ``region``'s CPU programs (one per input layout it
+    ran with) not offered a loop yet that one fits, with split ``prefer`` where it fits (a row
+    group's rows); marks them offered."""
+    jobs = []
     for packer in list(region.packers.values()):
         prog = packer.program
-        if prog is not None and not packer.jit_tried and _STATE["enabled"]:
-            nd = len(region.shape)
-            split = prefer if prefer is not None and prog.kernel_fits(prefer) else next(
-                (k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
-            if split is not None:
-                kinds = load_kinds(region.shape, packer.load_strides, split)
-                inner = math.prod(region.shape[split:]) if split else None
-                modes = [mode for _, mode in region.stores]
-                got = kernel_address(source(region, kinds, packer.compute, inner, modes))
-                if got is not None:
-                    prog.set_kernel(got[1], got[0], split)
-            packer.jit_tried = _STATE["enabled"]  # (a failed compiler: tried again if re-enabled)
-        n += prog is not None and prog.compiled
-    return n
+        if prog is None or packer.jit_tried or prog.compiled:
+            continue
+        packer.jit_tried = True
+        nd = len(region.shape)
+        split = prefer if prefer is not None and prog.kernel_fits(prefer) else next(
+            (k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
+        if split is not None:
+            kinds = load_kinds(region.shape, packer.load_strides, split)
+            inner = math.prod(region.shape[split:]) if split else None
+            modes = [mode for _, mode in region.stores]
+            jobs.append((prog, split, source(region, kinds, packer.compute, inner, modes)))
+    return jobs
 
 
 def compile_plan(plan):
-    """Compile the regions of ``plan`` that can run as loops (see compile_region); a row group's
-    members over its rows, so that the group runs through their loops (csrc/program.h,
-    run_group_loops)."""
+    """Compile the plan's regions that can run as loops (each program offered once), side by
+    side; a row group's members over its rows, so that the group runs through their loops
+    (csrc/program.h, run_group_loops)."""
     from .plan import Region, RowGroup  # (plan imports the runtime table; no cycle at import)
+    jobs = []
     for step in plan.steps:
         if isinstance(step, Region):
-            compile_region(step)
+            jobs += _jobs(step)
         elif isinstance(step, RowGroup):
             for r in step.regions:
-                compile_region(r, prefer=len(step.dims))
+                jobs += _jobs(r, prefer=len(step.dims))
+    srcs = list(dict.fromkeys(src for _, _, src in jobs))
+    got = dict(zip(srcs, compile_all(srcs)))
+    for prog, split, src in jobs:
+        if got[src] is not None:
+            prog.set_kernel(got[src][1], got[src][0], split)

@@ -90,7 +90,7 @@ class _Packer:
         # per load: its strides (jit.load_kinds)
         self.load_strides = [tuple(desc[at + 3:at + 3 + nd]) for at, _ in self.load_slots]
         self.program = None
-        self.jit_tried = False  # jit.compile_region offered its Program a loop
+        self.jit_tried = False  # jit.compile_plan offered its Program a loop
 
     def cpu_program(self, ins, outs):
         """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers."""
