@@ -1,19 +1,21 @@
-"""Compiled loops for hot elementwise regions (a small JIT).
+"""Compiled loops for hot regions (a small JIT).
 
-The block interpreter (csrc/vm_cpu.cpp) runs one loop per instruction over a block; a region
-that has run ``AFTER`` times and is a plain elementwise pass (csrc/program.h, kernel_fits: loads
-contiguous, single values, or broadcast along rows or columns, contiguous assign stores, all in
-the compute dtype) is compiled
-instead into one C++ loop that keeps each element's values in registers. The loop is generated
-from the region's own register program, calls the interpreter's op math (``op_math.h``, installed
-with the package) and is built by the compiler and machine flags the extension was built with,
-plus ``-ffp-contract=off`` so that no multiply-add is fused across instructions (the interpreter
-cannot fuse them either): results are the interpreter's, up to the last bits of a
-transcendental where one path takes a vector variant and the other the scalar one.
+The block interpreter (csrc/vm_cpu.cpp) runs one loop per instruction over a block. Once a plan
+has run ``AFTER`` times, each of its regions that csrc/program.h ``kernel_fits`` accepts (loads
+contiguous, single values, or one value per row / one row for all rows; stores contiguous, or
+one sum per row; every record in the compute dtype) is compiled instead into one C++ loop, over
+elements or over rows then columns, that keeps each element's values in registers; a row
+group whose members all have loops over its rows runs through them (run_group_loops). The loop
+is generated from the region's own register program, calls the interpreter's op math
+(``op_math.h``, installed with the package) and is built by the compiler and machine flags the
+extension was built with, plus ``-ffp-contract=off`` so that no multiply-add is fused across
+instructions (the interpreter cannot fuse them either): results are the interpreter's, up to
+the last bits of a transcendental where one path takes a vector variant and the other the
+scalar one, and of a row sum (added in another order, in double).
 
-Libraries are cached on disk by a hash of their source and compile command
-(``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``). Without a working compiler the
-interpreter keeps running the region. ``FASTGRAD_JIT=0`` turns compiling off;
+Libraries are cached on disk by a hash of their source, the headers, the compile command and
+the CPU (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``). Without a working compiler
+the interpreter keeps running the region. ``FASTGRAD_JIT=0`` turns compiling off;
 ``FASTGRAD_JIT_AFTER`` sets after how many runs of a plan its regions are compiled.
 """
 import ctypes
@@ -48,7 +50,7 @@ def status():
     from the disk cache) in this process, and the seconds spent compiling (summed over compiles
     that ran side by side)."""
     return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"]).items()
-            if k != "headers"}
+            if k not in ("headers", "cpu")}
 
 
 def enable(on=True):
