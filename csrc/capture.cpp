@@ -2,6 +2,8 @@
 // Python code it replaced did; the gain is the interpreter overhead between those reads.
 #include "capture.h"
 
+#include "py_calls.h"
+
 namespace fg {
 namespace {
 
@@ -18,37 +20,6 @@ PyObject* g_strided = nullptr;       // torch.strided
 PyObject* g_device_types = nullptr;  // tuple of str
 PyObject* g_tensor_cls = nullptr;    // torch.Tensor
 
-PyObject* intern(const char* s) {
-  PyObject* o = PyUnicode_InternFromString(s);
-  if (!o) throw py::error_already_set();
-  return o;
-}
-
-py::object get(py::handle o, PyObject* name) {
-  PyObject* r = PyObject_GetAttr(o.ptr(), name);
-  if (!r) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(r);
-}
-
-py::object call0(py::handle o, PyObject* name) {
-  PyObject* r = PyObject_CallMethodNoArgs(o.ptr(), name);
-  if (!r) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(r);
-}
-
-bool truthy(py::handle o) {
-  int r = PyObject_IsTrue(o.ptr());
-  if (r < 0) throw py::error_already_set();
-  return r == 1;
-}
-
-bool equal(py::handle a, py::handle b) {
-  if (a.ptr() == b.ptr()) return true;
-  int r = PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ);
-  if (r < 0) throw py::error_already_set();
-  return r == 1;
-}
-
 py::object id_of(py::handle o) {
   return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
 }
@@ -61,7 +32,7 @@ py::tuple as_tuple(py::handle seq) {
 
 // (shape, dtype, device) of one InputMetadata entry.
 py::tuple meta_record(py::handle m) {
-  return py::make_tuple(as_tuple(get(m, N.shape)), get(m, N.dtype), get(m, N.device));
+  return py::make_tuple(as_tuple(py_attr(m, N.shape)), py_attr(m, N.dtype), py_attr(m, N.device));
 }
 
 struct Spec {
@@ -79,34 +50,34 @@ const Spec& spec_of(py::handle fn, py::handle spec_fn) {
   py::tuple t = spec_fn(py::handle(cls), fn);
   Spec s;
   s.cls = py::reinterpret_borrow<py::object>(cls);
-  s.lowerable = truthy(t[0]);
-  s.region = truthy(t[1]);
+  s.lowerable = py_truthy(t[0]);
+  s.region = py_truthy(t[1]);
   for (auto a : py::iter(t[2])) s.saved.push_back(py::reinterpret_borrow<py::object>(a));
-  s.holds_saved = truthy(t[3]);
+  s.holds_saved = py_truthy(t[3]);
   return g_specs.emplace(cls, std::move(s)).first->second;
 }
 
 }  // namespace
 
 Py_ssize_t Binder::index(py::handle t, py::object* key) {
-  py::object dtype = get(t, N.dtype);
+  py::object dtype = py_attr(t, N.dtype);
   int has = PyDict_Contains(g_dtype_codes, dtype.ptr());
   if (has < 0) throw py::error_already_set();
-  if (!has || !equal(get(t, N.layout), g_strided)) return -1;
-  py::object dev = get(t, N.device);
-  if (!equal(dev, device)) {
+  if (!has || !py_equal(py_attr(t, N.layout), g_strided)) return -1;
+  py::object dev = py_attr(t, N.device);
+  if (!py_equal(dev, device)) {
     if (!device.is_none()) return -1;
-    int ok = PySequence_Contains(g_device_types, get(dev, N.type).ptr());
+    int ok = PySequence_Contains(g_device_types, py_attr(dev, N.type).ptr());
     if (ok < 0) throw py::error_already_set();
     if (!ok) return -1;
     device = dev;
   }
-  py::object gf = get(t, N.grad_fn);
-  bool rg = truthy(get(t, N.requires_grad));
+  py::object gf = py_attr(t, N.grad_fn);
+  bool rg = py_truthy(py_attr(t, N.requires_grad));
   py::object producer = !gf.is_none() ? id_of(gf) : rg ? id_of(t) : py::none();
-  py::object onr = !gf.is_none() ? get(t, N.output_nr) : py::int_(0);
-  py::tuple k = py::make_tuple(call0(t, N.data_ptr), get(t, N.shape),
-                               call0(t, N.stride), dtype, py::bool_(rg), producer, onr);
+  py::object onr = !gf.is_none() ? py_attr(t, N.output_nr) : py::int_(0);
+  py::tuple k = py::make_tuple(py_call(t, N.data_ptr), py_attr(t, N.shape),
+                               py_call(t, N.stride), dtype, py::bool_(rg), producer, onr);
   Py_ssize_t n;
   PyObject* hit = PyDict_GetItemWithError(keys.ptr(), k.ptr());
   if (hit) {
@@ -159,7 +130,7 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
         PyObject* nf = g.edges.at(n);
         bool hit = input_ids.contains(id_of(n));
         if (!hit && acc_cls.ptr() == reinterpret_cast<PyObject*>(Py_TYPE(n))) {
-          py::object var = get(n, N.variable);
+          py::object var = py_attr(n, N.variable);
           py::object vid = id_of(var);
           if (leaf_ids.contains(vid)) {
             g.leaf_nodes[vid] = py::handle(n);
@@ -176,7 +147,7 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
         continue;
       }
       if (g.edges.count(n)) continue;
-      py::object nfo = get(n, N.next_functions);
+      py::object nfo = py_attr(n, N.next_functions);
       PyObject* nf = tuple_of(nfo);
       g.nexts[id_of(n)] = nfo;  // holds the tuple (and so the nodes in it) for the call
       g.edges[n] = nf;
@@ -218,7 +189,7 @@ bool is_freed(py::handle fn, py::handle freed_key) {
   if (!PyDict_Check(md)) return false;
   PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
   if (!v && PyErr_Occurred()) throw py::error_already_set();
-  return v && truthy(v);
+  return v && py_truthy(v);
 }
 
 }  // namespace
@@ -242,12 +213,12 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
   for (Py_ssize_t i = 0; i < norder; ++i) {
     py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
     // user code runs on the gradient mid-sweep: derive anew each call
-    if (!hooks_fn.is_none() && truthy(hooks_fn(fn))) return py::make_tuple(py::none(), false);
+    if (!hooks_fn.is_none() && py_truthy(hooks_fn(fn))) return py::make_tuple(py::none(), false);
     const Spec& spec = spec_of(fn, spec_fn);
     py::handle cls(reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr())));
     PyObject* nf = g.edges.at(fn.ptr());
     py::list metas;
-    for (auto m : get(fn, N.input_metadata)) metas.append(meta_record(m));
+    for (auto m : py_attr(fn, N.input_metadata)) metas.append(meta_record(m));
     py::tuple meta = as_tuple(metas);
     if (!g.runs(fn.ptr())) {  // an input or a node the sweep skips
       parts.append(py::make_tuple(cls, PyTuple_GET_SIZE(nf), meta));
@@ -267,7 +238,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
       if (p >= 0) {
         es.append(py::make_tuple(p, k));
       } else {
-        py::object md = get(m, N.input_metadata);
+        py::object md = py_attr(m, N.input_metadata);
         es.append(py::make_tuple(-1, k, meta_record(md[k])));
       }
     }
@@ -282,10 +253,10 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     vals.append(meta);
     std::vector<py::object> src;
     if (spec.region) {
-      vals.append(get(fn, N.region));
-      for (auto v : get(fn, N.saved_tensors)) src.push_back(py::reinterpret_borrow<py::object>(v));
+      vals.append(py_attr(fn, N.region));
+      for (auto v : py_attr(fn, N.saved_tensors)) src.push_back(py::reinterpret_borrow<py::object>(v));
     } else {
-      for (const auto& a : spec.saved) src.push_back(get(fn, a.ptr()));
+      for (const auto& a : spec.saved) src.push_back(py_attr(fn, a.ptr()));
     }
     for (const auto& v : src) {
       py::object r = value_record(v, bind);
@@ -306,7 +277,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
 }
 
 void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn) {
-  static PyObject* register_prehook = intern("register_prehook");
+  static PyObject* register_prehook = py_intern("register_prehook");
   for (Py_ssize_t i = 0, n = PyList_GET_SIZE(g.order.ptr()); i < n; ++i) {
     py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
     if (!g.runs(fn.ptr())) continue;
@@ -319,7 +290,7 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
     if (!PyDict_Check(md)) continue;
     PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
     if (!v && PyErr_Occurred()) throw py::error_already_set();
-    if (v && truthy(v)) continue;
+    if (v && py_truthy(v)) continue;
     if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
     if (spec_of(fn, spec_fn).holds_saved) {
       PyObject* r = PyObject_CallMethodOneArg(fn.ptr(), register_prehook, refuse.ptr());
@@ -332,12 +303,12 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
 void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,
                    py::object tensor_cls) {
   if (!N.dtype) {
-    N = Names{intern("dtype"),         intern("layout"),          intern("device"),
-              intern("type"),          intern("grad_fn"),         intern("requires_grad"),
-              intern("data_ptr"),      intern("shape"),           intern("stride"),
-              intern("output_nr"),     intern("next_functions"),  intern("variable"),
-              intern("_input_metadata"), intern("metadata"),      intern("region"),
-              intern("saved_tensors"), intern("fallback")};
+    N = Names{py_intern("dtype"),         py_intern("layout"),          py_intern("device"),
+              py_intern("type"),          py_intern("grad_fn"),         py_intern("requires_grad"),
+              py_intern("data_ptr"),      py_intern("shape"),           py_intern("stride"),
+              py_intern("output_nr"),     py_intern("next_functions"),  py_intern("variable"),
+              py_intern("_input_metadata"), py_intern("metadata"),      py_intern("region"),
+              py_intern("saved_tensors"), py_intern("fallback")};
   }
   Py_XDECREF(g_dtype_codes);
   Py_XDECREF(g_strided);

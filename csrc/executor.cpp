@@ -1,39 +1,17 @@
 #include "executor.h"
 
+#include "py_calls.h"
+
 #include <algorithm>
 #include <string>
 
 namespace fg {
 namespace {
 
-PyObject* intern(const char* s) {
-  PyObject* o = PyUnicode_InternFromString(s);
-  if (!o) throw py::error_already_set();
-  return o;
-}
-
-py::object call_method(py::handle o, PyObject* name, PyObject* arg = nullptr) {
-  PyObject* r = arg ? PyObject_CallMethodOneArg(o.ptr(), name, arg) : PyObject_CallMethodNoArgs(o.ptr(), name);
-  if (!r) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(r);
-}
-
-py::object attr(py::handle o, PyObject* name) {
-  PyObject* r = PyObject_GetAttr(o.ptr(), name);
-  if (!r) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(r);
-}
-
-bool equal(py::handle a, py::handle b) {
-  int r = PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ);
-  if (r < 0) throw py::error_already_set();
-  return r == 1;
-}
-
 struct Names {
-  PyObject *data_ptr = intern("data_ptr"), *shape = intern("shape"), *stride = intern("stride"),
-           *reshape = intern("reshape"), *expand = intern("expand"),
-           *dtype = intern("dtype");
+  PyObject *data_ptr = py_intern("data_ptr"), *shape = py_intern("shape"), *stride = py_intern("stride"),
+           *reshape = py_intern("reshape"), *expand = py_intern("expand"),
+           *dtype = py_intern("dtype");
 };
 const Names& names() {
   static const Names* n = new Names();  // never destroyed: may outlive the interpreter
@@ -51,7 +29,7 @@ std::vector<char*> data_ptrs(py::handle seq, int64_t need, const char* what) {
                           std::to_string(n));
   std::vector<char*> ps(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    py::object r = call_method(PySequence_Fast_GET_ITEM(fast, i), names().data_ptr);
+    py::object r = py_call(PySequence_Fast_GET_ITEM(fast, i), names().data_ptr);
     ps[i] = reinterpret_cast<char*>(PyLong_AsVoidPtr(r.ptr()));
     if (PyErr_Occurred()) throw py::error_already_set();
   }
@@ -194,9 +172,9 @@ py::object Executor::run(py::handle tensors) const {
     PyObject* t = PySequence_GetItem(tensors.ptr(), l.index);
     if (!t) throw py::error_already_set();
     py::object tt = py::reinterpret_steal<py::object>(t);
-    if (!equal(attr(tt, N.shape), l.shape) || !equal(call_method(tt, N.stride), l.strides))
+    if (!py_equal(py_attr(tt, N.shape), l.shape) || !py_equal(py_call(tt, N.stride), l.strides))
       return py::none();
-    if (!l.reshape.is_none()) tt = call_method(tt, N.reshape, l.reshape.ptr());
+    if (!l.reshape.is_none()) tt = py_call(tt, N.reshape, l.reshape.ptr());
     slots.push_back(std::move(tt));
   }
   for (const Step& st : steps_) {
@@ -204,7 +182,7 @@ py::object Executor::run(py::handle tensors) const {
       GradOff off(grad_enabled_, set_grad_enabled_);
       py::object v = slots[st.src];
       for (const auto& [is_expand, shape] : st.chain)
-        v = call_method(v, is_expand ? N.expand : N.reshape, shape.ptr());
+        v = py_call(v, is_expand ? N.expand : N.reshape, shape.ptr());
       slots.push_back(std::move(v));
       continue;
     }
