@@ -182,6 +182,13 @@ PYBIND11_MODULE(_C, m) {
            "int64_t end), over elements with split 0, over rows of dims 0..split-1 otherwise; 0: the\n"
            "interpreter again, not while another thread runs it); `keep` is held as long as it is used\n"
            "(its library). Raises ValueError for a region kernel_fits(split) refuses, or when a loop is set.")
+      .def("load_kinds", [](const fg::ProgramHandle& p, int split) -> py::object {
+             std::string kinds;
+             if (!p.p->load_kinds(split, kinds)) return py::none();
+             return py::str(kinds);
+           }, py::arg("split"),
+           "How a loop with this split reads each load: a str of 's' (one value), 'c' (contiguous),\n"
+           "'r' (one value per row), 'k' (one row for all rows); None when a load fits none.")
       .def("kernel_fits", [](const fg::ProgramHandle& p, int split) { return p.p->kernel_fits(split); },
            py::arg("split") = 0, "Whether a compiled loop with this split can compute the region (csrc/program.h).")
       .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },

@@ -65,19 +65,34 @@ bool zero(const Region& r, const int64_t* st, int d0, int d1) {
 
 }  // namespace
 
+bool Program::load_kinds(int k, std::string& kinds) const {
+  const Region& r = region;
+  const int dt = compute == 0 ? DT_F32 : DT_F64;
+  const int n = r.ndim;
+  kinds.clear();
+  if (k < 0 || k >= std::max(n, 1)) return false;
+  for (const LoadRec& L : r.loads) {
+    if (L.dtype != dt || !L.preds.empty()) return false;
+    if (zero(r, L.stride, 0, n))
+      kinds += 's';
+    else if (row_major(r, L.stride, 0, n))
+      kinds += 'c';
+    else if (k > 0 && row_major(r, L.stride, 0, k) && zero(r, L.stride, k, n))
+      kinds += 'r';  // one value per row (0 along the columns)
+    else if (k > 0 && zero(r, L.stride, 0, k) && row_major(r, L.stride, k, n))
+      kinds += 'k';  // one row for all rows
+    else
+      return false;
+  }
+  return true;
+}
+
 bool Program::kernel_fits(int k) const {
   const Region& r = region;
   const int dt = compute == 0 ? DT_F32 : DT_F64;
-  if (k < 0 || k >= std::max(r.ndim, 1)) return false;
   const int n = r.ndim;
-  for (const LoadRec& L : r.loads) {
-    if (L.dtype != dt || !L.preds.empty()) return false;
-    const bool whole = row_major(r, L.stride, 0, n) || zero(r, L.stride, 0, n);
-    // k > 0: also one value per row (0 along the columns), or one row for all rows
-    const bool per_row = k > 0 && row_major(r, L.stride, 0, k) && zero(r, L.stride, k, n);
-    const bool per_col = k > 0 && zero(r, L.stride, 0, k) && row_major(r, L.stride, k, n);
-    if (!whole && !per_row && !per_col) return false;
-  }
+  std::string kinds;
+  if (!load_kinds(k, kinds)) return false;
   int64_t rows = 1;
   for (int d = 0; d < k; ++d) rows *= r.shape[d];
   for (const StoreRec& S : r.stores) {

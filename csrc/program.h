@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "vm.h"
@@ -38,6 +39,10 @@ struct Program {
   // sum per row of at most kJitMaxRowSum elements (the loop keeps a row's values in a buffer
   // on its stack and adds them in double, four partial sums in a fixed order).
   bool kernel_fits(int split) const;
+  // How a loop with this split reads each load (kinds[i]): 's' a single value, 'c' contiguous,
+  // and with split > 0 'r' one value per row or 'k' one row for all rows; false when some load
+  // fits none of them. The one place the loop's indexing is decided (jit.py generates it).
+  bool load_kinds(int split, std::string& kinds) const;
   // The loop's data pointers for bound region r, or false when a store overlaps a load or
   // another store (then only the interpreter is exact).
   bool loop_pointers(const Region& r, std::vector<char*>& ptrs) const;

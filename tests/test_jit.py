@@ -30,9 +30,8 @@ def _programs(r, compute, nins, nouts, split=0):
     make = lambda: C_Program(desc, consts, compute, list(range(len(r.loads))),  # noqa: E731
                              list(range(len(r.stores))), nins, nouts)
     plain, fast = make(), make()
-    nd = len(r.shape)
     assert fast.kernel_fits(split)
-    kinds = jit.load_kinds(r.shape, [rec[3:3 + nd] for rec in r.loads], split)
+    kinds = fast.load_kinds(split)
     inner = math.prod(r.shape[split:]) if split else None
     # (one loop computes every op here; some, e.g. the half-type roundings, keep GCC from
     # vectorising it, which the runtime would refuse, but the values must be right anyway)
@@ -132,8 +131,8 @@ def test_rows_and_columns(shape, split, dtype, compute):
     r = Region(shape)
     v = r.op("mul", r.op("exp", r.op("sub", r.load(x), r.load(m))), r.load(g))
     r.store(out, r.op("add", v, r.load(w)))
-    assert jit.load_kinds(shape, [rec[3:3 + len(shape)] for rec in r.loads], split) == \
-        ["c", "r", "r", "k"]
+    desc, consts = r.pack()
+    assert _C.Program(desc, consts, compute, [0, 1, 2, 3], [0], 4, 1).load_kinds(split) == "crrk"
     for nthreads in (1, 2):
         a, b = _run_both(r, compute, [x, m, g, w], [out], nthreads, split)
         xd, md, gd, wd = (t.double() for t in (x, m, g, w))

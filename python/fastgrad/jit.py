@@ -70,38 +70,10 @@ def _literal(v, ctype):
     return f"static_cast<{ctype}>({text})"
 
 
-def load_kinds(shape, strides, split):
-    """How each load (strides in elements over ``shape``) is read by a loop with ``split``:
-    "s" one value, "c" contiguous, and with split = k > 0 also "r" one value per row (dims
-    0..k-1) or "k" one row for all rows (the columns, dims k..). csrc/program.cpp kernel_fits
-    checks the same."""
-    def row_major(st, d0, d1):
-        expect = 1
-        for d in range(d1 - 1, d0 - 1, -1):
-            if shape[d] != 1 and st[d] != expect:
-                return False
-            expect *= shape[d]
-        return True
-
-    def zero(st, d0, d1):
-        return all(st[d] == 0 or shape[d] == 1 for d in range(d0, d1))
-
-    nd, kinds = len(shape), []
-    for st in strides:
-        if zero(st, 0, nd):
-            kinds.append("s")
-        elif row_major(st, 0, nd):
-            kinds.append("c")
-        elif split and zero(st, split, nd):
-            kinds.append("r")
-        else:
-            kinds.append("k")
-    return kinds
-
-
 def source(region, kinds, compute, inner=None, modes=None):
     """C++ source of the loop computing ``region`` (a plan.Region, or anything with its loads,
-    stores, instrs and consts). ``kinds[i]``: how load i is read (load_kinds). With ``inner``
+    stores, instrs and consts). ``kinds[i]``: how load i is read (its Program's load_kinds:
+    "s" one value, "c" contiguous, "r" one value per row, "k" one row for all rows). With ``inner``
     (the column count; split > 0) the loop runs over rows, then over the ``inner`` columns.
     ``modes[k]``: 0 store k is elementwise, 1 it is one sum per row (inner > 0): the row's values
     go to a buffer, then are added in double as four partial sums in a fixed order."""
@@ -307,7 +279,7 @@ def _jobs(region, prefer=None):
         split = prefer if prefer is not None and prog.kernel_fits(prefer) else next(
             (k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
         if split is not None:
-            kinds = load_kinds(region.shape, packer.load_strides, split)
+            kinds = prog.load_kinds(split)
             inner = math.prod(region.shape[split:]) if split else None
             modes = [mode for _, mode in region.stores]
             jobs.append((prog, split, source(region, kinds, packer.compute, inner, modes)))

@@ -87,8 +87,6 @@ class _Packer:
         self.desc = array("q", desc)
         self.consts = array("d", region.consts)
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
-        # per load: its strides (jit.load_kinds)
-        self.load_strides = [tuple(desc[at + 3:at + 3 + nd]) for at, _ in self.load_slots]
         self.program = None
         self.jit_tried = False  # jit.compile_plan offered its Program a loop
 
