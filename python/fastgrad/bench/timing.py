@@ -49,8 +49,11 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
             {k: min(v) for k, v in times.items()}, r)
 
 
-def copy_bandwidth(dtype, device, nbytes=64 << 20, repeats=9):
-    """Bytes read + written per second of ``dst.copy_(src)`` on a buffer larger than caches."""
+def copy_bandwidth(dtype, device, nbytes=None, repeats=9):
+    """Bytes read + written per second of ``dst.copy_(src)`` on a buffer larger than caches
+    (a GPU's L2 is 50-60 MB on an H100/H200, hence the larger default there)."""
+    if nbytes is None:
+        nbytes = (512 << 20) if torch.device(device).type == "cuda" else (64 << 20)
     esize = torch.empty((), dtype=dtype).element_size()
     n = max(nbytes // esize, 1)
     src = torch.rand(n, dtype=dtype, device=device)
