@@ -19,6 +19,7 @@ PyObject* g_dtype_codes = nullptr;   // dict: torch.dtype -> code
 PyObject* g_strided = nullptr;       // torch.strided
 PyObject* g_device_types = nullptr;  // tuple of str
 PyObject* g_tensor_cls = nullptr;    // torch.Tensor
+PyObject* g_cpu_str = nullptr;       // "cpu" (a device type)
 
 py::object id_of(py::handle o) {
   return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
@@ -65,15 +66,24 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
   if (has < 0) throw py::error_already_set();
   if (!has || !py_equal(py_attr(t, N.layout), g_strided)) return -1;
   py::object dev = py_attr(t, N.device);
-  if (!py_equal(dev, device)) {
-    if (!device.is_none()) return -1;
-    int ok = PySequence_Contains(g_device_types, py_attr(dev, N.type).ptr());
-    if (ok < 0) throw py::error_already_set();
-    if (!ok) return -1;
-    device = dev;
-  }
   py::object gf = py_attr(t, N.grad_fn);
   bool rg = py_truthy(py_attr(t, N.requires_grad));
+  bool host_scalar = false;  // a 0-dim CPU tensor in a call whose device may be CUDA
+  if (!py_equal(dev, device)) {
+    py::object type = py_attr(dev, N.type);
+    if (!rg && py_equal(type, py::handle(g_cpu_str)) && PyObject_Length(py_attr(t, N.shape).ptr()) == 0) {
+      host_scalar = true;
+    } else {
+      if (!device.is_none()) return -1;
+      int ok = PySequence_Contains(g_device_types, type.ptr());
+      if (ok < 0) throw py::error_already_set();
+      if (!ok) return -1;
+      device = dev;
+      if (!py_equal(type, py::handle(g_cpu_str)))
+        for (Py_ssize_t m : pending_host) tensors[m] = tensors[m].attr("to")(device);
+      pending_host.clear();
+    }
+  }
   py::object producer = !gf.is_none() ? id_of(gf) : rg ? id_of(t) : py::none();
   py::object onr = !gf.is_none() ? py_attr(t, N.output_nr) : py::int_(0);
   py::tuple k = py::make_tuple(py_call(t, N.data_ptr), py_attr(t, N.shape),
@@ -86,7 +96,14 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
     if (PyErr_Occurred()) throw py::error_already_set();
     n = PyList_GET_SIZE(tensors.ptr());
     keys[k] = py::int_(n);
-    tensors.append(t);
+    if (!host_scalar) {
+      tensors.append(t);
+    } else if (device.is_none()) {  // the device is not known yet: copied once it is
+      tensors.append(t);
+      pending_host.push_back(n);
+    } else {
+      tensors.append(t.attr("to")(device));
+    }
   }
   if (key) *key = std::move(k);
   return n;
@@ -309,6 +326,7 @@ void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_ty
               py_intern("output_nr"),     py_intern("next_functions"),  py_intern("variable"),
               py_intern("_input_metadata"), py_intern("metadata"),      py_intern("region"),
               py_intern("saved_tensors"), py_intern("fallback")};
+    g_cpu_str = py_intern("cpu");
   }
   Py_XDECREF(g_dtype_codes);
   Py_XDECREF(g_strided);

@@ -20,10 +20,14 @@ class Binder {
   py::list tensors;
   py::dict keys;
   py::object device = py::none();
+  // Numbers of host scalars seen before the call's device was known (see index).
+  std::vector<Py_ssize_t> pending_host;
 
   // The number of tensor `t` (-1 for a tensor the compiled path cannot read: a dtype, layout or
   // device it does not handle, or another device than the call's); `key` receives the identity
-  // key (data_ptr, shape, strides, dtype, requires_grad, producer id, output_nr).
+  // key (data_ptr, shape, strides, dtype, requires_grad, producer id, output_nr). A 0-dim CPU
+  // tensor that does not require grad (a wrapped Python number: `x * 2.0` saves one) joins a
+  // CUDA call as PyTorch's kernels let it: `tensors` holds a copy on the call's device.
   Py_ssize_t index(py::handle t, py::object* key = nullptr);
   // (number, shape, strides, dtype, requires_grad), or None: how a tensor enters a signature.
   py::object record(py::handle t);
