@@ -238,6 +238,14 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "torch dtype name -> storage dtype code, from csrc/dtypes.def.");
 
+  m.def("dtype_storage", [] {
+    py::dict d;
+#define FG_DTYPE(E, N, C, S) d[py::int_(C)] = #S;
+#include "dtypes.def"
+#undef FG_DTYPE
+    return d;
+  }, "Storage dtype code -> its C++ storage type (dtype_convert.h), from csrc/dtypes.def.");
+
   py::class_<fg::Binder>(m, "Binder", py::dynamic_attr(),
       "Numbers the tensors one call reads (engine._Binder adds __call__).")
       .def(py::init<>())

@@ -1,7 +1,6 @@
 // Conversions between a storage dtype (dtypes.def) and the compute type T.
 #pragma once
-#include <cstdint>
-#include "float16.h"
+#include "float16.h"  // (and the fixed-width integer types)
 
 namespace fg {
 

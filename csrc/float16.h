@@ -4,15 +4,31 @@
 // Stores round to nearest, ties to even (like PyTorch's casts); NaN stays NaN
 // (quiet), overflow rounds to +-inf.
 #pragma once
+#include "hd.h"
+#ifdef __CUDACC_RTC__
+// NVRTC (python/fastgrad/cuda_jit.py) has no C library headers: the few names used here.
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef long int64_t;
+#define INT32_MIN (-2147483647 - 1)
+#define INT64_MIN (-9223372036854775807L - 1)
+#else
 #include <cstdint>
 #include <cstring>
-#include "hd.h"
+#endif
 
 
 namespace fg {
 
+#ifdef __CUDACC_RTC__
+__device__ inline uint32_t float_bits(float f) { return __float_as_uint(f); }
+__device__ inline float bits_float(uint32_t u) { return __uint_as_float(u); }
+#else
 FG_HD inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 FG_HD inline float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+#endif
 
 // IEEE binary16 -> float (exact).
 FG_HD inline float half_to_float(uint16_t h) {

@@ -8,7 +8,9 @@
 // branches, and libm calls by their plain C names (expf, exp, ...) so that
 // glibc's vector variants (libmvec) declared under __FAST_MATH__ apply.
 #pragma once
+#ifndef __CUDACC_RTC__  // (NVRTC declares the CUDA math functions itself)
 #include <math.h>
+#endif
 #include "float16.h"
 #include "hd.h"
 

@@ -70,6 +70,33 @@ def _literal(v, ctype):
     return f"static_cast<{ctype}>({text})"
 
 
+def statements(region, t, load, store, literal=_literal):
+    """One element's evaluation of ``region``'s register program, as C++ statements in compute
+    type ``t``: ``const t vJ = ...;`` per instruction J (the interpreter's op math, op_math.h).
+    ``load(a)`` is the expression of load a, ``store(k, value)`` the statement of store k (None
+    leaves it out); ``literal(v, t)`` writes a constant."""
+    lines, cur = [], {}
+    for j, (op, dst, a, b, c) in enumerate(region.instrs):
+        name = _NAMES[op]
+        if name == "store":
+            line = store(a, cur[b])
+            if line is not None:
+                lines.append(line)
+            continue
+        if name == "load":
+            expr = load(a)
+        elif name == "const":
+            expr = literal(region.consts[a], t)
+        elif name == "iota":
+            raise ValueError("iota is not compiled")
+        else:
+            args = ", ".join(cur[r] for r in (a, b, c)[:ARITY[name]])
+            expr = f"fg::fg_{name.upper()}<{t}>({args})"
+        lines.append(f"const {t} v{j} = {expr};")
+        cur[dst] = f"v{j}"
+    return lines
+
+
 def source(region, kinds, compute, inner=None, modes=None):
     """C++ source of the loop computing ``region`` (a plan.Region, or anything with its loads,
     stores, instrs and consts). ``kinds[i]``: how load i is read (its Program's load_kinds:
@@ -80,7 +107,7 @@ def source(region, kinds, compute, inner=None, modes=None):
     t = _CTYPE[compute]
     nl = len(region.loads)
     modes = modes or [0] * len(region.stores)
-    head, row, body, after = [], [], [], []
+    head, row, after = [], [], []
     ix = "j" if inner else "i"
     # which value each sum store adds (register names as the body below gives them)
     # and which values are a contiguous load's, read from a row pointer (with rows)
@@ -119,25 +146,14 @@ def source(region, kinds, compute, inner=None, modes=None):
         elif inner:
             row.append(f"    {t}* __restrict T{k} = S{k} + r * {inner};")
     read = {"s": "s{0}", "r": "s{0}", "k": "L{0}[j]", "c": ("R{0}[j]" if inner else "L{0}[i]")}
-    cur = {}
-    for j, (op, dst, a, b, c) in enumerate(region.instrs):
-        name = _NAMES[op]
-        if name == "store":
-            if modes[a] and cur[b] in direct:
-                continue  # a sum of a loaded row: added from the row itself
-            body.append(f"    {'T' if inner else 'S'}{a}[{ix}] = {cur[b]};")
-            continue
-        if name == "load":
-            expr = read[kinds[a]].format(a)
-        elif name == "const":
-            expr = _literal(region.consts[a], t)
-        elif name == "iota":
-            raise ValueError("iota is not compiled")
-        else:
-            args = ", ".join(cur[r] for r in (a, b, c)[:ARITY[name]])
-            expr = f"fg::fg_{name.upper()}<{t}>({args})"
-        body.append(f"    const {t} v{j} = {expr};")
-        cur[dst] = f"v{j}"
+
+    def store(k, value):
+        if modes[k] and value in direct:
+            return None  # a sum of a loaded row: added from the row itself
+        return f"{'T' if inner else 'S'}{k}[{ix}] = {value};"
+
+    body = ["    " + line for line in
+            statements(region, t, lambda a: read[kinds[a]].format(a), store)]
     if inner:
         # (no store left in the column loop: it computes nothing, and is left out)
         cols = [_LOOP2.format(inner), *["  " + line for line in body], "    }"] \

@@ -17,7 +17,7 @@ from array import array
 
 import torch
 
-from . import _C, ir, jit, rules
+from . import _C, cuda_jit, ir, jit, rules
 from .plan import Region, RowGroup, ViewStep, get_plan
 from .runtime_table import DTYPE_CODES
 
@@ -89,6 +89,8 @@ class _Packer:
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
         self.program = None
         self.jit_tried = False  # jit.compile_plan offered its Program a loop
+        # CUDA: runs so far, then the compiled kernel (cuda_jit.Kernel) or False (interpreted)
+        self.cuda_runs, self.cuda_kernel = 0, None
 
     def cpu_program(self, ins, outs):
         """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers."""
@@ -139,9 +141,17 @@ def run_region(region, ins, dev=None):
     outs, packer = _prepare(region, ins, dev, on_cpu)
     if on_cpu:
         packer.cpu_program(ins, outs).run(ins, outs, _num_threads(packer.numel))
+        return outs
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    kernel = packer.cuda_kernel
+    if kernel is None:
+        packer.cuda_runs += 1
+        if packer.cuda_runs >= jit.AFTER:
+            kernel = packer.cuda_kernel = cuda_jit.kernel_for(region, packer, ins, dev.index)
+    if kernel:
+        kernel.launch(ins, outs, stream)
     else:
-        _C.run_cuda(packer.pack(ins, outs), packer.consts, packer.compute, dev.index,
-                    torch.cuda.current_stream(dev).cuda_stream)
+        _C.run_cuda(packer.pack(ins, outs), packer.consts, packer.compute, dev.index, stream)
     return outs
 
 

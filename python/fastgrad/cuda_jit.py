@@ -1,0 +1,359 @@
+"""Compiled CUDA kernels for elementwise regions (NVRTC).
+
+The CUDA evaluator (csrc/vm_cuda.cu) interprets a region's register program per element: every
+instruction is decoded, every load walks the region's dims, and the registers live in local
+memory. On an H200 that ran at 3-9% of the memory-bandwidth floor. So, as fastgrad.jit does for
+the CPU, a region whose packer has run ``jit.AFTER`` times is compiled, when it fits, into one
+CUDA kernel generated from its own register program (``jit.statements``: the interpreter's op
+math, op_math.h, and its storage conversions, dtype_convert.h, both installed with the package)
+and built at run time by NVRTC, the CUDA runtime compiler that CUDA builds of PyTorch ship.
+
+A region fits when it is elementwise (no reducing store), every load reads either the element
+of a tensor laid out like the region (contiguous; "c") or one value ("s"), and every store
+writes a contiguous tensor. Any storage dtype of dtypes.def is read and written through the
+interpreter's conversions, so results are the interpreter's: the kernel is built with
+``--fmad=false`` so that no multiply-add is fused across instructions, which the interpreter
+cannot do either.
+
+Kernels are cached on disk as CUBIN, keyed by their source, the headers, the NVRTC version and
+the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``), and loaded and
+launched through the CUDA driver API (ctypes: no link to libcuda or libnvrtc). Without NVRTC, or
+when a compile or a load fails, the interpreter keeps running every region and ``status()``
+says why. ``FASTGRAD_JIT=0`` turns this off with the CPU loops.
+"""
+import ctypes
+import glob
+import hashlib
+import math
+import os
+import struct
+import sys
+import threading
+import time
+
+import torch
+
+from . import _C, jit
+
+_STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
+          "compiled": 0, "loaded": 0, "seconds": 0.0, "nvrtc": None}
+_LOCK = threading.Lock()
+_CTYPE = {0: "float", 1: "double"}
+_STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
+            for code, c in _C.dtype_storage().items()}
+_BLOCK, _PER_THREAD = 256, 4  # threads per block, elements per thread (see source)
+_HEADERS = ("op_math.h", "float16.h", "hd.h", "dtype_convert.h")
+_LIBS = {}  # "nvrtc" / "cuda" -> ctypes library
+_CUBINS = {}  # cache key -> CUBIN bytes
+_FUNCS = {}  # (cache key, device index) -> CUfunction handle (an int)
+
+
+def status():
+    """Whether compiling CUDA kernels is on, why not if it is off, how many were compiled (and
+    loaded from the disk cache) in this process, the seconds spent compiling, and which NVRTC."""
+    return {k: v for k, v in _STATE.items() if k not in ("headers", "contexts")}
+
+
+def enable(on=True):
+    """Turn compiling CUDA kernels on or off for this process (kernels already in use stay)."""
+    _STATE["enabled"] = bool(on)
+    if on:
+        _STATE["reason"] = None
+
+
+def _off(why):
+    _STATE["enabled"] = False
+    _STATE["reason"] = why
+
+
+# ---- which regions fit --------------------------------------------------------------------
+
+def kinds(desc):
+    """How the packed region ``desc`` (runtime._Packer.desc) is read and written, or None when
+    it does not fit (a reducing store, a predicated or strided load, a store that is not
+    contiguous, or no elements): ([(kind, element offset, dtype code)] per load, [dtype code]
+    per store); a load's kind is "c" (the element, contiguous like the region) or "s" (one
+    value)."""
+    nd, nl, ns = desc[0], desc[1], desc[2]
+    shape = list(desc[5:5 + nd])
+    if math.prod(shape) == 0:
+        return None
+    contiguous, acc = [0] * nd, 1
+    for d in reversed(range(nd)):
+        contiguous[d] = acc
+        acc *= shape[d]
+    pos, loads, stores = 5 + nd, [], []
+    for _ in range(nl):
+        dtype, offset = desc[pos + 1], desc[pos + 2]
+        strides, npreds = desc[pos + 3:pos + 3 + nd], desc[pos + 3 + nd]
+        pos += 4 + nd + 6 * npreds
+        if npreds:
+            return None
+        if all(s == 0 or n == 1 for s, n in zip(strides, shape)):
+            loads.append(("s", offset, dtype))
+        elif all(s == c or n == 1 for s, c, n in zip(strides, contiguous, shape)):
+            loads.append(("c", offset, dtype))
+        else:
+            return None
+    for _ in range(ns):
+        dtype, mode, strides = desc[pos + 1], desc[pos + 2], desc[pos + 3:pos + 3 + nd]
+        pos += 3 + nd
+        if mode or not all(s == c or n == 1 for s, c, n in zip(strides, contiguous, shape)):
+            return None
+        stores.append(dtype)
+    return loads, stores
+
+
+def _literal(v, t):
+    # Bits, not text: exact for every double, NaN and inf included (no C library here).
+    bits = struct.unpack("<q", struct.pack("<d", float(v)))[0]
+    return f"static_cast<{t}>(__longlong_as_double({bits}LL))"
+
+
+def source(region, load_kinds, compute, load_dtypes, store_dtypes):
+    """CUDA source of the kernel computing ``region`` (its loads, stores, instrs, consts):
+    ``fg_kernel(L0.., S0.., n)``, each thread evaluating _PER_THREAD elements _BLOCK apart
+    (coalesced). ``load_kinds[i]``: "c" or "s" (kinds); ``*_dtypes``: storage dtype codes."""
+    t = _CTYPE[compute]
+    params, head = [], []
+    for i, (kind, dt) in enumerate(zip(load_kinds, load_dtypes)):
+        params.append(f"const {_STORAGE[dt]}* __restrict__ L{i}")
+        if kind == "s":
+            head.append(f"  const {t} s{i} = fg::from_storage<{t}>(L{i}[0]);")
+    for k, dt in enumerate(store_dtypes):
+        params.append(f"{_STORAGE[dt]}* __restrict__ S{k}")
+    params.append("long n")
+    body = jit.statements(
+        region, t,
+        lambda a: f"s{a}" if load_kinds[a] == "s" else f"fg::from_storage<{t}>(L{a}[i])",
+        lambda k, v: f"S{k}[i] = fg::to_storage<{_STORAGE[store_dtypes[k]]}>({v});",
+        _literal)
+    return "\n".join([
+        "// generated by fastgrad.cuda_jit from a region's register program",
+        '#include "op_math.h"',
+        '#include "dtype_convert.h"',
+        f'extern "C" __global__ void __launch_bounds__({_BLOCK}) fg_kernel({", ".join(params)}) {{',
+        *head,
+        f"  const long first = (long)blockIdx.x * {_BLOCK * _PER_THREAD} + threadIdx.x;",
+        "#pragma unroll",
+        f"  for (int u = 0; u < {_PER_THREAD}; ++u) {{",
+        f"    const long i = first + u * {_BLOCK};",
+        "    if (i >= n) break;",
+        *["    " + line for line in body],
+        "  }",
+        "}", ""])
+
+
+# ---- NVRTC and the driver, through ctypes ---------------------------------------------------
+
+def _candidates():
+    """Where libnvrtc may be: FASTGRAD_NVRTC, the NVIDIA wheels beside torch (the version
+    torch was built with first), then a CUDA toolkit."""
+    if os.environ.get("FASTGRAD_NVRTC"):
+        yield os.environ["FASTGRAD_NVRTC"]
+    major = (torch.version.cuda or "").split(".")[0]
+    found = []
+    for p in sys.path:
+        found += glob.glob(os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*"))
+        found += glob.glob(os.path.join(p, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    found += glob.glob(os.path.join(home, "lib64", "libnvrtc.so*"))
+    found = [f for f in found if "builtins" not in f and ".alt." not in f]
+    found.sort(key=lambda f: (f".so.{major}" not in f, f))
+    yield from dict.fromkeys(found)
+    yield f"libnvrtc.so.{major}" if major else "libnvrtc.so"
+    yield "libnvrtc.so"
+
+
+def _nvrtc():
+    lib = _LIBS.get("nvrtc")
+    if lib is None:
+        errors = []
+        for path in _candidates():
+            try:
+                # NVRTC opens its builtins library by name: load the one beside it first.
+                for b in sorted(glob.glob(os.path.join(os.path.dirname(path),
+                                                       "libnvrtc-builtins.so*"))):
+                    if ".alt." not in b:
+                        ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+                lib = ctypes.CDLL(path)
+                lib.nvrtcVersion  # noqa: B018 (a library that is not NVRTC raises here)
+                break
+            except (OSError, AttributeError) as e:
+                errors.append(str(e))
+                lib = None
+        if lib is None:
+            raise OSError("NVRTC (libnvrtc) not found; tried: " + "; ".join(errors[-3:]))
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        _STATE["nvrtc"] = f"{major.value}.{minor.value} ({getattr(lib, '_name', '?')})"
+        _LIBS["nvrtc"] = lib
+    return lib
+
+
+def _cuda():
+    lib = _LIBS.get("cuda")
+    if lib is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        _check_cu(lib.cuInit(0), "cuInit", lib)
+        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        _LIBS["cuda"] = lib
+    return lib
+
+
+def _check_cu(r, what, lib=None):
+    if r != 0:
+        msg = ctypes.c_char_p()
+        (lib or _cuda()).cuGetErrorString(r, ctypes.byref(msg))
+        raise OSError(f"{what}: CUDA error {r} ({(msg.value or b'?').decode()})")
+
+
+def _headers():
+    if "headers" not in _STATE:
+        inc = jit._include_dir()
+        _STATE["headers"] = [(h, open(os.path.join(inc, h), "rb").read()) for h in _HEADERS]
+    return _STATE["headers"]
+
+
+def _options(arch):
+    return [f"--gpu-architecture=sm_{arch}", "--std=c++17", "--fmad=false"]
+
+
+def compile_cubin(src, arch):
+    """CUBIN of ``src`` for ``sm_<arch>`` (from the disk cache when there); raises OSError with
+    NVRTC's log when it does not compile."""
+    lib = _nvrtc()
+    headers = _headers()
+    key = hashlib.sha256("\0".join(
+        [src, _STATE["nvrtc"], " ".join(_options(arch))] +
+        [h.decode(errors="replace") for _, h in headers]).encode()).hexdigest()[:32]
+    cubin = _CUBINS.get(key)
+    if cubin is not None:
+        return key, cubin
+    path = os.path.join(jit._cache_dir(), f"fg_cuda_{key}.cubin")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            cubin = f.read()
+        with _LOCK:
+            _STATE["loaded"] += 1
+    else:
+        t0 = time.perf_counter()
+        prog = ctypes.c_void_p()
+        names = (ctypes.c_char_p * len(headers))(*[n.encode() for n, _ in headers])
+        texts = (ctypes.c_char_p * len(headers))(*[h for _, h in headers])
+        r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"fg_kernel.cu",
+                                   len(headers), texts, names)
+        if r != 0:
+            raise OSError(f"nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}")
+        try:
+            opts = [o.encode() for o in _options(arch)]
+            r = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+            if r != 0:
+                size = ctypes.c_size_t()
+                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+                log = ctypes.create_string_buffer(size.value)
+                lib.nvrtcGetProgramLog(prog, log)
+                raise OSError(f"NVRTC: {lib.nvrtcGetErrorString(r).decode()}: "
+                              f"{log.value.decode(errors='replace')[:2000]}")
+            size = ctypes.c_size_t()
+            lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetCUBIN(prog, buf)
+            cubin = buf.raw
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(cubin)
+        os.replace(tmp, path)  # atomic: a concurrent process finds all or nothing
+        with _LOCK:
+            _STATE["compiled"] += 1
+            _STATE["seconds"] += time.perf_counter() - t0
+    _CUBINS[key] = cubin
+    return key, cubin
+
+
+def _function(key, cubin, device):
+    """The kernel of ``cubin`` in ``device``'s primary context (the one PyTorch uses)."""
+    f = _FUNCS.get((key, device))
+    if f is None:
+        cu = _cuda()
+        ctx = _primary(device)
+        _check_cu(cu.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)), "cuCtxPushCurrent")
+        try:
+            mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+            _check_cu(cu.cuModuleLoadData(ctypes.byref(mod), cubin), "cuModuleLoadData")
+            _check_cu(cu.cuModuleGetFunction(ctypes.byref(fn), mod, b"fg_kernel"),
+                      "cuModuleGetFunction")
+        finally:
+            cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        f = _FUNCS[(key, device)] = fn.value
+    return f
+
+
+def _primary(device):
+    ctx = _STATE.setdefault("contexts", {}).get(device)
+    if ctx is None:
+        cu = _cuda()
+        dev, c = ctypes.c_int(), ctypes.c_void_p()
+        _check_cu(cu.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
+        _check_cu(cu.cuDevicePrimaryCtxRetain(ctypes.byref(c), dev), "cuDevicePrimaryCtxRetain")
+        ctx = _STATE["contexts"][device] = c.value
+    return ctx
+
+
+class Kernel:
+    """A region's compiled kernel for one layout of its inputs (one runtime._Packer)."""
+
+    def __init__(self, func, device, loads, nstores, numel):
+        self.func, self.device, self.numel = func, device, numel
+        self.loads = loads  # (input index, byte offset) per load
+        self.nargs = len(loads) + nstores + 1
+        self.grid = -(-numel // (_BLOCK * _PER_THREAD))
+
+    def launch(self, ins, outs, stream):
+        vals = [ins[ix].data_ptr() + off for ix, off in self.loads]
+        vals += [o.data_ptr() for o in outs]
+        vals.append(self.numel)
+        args = (ctypes.c_uint64 * self.nargs)(*vals)
+        base = ctypes.addressof(args)
+        ptrs = (ctypes.c_void_p * self.nargs)(*[base + 8 * k for k in range(self.nargs)])
+        cu = _cuda()
+        ctx = _primary(self.device)
+        cur = ctypes.c_void_p()
+        cu.cuCtxGetCurrent(ctypes.byref(cur))
+        pushed = cur.value != ctx
+        if pushed:
+            _check_cu(cu.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)), "cuCtxPushCurrent")
+        try:
+            _check_cu(cu.cuLaunchKernel(self.func, self.grid, 1, 1, _BLOCK, 1, 1, 0, stream,
+                                        ctypes.cast(ptrs, ctypes.c_void_p), None),
+                      "cuLaunchKernel")
+        finally:
+            if pushed:
+                cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+
+
+def kernel_for(region, packer, ins, device):
+    """A Kernel for ``region`` with the input layout of ``packer``, or False when the region
+    does not fit or compiling is off or failed (the interpreter then runs it)."""
+    if not _STATE["enabled"] or any(jit._NAMES[i[0]] == "iota" for i in region.instrs):
+        return False
+    got = kinds(packer.desc)
+    if got is None:
+        return False
+    loads, stores = got
+    try:
+        src = source(region, [k for k, _, _ in loads], packer.compute,
+                     [dt for _, _, dt in loads], stores)
+        major, minor = torch.cuda.get_device_capability(device)
+        key, cubin = compile_cubin(src, f"{major}{minor}")
+        func = _function(key, cubin, device)
+    except OSError as e:
+        _off(f"{type(e).__name__}: {e}")
+        return False
+    offsets = [(ix, off * ins[ix].element_size()) for (ix, _), (_, off, _) in
+               zip(region.loads, loads)]
+    return Kernel(func, device, offsets, len(stores), packer.numel)
