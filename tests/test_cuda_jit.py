@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import cuda_jit, jit
+from fastgrad import cuda_codegen, cuda_jit, jit
 from conftest import TORCH_GRAD, assert_same, rand
 import test_vm as V
 from test_vm_cuda import Region, real_gpu
@@ -47,6 +47,15 @@ def _every_op(r, a, b, c):
     return r.op("add", r.op("add", acc, r.const(float("-inf"))), r.const(0.1))
 
 
+def _compile(r, compute, arch="90"):
+    lay = cuda_codegen.layout(r.pack()[0])
+    assert lay is not None
+    src = cuda_codegen.source(_spec(r), lay, compute)
+    key, cubin = cuda_jit.compile_cubin(src, arch)
+    assert cubin[:4] == b"\x7fELF", cuda_jit.status()
+    return lay, key, cubin
+
+
 @pytest.mark.parametrize("compute", [0, 1], ids=["f32", "f64"])
 def test_every_op_and_dtype_compiles(compute):
     _nvrtc_or_skip()
@@ -57,15 +66,48 @@ def test_every_op_and_dtype_compiles(compute):
     acc = _every_op(r, a, b, c)
     for dt in DTYPES:
         r.store(torch.empty(10, dtype=dt), acc)
-    desc, _ = r.pack()
-    loads, stores = cuda_jit.kinds(desc)
-    assert [k for k, _, _ in loads] == ["c", "c", "s"]
-    src = cuda_jit.source(_spec(r), [k for k, _, _ in loads], compute,
-                          [dt for _, _, dt in loads], stores)
     for arch in ("80", "90"):
-        key, cubin = cuda_jit.compile_cubin(src, arch)
-        assert cubin[:4] == b"\x7fELF", cuda_jit.status()
+        lay, key, cubin = _compile(r, compute, arch)
+    assert [k for k, *_ in lay.loads] == ["c", "c", "s"]
+    src = cuda_codegen.source(_spec(r), lay, compute)
     assert cuda_jit.compile_cubin(src, "90") == (key, cubin)  # (the in-process cache)
+
+
+def _rows_region(shape, modes, dtype=torch.float64, device="cpu"):
+    """A reduction over the last dim of ``shape`` with a strided ("g"), an embedded
+    (predicated) and a per-row load, one assigning store and one reducing store per mode;
+    (the region, its inputs, its outputs, torch's values of the outputs)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    make = lambda *sh: torch.randn(*sh, generator=g, dtype=dtype).to(device)  # noqa: E731
+    x, xt, row, win = make(*shape), make(*shape[::-1]).t(), make(shape[0], 1), make(shape[0], 3)
+    r = Region(list(shape))
+    v = r.op("mul", r.op("sin", r.load(x)), r.load(xt))  # (xt transposed: "g")
+    v = r.op("add", v, r.load(row))
+    v = r.op("add", v, r.load(win, [3, 0], 0, ((1, 1, -2, 1, 3, 1),)))  # at columns 2..4
+    outs = [torch.full(shape, float("nan"), dtype=dtype, device=device)]
+    r.store(outs[0], v)
+    for mode in modes:
+        outs.append(torch.full((shape[0], 1), float("nan"), dtype=dtype, device=device))
+        r.store(outs[-1], v, mode=mode, strides=[1, 0])
+    emb = torch.zeros(shape, dtype=torch.float64)
+    emb[:, 2:5] = win.cpu().double()[:, :max(0, min(3, shape[1] - 2))]
+    ref = torch.sin(x.cpu().double()) * xt.cpu().double() + row.cpu().double() + emb
+    red = {V.SUM: lambda t: t.sum(1, keepdim=True), V.MAX: lambda t: t.amax(1, keepdim=True),
+           V.MIN: lambda t: t.amin(1, keepdim=True)}
+    return r, [x, xt, row, win], outs, [ref] + [red[m](ref) for m in modes]
+
+
+@pytest.mark.parametrize("compute", [0, 1], ids=["f32", "f64"])
+def test_row_reductions_and_general_loads_compile(compute):
+    _nvrtc_or_skip()
+    r, *_ = _rows_region((200, 37), [V.SUM, V.MAX, V.MIN])
+    lay, _, _ = _compile(r, compute)
+    assert lay.split == 1 and lay.rows == 200
+    assert [k for k, *_ in lay.loads] == ["c", "g", "g", "g"]
+    assert [s[3] for s in lay.stores] == ["c", "r", "r", "r"]
+    r, *_ = _rows_region((200, 37), [])  # the same loads, elementwise
+    lay, _, _ = _compile(r, compute)
+    assert lay.split is None
 
 
 def test_a_compile_error_says_what_nvrtc_said():
@@ -74,31 +116,36 @@ def test_a_compile_error_says_what_nvrtc_said():
         cuda_jit.compile_cubin('extern "C" __global__ void fg_kernel() { nope(); }', "90")
 
 
-x34 = torch.rand(3, 4, dtype=torch.float64)
-out34 = torch.empty(3, 4, dtype=torch.float64)
-KINDS = [  # (name, shape, load strides, load offset, load predicates, store mode, store strides)
-    ("contiguous", (3, 4), [4, 1], 0, (), 0, [4, 1], [("c", 0)]),
-    ("one value", (3, 4), [0, 0], 5, (), 0, [4, 1], [("s", 5)]),
-    ("size-1 dim, any stride", (3, 1), [1, 7], 1, (), 0, [1, 1], [("c", 1)]),
-    ("one value per row", (3, 4), [4, 0], 0, (), 0, [4, 1], None),
-    ("transposed", (4, 3), [1, 4], 0, (), 0, [3, 1], None),
-    ("predicated", (3, 4), [4, 1], 0, ((1, 1, 0, 1, 4, 0),), 0, [4, 1], None),
-    ("store not contiguous", (3, 4), [4, 1], 0, (), 0, [1, 3], None),
-    ("reducing store", (3, 4), [4, 1], 0, (), 1, [0, 1], None),
+LAYOUTS = [  # (name, shape, load strides, offset, predicates, store mode, store strides,
+    #          (split, load kind, store kind) or None: no kernel)
+    ("contiguous", (3, 4), [4, 1], 0, (), 0, [4, 1], (None, "c", "c")),
+    ("one value", (3, 4), [0, 0], 5, (), 0, [4, 1], (None, "s", "c")),
+    ("size-1 dim, any stride", (3, 1), [1, 7], 1, (), 0, [1, 1], (None, "c", "c")),
+    ("one value per row", (3, 4), [1, 0], 0, (), 0, [4, 1], (None, "g", "c")),
+    ("transposed", (4, 3), [1, 4], 0, (), 0, [3, 1], (None, "g", "c")),
+    ("predicated", (3, 4), [4, 1], 0, ((1, 1, 0, 1, 4, 0),), 0, [4, 1], (None, "g", "c")),
+    ("store transposed", (3, 4), [4, 1], 0, (), 0, [1, 3], (None, "c", "g")),
+    ("store broadcast", (3, 4), [4, 1], 0, (), 0, [0, 1], None),
+    ("row sum", (300, 4), [4, 1], 0, (), 1, [1, 0], (1, "c", "r")),
+    ("row max over dims 1, 2", (300, 2, 2), [4, 2, 1], 0, (), 2, [1, 0, 0], (1, "c", "r")),
+    ("too few rows", (3, 4), [4, 1], 0, (), 1, [1, 0], None),
+    ("column sum", (4, 300), [300, 1], 0, (), 1, [0, 1], None),
     ("no elements", (0, 4), [4, 1], 0, (), 0, [4, 1], None),
 ]
+x_big = torch.rand(1200, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name,shape,strides,offset,preds,mode,out_strides,want", KINDS,
-                         ids=[k[0] for k in KINDS])
-def test_kinds(name, shape, strides, offset, preds, mode, out_strides, want):
+@pytest.mark.parametrize("name,shape,strides,offset,preds,mode,out_strides,want", LAYOUTS,
+                         ids=[k[0] for k in LAYOUTS])
+def test_layout(name, shape, strides, offset, preds, mode, out_strides, want):
     r = V.Region(shape)
-    r.store(out34, r.load(x34, strides, offset, preds), mode=mode, strides=out_strides)
-    got = cuda_jit.kinds(r.pack()[0])
+    r.store(x_big, r.load(x_big, strides, offset, preds), mode=mode, strides=out_strides)
+    lay = cuda_codegen.layout(r.pack()[0])
     if want is None:
-        assert got is None
+        assert lay is None
     else:
-        assert [(k, off) for k, off, _ in got[0]] == want and got[1] == [V.DT["float64"]]
+        assert (lay.split, lay.loads[0][0], lay.stores[0][3]) == want
+        assert lay.loads[0][1] == offset and lay.stores[0][1] == V.DT["float64"]
 
 
 def test_status_says_why_without_nvrtc(monkeypatch):
@@ -113,11 +160,15 @@ def test_status_says_why_without_nvrtc(monkeypatch):
 def _compiled_kernel(r, compute):
     """r's kernel (a cuda_jit.Kernel) for its CUDA tensors, built as the runtime builds it."""
     desc, consts = r.pack()
-    packer = types.SimpleNamespace(desc=desc, compute=compute, numel=int(torch.tensor(r.shape).prod()))
-    ins = [r.keep[i] for i in range(len(r.loads))]
-    k = cuda_jit.kernel_for(_spec(r), packer, ins, torch.cuda.current_device())
+    packer = types.SimpleNamespace(desc=desc, compute=compute)
+    k = cuda_jit.kernel_for(_spec(r), packer, torch.cuda.current_device())
     assert k, cuda_jit.status()
     return k, desc, consts
+
+
+def _interpret(desc, consts, compute):
+    fastgrad._C.run_cuda(desc, consts, compute, torch.cuda.current_device(),
+                         torch.cuda.current_stream().cuda_stream)
 
 
 @real_gpu
@@ -138,8 +189,7 @@ def test_every_op_against_the_interpreter_and_torch(op, dtype, compute):
     res = r.op(op, *regs[:arity])
     r.store(out_i, res)
     kernel, desc, consts = _compiled_kernel(r, compute)
-    fastgrad._C.run_cuda(desc, consts, compute, torch.cuda.current_device(),
-                         torch.cuda.current_stream().cuda_stream)
+    _interpret(desc, consts, compute)
     kernel.launch([a, b, c], [out_c], torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     # (the same op math: equal but for the last bits a multiply-add may differ in)
@@ -159,12 +209,27 @@ def test_storage_dtypes_against_the_interpreter(dtype):
     outs = [torch.zeros(x.numel(), dtype=dtype, device="cuda") for _ in range(2)]
     r.store(outs[0], v)
     kernel, desc, consts = _compiled_kernel(r, 0)
-    fastgrad._C.run_cuda(desc, consts, 0, torch.cuda.current_device(),
-                         torch.cuda.current_stream().cuda_stream)
+    _interpret(desc, consts, 0)
     kernel.launch([src, x], [outs[1]], torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     torch.testing.assert_close(outs[1].float(), outs[0].float(), equal_nan=True, rtol=1e-6,
                                atol=0)
+
+
+@real_gpu
+@pytest.mark.parametrize("dtype,compute", V.COMPUTE, ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(200, 37), (1000, 3), (130, 2000)], ids=str)
+def test_row_reductions_and_general_loads_against_the_interpreter(shape, dtype, compute):
+    r, ins, outs, refs = _rows_region(shape, [V.SUM, V.MAX, V.MIN], dtype, "cuda")
+    kernel, desc, consts = _compiled_kernel(r, compute)
+    _interpret(desc, consts, compute)
+    got = [torch.full_like(o, float("nan")) for o in outs]
+    kernel.launch(ins, got, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    loose = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for g, o, want in zip(got, outs, refs):
+        torch.testing.assert_close(g, o, **loose)  # the interpreter (sums in another order)
+        torch.testing.assert_close(g.double(), want, **loose)
 
 
 def _region_compiled(y, x, go, create_graph=False):
@@ -178,6 +243,13 @@ CASES = [
     ("tanh_cube_2nd", lambda x: torch.tanh(x) ** 3, 2, torch.float64),
     ("sigmoid_f32", lambda x: torch.sigmoid(x) * x, 1, torch.float32),
     ("exp_f16", lambda x: torch.exp(x) * x, 1, torch.float16),
+    ("logsumexp_rows", lambda x: torch.logsumexp(x.reshape(200, 25), 1), 1, torch.float64),
+    ("softmax_rows", lambda x: torch.softmax(x.reshape(200, 25), 1), 1, torch.float64),
+    ("log_softmax_rows", lambda x: torch.log_softmax(x.reshape(125, 40), -1), 1, torch.float64),
+    ("amax_rows", lambda x: torch.amax(x.reshape(250, 20), 1), 1, torch.float64),
+    ("mean_rows_f32", lambda x: torch.mean(x.reshape(500, 10), 1), 1, torch.float32),
+    ("columns", lambda x: x.reshape(-1, 4)[:, 0] + x.reshape(-1, 4)[:, 1], 1, torch.float64),
+    ("norm_rows_2nd", lambda x: (x.reshape(250, 20) ** 2).sum(1).sqrt(), 2, torch.float64),
 ]
 
 
@@ -203,7 +275,9 @@ def test_plans_run_compiled_kernels_after_some_runs(name, fn, order, dtype, gen)
             ref = TORCH_GRAD(gr, xr, go)
         assert_same(got, ref, **tol)
     report = fastgrad.explain(y, x, go, create_graph=order == 2)
-    assert report.all_native and "compiled loop" in str(report), str(report)
+    lines = [ln for ln in str(report).splitlines() if ln.strip().startswith("region ")]
+    assert report.all_native and lines, str(report)
+    assert all("compiled loop" in ln for ln in lines), str(report)
 
 
 @real_gpu

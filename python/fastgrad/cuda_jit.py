@@ -1,19 +1,15 @@
-"""Compiled CUDA kernels for elementwise regions (NVRTC).
+"""Compiled CUDA kernels for regions (NVRTC).
 
 The CUDA evaluator (csrc/vm_cuda.cu) interprets a region's register program per element: every
 instruction is decoded, every load walks the region's dims, and the registers live in local
-memory. On an H200 that ran at 3-9% of the memory-bandwidth floor. So, as fastgrad.jit does for
-the CPU, a region whose packer has run ``jit.AFTER`` times is compiled, when it fits, into one
-CUDA kernel generated from its own register program (``jit.statements``: the interpreter's op
-math, op_math.h, and its storage conversions, dtype_convert.h, both installed with the package)
-and built at run time by NVRTC, the CUDA runtime compiler that CUDA builds of PyTorch ship.
-
-A region fits when it is elementwise (no reducing store), every load reads either the element
-of a tensor laid out like the region (contiguous; "c") or one value ("s"), and every store
-writes a contiguous tensor. Any storage dtype of dtypes.def is read and written through the
-interpreter's conversions, so results are the interpreter's: the kernel is built with
-``--fmad=false`` so that no multiply-add is fused across instructions, which the interpreter
-cannot do either.
+memory. On an H200 that ran at 2-9% of the memory-bandwidth floor, up to 15x slower than
+PyTorch. So, as fastgrad.jit does for the CPU, a region whose packer has run ``jit.AFTER`` times
+is compiled, when a kernel fits it (fastgrad.cuda_codegen: elementwise regions, and reductions
+over trailing dims with enough rows), into one CUDA kernel generated from its own register
+program, built at run time by NVRTC, the CUDA runtime compiler that CUDA builds of PyTorch ship.
+It is built with ``--fmad=false``, so that no multiply-add is fused across instructions (the
+interpreter cannot fuse them either): results are the interpreter's, up to the order of a
+reduction's additions.
 
 Kernels are cached on disk as CUBIN, keyed by their source, the headers, the NVRTC version and
 the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``), and loaded and
@@ -24,24 +20,18 @@ says why. ``FASTGRAD_JIT=0`` turns this off with the CPU loops.
 import ctypes
 import glob
 import hashlib
-import math
 import os
-import struct
 import sys
 import threading
 import time
 
 import torch
 
-from . import _C, jit
+from . import cuda_codegen as codegen, jit
 
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
           "compiled": 0, "loaded": 0, "seconds": 0.0, "nvrtc": None}
 _LOCK = threading.Lock()
-_CTYPE = {0: "float", 1: "double"}
-_STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
-            for code, c in _C.dtype_storage().items()}
-_BLOCK, _PER_THREAD = 256, 4  # threads per block, elements per thread (see source)
 _HEADERS = ("op_math.h", "float16.h", "hd.h", "dtype_convert.h")
 _LIBS = {}  # "nvrtc" / "cuda" -> ctypes library
 _CUBINS = {}  # cache key -> CUBIN bytes
@@ -64,84 +54,6 @@ def enable(on=True):
 def _off(why):
     _STATE["enabled"] = False
     _STATE["reason"] = why
-
-
-# ---- which regions fit --------------------------------------------------------------------
-
-def kinds(desc):
-    """How the packed region ``desc`` (runtime._Packer.desc) is read and written, or None when
-    it does not fit (a reducing store, a predicated or strided load, a store that is not
-    contiguous, or no elements): ([(kind, element offset, dtype code)] per load, [dtype code]
-    per store); a load's kind is "c" (the element, contiguous like the region) or "s" (one
-    value)."""
-    nd, nl, ns = desc[0], desc[1], desc[2]
-    shape = list(desc[5:5 + nd])
-    if math.prod(shape) == 0:
-        return None
-    contiguous, acc = [0] * nd, 1
-    for d in reversed(range(nd)):
-        contiguous[d] = acc
-        acc *= shape[d]
-    pos, loads, stores = 5 + nd, [], []
-    for _ in range(nl):
-        dtype, offset = desc[pos + 1], desc[pos + 2]
-        strides, npreds = desc[pos + 3:pos + 3 + nd], desc[pos + 3 + nd]
-        pos += 4 + nd + 6 * npreds
-        if npreds:
-            return None
-        if all(s == 0 or n == 1 for s, n in zip(strides, shape)):
-            loads.append(("s", offset, dtype))
-        elif all(s == c or n == 1 for s, c, n in zip(strides, contiguous, shape)):
-            loads.append(("c", offset, dtype))
-        else:
-            return None
-    for _ in range(ns):
-        dtype, mode, strides = desc[pos + 1], desc[pos + 2], desc[pos + 3:pos + 3 + nd]
-        pos += 3 + nd
-        if mode or not all(s == c or n == 1 for s, c, n in zip(strides, contiguous, shape)):
-            return None
-        stores.append(dtype)
-    return loads, stores
-
-
-def _literal(v, t):
-    # Bits, not text: exact for every double, NaN and inf included (no C library here).
-    bits = struct.unpack("<q", struct.pack("<d", float(v)))[0]
-    return f"static_cast<{t}>(__longlong_as_double({bits}LL))"
-
-
-def source(region, load_kinds, compute, load_dtypes, store_dtypes):
-    """CUDA source of the kernel computing ``region`` (its loads, stores, instrs, consts):
-    ``fg_kernel(L0.., S0.., n)``, each thread evaluating _PER_THREAD elements _BLOCK apart
-    (coalesced). ``load_kinds[i]``: "c" or "s" (kinds); ``*_dtypes``: storage dtype codes."""
-    t = _CTYPE[compute]
-    params, head = [], []
-    for i, (kind, dt) in enumerate(zip(load_kinds, load_dtypes)):
-        params.append(f"const {_STORAGE[dt]}* __restrict__ L{i}")
-        if kind == "s":
-            head.append(f"  const {t} s{i} = fg::from_storage<{t}>(L{i}[0]);")
-    for k, dt in enumerate(store_dtypes):
-        params.append(f"{_STORAGE[dt]}* __restrict__ S{k}")
-    params.append("long n")
-    body = jit.statements(
-        region, t,
-        lambda a: f"s{a}" if load_kinds[a] == "s" else f"fg::from_storage<{t}>(L{a}[i])",
-        lambda k, v: f"S{k}[i] = fg::to_storage<{_STORAGE[store_dtypes[k]]}>({v});",
-        _literal)
-    return "\n".join([
-        "// generated by fastgrad.cuda_jit from a region's register program",
-        '#include "op_math.h"',
-        '#include "dtype_convert.h"',
-        f'extern "C" __global__ void __launch_bounds__({_BLOCK}) fg_kernel({", ".join(params)}) {{',
-        *head,
-        f"  const long first = (long)blockIdx.x * {_BLOCK * _PER_THREAD} + threadIdx.x;",
-        "#pragma unroll",
-        f"  for (int u = 0; u < {_PER_THREAD}; ++u) {{",
-        f"    const long i = first + u * {_BLOCK};",
-        "    if (i >= n) break;",
-        *["    " + line for line in body],
-        "  }",
-        "}", ""])
 
 
 # ---- NVRTC and the driver, through ctypes ---------------------------------------------------
@@ -307,19 +219,33 @@ def _primary(device):
 class Kernel:
     """A region's compiled kernel for one layout of its inputs (one runtime._Packer)."""
 
-    def __init__(self, func, device, loads, nstores, numel):
-        self.func, self.device, self.numel = func, device, numel
-        self.loads = loads  # (input index, byte offset) per load
-        self.nargs = len(loads) + nstores + 1
-        self.grid = -(-numel // (_BLOCK * _PER_THREAD))
+    def __init__(self, func, device, load_inputs, nstores, grid):
+        self.func, self.device, self.grid = func, device, grid
+        self.load_inputs = load_inputs  # the input each load reads
+        n = len(load_inputs) + nstores
+        # the kernel's arguments (data pointers) and the array of their addresses that
+        # cuLaunchKernel reads; launches from several threads each use their own
+        self._local = threading.local()
+        self._n = n
+
+    def _args(self):
+        got = getattr(self._local, "args", None)
+        if got is None:
+            vals = (ctypes.c_uint64 * self._n)()
+            base = ctypes.addressof(vals)
+            ptrs = (ctypes.c_void_p * self._n)(*[base + 8 * k for k in range(self._n)])
+            got = self._local.args = (vals, ctypes.cast(ptrs, ctypes.c_void_p), ptrs)
+        return got
 
     def launch(self, ins, outs, stream):
-        vals = [ins[ix].data_ptr() + off for ix, off in self.loads]
-        vals += [o.data_ptr() for o in outs]
-        vals.append(self.numel)
-        args = (ctypes.c_uint64 * self.nargs)(*vals)
-        base = ctypes.addressof(args)
-        ptrs = (ctypes.c_void_p * self.nargs)(*[base + 8 * k for k in range(self.nargs)])
+        vals, params, _ = self._args()
+        k = 0
+        for ix in self.load_inputs:
+            vals[k] = ins[ix].data_ptr()
+            k += 1
+        for o in outs:
+            vals[k] = o.data_ptr()
+            k += 1
         cu = _cuda()
         ctx = _primary(self.device)
         cur = ctypes.c_void_p()
@@ -328,32 +254,27 @@ class Kernel:
         if pushed:
             _check_cu(cu.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)), "cuCtxPushCurrent")
         try:
-            _check_cu(cu.cuLaunchKernel(self.func, self.grid, 1, 1, _BLOCK, 1, 1, 0, stream,
-                                        ctypes.cast(ptrs, ctypes.c_void_p), None),
-                      "cuLaunchKernel")
+            _check_cu(cu.cuLaunchKernel(self.func, self.grid, 1, 1, codegen.BLOCK, 1, 1, 0,
+                                        stream, params, None), "cuLaunchKernel")
         finally:
             if pushed:
                 cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
 
-def kernel_for(region, packer, ins, device):
-    """A Kernel for ``region`` with the input layout of ``packer``, or False when the region
-    does not fit or compiling is off or failed (the interpreter then runs it)."""
+def kernel_for(region, packer, device):
+    """A Kernel for ``region`` with the input layout of ``packer``, or False when no kernel
+    fits the region or compiling is off or failed (the interpreter then runs it)."""
     if not _STATE["enabled"] or any(jit._NAMES[i[0]] == "iota" for i in region.instrs):
         return False
-    got = kinds(packer.desc)
-    if got is None:
+    lay = codegen.layout(packer.desc)
+    if lay is None:
         return False
-    loads, stores = got
     try:
-        src = source(region, [k for k, _, _ in loads], packer.compute,
-                     [dt for _, _, dt in loads], stores)
+        src = codegen.source(region, lay, packer.compute)
         major, minor = torch.cuda.get_device_capability(device)
         key, cubin = compile_cubin(src, f"{major}{minor}")
         func = _function(key, cubin, device)
     except OSError as e:
         _off(f"{type(e).__name__}: {e}")
         return False
-    offsets = [(ix, off * ins[ix].element_size()) for (ix, _), (_, off, _) in
-               zip(region.loads, loads)]
-    return Kernel(func, device, offsets, len(stores), packer.numel)
+    return Kernel(func, device, [ix for ix, _ in region.loads], len(lay.stores), lay.grid())

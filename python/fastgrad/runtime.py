@@ -132,6 +132,15 @@ def _prepare(region, ins, dev, on_cpu):
     return outs, packer
 
 
+def _raw_stream(index):
+    """The current CUDA stream of device ``index`` as a handle (what the kernels run on)."""
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # (the same, without a Stream object)
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
+
+
 def run_region(region, ins, dev=None):
     """Run one region on tensors ``ins`` (one per region input) on device ``dev`` (default:
     that of ``ins``, else the CPU); returns its targets."""
@@ -142,12 +151,12 @@ def run_region(region, ins, dev=None):
     if on_cpu:
         packer.cpu_program(ins, outs).run(ins, outs, _num_threads(packer.numel))
         return outs
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = _raw_stream(dev.index)
     kernel = packer.cuda_kernel
     if kernel is None:
         packer.cuda_runs += 1
         if packer.cuda_runs >= jit.AFTER:
-            kernel = packer.cuda_kernel = cuda_jit.kernel_for(region, packer, ins, dev.index)
+            kernel = packer.cuda_kernel = cuda_jit.kernel_for(region, packer, dev.index)
     if kernel:
         kernel.launch(ins, outs, stream)
     else:
