@@ -128,11 +128,12 @@ LAYOUTS = [  # (name, shape, load strides, offset, predicates, store mode, store
     ("store broadcast", (3, 4), [4, 1], 0, (), 0, [0, 1], None),
     ("row sum", (300, 4), [4, 1], 0, (), 1, [1, 0], (1, "c", "r")),
     ("row max over dims 1, 2", (300, 2, 2), [4, 2, 1], 0, (), 2, [1, 0, 0], (1, "c", "r")),
-    ("too few rows", (3, 4), [4, 1], 0, (), 1, [1, 0], None),
+    ("few short rows", (3, 4), [4, 1], 0, (), 1, [1, 0], (1, "c", "r")),
+    ("few long rows", (3, 5000), [5000, 1], 0, (), 1, [1, 0], None),
     ("column sum", (4, 300), [300, 1], 0, (), 1, [0, 1], None),
     ("no elements", (0, 4), [4, 1], 0, (), 0, [4, 1], None),
 ]
-x_big = torch.rand(1200, dtype=torch.float64)
+x_big = torch.rand(15000, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("name,shape,strides,offset,preds,mode,out_strides,want", LAYOUTS,
@@ -229,7 +230,7 @@ def test_row_reductions_and_general_loads_against_the_interpreter(shape, dtype, 
     loose = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for g, o, want in zip(got, outs, refs):
         torch.testing.assert_close(g, o, **loose)  # the interpreter (sums in another order)
-        torch.testing.assert_close(g.double(), want, **loose)
+        torch.testing.assert_close(g.cpu().double(), want, **loose)
 
 
 def _region_compiled(y, x, go, create_graph=False):
@@ -268,11 +269,12 @@ def test_plans_run_compiled_kernels_after_some_runs(name, fn, order, dtype, gen)
         if order == 1:
             got = fastgrad.grad(y, x, go, retain_graph=True)
             ref = TORCH_GRAD(yr, xr, go)
-        else:
+        else:  # (the second grad_output has x's shape)
+            go2 = rand(tuple(x.shape), gen, dtype=dtype, device="cuda")
             g = fastgrad.grad(y, x, go, create_graph=True)[0]
-            got = fastgrad.grad(g, x, go, retain_graph=True)
+            got = fastgrad.grad(g, x, go2, retain_graph=True)
             gr = TORCH_GRAD(yr, xr, go, create_graph=True)[0]
-            ref = TORCH_GRAD(gr, xr, go)
+            ref = TORCH_GRAD(gr, xr, go2)
         assert_same(got, ref, **tol)
     report = fastgrad.explain(y, x, go, create_graph=order == 2)
     lines = [ln for ln in str(report).splitlines() if ln.strip().startswith("region ")]
@@ -282,15 +284,19 @@ def test_plans_run_compiled_kernels_after_some_runs(name, fn, order, dtype, gen)
 
 @real_gpu
 def test_regions_that_do_not_fit_and_jit_off_run_the_interpreter(gen):
-    # a grad_output broadcast along the rows: one value per row, which the kernel cannot index
-    fn = lambda x: torch.sin(x) * torch.exp(x)  # noqa: E731
+    # w's gradient is a column sum (a reduction over the leading dim): no kernel here fits it
+    fn = lambda x, w: torch.sin(x) * w  # noqa: E731
     for _ in range(jit.AFTER + 1):
         x = rand((64, 33), gen, device="cuda").requires_grad_()
-        go = rand((64, 1), gen, device="cuda").expand(64, 33)
-        xr = x.detach().clone().requires_grad_()
-        assert_same(fastgrad.grad(fn(x), x, go), TORCH_GRAD(fn(xr), xr, go),
+        w = rand((33,), gen, device="cuda").requires_grad_()
+        go = rand((64, 33), gen, device="cuda")
+        xr, wr = (t.detach().clone().requires_grad_() for t in (x, w))
+        assert_same(fastgrad.grad(fn(x, w), (x, w), go), TORCH_GRAD(fn(xr, wr), (xr, wr), go),
                     rtol=1e-12, atol=1e-12)
-    assert not _region_compiled(fn(x), x, go)
+    lines = [ln for ln in str(fastgrad.explain(fn(x, w), (x, w), go)).splitlines()
+             if "region " in ln]
+    column = [ln for ln in lines if "reduce over dims [0]" in ln]
+    assert column and not any("compiled loop" in ln for ln in column), lines
     cuda_jit.enable(False)
     try:
         f2 = lambda x: torch.cos(x) * torch.exp(x) * 5.0  # noqa: E731

@@ -11,7 +11,7 @@ Two kernels:
 
 * elementwise (no reducing store): each thread evaluates _PER_THREAD elements _BLOCK apart
   (coalesced), at flat index i over the region's shape;
-* rows (every reducing store reduces the same trailing dims, over at least _MIN_ROWS rows):
+* rows (every reducing store reduces the same trailing dims; many rows, or short ones):
   one warp per row; each lane evaluates the row's elements lane, lane + 32, ...; reductions
   accumulate per lane in double (as the interpreter does) and combine across the warp in a
   fixed butterfly, so the result depends only on the shape. Reductions over leading dims
@@ -33,7 +33,9 @@ _STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
             for code, c in _C.dtype_storage().items()}
 BLOCK, PER_THREAD = 256, 4  # threads per block; elements per thread (elementwise kernel)
 ROWS_PER_BLOCK = BLOCK // 32
-_MIN_ROWS = 128  # fewer rows than this: the interpreter (it splits a row over blocks)
+# Fewer rows than _MIN_ROWS, each longer than _MAX_SHORT_ROW: the interpreter, which splits a
+# row over blocks (a warp per row would leave most of the GPU idle).
+_MIN_ROWS, _MAX_SHORT_ROW = 128, 4096
 _MODES = {1: "sum", 2: "max", 3: "min"}  # reducing store modes (vm.h MODE_*)
 
 
@@ -111,7 +113,7 @@ def layout(desc):
         split = min(reduced, default=nd)
         if any(shape[d] > 1 and d not in reduced for d in range(split, nd)):
             return None
-        if math.prod(shape[:split]) < _MIN_ROWS:
+        if math.prod(shape[:split]) < _MIN_ROWS and math.prod(shape[split:]) > _MAX_SHORT_ROW:
             return None
     return Layout(shape, split, loads, stores)
 

@@ -242,6 +242,8 @@ def compile_all(srcs):
     process per core: a plan's regions cost one compile's time per core, not one each)."""
     from concurrent.futures import ThreadPoolExecutor
     srcs = list(srcs)
+    if not srcs:
+        return []
     workers = min(len(srcs), os.cpu_count() or 1)
     if workers <= 1:
         return [kernel_address(src) for src in srcs]

@@ -318,10 +318,12 @@ def execute(plan, tensors, create_graph, stats=None):
                 _compile(plan)
             return res
     outs = _run_steps(plan, tensors, create_graph, stats, dev, repeat)
-    # this run may have met a new layout (a new Program): compiling is due again
-    plan.jit_pending = True
-    if plan.runs >= jit.AFTER:
-        _compile(plan)
+    # this run may have met a new layout (a new Program): compiling is due again (CPU loops;
+    # a CUDA region compiles its own kernel, in run_region)
+    if _on_cpu(dev):
+        plan.jit_pending = True
+        if plan.runs >= jit.AFTER:
+            _compile(plan)
     return outs
 
 
