@@ -12,7 +12,8 @@ interpreter cannot fuse them either): results are the interpreter's, up to the o
 reduction's additions.
 
 Kernels are cached on disk as CUBIN, keyed by their source, the headers, the NVRTC version and
-the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``), and loaded and
+the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``, trimmed as
+jit.prune_cache says), and loaded and
 launched through the CUDA driver API (ctypes: no link to libcuda or libnvrtc). Without NVRTC, or
 when a compile or a load fails, the interpreter keeps running every region and ``status()``
 says why. ``FASTGRAD_JIT=0`` turns this off with the CPU loops.
@@ -148,6 +149,7 @@ def compile_cubin(src, arch):
     if os.path.exists(path):
         with open(path, "rb") as f:
             cubin = f.read()
+        jit._cache_used(path)
         with _LOCK:
             _STATE["loaded"] += 1
     else:
@@ -183,6 +185,7 @@ def compile_cubin(src, arch):
         with _LOCK:
             _STATE["compiled"] += 1
             _STATE["seconds"] += time.perf_counter() - t0
+        jit._cache_written()
     _CUBINS[key] = cubin
     return key, cubin
 

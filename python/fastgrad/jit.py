@@ -14,7 +14,8 @@ the last bits of a transcendental where one path takes a vector variant and the 
 scalar one, and of a row sum (added in another order, in double).
 
 Libraries are cached on disk by a hash of their source, the headers, the compile command and
-the CPU (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``). Without a working compiler
+the CPU (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``); a process that compiles
+trims the cache to ``FASTGRAD_CACHE_MB`` (default 256), least recently used entries first. Without a working compiler
 the interpreter keeps running the region. ``FASTGRAD_JIT=0`` turns compiling off;
 ``FASTGRAD_JIT_AFTER`` sets after how many runs of a plan its regions are compiled.
 """
@@ -207,6 +208,57 @@ def _cache_dir():
     return d
 
 
+def _cache_used(path):
+    """Mark a cache entry used (its mtime: what prune_cache keeps the most recent of)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_cache(d=None, limit=None):
+    """Drop the least recently used entries of the disk cache (CPU loops and CUDA kernels)
+    while it holds more than ``limit`` bytes (``FASTGRAD_CACHE_MB``, default 256 MB), down to
+    three quarters of it. An entry's files (fg_<key>.*) go together. Returns how many entries
+    went. Run once per process, after its first compile."""
+    d = d or _cache_dir()
+    if limit is None:
+        limit = float(os.environ.get("FASTGRAD_CACHE_MB", "256")) * (1 << 20)
+    groups = {}  # entry -> [latest mtime, bytes, paths]
+    with os.scandir(d) as it:
+        for e in it:
+            if not e.name.startswith("fg_") or not e.is_file():
+                continue
+            st = e.stat()
+            g = groups.setdefault(e.name.split(".")[0], [0.0, 0, []])
+            g[0], g[1] = max(g[0], st.st_mtime), g[1] + st.st_size
+            g[2].append(e.path)
+    total = sum(g[1] for g in groups.values())
+    if total <= limit:
+        return 0
+    dropped = 0
+    for _, size, paths in sorted(groups.values(), key=lambda g: g[0]):
+        if total <= 0.75 * limit:
+            break
+        for p in paths:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        total -= size
+        dropped += 1
+    return dropped
+
+
+def _cache_written():
+    if not _STATE.get("pruned"):
+        _STATE["pruned"] = True
+        try:
+            prune_cache()
+        except OSError:
+            pass
+
+
 def kernel_address(src, vector_only=True):
     """Compile (or load from the disk cache) ``src``; (the library, the address of its
     fg_kernel), or None: with ``vector_only``, when the compiler did not vectorise the loop (the
@@ -258,6 +310,7 @@ def _load(key, src):
     path = os.path.join(d, f"fg_{key}.so")
     scalar = path[:-3] + ".scalar"  # marks a loop the compiler left scalar
     if os.path.exists(path):
+        _cache_used(path)
         with _COUNT:
             _STATE["loaded"] += 1
     else:
@@ -279,6 +332,7 @@ def _load(key, src):
         with _COUNT:
             _STATE["compiled"] += 1
             _STATE["seconds"] += time.perf_counter() - t0
+        _cache_written()
     lib = ctypes.CDLL(path)
     return lib, ctypes.cast(lib.fg_kernel, ctypes.c_void_p).value, not os.path.exists(scalar)
 
