@@ -282,6 +282,18 @@ def test_plans_run_compiled_kernels_after_some_runs(name, fn, order, dtype, gen)
     assert all("compiled loop" in ln for ln in lines), str(report)
 
 
+def _runs_match_torch(fn, n, gen, device="cuda"):
+    """fn's first-order gradient, jit.AFTER + 1 times on fresh inputs of n elements, against
+    torch's; (fn(x), x, grad_output) of the last run."""
+    for _ in range(jit.AFTER + 1):
+        x = rand((n,), gen, device=device).requires_grad_()
+        go = rand((n,), gen, device=device)
+        xr = x.detach().clone().requires_grad_()
+        assert_same(fastgrad.grad(fn(x), x, go), TORCH_GRAD(fn(xr), xr, go),
+                    rtol=1e-12, atol=1e-12)
+    return fn(x), x, go
+
+
 @real_gpu
 def test_regions_that_do_not_fit_and_jit_off_run_the_interpreter(gen):
     # w's gradient is a column sum (a reduction over the leading dim): no kernel here fits it
@@ -300,13 +312,7 @@ def test_regions_that_do_not_fit_and_jit_off_run_the_interpreter(gen):
     cuda_jit.enable(False)
     try:
         f2 = lambda x: torch.cos(x) * torch.exp(x) * 5.0  # noqa: E731
-        for _ in range(jit.AFTER + 1):
-            x = rand((999,), gen, device="cuda").requires_grad_()
-            go = rand((999,), gen, device="cuda")
-            xr = x.detach().clone().requires_grad_()
-            assert_same(fastgrad.grad(f2(x), x, go), TORCH_GRAD(f2(xr), xr, go),
-                        rtol=1e-12, atol=1e-12)
-        assert not _region_compiled(f2(x), x, go)
+        assert not _region_compiled(*_runs_match_torch(f2, 999, gen))
     finally:
         cuda_jit.enable(True)
 
@@ -319,14 +325,9 @@ def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, gen):
     monkeypatch.setattr(cuda_jit, "compile_cubin", fail)
     fn = lambda x: torch.tanh(x) * torch.exp(x) * 7.0  # noqa: E731
     try:
-        for _ in range(jit.AFTER + 1):
-            x = rand((777,), gen, device="cuda").requires_grad_()
-            go = rand((777,), gen, device="cuda")
-            xr = x.detach().clone().requires_grad_()
-            assert_same(fastgrad.grad(fn(x), x, go), TORCH_GRAD(fn(xr), xr, go),
-                        rtol=1e-12, atol=1e-12)
+        y, x, go = _runs_match_torch(fn, 777, gen)
         st = cuda_jit.status()
         assert not st["enabled"] and "planted" in st["reason"]
-        assert not _region_compiled(fn(x), x, go)
+        assert not _region_compiled(y, x, go)
     finally:
         cuda_jit.enable(True)
