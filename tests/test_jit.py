@@ -4,6 +4,7 @@ overlapping outputs, only the regions csrc/program.h kernel_fits accepts), take 
 regions after jit.AFTER runs, and leave the interpreter running when the compiler fails."""
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -346,3 +347,23 @@ def test_prune_cache_drops_least_recently_used_entries_whole(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["fg_0.scalar", "fg_0.so", "fg_4.scalar", "fg_4.so", "fg_5.so",
                     "fg_cuda_5.cubin", "notes.txt"]
+
+
+def test_the_first_compiles_of_a_process_side_by_side(monkeypatch, tmp_path):
+    # The cache key's facts (headers, CPU) are read once, by the first of compile_all's threads;
+    # the others must wait for both (a softmax's two regions as a process's first compile).
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jit, "_STATE", {k: v for k, v in jit._STATE.items()
+                                        if k not in ("headers", "cpu")})
+    slow = jit._cpu_identity
+
+    def cpu_identity():
+        time.sleep(0.2)
+        return slow()
+
+    monkeypatch.setattr(jit, "_cpu_identity", cpu_identity)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    srcs = [f'extern "C" void fg_kernel(char* const* p, long b, long e) {{ (void)p; (void)b; '
+            f'(void)e; /* {k} */ }}\n' for k in range(4)]
+    got = jit.compile_all(srcs)
+    assert len(got) == 4 and len({jit._key(s) for s in srcs}) == 4, jit.status()
