@@ -324,7 +324,6 @@ def test_missing_headers_turn_the_jit_off(monkeypatch, tmp_path, gen):
     assert _compiled_programs((211,)) == [False]
 
 
-
 def test_prune_cache_drops_least_recently_used_entries_whole(tmp_path):
     # Entries fg_0..fg_5 (a loop: 1000 bytes, with an empty "left scalar" marker when k is
     # even) and fg_cuda_1/3/5 (CUDA kernels, 1000 bytes), last used at times 1000 + k; fg_0 is

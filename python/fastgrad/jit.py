@@ -280,13 +280,14 @@ def kernel_address(src, vector_only=True):
 
 def _key(src):
     """The cache key of ``src``: it, the op math headers, the CPU and the compile command."""
-    if "cpu" not in _STATE:  # part of every key: a rebuilt op math means new loops
-        with _COUNT:  # (compile_all's threads: the first sets both, the others wait)
-            if "cpu" not in _STATE:
+    if "headers" not in _STATE or "cpu" not in _STATE:  # a rebuilt op math means new loops
+        with _COUNT:  # (compile_all's threads: the first reads both, the others wait)
+            if "headers" not in _STATE or "cpu" not in _STATE:
                 inc = _include_dir()
-                _STATE["headers"] = "".join(open(os.path.join(inc, h)).read()
-                                            for h in ("op_math.h", "float16.h", "hd.h"))
+                headers = "".join(open(os.path.join(inc, h)).read()
+                                  for h in ("op_math.h", "float16.h", "hd.h"))
                 _STATE["cpu"] = _cpu_identity()
+                _STATE["headers"] = headers
     return hashlib.sha256("\0".join([src, _STATE["headers"], _STATE["cpu"],
                                      " ".join(_command("S", "O"))]).encode()).hexdigest()[:32]
 
