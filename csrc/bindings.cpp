@@ -273,7 +273,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("mark_freed", &fg::mark_freed, py::arg("graph"), py::arg("freed_key"), py::arg("refuse"),
         py::arg("spec_fn"), "Mark the nodes a sweep ran as consumed (lowering.mark_freed, for a whole graph).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
-        py::arg("device_types"), py::arg("tensor_cls"), "Constants capture reads (once, at import).");
+        py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),
+        "Constants capture reads (once, at import).");
 
   m.def("build_info", [] {
     py::dict d;

@@ -20,6 +20,7 @@ PyObject* g_strided = nullptr;       // torch.strided
 PyObject* g_device_types = nullptr;  // tuple of str
 PyObject* g_tensor_cls = nullptr;    // torch.Tensor
 PyObject* g_cpu_str = nullptr;       // "cpu" (a device type)
+PyObject* g_to_device = nullptr;     // engine._host_scalar_to(t, device)
 
 py::object id_of(py::handle o) {
   return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
@@ -80,7 +81,7 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
       if (!ok) return -1;
       device = dev;
       if (!py_equal(type, py::handle(g_cpu_str)))
-        for (Py_ssize_t m : pending_host) tensors[m] = tensors[m].attr("to")(device);
+        for (Py_ssize_t m : pending_host) tensors[m] = py::handle(g_to_device)(tensors[m], device);
       pending_host.clear();
     }
   }
@@ -102,7 +103,7 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
       tensors.append(t);
       pending_host.push_back(n);
     } else {
-      tensors.append(t.attr("to")(device));
+      tensors.append(py::handle(g_to_device)(t, device));
     }
   }
   if (key) *key = std::move(k);
@@ -318,7 +319,7 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
 }
 
 void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,
-                   py::object tensor_cls) {
+                   py::object tensor_cls, py::object to_device) {
   if (!N.dtype) {
     N = Names{py_intern("dtype"),         py_intern("layout"),          py_intern("device"),
               py_intern("type"),          py_intern("grad_fn"),         py_intern("requires_grad"),
@@ -332,6 +333,8 @@ void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_ty
   Py_XDECREF(g_strided);
   Py_XDECREF(g_device_types);
   Py_XDECREF(g_tensor_cls);
+  Py_XDECREF(g_to_device);
+  g_to_device = to_device.release().ptr();
   g_dtype_codes = dtype_codes.release().ptr();
   g_strided = strided.release().ptr();
   g_device_types = device_types.release().ptr();

@@ -27,7 +27,7 @@ class Binder {
   // device it does not handle, or another device than the call's); `key` receives the identity
   // key (data_ptr, shape, strides, dtype, requires_grad, producer id, output_nr). A 0-dim CPU
   // tensor that does not require grad (a wrapped Python number: `x * 2.0` saves one) joins a
-  // CUDA call as PyTorch's kernels let it: `tensors` holds a copy on the call's device.
+  // CUDA call as PyTorch's kernels let it: `tensors` holds its value on the call's device.
   Py_ssize_t index(py::handle t, py::object* key = nullptr);
   // (number, shape, strides, dtype, requires_grad), or None: how a tensor enters a signature.
   py::object record(py::handle t);
@@ -66,8 +66,9 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
 void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn);
 
 // Called once at import: the dtype -> code dict, torch.strided, the device types the compiled
-// path runs on, and torch.Tensor.
+// path runs on, torch.Tensor, and `to_device(t, device)`, which puts a host scalar (see
+// Binder::index) on a device.
 void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,
-                   py::object tensor_cls);
+                   py::object tensor_cls, py::object to_device);
 
 }  // namespace fg

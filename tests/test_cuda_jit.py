@@ -7,6 +7,7 @@ compiled kernel against the interpreter (run_cuda) and torch, plans taking over 
 kernels after jit.AFTER runs (explain says so), and regions that do not fit, or a compiler that
 fails, leaving the interpreter running.
 """
+import struct
 import types
 
 import pytest
@@ -44,7 +45,8 @@ def _every_op(r, a, b, c):
     for name in V.BINARY:
         acc = r.op(name, acc, c)
     acc = r.op("where", acc, a, r.const(float("nan")))
-    return r.op("add", r.op("add", acc, r.const(float("-inf"))), r.const(0.1))
+    acc = r.op("add", r.op("add", acc, r.const(float("-inf"))), r.const(0.1))
+    return r.op("mul", acc, r.const(-0.0))  # (the constant with the sign bit alone)
 
 
 def _compile(r, compute, arch="90"):
@@ -110,6 +112,44 @@ def test_row_reductions_and_general_loads_compile(compute):
     assert lay.split is None
 
 
+def test_a_load_record_read_twice_compiles():
+    # vm.h lets two load instructions read one record; its predicates are declared once
+    _nvrtc_or_skip()
+    r = V.Region([300, 8])
+    win = torch.randn(300, 3, dtype=torch.float64)
+    pred = ((1, 1, -2, 1, 3, 1),)
+    r.load(win, [3, 0], 0, pred)
+    r.instrs.append((V.OP["load"], r._reg(), 0, 0, 0))  # the same record again
+    r.store(torch.empty(300, 8, dtype=torch.float64), r.op("mul", 0, 1))
+    _compile(r, 1)
+
+
+def test_literals_are_exact_bits():
+    for v in (0.0, -0.0, 1.5, -2.0 ** -1074, float("inf"), float("-inf"), 1e308):
+        text = cuda_codegen._literal(v, "double")
+        bits = int(text.split("(long long)")[1].split("ULL")[0], 16)
+        assert struct.pack("<Q", bits) == struct.pack("<d", v)
+    assert "0x8000000000000000ULL" in cuda_codegen._literal(-0.0, "float")
+
+
+@pytest.mark.parametrize("value,dtype", [(2.5, torch.float64), (-3, torch.int64),
+                                         (0.1, torch.float32), (True, torch.bool),
+                                         (-0.0, torch.float64), (1e-8, torch.float16)])
+def test_host_scalars_keep_their_value_and_dtype(value, dtype):
+    # what a wrapped Python number becomes on a CUDA call's device (here the CPU stands in)
+    t = torch.tensor(value, dtype=dtype)
+    got = fastgrad.engine._host_scalar_to(t, torch.device("cpu"))
+    assert got.dtype == dtype and got.shape == () and got is not t
+    assert torch.equal(got, t) and torch.equal(got.signbit(), t.signbit())
+
+
+def test_prune_leaves_files_being_written(tmp_path):
+    (tmp_path / "fg_cuda_ab.cubin.123.456.tmp").write_bytes(b"x" * 5000)  # another process's
+    (tmp_path / "fg_cd.so").write_bytes(b"x" * 5000)
+    assert jit.prune_cache(str(tmp_path), limit=1000) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["fg_cuda_ab.cubin.123.456.tmp"]
+
+
 def test_a_compile_error_says_what_nvrtc_said():
     _nvrtc_or_skip()
     with pytest.raises(OSError, match="undefined|identifier"):
@@ -130,6 +170,9 @@ LAYOUTS = [  # (name, shape, load strides, offset, predicates, store mode, store
     ("row max over dims 1, 2", (300, 2, 2), [4, 2, 1], 0, (), 2, [1, 0, 0], (1, "c", "r")),
     ("few short rows", (3, 4), [4, 1], 0, (), 1, [1, 0], (1, "c", "r")),
     ("few long rows", (3, 5000), [5000, 1], 0, (), 1, [1, 0], None),
+    ("hundreds of long rows", (300, 5000), [5000, 1], 0, (), 1, [1, 0], None),
+    ("many long rows", (9000, 5000), [5000, 1], 0, (), 1, [1, 0], (1, "c", "r")),
+    ("a sum over size-1 dims only", (300, 1), [1, 1], 0, (), 1, [1, 1], None),
     ("column sum", (4, 300), [300, 1], 0, (), 1, [0, 1], None),
     ("no elements", (0, 4), [4, 1], 0, (), 0, [4, 1], None),
 ]

@@ -11,7 +11,8 @@ Two kernels:
 
 * elementwise (no reducing store): each thread evaluates _PER_THREAD elements _BLOCK apart
   (coalesced), at flat index i over the region's shape;
-* rows (every reducing store reduces the same trailing dims; many rows, or short ones):
+* rows (every reducing store reduces the same trailing dims; rows of at most _MAX_SHORT_ROW
+  elements, or at least _MANY_ROWS rows):
   one warp per row; each lane evaluates the row's elements lane, lane + 32, ...; reductions
   accumulate per lane in double (as the interpreter does) and combine across the warp in a
   fixed butterfly, so the result depends only on the shape. Reductions over leading dims
@@ -33,9 +34,11 @@ _STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
             for code, c in _C.dtype_storage().items()}
 BLOCK, PER_THREAD = 256, 4  # threads per block; elements per thread (elementwise kernel)
 ROWS_PER_BLOCK = BLOCK // 32
-# Fewer rows than _MIN_ROWS, each longer than _MAX_SHORT_ROW: the interpreter, which splits a
-# row over blocks (a warp per row would leave most of the GPU idle).
-_MIN_ROWS, _MAX_SHORT_ROW = 128, 4096
+# Rows longer than _MAX_SHORT_ROW, fewer than _MANY_ROWS of them: the interpreter, which splits
+# a row over blocks (a warp per row would leave most of the GPU idle: an H100/H200 holds 8448
+# warps at once).
+_MAX_SHORT_ROW, _MANY_ROWS = 4096, 8192
+_MAX_GRID = (1 << 31) - 1
 _MODES = {1: "sum", 2: "max", 3: "min"}  # reducing store modes (vm.h MODE_*)
 
 
@@ -113,15 +116,18 @@ def layout(desc):
         split = min(reduced, default=nd)
         if any(shape[d] > 1 and d not in reduced for d in range(split, nd)):
             return None
-        if math.prod(shape[:split]) < _MIN_ROWS and math.prod(shape[split:]) > _MAX_SHORT_ROW:
+        if not reduced:  # (only dims of size 1 reduced: one element per warp; rare)
             return None
-    return Layout(shape, split, loads, stores)
+        if math.prod(shape[:split]) < _MANY_ROWS and math.prod(shape[split:]) > _MAX_SHORT_ROW:
+            return None
+    lay = Layout(shape, split, loads, stores)
+    return lay if lay.grid() <= _MAX_GRID else None
 
 
 def _literal(v, t):
     # Bits, not text: exact for every double, NaN and inf included (no C library in NVRTC).
-    bits = struct.unpack("<q", struct.pack("<d", float(v)))[0]
-    return f"static_cast<{t}>(__longlong_as_double({bits}LL))"
+    bits = struct.unpack("<Q", struct.pack("<d", float(v)))[0]
+    return f"static_cast<{t}>(__longlong_as_double((long long){bits:#x}ULL))"
 
 
 def _unravel(var, dims, shape, prefix):
@@ -160,15 +166,16 @@ def source(region, lay, compute):
             return f"s{a}"
         if kind == "c":
             return f"fg::from_storage<{t}>(L{a}[{off} + i])"
-        ok = []
+        ok, window = [], []
         at = _offset(off, strides, shape)
         for q, (dim, mul, add, div, length, st) in enumerate(preds):
             v = f"p{a}_{q}"
-            pre.setdefault(a, []).append(f"const long {v} = {mul}L * c{dim} + {add}L;"
-                                         if shape[dim] > 1 else f"const long {v} = {add}L;")
+            window.append(f"const long {v} = {mul}L * c{dim} + {add}L;" if shape[dim] > 1
+                          else f"const long {v} = {add}L;")
             ok.append(f"{v} >= 0" + (f" && {v} % {div}L == 0" if div != 1 else "") +
                       f" && {v} / {div}L < {length}L")
             at += f" + ({v} / {div}L) * {st}L"
+        pre[a] = window  # (once per load record, however many instructions read it)
         value = f"fg::from_storage<{t}>(L{a}[{at}])"
         return f"(({' && '.join(ok)}) ? {value} : {t}(0))" if ok else value
 

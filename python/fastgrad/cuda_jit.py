@@ -146,9 +146,12 @@ def compile_cubin(src, arch):
     if cubin is not None:
         return key, cubin
     path = os.path.join(jit._cache_dir(), f"fg_cuda_{key}.cubin")
-    if os.path.exists(path):
+    try:
         with open(path, "rb") as f:
             cubin = f.read()
+    except OSError:  # not cached (or pruned by another process meanwhile)
+        cubin = None
+    if cubin:
         jit._cache_used(path)
         with _LOCK:
             _STATE["loaded"] += 1
@@ -178,7 +181,7 @@ def compile_cubin(src, arch):
             cubin = buf.raw
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             f.write(cubin)
         os.replace(tmp, path)  # atomic: a concurrent process finds all or nothing

@@ -62,7 +62,15 @@ class _Binder(_C.Binder):
         return ir.leaf(k, tuple(t.shape), t.dtype)
 
 
-_C.capture_setup(DTYPE_CODES, torch.strided, _DEVICE_TYPES, torch.Tensor)
+def _host_scalar_to(t, device):
+    """A host scalar (a 0-dim CPU tensor not requiring grad: the Python number ``x * 2.0``
+    saves) on the CUDA ``device`` of the call it joins: filled with its value, an asynchronous
+    kernel (a copy from pageable memory would wait for the device, and cannot be captured in a
+    CUDA graph), the way PyTorch's own kernels take such a scalar as an argument."""
+    return torch.full((), t.item(), dtype=t.dtype, device=device)
+
+
+_C.capture_setup(DTYPE_CODES, torch.strided, _DEVICE_TYPES, torch.Tensor, _host_scalar_to)
 
 
 _ENGINE_MIN_NUMEL = 1 << 16  # see _call_opaque

@@ -208,6 +208,9 @@ def _cache_dir():
     return d
 
 
+_CACHE_SUFFIXES = (".so", ".scalar", ".cubin")  # a CPU loop, its marker, a CUDA kernel
+
+
 def _cache_used(path):
     """Mark a cache entry used (its mtime: what prune_cache keeps the most recent of)."""
     try:
@@ -227,7 +230,9 @@ def prune_cache(d=None, limit=None):
     groups = {}  # entry -> [latest mtime, bytes, paths]
     with os.scandir(d) as it:
         for e in it:
-            if not e.name.startswith("fg_") or not e.is_file():
+            # (only finished entries: not another process's file being written)
+            if not (e.name.startswith("fg_") and e.name.endswith(_CACHE_SUFFIXES)) or \
+                    e.name.count(".") != 1 or not e.is_file():
                 continue
             st = e.stat()
             g = groups.setdefault(e.name.split(".")[0], [0.0, 0, []])
@@ -308,36 +313,52 @@ def compile_all(srcs):
 
 def _load(key, src):
     """(library, kernel address, whether the loop was vectorised), compiling into the disk
-    cache first when it is not there."""
+    cache first when it is not there (or went between finding and loading it: pruned by
+    another process)."""
     d = _cache_dir()
     path = os.path.join(d, f"fg_{key}.so")
     scalar = path[:-3] + ".scalar"  # marks a loop the compiler left scalar
+    lib = None
     if os.path.exists(path):
+        try:
+            lib = ctypes.CDLL(path)
+            vectorised = not os.path.exists(scalar)
+        except OSError:
+            lib = None
+    if lib is not None:
         _cache_used(path)
         with _COUNT:
             _STATE["loaded"] += 1
     else:
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            cpp, so = os.path.join(tmp, "k.cpp"), os.path.join(tmp, "k.so")
-            with open(cpp, "w") as f:
-                f.write(src)
-            done = subprocess.run(_command(cpp, so), check=True, capture_output=True,
-                                  timeout=120)
-            lines = src.splitlines()
-            loop = 1 + next((n for n, line in enumerate(lines)
-                             if line == _LOOP or line.startswith("    for (int64_t j = 0; j < ")),
-                            -1)  # (none: only sums of loaded rows, nothing to vectorise)
-            if loop > 0 and _C.build_info()["cxx_id"] in _VEC_REPORT and \
-                    f"k.cpp:{loop}:" not in done.stderr.decode(errors="replace"):
-                open(scalar, "w").close()
-            os.replace(so, path)  # atomic: a concurrent process finds all or nothing
-        with _COUNT:
-            _STATE["compiled"] += 1
-            _STATE["seconds"] += time.perf_counter() - t0
-        _cache_written()
-    lib = ctypes.CDLL(path)
-    return lib, ctypes.cast(lib.fg_kernel, ctypes.c_void_p).value, not os.path.exists(scalar)
+        vectorised = _compile_into(d, path, scalar, src)
+        lib = ctypes.CDLL(path)
+    return lib, ctypes.cast(lib.fg_kernel, ctypes.c_void_p).value, vectorised
+
+
+def _compile_into(d, path, scalar, src):
+    """Compile ``src`` to the library ``path`` (atomically); whether the loop was vectorised
+    (if not, the ``scalar`` marker is left beside it)."""
+    t0 = time.perf_counter()
+    vectorised = True
+    with tempfile.TemporaryDirectory(dir=d) as tmp:
+        cpp, so = os.path.join(tmp, "k.cpp"), os.path.join(tmp, "k.so")
+        with open(cpp, "w") as f:
+            f.write(src)
+        done = subprocess.run(_command(cpp, so), check=True, capture_output=True, timeout=120)
+        lines = src.splitlines()
+        loop = 1 + next((n for n, line in enumerate(lines)
+                         if line == _LOOP or line.startswith("    for (int64_t j = 0; j < ")),
+                        -1)  # (none: only sums of loaded rows, nothing to vectorise)
+        if loop > 0 and _C.build_info()["cxx_id"] in _VEC_REPORT and \
+                f"k.cpp:{loop}:" not in done.stderr.decode(errors="replace"):
+            open(scalar, "w").close()
+            vectorised = False
+        os.replace(so, path)  # atomic: a concurrent process finds all or nothing
+    with _COUNT:
+        _STATE["compiled"] += 1
+        _STATE["seconds"] += time.perf_counter() - t0
+    _cache_written()
+    return vectorised
 
 
 def _jobs(region, prefer=None):

@@ -68,7 +68,7 @@ class Region:
         kind = f"reduce over dims {list(self.reduce_dims)}" if self.reduce_dims else "elementwise"
         ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: m.known is not None or
                                                 any(m is i for i in self.inputs))} - {"leaf"})
-        compiled = any(p.program is not None and p.program.compiled or p.cuda_kernel
+        compiled = any(p.program is not None and p.program.compiled or any(p.cuda_kernels.values())
                        for p in self.packers.values())
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "

@@ -89,8 +89,9 @@ class _Packer:
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
         self.program = None
         self.jit_tried = False  # jit.compile_plan offered its Program a loop
-        # CUDA: runs so far, then the compiled kernel (cuda_jit.Kernel) or False (interpreted)
-        self.cuda_runs, self.cuda_kernel = 0, None
+        # CUDA, per device index (a plan serves every device): runs so far, then the compiled
+        # kernel (cuda_jit.Kernel) or False (interpreted)
+        self.cuda_runs, self.cuda_kernels = {}, {}
 
     def cpu_program(self, ins, outs):
         """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers."""
@@ -151,16 +152,17 @@ def run_region(region, ins, dev=None):
     if on_cpu:
         packer.cpu_program(ins, outs).run(ins, outs, _num_threads(packer.numel))
         return outs
-    stream = _raw_stream(dev.index)
-    kernel = packer.cuda_kernel
+    index = dev.index
+    stream = _raw_stream(index)
+    kernel = packer.cuda_kernels.get(index)
     if kernel is None:
-        packer.cuda_runs += 1
-        if packer.cuda_runs >= jit.AFTER:
-            kernel = packer.cuda_kernel = cuda_jit.kernel_for(region, packer, dev.index)
+        runs = packer.cuda_runs[index] = packer.cuda_runs.get(index, 0) + 1
+        if runs >= jit.AFTER:
+            kernel = packer.cuda_kernels[index] = cuda_jit.kernel_for(region, packer, index)
     if kernel:
         kernel.launch(ins, outs, stream)
     else:
-        _C.run_cuda(packer.pack(ins, outs), packer.consts, packer.compute, dev.index, stream)
+        _C.run_cuda(packer.pack(ins, outs), packer.consts, packer.compute, index, stream)
     return outs
 
 
