@@ -228,11 +228,10 @@ class Kernel:
     def __init__(self, func, device, load_inputs, nstores, grid):
         self.func, self.device, self.grid = func, device, grid
         self.load_inputs = load_inputs  # the input each load reads
-        n = len(load_inputs) + nstores
         # the kernel's arguments (data pointers) and the array of their addresses that
-        # cuLaunchKernel reads; launches from several threads each use their own
+        # cuLaunchKernel reads, made once per thread (_args)
+        self._n = len(load_inputs) + nstores
         self._local = threading.local()
-        self._n = n
 
     def _args(self):
         got = getattr(self._local, "args", None)
