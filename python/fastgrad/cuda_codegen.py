@@ -124,6 +124,11 @@ def layout(desc):
     return lay if lay.grid() <= _MAX_GRID else None
 
 
+def _combine(mode, a, b):
+    """The reducing store's combination of two doubles (vm.h MODE_*: NaN-propagating max/min)."""
+    return f"{a} + {b}" if _MODES[mode] == "sum" else f"fg::fg_{_MODES[mode].upper()}<double>({a}, {b})"
+
+
 def _literal(v, t):
     # Bits, not text: exact for every double, NaN and inf included (no C library in NVRTC).
     bits = struct.unpack("<Q", struct.pack("<d", float(v)))[0]
@@ -182,8 +187,7 @@ def source(region, lay, compute):
     def store(k, v):
         mode, dt, strides, kind = lay.stores[k]
         if mode:
-            op = _MODES[mode]
-            return f"a{k} = {'a%d + double(%s)' % (k, v) if op == 'sum' else f'fg::fg_{op.upper()}<double>(a{k}, double({v}))'};"
+            return f"a{k} = {_combine(mode, f'a{k}', f'double({v})')};"
         at = "i" if kind == "c" else _offset(0, strides, shape)
         return f"S{k}[{at}] = fg::to_storage<{_STORAGE[dt]}>({v});"
 
@@ -218,9 +222,7 @@ def source(region, lay, compute):
                 "for (int o = 16; o > 0; o >>= 1) {"]
         for k in red:
             other = f"__shfl_xor_sync(0xffffffffu, a{k}, o)"
-            op = _MODES[lay.stores[k][0]]
-            loop.append(f"  a{k} = " + (f"a{k} + {other};" if op == "sum" else
-                                        f"fg::fg_{op.upper()}<double>(a{k}, {other});"))
+            loop.append(f"  a{k} = {_combine(lay.stores[k][0], f'a{k}', other)};")
         loop.append("}")
         loop.append("if (lane == 0) {")
         for k in red:
