@@ -126,7 +126,8 @@ def layout(desc):
 
 def _combine(mode, a, b):
     """The reducing store's combination of two doubles (vm.h MODE_*: NaN-propagating max/min)."""
-    return f"{a} + {b}" if _MODES[mode] == "sum" else f"fg::fg_{_MODES[mode].upper()}<double>({a}, {b})"
+    op = _MODES[mode]
+    return f"{a} + {b}" if op == "sum" else f"fg::fg_{op.upper()}<double>({a}, {b})"
 
 
 def _literal(v, t):
