@@ -125,8 +125,7 @@ def _check_cu(r, what, lib=None):
 
 def _headers():
     if "headers" not in _STATE:
-        inc = jit._include_dir()
-        _STATE["headers"] = [(h, open(os.path.join(inc, h), "rb").read()) for h in _HEADERS]
+        _STATE["headers"] = jit.header_files(_HEADERS)
     return _STATE["headers"]
 
 

@@ -15,8 +15,8 @@ scalar one, and of a row sum (added in another order, in double).
 
 Libraries are cached on disk by a hash of their source, the headers, the compile command and
 the CPU (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``); a process that compiles
-trims the cache to ``FASTGRAD_CACHE_MB`` (default 256), least recently used entries first. Without a working compiler
-the interpreter keeps running the region. ``FASTGRAD_JIT=0`` turns compiling off;
+trims the cache to ``FASTGRAD_CACHE_MB`` (default 256), least recently used entries first.
+Without a working compiler the interpreter keeps running the region. ``FASTGRAD_JIT=0`` turns compiling off;
 ``FASTGRAD_JIT_AFTER`` sets after how many runs of a plan its regions are compiled.
 """
 import ctypes
@@ -189,6 +189,15 @@ def _include_dir():
     return os.path.join(os.path.dirname(_C.__file__), "include")
 
 
+def header_files(names):
+    """(name, bytes) of each of the installed op math headers ``names`` (fastgrad/include)."""
+    out = []
+    for h in names:
+        with open(os.path.join(_include_dir(), h), "rb") as f:
+            out.append((h, f.read()))
+    return out
+
+
 def _cpu_identity():
     """What -march=native compiles for, as part of the cache key (a home directory shared by
     machines with other CPUs must not hand one a library built for another's instructions)."""
@@ -288,9 +297,8 @@ def _key(src):
     if "headers" not in _STATE or "cpu" not in _STATE:  # a rebuilt op math means new loops
         with _COUNT:  # (compile_all's threads: the first reads both, the others wait)
             if "headers" not in _STATE or "cpu" not in _STATE:
-                inc = _include_dir()
-                headers = "".join(open(os.path.join(inc, h)).read()
-                                  for h in ("op_math.h", "float16.h", "hd.h"))
+                headers = "".join(text.decode() for _, text in
+                                  header_files(("op_math.h", "float16.h", "hd.h")))
                 _STATE["cpu"] = _cpu_identity()
                 _STATE["headers"] = headers
     return hashlib.sha256("\0".join([src, _STATE["headers"], _STATE["cpu"],
@@ -324,7 +332,7 @@ def _load(key, src):
             lib = ctypes.CDLL(path)
             vectorised = not os.path.exists(scalar)
         except OSError:
-            lib = None
+            pass
     if lib is not None:
         _cache_used(path)
         with _COUNT:
