@@ -123,8 +123,54 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
+    if only_inputs and not is_grads_batched and not materialize_grads:
+        res = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph)
+        if res is not None:
+            return res
     return _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
                  allow_unused, is_grads_batched, materialize_grads, None)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_tensors(ts):
+    """``ts`` as a tuple when it is a tensor, or a non-empty tuple or list of them, of the
+    types the compiled path reads (not subclasses), all requiring grad; None otherwise."""
+    if type(ts) in _PLAIN:
+        ts = (ts,)
+    elif type(ts) in (tuple, list) and ts:
+        ts = tuple(ts)
+    else:
+        return None
+    for t in ts:
+        if type(t) not in _PLAIN or not t.requires_grad:
+            return None
+    return ts
+
+
+def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
+    """The results of a plain call on a graph seen before (engine.hit), or None: then _grad
+    handles the call, with every check and fallback. Plain: tensors (no edges, subclasses or
+    dicts), outputs that have a grad_fn, inputs without tensor hooks, grad_outputs that
+    _plain_grads accepts; any other call is left to _grad whole."""
+    outs, ins = _plain_tensors(outputs), _plain_tensors(inputs)
+    if outs is None or ins is None:
+        return None
+    for o in outs:
+        if o.grad_fn is None:
+            return None
+    for i in ins:
+        if i._backward_hooks:
+            return None
+    gos = _plain_grads(outs, grad_outputs)
+    if gos is None:
+        return None
+    out_edges = [(o.grad_fn, o.output_nr) for o in outs]
+    in_edges = [i if i.grad_fn is None else (i.grad_fn, i.output_nr) for i in ins]
+    res = engine.hit(out_edges, gos, in_edges, create_graph,
+                     create_graph if retain_graph is None else retain_graph)
+    return None if res is None else tuple(res)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,

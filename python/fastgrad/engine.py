@@ -10,8 +10,8 @@ the sweep as bound tensors.
 import torch
 
 from . import _C, graph_cache, hooks, ir, lowering, rules
-from .plan import Unplannable, clear_plan_cache
-from .runtime import materialize
+from .plan import Unplannable, clear_plan_cache, get_plan
+from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
 
 # Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
@@ -175,6 +175,46 @@ def _call_opaque(fn, gs, create_graph, needed):
     return edges, res
 
 
+def _capture(out_edges, grad_tensors, in_edges, create_graph):
+    """The walk and the signature of one call: (binder, graph, in_edges with leaf tensors
+    replaced by their edges, signature key, whether a node to run was freed)."""
+    bind = _Binder()
+    # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
+    leaf_ids, input_ids = set(), set()
+    for e in in_edges:
+        if type(e) is tuple:
+            input_ids.add(id(e[0]))
+        else:
+            leaf_ids.add(id(e))
+    graph = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
+    if leaf_ids:
+        leaf_nodes = graph.leaf_nodes
+        in_edges = [e if type(e) is tuple else
+                    ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
+                    for e in in_edges]
+    key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
+                                       create_graph)
+    return bind, graph, in_edges, key, freed
+
+
+def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
+    """The gradients of a graph seen before, run straight from its cached plan; None when the
+    call needs more than that (a graph not seen before, a freed one, fallback nodes to replay,
+    a gradient that is None), and ``run`` decides.
+
+    The same walk, signature and plan as ``run`` takes on a hit, without the bookkeeping a
+    miss or explain needs: on a graph of a few nodes that bookkeeping cost as much as the
+    region itself."""
+    bind, graph, in_edges, key, freed = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    entry = graph_cache.lookup(key)
+    if entry is None or freed or entry.plan is None or entry.tape:
+        return None
+    results = execute(entry.plan, bind.tensors, create_graph)
+    if not retain_graph:
+        _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec)
+    return results
+
+
 def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unused,
         trace=None):
     """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer."""
@@ -185,23 +225,9 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         ir.clear_tables()
         graph_cache.clear()
         clear_plan_cache()
-    bind = _Binder()
     trace = trace or Trace()
-    # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
-    leaf_ids, input_ids = set(), set()
-    for e in in_edges:
-        if type(e) is tuple:
-            input_ids.add(id(e[0]))
-        else:
-            leaf_ids.add(id(e))
-    graph = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
-    order, needed, leaf_nodes, nexts = graph.order, graph.needed, graph.leaf_nodes, graph.nexts
-    if leaf_ids:
-        in_edges = [e if type(e) is tuple else
-                    ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
-                    for e in in_edges]
-    key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
-                                       create_graph)
+    bind, graph, in_edges, key, freed = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    order, needed, nexts = graph.order, graph.needed, graph.nexts
     entry = graph_cache.lookup(key)
     exprs = None
     if entry is not None:
@@ -220,10 +246,12 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         tape = []
         exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
                        bind, trace, tape)
-        graph_cache.store(key, exprs, trace.native[native_before:],
-                          trace.fallback[fallback_before:], tape)
+        entry = graph_cache.store(key, exprs, trace.native[native_before:],
+                                  trace.fallback[fallback_before:], tape)
     if not allow_unused and None in exprs:
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
+    if entry is not None and entry.plan is None and None not in exprs:
+        entry.plan = get_plan(exprs)  # (what materialize looks up next)
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
         _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec)

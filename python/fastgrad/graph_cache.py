@@ -19,11 +19,14 @@ _ENTRIES = {}
 
 class Entry:
     """What the first sweep of a graph produced: the gradients' IR, the node names for explain,
-    and the tape of fallback-node calls (engine._replay) that a hit runs again."""
-    __slots__ = ("exprs", "native", "fallback", "tape")
+    the tape of fallback-node calls (engine._replay) that a hit runs again, and the plan of the
+    IR (set by engine.run once it is known; None while it is not, or when a gradient is None),
+    which lets engine.hit go straight to it."""
+    __slots__ = ("exprs", "native", "fallback", "tape", "plan")
 
     def __init__(self, exprs, native, fallback, tape):
         self.exprs, self.native, self.fallback, self.tape = exprs, native, fallback, tape
+        self.plan = None
 
 
 def _spec(cls, fn):
@@ -63,11 +66,14 @@ def lookup(key):
 
 
 def store(key, exprs, native, fallback=(), tape=()):
+    """Remember what a sweep produced for signature ``key``; returns the Entry (None if the
+    graph is not cacheable)."""
     if key is None:
-        return
+        return None
     if len(_ENTRIES) >= _MAX_ENTRIES:
         _ENTRIES.clear()
-    _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape))
+    e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape))
+    return e
 
 
 def clear():

@@ -1,0 +1,137 @@
+"""The short path of a call on a graph seen before (api._fast, engine.hit).
+
+Each call form in HIT_CASES is made on a fresh graph three times (so the compiled loop runs on
+the last): every result must match torch, and the second and third calls must have been served
+by engine.hit. Each form in DECLINED_CASES needs more than a cached plan (a gradient that is
+None, a hook, a fallback node, a freed graph, arguments only _grad reads): engine.hit must not
+serve it, and the call must still give torch's results or torch's error.
+"""
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import engine
+
+from conftest import TORCH_GRAD, assert_same, assert_same_error, rand
+
+
+@pytest.fixture
+def hits(monkeypatch):
+    """How many calls engine.hit served (returned results for)."""
+    served = []
+    real = engine.hit
+
+    def spy(*args):
+        r = real(*args)
+        if r is not None:
+            served.append(r)
+        return r
+
+    monkeypatch.setattr(engine, "hit", spy)
+    return served
+
+
+def _x(gen, shape=(4, 3)):
+    return rand(shape, gen).requires_grad_(True)
+
+
+# name -> gen -> (outputs, inputs, kwargs); called three times on the same graph
+HIT_CASES = {
+    "tensor_sum": lambda g: (lambda x: ((torch.sin(x) * torch.exp(x)).sum(), x, {}))(_x(g)),
+    "grad_outputs": lambda g: (lambda x: (torch.tanh(x) ** 3, x,
+                                          {"grad_outputs": rand((4, 3), g)}))(_x(g)),
+    "tuple_inputs": lambda g: (lambda x, y: ((x * torch.exp(y)).sum(), (x, y), {}))(
+        _x(g), _x(g)),
+    "list_outputs": lambda g: (lambda x: ([torch.sin(x).sum(), torch.cos(x).sum()], [x], {}))(
+        _x(g)),
+    "non_leaf_input": lambda g: (lambda x: (lambda h: (torch.exp(h).sum(), h, {}))(x * 2))(
+        _x(g)),
+    "parameter_input": lambda g: (lambda p: ((p * p).sum(), p, {}))(
+        torch.nn.Parameter(rand((4, 3), g))),
+    "softmax_rows": lambda g: (lambda x: (torch.softmax(x, -1), x,
+                                          {"grad_outputs": rand((4, 3), g)}))(_x(g)),
+    "create_graph": lambda g: (lambda x: ((x ** 3).sum(), x, {"create_graph": True}))(_x(g)),
+}
+
+
+@pytest.mark.parametrize("name", list(HIT_CASES))
+def test_a_seen_graph_takes_the_short_path(name, gen, hits):
+    outs, ins, kw = HIT_CASES[name](gen)
+    for call in range(3):
+        got = fastgrad.grad(outs, ins, retain_graph=True, **kw)
+        ref = TORCH_GRAD(outs, ins, retain_graph=True, **kw)
+        assert_same(got, ref, f"call {call}")
+        assert type(got) is tuple
+        if kw.get("create_graph"):  # the results stay differentiable, as torch's are
+            assert all(r.requires_grad for r in got)
+    assert len(hits) >= 2
+
+
+def test_retain_graph_false_on_the_short_path(gen, hits):
+    """A hit that frees its graph: the next call on it raises torch's error."""
+    x = _x(gen)
+    y0 = (torch.exp(x) ** 2).sum()
+    fastgrad.grad(y0, x)  # fills the cache for this structure
+    y = (torch.exp(x) ** 2).sum()
+    assert_same(fastgrad.grad(y, x), TORCH_GRAD((torch.exp(x) ** 2).sum(), x))
+    assert len(hits) == 1
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = (torch.exp(x2) ** 2).sum()
+    TORCH_GRAD(y2, x2)
+    assert_same_error(lambda: TORCH_GRAD(y2, x2), lambda: fastgrad.grad(y, x))
+
+
+def _with_hook(g):
+    twin = _x(g)  # the same structure without the hook, cached first
+    fastgrad.grad(torch.sin(twin).sum(), twin)
+    x = _x(g)
+    x.register_hook(lambda t: t * 2)
+    return torch.sin(x).sum(), x, {}
+
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, gr):
+        return gr * 2
+
+
+DECLINED_CASES = {
+    "unused_input": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
+                                             {"allow_unused": True}))(_x(g), _x(g)),
+    "input_hook": _with_hook,
+    "fallback_node": lambda g: (lambda x: (torch.cumsum(torch.sin(x), 0).sum(), x, {}))(_x(g)),
+    "python_function": lambda g: (lambda x: (torch.exp(_Twice.apply(x)).sum(), x, {}))(_x(g)),
+    "materialize_grads": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
+                                                  {"materialize_grads": True}))(_x(g), _x(g)),
+    "dict_inputs": lambda g: (lambda x: (torch.sin(x).sum(), {"x": x}, {}))(_x(g)),
+    "grad_outputs_wrong_shape": lambda g: (lambda x: (torch.sin(x), x,
+                                                      {"grad_outputs": rand((3,), g)}))(_x(g)),
+}
+
+
+def _outcome(run):
+    try:
+        return run(), None
+    except Exception as e:  # noqa: BLE001
+        return None, e
+
+
+@pytest.mark.parametrize("name", list(DECLINED_CASES))
+def test_calls_the_short_path_declines(name, gen, hits):
+    outs, ins, kw = DECLINED_CASES[name](gen)
+    for call in range(3):
+        ref, ref_err = _outcome(lambda: TORCH_GRAD(outs, ins, retain_graph=True, **kw))
+        got, got_err = _outcome(lambda: fastgrad.grad(outs, ins, retain_graph=True, **kw))
+        if ref_err is None:
+            assert got_err is None, f"fastgrad raises {got_err!r}, torch does not"
+            if isinstance(ref, dict):
+                assert list(got) == list(ref)
+                got, ref = tuple(got.values()), tuple(ref.values())
+            assert_same(got, ref, f"call {call}", none_is_zero=False)
+        else:
+            assert (type(got_err), str(got_err)) == (type(ref_err), str(ref_err))
+    assert hits == []
