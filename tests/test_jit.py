@@ -306,6 +306,27 @@ def test_compiles_after_the_run_that_reaches_after(monkeypatch, gen):
     assert_same(got, TORCH_GRAD(fn(xr), xr, go), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_plans_are_offered_to_the_compiler_once_per_new_layout(monkeypatch, gen, create_graph):
+    """A plan is offered to jit.compile_plan on the run that reaches jit.AFTER and after a run
+    that made a Program for a new layout, not on every run (create_graph runs never take the
+    C++ Executor, and offering them each time cost more than the region on small graphs)."""
+    offered = []
+    real = jit.compile_plan
+    monkeypatch.setattr(jit, "compile_plan", lambda p: (offered.append(p), real(p)))
+    shape = (29, 31 + create_graph)  # (a plan of its own: plans outlive a test)
+    fn = lambda x: torch.sin(x) * torch.tanh(x)  # noqa: E731
+    x = rand(shape, gen).requires_grad_()
+    y = fn(x)
+    for call in range(jit.AFTER + 3):
+        go = rand(shape, gen)
+        if call == jit.AFTER + 1:  # a new layout of the grad_output: a new Program
+            go = rand(shape[1:], gen).expand(shape)
+        got = fastgrad.grad(y, x, go, retain_graph=True, create_graph=create_graph)
+        assert_same(got, TORCH_GRAD(y, x, go, retain_graph=True), rtol=1e-12, atol=1e-12)
+        assert len(offered) == (0 if call + 1 < jit.AFTER else 1 if call <= jit.AFTER else 2)
+
+
 def test_missing_headers_turn_the_jit_off(monkeypatch, tmp_path, gen):
     monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(jit, "_include_dir", lambda: str(tmp_path / "no-include"))
