@@ -279,15 +279,24 @@ def _executor(plan, env, tensors):
             for r in step.regions if isinstance(step, RowGroup) else (step,):
                 produced.update(id(t) for t in r.targets)
     slots, leaves = {}, []
+    # leaves whose tensor itself is used (a view step's source, a result), not only its data
+    as_tensor = {id(s.source) for s in plan.steps if isinstance(s, ViewStep)}
+    as_tensor.update(id(e) for e in plan.outputs)
 
     def leaf(n):
         if id(n) in produced or id(n) in slots:
             return
         t = tensors[n.known]
         slots[id(n)] = len(leaves)
-        # read through a reshape where the node's shape differs (value() below)
-        leaves.append((n.known, tuple(t.shape), t.stride(),
-                       None if t.shape == n.shape else tuple(n.shape)))
+        # Read through a reshape where the node's shape differs (value() in _run_steps); not
+        # where only Programs read it and the reshape was a view: a Program reads a data
+        # pointer, the view's is the tensor's, and the Executor repeats only these strides.
+        reshape = None if t.shape == n.shape else tuple(n.shape)
+        if reshape is not None and id(n) not in as_tensor:
+            v = env.get(id(n))
+            if v is not None and v.data_ptr() == t.data_ptr():
+                reshape = None
+        leaves.append((n.known, tuple(t.shape), t.stride(), reshape))
 
     for step in plan.steps:
         if isinstance(step, ViewStep):
