@@ -2,9 +2,9 @@
 
 Each call form in HIT_CASES is made on a fresh graph three times (so the compiled loop runs on
 the last): every result must match torch, and the second and third calls must have been served
-by engine.hit. Each form in DECLINED_CASES needs more than a cached plan (a gradient that is
-None, a hook, a fallback node, a freed graph, arguments only _grad reads): engine.hit must not
-serve it, and the call must still give torch's results or torch's error.
+by engine.hit (which replays fallback nodes as run does). Each form in DECLINED_CASES needs more
+than a cached plan (a gradient that is None, a hook, a freed graph, arguments only _grad reads):
+engine.hit must not serve it, and the call must still give torch's results or torch's error.
 """
 import pytest
 import torch
@@ -35,6 +35,16 @@ def _x(gen, shape=(4, 3)):
     return rand(shape, gen).requires_grad_(True)
 
 
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, gr):
+        return gr * 2
+
+
 # name -> gen -> (outputs, inputs, kwargs); called three times on the same graph
 HIT_CASES = {
     "tensor_sum": lambda g: (lambda x: ((torch.sin(x) * torch.exp(x)).sum(), x, {}))(_x(g)),
@@ -51,6 +61,11 @@ HIT_CASES = {
     "softmax_rows": lambda g: (lambda x: (torch.softmax(x, -1), x,
                                           {"grad_outputs": rand((4, 3), g)}))(_x(g)),
     "create_graph": lambda g: (lambda x: ((x ** 3).sum(), x, {"create_graph": True}))(_x(g)),
+    # fallback nodes, replayed on the hit
+    "fallback_node": lambda g: (lambda x: (torch.cumsum(torch.sin(x), 0).sum(), x, {}))(_x(g)),
+    "python_function": lambda g: (lambda x: (torch.exp(_Twice.apply(x)).sum(), x, {}))(_x(g)),
+    "fallback_create_graph": lambda g: (lambda x: (torch.cumsum(x ** 3, 0).sum(), x,
+                                                   {"create_graph": True}))(_x(g)),
 }
 
 
@@ -89,22 +104,10 @@ def _with_hook(g):
     return torch.sin(x).sum(), x, {}
 
 
-class _Twice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, gr):
-        return gr * 2
-
-
 DECLINED_CASES = {
     "unused_input": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
                                              {"allow_unused": True}))(_x(g), _x(g)),
     "input_hook": _with_hook,
-    "fallback_node": lambda g: (lambda x: (torch.cumsum(torch.sin(x), 0).sum(), x, {}))(_x(g)),
-    "python_function": lambda g: (lambda x: (torch.exp(_Twice.apply(x)).sum(), x, {}))(_x(g)),
     "materialize_grads": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
                                                   {"materialize_grads": True}))(_x(g), _x(g)),
     "dict_inputs": lambda g: (lambda x: (torch.sin(x).sum(), {"x": x}, {}))(_x(g)),

@@ -198,16 +198,20 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
 
 
 def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
-    """The gradients of a graph seen before, run straight from its cached plan; None when the
-    call needs more than that (a graph not seen before, a freed one, fallback nodes to replay,
-    a gradient that is None), and ``run`` decides.
+    """The gradients of a graph seen before, run straight from its cached plan (after its
+    fallback nodes, replayed); None when the call needs more than that (a graph not seen
+    before, a freed one, a gradient that is None, a fallback node whose results changed
+    layout), and ``run`` decides.
 
-    The same walk, signature and plan as ``run`` takes on a hit, without the bookkeeping a
-    miss or explain needs: on a graph of a few nodes that bookkeeping cost as much as the
-    region itself."""
+    The same walk, signature, replay and plan as ``run`` takes on a hit, without the
+    bookkeeping a miss or explain needs: on a graph of a few nodes that bookkeeping cost as
+    much as the region itself."""
     bind, graph, in_edges, key, freed = _capture(out_edges, grad_tensors, in_edges, create_graph)
     entry = graph_cache.lookup(key)
-    if entry is None or freed or entry.plan is None or entry.tape:
+    if entry is None or freed or entry.plan is None:
+        return None
+    if entry.tape and not _replay(entry.tape, graph.order, graph.needed, bind, create_graph,
+                                  None):
         return None
     results = execute(entry.plan, bind.tensors, create_graph)
     if not retain_graph:
