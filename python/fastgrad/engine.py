@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import _C, graph_cache, hooks, ir, lowering, rules
+from . import _C, fallback_edges, graph_cache, hooks, ir, lowering, rules
 from .plan import Unplannable, clear_plan_cache, get_plan
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
@@ -145,12 +145,19 @@ def _call_opaque(fn, gs, create_graph, needed):
     if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
-    # matmul's weight gradient when only the input's is asked for). PyTorch's engine computes
-    # only the wanted ones but costs a walk of the whole graph below the node per call, so it
-    # is used only when the unwanted work is large.
+    # matmul's weight gradient when only the input's is asked for). The matrix products of
+    # fallback_edges compute only the wanted ones; for other nodes, PyTorch's engine does, but
+    # costs a walk of the whole graph below the node per call, so it is used only when the
+    # unwanted work is large.
+    wanted = [m is not None and bool(needed.get(id(m))) for m, _ in fn.next_functions]
+    all_wanted = all(w or m is None for w, (m, _) in zip(wanted, fn.next_functions))
+    if not all_wanted:
+        with torch.set_grad_enabled(create_graph):
+            res = fallback_edges.wanted_edges(fn, gs, wanted)
+        if res is not None:
+            return fn.next_functions, res
     direct = callable(fn) and (
-        all(m is None or needed.get(id(m)) for m, _ in fn.next_functions) or
-        sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL)
+        all_wanted or sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL)
     if not direct:
         # PyTorch's engine runs the node (computing only the wanted edges, materialising
         # gradients, mapping a Python Function's results to its tensor inputs) when stopped
