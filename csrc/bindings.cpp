@@ -271,7 +271,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hooks_fn"), py::arg("freed_key"),
         "(signature key or None, whether a node to run was freed): see graph_cache.signature.");
   m.def("mark_freed", &fg::mark_freed, py::arg("graph"), py::arg("freed_key"), py::arg("refuse"),
-        py::arg("spec_fn"), "Mark the nodes a sweep ran as consumed (lowering.mark_freed, for a whole graph).");
+        py::arg("spec_fn"), py::arg("pack"), py::arg("unpack"),
+        "Mark the nodes a sweep ran as consumed and free their saved tensors (engine._mark_freed).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),
         "Constants capture reads (once, at import).");

@@ -41,6 +41,8 @@ struct Spec {
   py::object cls;  // keeps the class alive while its address is a key
   bool lowerable, region, holds_saved;
   std::vector<py::object> saved;  // attribute names
+  // (_raw_saved_<name>, _saved_<name>) of each saved tensor (mark_freed)
+  std::vector<std::pair<py::object, py::object>> raw;
 };
 // Heap-held and never destroyed: its destructor would run after the interpreter is gone.
 std::unordered_map<PyObject*, Spec>& g_specs = *new std::unordered_map<PyObject*, Spec>();
@@ -56,6 +58,10 @@ const Spec& spec_of(py::handle fn, py::handle spec_fn) {
   s.region = py_truthy(t[1]);
   for (auto a : py::iter(t[2])) s.saved.push_back(py::reinterpret_borrow<py::object>(a));
   s.holds_saved = py_truthy(t[3]);
+  for (auto a : py::iter(t[4])) {
+    py::tuple names = py::reinterpret_borrow<py::tuple>(a);
+    s.raw.emplace_back(names[0], names[1]);
+  }
   return g_specs.emplace(cls, std::move(s)).first->second;
 }
 
@@ -294,7 +300,52 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
   return py::make_tuple(as_tuple(parts), freed);
 }
 
-void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn) {
+namespace {
+
+// Frees what node fn saved, as PyTorch's engine does after running it without retain_graph:
+// each saved tensor gets saved-tensor hooks whose pack drops the tensor (PyTorch releases its
+// reference then) and whose unpack raises PyTorch's freed-graph error, so any later use of the
+// node (by PyTorch's engine, by fastgrad, by `_saved_<name>`) fails as on a freed graph. False
+// when a saved tensor cannot take hooks (it has some already, or its class lists its saved
+// tensors otherwise): the caller then refuses the node by a pre-hook instead.
+bool release_saved(py::handle fn, const Spec& spec, py::handle pack, py::handle unpack) {
+  static PyObject* register_hooks = py_intern("register_hooks");
+  if (spec.raw.empty()) return false;
+  for (const auto& [raw_name, name] : spec.raw) {
+    py::object raw = py_attr(fn, raw_name.ptr());
+    std::vector<py::object> items;
+    if (PyTuple_Check(raw.ptr()) || PyList_Check(raw.ptr())) {
+      for (auto it : raw) items.push_back(py::reinterpret_borrow<py::object>(it));
+    } else {
+      items.push_back(raw);
+    }
+    for (const auto& item : items) {
+      PyObject* args[] = {item.ptr(), pack.ptr(), unpack.ptr()};
+      PyObject* r = PyObject_VectorcallMethod(register_hooks, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                              nullptr);
+      if (r) {
+        Py_DECREF(r);
+        continue;
+      }
+      PyErr_Clear();
+      // A saved tensor whose value is None (e.g. `self` of `x * 3.0`) holds nothing to free.
+      PyObject* v = items.size() == 1 ? PyObject_GetAttr(fn.ptr(), name.ptr()) : nullptr;
+      if (!v) {
+        PyErr_Clear();
+        return false;
+      }
+      const bool none = v == Py_None;
+      Py_DECREF(v);
+      if (!none) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
+                py::handle pack, py::handle unpack) {
   static PyObject* register_prehook = py_intern("register_prehook");
   for (Py_ssize_t i = 0, n = PyList_GET_SIZE(g.order.ptr()); i < n; ++i) {
     py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
@@ -310,7 +361,8 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
     if (!v && PyErr_Occurred()) throw py::error_already_set();
     if (v && py_truthy(v)) continue;
     if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
-    if (spec_of(fn, spec_fn).holds_saved) {
+    const Spec& spec = spec_of(fn, spec_fn);
+    if (spec.holds_saved && !release_saved(fn, spec, pack, unpack)) {
       PyObject* r = PyObject_CallMethodOneArg(fn.ptr(), register_prehook, refuse.ptr());
       if (!r) throw py::error_already_set();
       Py_DECREF(r);

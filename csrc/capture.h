@@ -54,16 +54,20 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
 
 // What graph_cache.signature documents: (key or None when not cacheable, whether a node the
 // sweep runs holds saved tensors and was freed by an earlier call). `spec_fn(cls, fn)` gives
-// (lowerable, is a region node, saved attribute names, holds saved tensors) once per class;
+// (lowerable, is a region node, saved attribute names, holds saved tensors, (raw attribute
+// name, attribute name) of each saved tensor) once per class;
 // `hooks_fn(fn)` (None: no hooks anywhere) lists a node's tensor hooks.
 py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
                     py::handle in_edges, Binder& bind, bool create_graph,
                     py::handle spec_fn, py::handle hooks_fn, py::handle freed_key);
 
 // Marks every node the sweep ran as consumed (retain_graph=False): metadata[freed_key] = True,
-// and `refuse` (a hook raising PyTorch's freed-graph error) as a pre-hook on those that hold
-// saved tensors, so PyTorch's engine refuses them too (see lowering.mark_freed).
-void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn);
+// and frees the saved tensors of those that hold some, as PyTorch's engine does: saved-tensor
+// hooks `pack` (drops the tensor) and `unpack` (raises PyTorch's freed-graph error) on each.
+// A node whose saved tensors cannot take hooks gets `refuse` (a hook raising that error) as a
+// pre-hook instead, so PyTorch's engine refuses it too (see engine._mark_freed).
+void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
+                py::handle pack, py::handle unpack);
 
 // Called once at import: the dtype -> code dict, torch.strided, the device types the compiled
 // path runs on, torch.Tensor, and `to_device(t, device)`, which puts a host scalar (see

@@ -188,7 +188,38 @@ FREED_CASES = {
                                                               G(y.sum(), x))[1])(x.exp()),
     # saved tensors freed: both raise PyTorch's error
     "saved_tensors_freed": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])((x.exp() ** 2).sum()),
+    # ... whichever engine runs the graph again, and reading a saved tensor too
+    "freed_then_torch": lambda G, x: (lambda z: (G(z, x), TORCH_GRAD(z, x))[1])(
+        (x.exp() ** 2).sum()),
+    "freed_then_saved_read": lambda G, x: (lambda y: (G(y.sum(), x), y.grad_fn._saved_result)[1])(
+        x.exp()),
+    # a saved value None (x * 3.0 saves no `self`) next to a saved tensor
+    "saved_none_and_tensor": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])(
+        (torch.sin(x) * 3.0).sum()),
+    # a Python Function's saved tensors
+    "python_function_freed": lambda G, x: (lambda z: (G(z, x), TORCH_GRAD(z, x))[1])(
+        _SaveInput.apply(x).sum()),
+    # forward under saved-tensor hooks (they own the saved tensors): the node refuses instead
+    "saved_tensor_hooks_freed": lambda G, x: (lambda z: (G(z, x), TORCH_GRAD(z, x))[1])(
+        _under_hooks(lambda: (x.exp() ** 2).sum())),
 }
+
+
+class _SaveInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return 2 * a * g
+
+
+def _under_hooks(build):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return build()
 
 
 @pytest.mark.parametrize("name", list(FREED_CASES))
@@ -216,3 +247,39 @@ def test_view_result_is_not_attached_to_grad_outputs(gen):
     assert r.grad_fn is None
     with pytest.raises(RuntimeError):
         TORCH_GRAD(r.sum(), go)
+
+
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+# name -> x -> (output, the tensors whose storages the graph saved)
+RELEASE_CASES = {
+    "saved_result": lambda x: (lambda y: (y.sum(), [y]))(torch.exp(x)),
+    "saved_inputs": lambda x: (lambda a, b: ((a * b).sum(), [a, b]))(torch.sin(x), torch.cos(x)),
+    "saved_twice": lambda x: (lambda a: ((a * a).sum(), [a]))(torch.sin(x)),
+    "python_function": lambda x: (lambda a: (_SaveInput.apply(a).sum(), [a]))(torch.sin(x)),
+}
+
+
+def _users(ts):
+    """Users of each tensor and of its storage (a saved input holds the tensor, a saved
+    output a tensor of its own on the same storage)."""
+    return [(t._use_count(), _USE_COUNT(t.untyped_storage()._cdata)) for t in ts]
+
+
+@pytest.mark.skipif(_USE_COUNT is None or not hasattr(torch.Tensor, "_use_count"),
+                    reason="torch's use counts are not readable")
+@pytest.mark.parametrize("name", list(RELEASE_CASES))
+def test_a_freed_graph_lets_its_saved_tensors_go_like_torch(name, gen):
+    """retain_graph=False frees what the nodes saved, as PyTorch's engine does: afterwards the
+    saved tensors' storages have as many users as after torch.autograd.grad."""
+    x0 = rand((4,), gen)
+    counts = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        for _ in range(2):  # the second time on a cache hit
+            x = x0.clone().requires_grad_(True)
+            out, kept = RELEASE_CASES[name](x)
+            before = _users(kept)
+            G(out, x)
+            counts.append((before, _users(kept)))
+    assert counts[2] == counts[3] == counts[0], counts
+    assert counts[0][1] != counts[0][0]  # (the check can fail: torch did free something)

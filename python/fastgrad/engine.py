@@ -222,7 +222,7 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
         return None
     results = execute(entry.plan, bind.tensors, create_graph)
     if not retain_graph:
-        _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec)
+        _mark_freed(graph)
     return results
 
 
@@ -265,16 +265,31 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         entry.plan = get_plan(exprs)  # (what materialize looks up next)
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
-        _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec)
+        _mark_freed(graph)
     return results
 
 
-def _refuse_freed(grads):
-    """Pre-hook on the nodes a call consumed with retain_graph=False (_C.mark_freed).
+def _mark_freed(graph):
+    """Consume the nodes a call ran with retain_graph=False, as PyTorch's engine does: flag
+    them (lowering._is_freed) and free their saved tensors (csrc/capture.h, mark_freed)."""
+    _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec, _drop_saved,
+                  _refuse_unpack)
 
-    fastgrad cannot release PyTorch's saved tensors, so a node that has them refuses to run
-    again instead: fastgrad checks the flag (lowering._is_freed), and this hook makes PyTorch's
-    engine raise its own "backward through the graph a second time" error too."""
+
+def _drop_saved(t):
+    """Pack hook of a freed node's saved tensor: keeps nothing, so PyTorch lets it go."""
+    return None
+
+
+def _refuse_unpack(packed):
+    """Unpack hook of a freed node's saved tensor: what PyTorch raises for a freed one."""
+    raise RuntimeError(freed_message())
+
+
+def _refuse_freed(grads):
+    """Pre-hook on a consumed node whose saved tensors could not take the hooks above (they
+    have saved-tensor hooks already): it refuses to run again instead of losing them, with
+    PyTorch's own "backward through the graph a second time" error."""
     raise RuntimeError(freed_message())
 
 

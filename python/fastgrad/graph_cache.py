@@ -30,12 +30,16 @@ class Entry:
 
 
 def _spec(cls, fn):
-    """(lowerable, is one of our regions, names of the saved attributes, holds saved tensors)
-    of a node class; capture asks once per class."""
+    """(lowerable, is one of our regions, names of the saved attributes, holds saved tensors,
+    (raw name, name) of each saved tensor: `_raw_saved_x`, `_saved_x`, or a Python Function's
+    `_raw_saved_tensors`, `saved_tensors`) of a node class; capture asks once per class."""
     name = fn.name()
-    saved = tuple(a for a in dir(fn) if a.startswith("_saved_"))
+    attrs = dir(fn)
+    saved = tuple(a for a in attrs if a.startswith("_saved_"))
+    raw = tuple((a, "_saved_" + a[len("_raw_saved_"):]) for a in attrs
+                if a.startswith("_raw_saved_"))
     return (name in lowering.LOWER, name == "RegionFunctionBackward", saved,
-            lowering.holds_saved_tensors(fn))
+            lowering.holds_saved_tensors(fn), raw)
 
 
 def runs(fn, nexts, needed):
