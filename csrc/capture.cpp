@@ -261,6 +261,8 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
       Py_ssize_t p = position(m);
       if (p >= 0) {
         es.append(py::make_tuple(p, k));
+      } else if (!spec.lowerable) {  // the sweep reads no metadata of an edge leaving the walk
+        es.append(py::make_tuple(-1, k));  // from a node it runs through PyTorch
       } else {
         py::object md = py_attr(m, N.input_metadata);
         es.append(py::make_tuple(-1, k, meta_record(md[k])));

@@ -55,6 +55,16 @@ def _distinct(g):
     return (lambda x: x * c * d), [rand((3, 4), g)]
 
 
+def _addmm_bias(shape):
+    # addmm runs through PyTorch (a fallback node); its bias edge leaves the walk, and only
+    # that edge's metadata differs between the two graphs (the sweep does not read it)
+    def build(g):
+        b, w = rand(shape, g).requires_grad_(True), rand((4, 3), g).requires_grad_(True)
+        return (lambda x: torch.tanh(torch.addmm(b, x, w))), [rand((5, 4), g)]
+    return build
+
+
+PAIRS["fallback_external_edge"] = (_addmm_bias((3,)), _addmm_bias((1, 3)))
 PAIRS["saved_tensor_aliasing"] = (_aliased, _distinct)
 PAIRS["saved_tensor_aliasing_reverse"] = (_distinct, _aliased)
 

@@ -56,7 +56,8 @@ def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
     the metadata of an edge leaving the walk), its input metadata and, for a node lowering
     reads, its saved values: a saved tensor as (leaf number, shape, strides, dtype,
     requires_grad), anything else as (type, value); a region node also gives its Region. A
-    node run through PyTorch is described without its saved values (engine._replay). Saved
+    node run through PyTorch is described without its saved values, nor the metadata of its
+    edges leaving the walk (the sweep reads neither; engine._replay checks its results). Saved
     tensors are bound into ``bind`` in a fixed order, so a later sweep with the same binder
     numbers them identically. Built in C++ (csrc/capture.cpp); graphs with tensor hooks are
     not cached."""
