@@ -17,6 +17,7 @@ from .runtime_table import DTYPE_CODES
 # Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
 _torch_grad = torch.autograd.grad
 _GradientEdge = torch.autograd.graph.GradientEdge
+_set_grad_enabled = torch._C._set_grad_enabled
 # Devices the compiled evaluator runs on (CUDA when the extension was built with it).
 _DEVICE_TYPES = ("cpu", "cuda") if _C.cuda_compiled() and hasattr(_C, "run_cuda") else ("cpu",)
 
@@ -149,13 +150,21 @@ def _call_opaque(fn, gs, create_graph, needed):
     # fallback_edges compute only the wanted ones; for other nodes, PyTorch's engine does, but
     # costs a walk of the whole graph below the node per call, so it is used only when the
     # unwanted work is large.
-    wanted = [m is not None and bool(needed.get(id(m))) for m, _ in fn.next_functions]
-    all_wanted = all(w or m is None for w, (m, _) in zip(wanted, fn.next_functions))
+    nf = fn.next_functions
+    wanted, all_wanted = [], True
+    for m, _ in nf:
+        w = m is not None and bool(needed.get(id(m)))
+        wanted.append(w)
+        all_wanted = all_wanted and (w or m is None)
     if not all_wanted:
-        with torch.set_grad_enabled(create_graph):
+        prev = torch.is_grad_enabled()
+        _set_grad_enabled(create_graph)  # (the context manager costs a few us a node)
+        try:
             res = fallback_edges.wanted_edges(fn, gs, wanted)
+        finally:
+            _set_grad_enabled(prev)
         if res is not None:
-            return fn.next_functions, res
+            return nf, res
     direct = callable(fn) and (
         all_wanted or sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL)
     if not direct:
