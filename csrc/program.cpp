@@ -100,7 +100,7 @@ bool Program::kernel_fits(int k) const {
     if (S.mode == MODE_ASSIGN) {
       if (!row_major(r, S.stride, 0, n)) return false;
     } else if (S.mode == MODE_SUM && k > 0) {
-      // one sum per row, over a row short enough for the loop's buffer (kJitMaxRowSum)
+      // one sum per row, over a row of at most kJitMaxRowSum elements
       if (!row_major(r, S.stride, 0, k) || !zero(r, S.stride, k, n) || r.numel == 0 ||
           r.numel / rows > kJitMaxRowSum)
         return false;

@@ -15,7 +15,8 @@
 
 namespace fg {
 
-// Longest row a compiled loop sums (python/fastgrad/jit.py sizes its row buffer by it).
+// Longest row a compiled loop sums (a longer one stays with the interpreter, which can also
+// split a row between threads).
 constexpr int64_t kJitMaxRowSum = 4096;
 
 struct Program {
@@ -36,8 +37,8 @@ struct Program {
   std::atomic<int> split{0};
   // Whether a loop with this split can compute the region: no iota, no predicate, every record
   // in the compute dtype, loads as said above, stores row-major contiguous or (split > 0) one
-  // sum per row of at most kJitMaxRowSum elements (the loop keeps a row's values in a buffer
-  // on its stack and adds them in double, four partial sums in a fixed order).
+  // sum per row of at most kJitMaxRowSum elements (the loop adds a row's values in double, in
+  // seg_sum's fixed order: python/fastgrad/jit.py).
   bool kernel_fits(int split) const;
   // How a loop with this split reads each load (kinds[i]): 's' a single value, 'c' contiguous,
   // and with split > 0 'r' one value per row or 'k' one row for all rows; false when some load
