@@ -307,14 +307,16 @@ namespace {
 // Frees what node fn saved, as PyTorch's engine does after running it without retain_graph:
 // each saved tensor gets saved-tensor hooks whose pack drops the tensor (PyTorch releases its
 // reference then) and whose unpack raises PyTorch's freed-graph error, so any later use of the
-// node (by PyTorch's engine, by fastgrad, by `_saved_<name>`) fails as on a freed graph. False
-// when a saved tensor cannot take hooks (it has some already, or its class lists its saved
-// tensors otherwise): the caller then refuses the node by a pre-hook instead.
-bool release_saved(py::handle fn, const Spec& spec, py::handle pack, py::handle unpack) {
+// node (by PyTorch's engine, by fastgrad, by `_saved_<name>`) fails as on a freed graph.
+enum class Release { kFreed, kNothing, kFailed };
+// kNothing: every saved tensor of the node is None (nothing to free: PyTorch lets such a node
+// run again). kFailed: a saved tensor cannot take the hooks (it has saved-tensor hooks
+// already); the caller then refuses the node by a pre-hook instead.
+Release release_saved(py::handle fn, const Spec& spec, py::handle pack, py::handle unpack) {
   static PyObject* register_hooks = py_intern("register_hooks");
-  if (spec.raw.empty()) return false;
-  for (const auto& [raw_name, name] : spec.raw) {
-    py::object raw = py_attr(fn, raw_name.ptr());
+  bool any = false;
+  for (const auto& names : spec.raw) {
+    py::object raw = py_attr(fn, names.first.ptr());
     std::vector<py::object> items;
     if (PyTuple_Check(raw.ptr()) || PyList_Check(raw.ptr())) {
       for (auto it : raw) items.push_back(py::reinterpret_borrow<py::object>(it));
@@ -327,21 +329,18 @@ bool release_saved(py::handle fn, const Spec& spec, py::handle pack, py::handle 
                                               nullptr);
       if (r) {
         Py_DECREF(r);
+        any = true;
         continue;
       }
-      PyErr_Clear();
-      // A saved tensor whose value is None (e.g. `self` of `x * 3.0`) holds nothing to free.
-      PyObject* v = items.size() == 1 ? PyObject_GetAttr(fn.ptr(), name.ptr()) : nullptr;
-      if (!v) {
-        PyErr_Clear();
-        return false;
-      }
-      const bool none = v == Py_None;
-      Py_DECREF(v);
-      if (!none) return false;
+      // PyTorch refuses hooks on a saved value that is None ("... with value None is
+      // forbidden": `self` of `x * 3.0`, an index list's empty slot): nothing to free there.
+      // Its message is the only way to tell: reading the value would run the user's unpack
+      // hook, if any.
+      py::error_already_set err;
+      if (std::string(err.what()).find("None") == std::string::npos) return Release::kFailed;
     }
   }
-  return true;
+  return any ? Release::kFreed : Release::kNothing;
 }
 
 }  // namespace
@@ -362,9 +361,11 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
     PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
     if (!v && PyErr_Occurred()) throw py::error_already_set();
     if (v && py_truthy(v)) continue;
-    if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
     const Spec& spec = spec_of(fn, spec_fn);
-    if (spec.holds_saved && !release_saved(fn, spec, pack, unpack)) {
+    const Release rel = spec.holds_saved ? release_saved(fn, spec, pack, unpack) : Release::kFreed;
+    if (rel == Release::kNothing) continue;  // nothing saved: it may run again, as in PyTorch
+    if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
+    if (rel == Release::kFailed) {
       PyObject* r = PyObject_CallMethodOneArg(fn.ptr(), register_prehook, refuse.ptr());
       if (!r) throw py::error_already_set();
       Py_DECREF(r);

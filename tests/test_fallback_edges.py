@@ -126,3 +126,67 @@ def test_a_rule_gives_what_the_node_gives(name, gen):
                 assert g is None
                 continue
             assert torch.equal(g, r) and g.stride() == r.stride(), f"edges {wanted}"
+
+
+# name -> (graph builder, what happens between the forward and the gradient)
+TAMPERED = {
+    "weight_modified_in_place": lambda x, w, b: w.mul_(2),
+    "input_modified_in_place": lambda x, w, b: x.mul_(2),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+@pytest.mark.parametrize("wrt", ["weight", "bias"])
+def test_a_rule_raises_what_the_node_raises(name, wrt, gen):
+    """A saved tensor modified in place: PyTorch's node raises whichever edge is wanted, and
+    so does the rule (it reads every saved tensor first)."""
+    errors = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        h = rand((5, 4), gen).requires_grad_(True)
+        x = h * 1  # (a non-leaf input of the product, so it may be modified in place)
+        w, b = rand((3, 4), gen).requires_grad_(True), rand((3,), gen).requires_grad_(True)
+        y = torch.nn.functional.linear(x, w, b).sum()
+        with torch.no_grad():
+            TAMPERED[name](x, w, b)
+        try:
+            G(y, w if wrt == "weight" else b)
+        except RuntimeError as e:
+            errors.append(str(e))
+        else:
+            errors.append(None)
+    assert errors[0] is not None and errors[1] == errors[0]
+
+
+def test_a_rule_on_a_graph_torch_freed(gen):
+    """After torch.autograd.grad freed a Linear's graph, the bias's gradient raises PyTorch's
+    error (the bias rule needs no saved tensor, but the node would unpack them)."""
+    errors = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = rand((5, 4), gen).requires_grad_(True)
+        lin = torch.nn.Linear(4, 3).double()
+        y = lin(x).sum()
+        TORCH_GRAD(y, x)
+        try:
+            G(y, lin.bias)
+        except RuntimeError as e:
+            errors.append(str(e))
+        else:
+            errors.append(None)
+    assert errors[0] is not None and errors[1] == errors[0]
+
+
+def test_large_products_go_through_torch_with_their_node_hooks(gen):
+    """Above the size where PyTorch's engine runs a fallback node, a hook registered on the
+    product's node runs as in PyTorch (the rules serve the smaller, directly called ones)."""
+    got = []
+    x0, lin = rand((512, 32), gen), torch.nn.Linear(32, 256).double()
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_(True)
+        y = torch.tanh(lin(x)).sum()
+        node = y.grad_fn.next_functions[0][0].next_functions[0][0]
+        assert node.name() == "AddmmBackward0"
+        ran = []
+        node.register_prehook(lambda gs: (ran.append(1), tuple(g * 2 for g in gs))[1])
+        got.append((G(y, x)[0], len(ran)))
+    assert_same(got[1][0], got[0][0])
+    assert got[1][1] == got[0][1] == 1

@@ -23,8 +23,8 @@ def hits(monkeypatch):
 
     def spy(*args):
         r = real(*args)
-        if r is not None:
-            served.append(r)
+        if r[0] is not None:
+            served.append(r[0])
         return r
 
     monkeypatch.setattr(engine, "hit", spy)

@@ -212,7 +212,26 @@ FREED_CASES = {
     # forward under saved-tensor hooks (they own the saved tensors): the node refuses instead
     "saved_tensor_hooks_freed": lambda G, x: (lambda z: (G(z, x), TORCH_GRAD(z, x))[1])(
         _under_hooks(lambda: (x.exp() ** 2).sum())),
+    # nodes that saved nothing (a Python Function saving no tensor, addcmul of constants) may
+    # run again in PyTorch
+    "python_function_saving_nothing": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])(
+        _Twice.apply(x).sum()),
+    "addcmul_saving_nothing": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])(
+        torch.addcmul(x, torch.ones_like(x) * 2, torch.ones_like(x) * 3).sum()),
+    # a matrix product that saved one side only, then torch's engine on it
+    "mm_one_side_freed": lambda G, x: (lambda z: (G(z, x), TORCH_GRAD(z, x))[1])(
+        x[:, None].mm(torch.ones(1, 2, dtype=x.dtype)).sum()),
 }
+
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        return a * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
 
 
 class _SaveInput(torch.autograd.Function):
@@ -267,6 +286,9 @@ RELEASE_CASES = {
     "saved_inputs": lambda x: (lambda a, b: ((a * b).sum(), [a, b]))(torch.sin(x), torch.cos(x)),
     "saved_twice": lambda x: (lambda a: ((a * a).sum(), [a]))(torch.sin(x)),
     "python_function": lambda x: (lambda a: (_SaveInput.apply(a).sum(), [a]))(torch.sin(x)),
+    # an index list with an empty slot ([None, idx]: x[:, idx]) still frees idx
+    "index_list": lambda x: (lambda a, i: (a[:, i].sum(), [i]))(
+        torch.exp(x).reshape(2, 2), torch.tensor([1, 0])),
 }
 
 
@@ -293,3 +315,32 @@ def test_a_freed_graph_lets_its_saved_tensors_go_like_torch(name, gen):
             counts.append((before, _users(kept)))
     assert counts[2] == counts[3] == counts[0], counts
     assert counts[0][1] != counts[0][0]  # (the check can fail: torch did free something)
+
+
+def test_freeing_under_saved_tensor_hooks_does_not_unpack(gen, monkeypatch):
+    """A forward run under saved_tensors_hooks: retain_graph=False refuses the nodes (their
+    saved tensors belong to the hooks) without calling the unpack hook while freeing; a rerun
+    by torch then raises torch's error."""
+    from fastgrad import engine
+    n = {"unpack": 0, "freeing": 0}
+    real = engine._mark_freed
+
+    def counting(graph):
+        before = n["unpack"]
+        real(graph)
+        n["freeing"] += n["unpack"] - before
+
+    monkeypatch.setattr(engine, "_mark_freed", counting)
+
+    def unpack(t):
+        n["unpack"] += 1
+        return t
+    for _ in range(2):  # (the second on a cache hit)
+        x = rand((5, 4), gen).requires_grad_(True)
+        w = rand((3, 4), gen).requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            y = torch.tanh(torch.nn.functional.linear(x, w)).sum()
+        fastgrad.grad(y, x)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            TORCH_GRAD(y, x)
+    assert n["freeing"] == 0 and n["unpack"] > 0

@@ -100,7 +100,7 @@ class Report:
 
 
 def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused,
-         is_grads_batched, trace):
+         is_grads_batched, trace, cap=None):
     out_edges = [_edge(o) for o in outputs]
     # Leaf inputs go as tensors: the engine finds their nodes while it walks the graph.
     in_edges = [i if type(i) is not _GradientEdge and i.grad_fn is None else _edge(i)
@@ -116,19 +116,20 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
         results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
     else:
         results = engine.run(out_edges, grad_outputs, in_edges, create_graph, retain_graph,
-                             allow_unused, trace)
+                             allow_unused, trace, cap)
     return results
 
 
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
+    cap = None
     if only_inputs and not is_grads_batched and not materialize_grads:
-        res = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph)
+        res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph)
         if res is not None:
             return res
     return _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
-                 allow_unused, is_grads_batched, materialize_grads, None)
+                 allow_unused, is_grads_batched, materialize_grads, None, cap)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -150,31 +151,35 @@ def _plain_tensors(ts):
 
 
 def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
-    """The results of a plain call on a graph seen before (engine.hit), or None: then _grad
-    handles the call, with every check and fallback. Plain: tensors (no edges, subclasses or
-    dicts), outputs that have a grad_fn, inputs without tensor hooks, grad_outputs that
-    _plain_grads accepts; any other call is left to _grad whole."""
+    """(results, capture) of a plain call on a graph seen before (engine.hit); results None:
+    _grad handles the call, with every check and fallback, and the capture (None for a call
+    that is not plain) spares it walking and signing the graph again. Plain: tensors (no
+    edges, subclasses or dicts), outputs that have a grad_fn, inputs without tensor hooks,
+    grad_outputs that _plain_grads accepts; any other call is left to _grad whole."""
     outs, ins = _plain_tensors(outputs), _plain_tensors(inputs)
     if outs is None or ins is None:
-        return None
+        return None, None
     for o in outs:
         if o.grad_fn is None:
-            return None
+            return None, None
     for i in ins:
         if i._backward_hooks:
-            return None
+            return None, None
     gos = _plain_grads(outs, grad_outputs)
     if gos is None:
-        return None
+        return None, None
     out_edges = [(o.grad_fn, o.output_nr) for o in outs]
     in_edges = [i if i.grad_fn is None else (i.grad_fn, i.output_nr) for i in ins]
-    res = engine.hit(out_edges, gos, in_edges, create_graph,
-                     create_graph if retain_graph is None else retain_graph)
-    return None if res is None else tuple(res)
+    try:
+        res, cap = engine.hit(out_edges, gos, in_edges, create_graph,
+                              create_graph if retain_graph is None else retain_graph)
+    except Unplannable:  # (_grad hands such a call to PyTorch)
+        return None, None
+    return (None, cap) if res is None else (tuple(res), None)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
-          allow_unused, is_grads_batched, materialize_grads, trace):
+          allow_unused, is_grads_batched, materialize_grads, trace, cap=None):
     args = (outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
             allow_unused, is_grads_batched, materialize_grads)
 
@@ -207,7 +212,9 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
             "accumulate gradient for other parts of the graph, please use "
             "torch.autograd.backward.", FutureWarning, stacklevel=3)
         args = args[:5] + (True,) + args[6:]
-    gos = None if is_grads_batched else _plain_grads(outs, grad_outputs)
+    # (a capture bound the grad_outputs _plain_grads gave: the same ones again)
+    gos = cap.grad_tensors if cap is not None else \
+        None if is_grads_batched else _plain_grads(outs, grad_outputs)
     if gos is None:
         gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)),
                           is_grads_batched=is_grads_batched)
@@ -215,7 +222,7 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
         retain_graph = create_graph
     try:
         results = _run(outs, ins, gos, retain_graph, create_graph, allow_unused,
-                       is_grads_batched, trace or engine.Trace())
+                       is_grads_batched, trace or engine.Trace(), cap)
     except Unplannable as e:
         return torch_grad(str(e))
     except engine.Unused:

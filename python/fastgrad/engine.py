@@ -146,17 +146,18 @@ def _call_opaque(fn, gs, create_graph, needed):
     if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
-    # matmul's weight gradient when only the input's is asked for). The matrix products of
-    # fallback_edges compute only the wanted ones; for other nodes, PyTorch's engine does, but
-    # costs a walk of the whole graph below the node per call, so it is used only when the
-    # unwanted work is large.
+    # matmul's weight gradient when only the input's is asked for). PyTorch's engine computes
+    # only the wanted ones (and runs the node's own hooks) but costs a walk of the whole graph
+    # below the node per call, so it is used only when the unwanted work is large; below that,
+    # the matrix products of fallback_edges compute only the wanted edges themselves.
     nf = fn.next_functions
     wanted, all_wanted = [], True
     for m, _ in nf:
         w = m is not None and bool(needed.get(id(m)))
         wanted.append(w)
         all_wanted = all_wanted and (w or m is None)
-    if not all_wanted:
+    small = sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL
+    if not all_wanted and small:
         prev = torch.is_grad_enabled()
         _set_grad_enabled(create_graph)  # (the context manager costs a few us a node)
         try:
@@ -165,8 +166,7 @@ def _call_opaque(fn, gs, create_graph, needed):
             _set_grad_enabled(prev)
         if res is not None:
             return nf, res
-    direct = callable(fn) and (
-        all_wanted or sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL)
+    direct = callable(fn) and (all_wanted or small)
     if not direct:
         # PyTorch's engine runs the node (computing only the wanted edges, materialising
         # gradients, mapping a Python Function's results to its tensor inputs) when stopped
@@ -191,9 +191,19 @@ def _call_opaque(fn, gs, create_graph, needed):
     return edges, res
 
 
+class Capture:
+    """One call's walk and signature (``_capture``): its bound grad_outputs, binder, graph,
+    in_edges (leaf tensors replaced by their edges), signature key, whether a node to run was
+    freed, and whether ``hit`` already replayed its fallback nodes and found their results
+    changed. A declined hit hands it to ``run``, so a call is walked, signed and replayed once."""
+    __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "replay_failed")
+
+    def __init__(self, grad_tensors, bind, graph, in_edges, key, freed):
+        self.grad_tensors, self.bind, self.graph, self.in_edges = grad_tensors, bind, graph, in_edges
+        self.key, self.freed, self.replay_failed = key, freed, False
+
+
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
-    """The walk and the signature of one call: (binder, graph, in_edges with leaf tensors
-    replaced by their edges, signature key, whether a node to run was freed)."""
     bind = _Binder()
     # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
     leaf_ids, input_ids = set(), set()
@@ -210,34 +220,38 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
                     for e in in_edges]
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
-    return bind, graph, in_edges, key, freed
+    return Capture(grad_tensors, bind, graph, in_edges, key, freed)
 
 
 def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
-    """The gradients of a graph seen before, run straight from its cached plan (after its
-    fallback nodes, replayed); None when the call needs more than that (a graph not seen
-    before, a freed one, a gradient that is None, a fallback node whose results changed
-    layout), and ``run`` decides.
+    """(results, capture): the gradients of a graph seen before, run straight from its cached
+    plan (after its fallback nodes, replayed), or None when the call needs more than that (a
+    graph not seen before, a freed one, a gradient that is None, a fallback node whose results
+    changed layout); then ``run`` takes the capture and decides.
 
     The same walk, signature, replay and plan as ``run`` takes on a hit, without the
     bookkeeping a miss or explain needs: on a graph of a few nodes that bookkeeping cost as
     much as the region itself."""
-    bind, graph, in_edges, key, freed = _capture(out_edges, grad_tensors, in_edges, create_graph)
-    entry = graph_cache.lookup(key)
-    if entry is None or freed or entry.plan is None:
-        return None
-    if entry.tape and not _replay(entry.tape, graph.order, graph.needed, bind, create_graph,
+    cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    entry = graph_cache.lookup(cap.key)
+    if entry is None or cap.freed or entry.plan is None:
+        return None, cap
+    graph = cap.graph
+    if entry.tape and not _replay(entry.tape, graph.order, graph.needed, cap.bind, create_graph,
                                   None):
-        return None
-    results = execute(entry.plan, bind.tensors, create_graph)
+        cap.replay_failed = True
+        return None, cap
+    results = execute(entry.plan, cap.bind.tensors, create_graph)
     if not retain_graph:
         _mark_freed(graph)
-    return results
+    return results, cap
 
 
 def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unused,
-        trace=None):
-    """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer."""
+        trace=None, cap=None):
+    """Gradients (tensors or None) flowing into ``in_edges``; raises Unplannable to defer.
+    ``cap``: this call's capture, from a declined ``hit`` (its grad_tensors are the ones
+    bound)."""
     if ir.table_size() > IR_TABLE_LIMIT:
         # Graphs of ever new shapes would grow the hash-consing table without bound. Nodes are
         # immutable and every cache is keyed by identity, so forgetting them is safe (between
@@ -246,14 +260,19 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         graph_cache.clear()
         clear_plan_cache()
     trace = trace or Trace()
-    bind, graph, in_edges, key, freed = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    if cap is None:
+        cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    grad_tensors = cap.grad_tensors
+    bind, graph, in_edges, key, freed = cap.bind, cap.graph, cap.in_edges, cap.key, cap.freed
     order, needed, nexts = graph.order, graph.needed, graph.nexts
     entry = graph_cache.lookup(key)
     exprs = None
     if entry is not None:
         if freed:
             raise RuntimeError(freed_message())
-        if not entry.tape or _replay(entry.tape, order, needed, bind, create_graph, trace.stats):
+        if not entry.tape or (not cap.replay_failed and
+                              _replay(entry.tape, order, needed, bind, create_graph,
+                                      trace.stats)):
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)

@@ -10,8 +10,11 @@ node would give.
 
 Each rule reads the node's saved values and returns one result per edge (None where not
 wanted), or None when the call is outside what it covers (complex or non-strided tensors, a
-saved value missing): the node is then called as before. As for a native node, hooks registered
-on the node itself (``grad_fn.register_hook``) do not run: the node is not called.
+saved value missing): the node is then called as before. Every saved tensor is read first, as
+the node would, so a tensor modified in place or a freed graph raises PyTorch's error. The rules
+serve only where the node would otherwise be called directly (small gradients:
+engine._call_opaque), so hooks registered on the node itself (``grad_fn.register_hook``) do not
+run, as before; larger ones go through PyTorch's engine, which runs them.
 """
 import torch
 
@@ -47,8 +50,17 @@ def _saved(fn, *names):
     return vals
 
 
+def _unpack_all(fn, names):
+    """Read every saved tensor of the node, as the node itself does before computing: PyTorch
+    then raises its own error for one modified in place or for a freed graph, whichever edge
+    is wanted."""
+    for n in names:
+        getattr(fn, "_saved_" + n)
+
+
 def _mm(fn, grad, wanted):
     """MmBackward0, edges (self, mat2)."""
+    _unpack_all(fn, ("self", "mat2"))
     out = [None, None]
     if wanted[0]:
         got = _saved(fn, "mat2", "self_sym_sizes", "self_sym_strides")
@@ -68,6 +80,7 @@ def _addmm(fn, grad, wanted):
     alpha, beta = getattr(fn, "_saved_alpha", None), getattr(fn, "_saved_beta", None)
     if type(alpha) not in (int, float) or type(beta) not in (int, float):
         return None
+    _unpack_all(fn, ("mat1", "mat2"))
     out = [_scaled(grad, beta) if wanted[0] else None, None, None]
     if wanted[1]:
         got = _saved(fn, "mat2", "mat1_sym_sizes", "mat1_sym_strides")
