@@ -3,7 +3,8 @@
 Each call form in HIT_CASES is made on a fresh graph three times (so the compiled loop runs on
 the last): every result must match torch, and the second and third calls must have been served
 by engine.hit (which replays fallback nodes as run does). Each form in DECLINED_CASES needs more
-than a cached plan (a gradient that is None, a hook, a freed graph, arguments only _grad reads):
+than a cached plan (a gradient that is None, a hook, a freed graph, arguments only _grad reads,
+tensors bound otherwise than the first time):
 engine.hit must not serve it, and the call must still give torch's results or torch's error.
 """
 import pytest
@@ -104,7 +105,17 @@ def _with_hook(g):
     return torch.sin(x).sum(), x, {}
 
 
+def _under_saved_tensor_hooks(g):
+    # saved tensors unpack as new tensors each time: lowering binds them anew, so the first
+    # call's IR reads leaves a later call's signature does not bind (it must derive anew)
+    x = _x(g)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y = (torch.exp(x) * x).sum()
+    return y, x, {}
+
+
 DECLINED_CASES = {
+    "saved_tensor_hooks": _under_saved_tensor_hooks,
     "unused_input": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
                                              {"allow_unused": True}))(_x(g), _x(g)),
     "input_hook": _with_hook,

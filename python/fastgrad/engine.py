@@ -194,13 +194,14 @@ def _call_opaque(fn, gs, create_graph, needed):
 class Capture:
     """One call's walk and signature (``_capture``): its bound grad_outputs, binder, graph,
     in_edges (leaf tensors replaced by their edges), signature key, whether a node to run was
-    freed, and whether ``hit`` already replayed its fallback nodes and found their results
-    changed. A declined hit hands it to ``run``, so a call is walked, signed and replayed once."""
-    __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "replay_failed")
+    freed, and whether ``hit`` found the cached entry stale for it (a replayed node's results
+    changed, or the call bound other tensors than the first). A declined hit hands it to
+    ``run``, so a call is walked, signed and replayed once."""
+    __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale")
 
     def __init__(self, grad_tensors, bind, graph, in_edges, key, freed):
         self.grad_tensors, self.bind, self.graph, self.in_edges = grad_tensors, bind, graph, in_edges
-        self.key, self.freed, self.replay_failed = key, freed, False
+        self.key, self.freed, self.stale = key, freed, False
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
@@ -237,9 +238,8 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
     if entry is None or cap.freed or entry.plan is None:
         return None, cap
     graph = cap.graph
-    if entry.tape and not _replay(entry.tape, graph.order, graph.needed, cap.bind, create_graph,
-                                  None):
-        cap.replay_failed = True
+    if not _still_bound(entry, cap, create_graph, None):
+        cap.stale = True
         return None, cap
     results = execute(entry.plan, cap.bind.tensors, create_graph)
     if not retain_graph:
@@ -270,13 +270,11 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if entry is not None:
         if freed:
             raise RuntimeError(freed_message())
-        if not entry.tape or (not cap.replay_failed and
-                              _replay(entry.tape, order, needed, bind, create_graph,
-                                      trace.stats)):
+        if not cap.stale and _still_bound(entry, cap, create_graph, trace.stats):
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)
-        else:  # a fallback node's results differ in layout from last time: derive anew
+        else:  # bound otherwise than last time: derive anew
             bind = _Binder()
             key, _ = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                            create_graph)
@@ -286,7 +284,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
                        bind, trace, tape)
         entry = graph_cache.store(key, exprs, trace.native[native_before:],
-                                  trace.fallback[fallback_before:], tape)
+                                  trace.fallback[fallback_before:], tape, len(bind.tensors))
     if not allow_unused and None in exprs:
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     if entry is not None and entry.plan is None and None not in exprs:
@@ -312,6 +310,18 @@ def _drop_saved(t):
 def _refuse_unpack(packed):
     """Unpack hook of a freed node's saved tensor: what PyTorch raises for a freed one."""
     raise RuntimeError(freed_message())
+
+
+def _still_bound(entry, cap, create_graph, stats):
+    """Whether the cached ``entry``'s IR holds for this call: its fallback nodes, replayed
+    (binding their results), give results laid out as the first time, and the call has bound
+    as many tensors as the first one. (A saved tensor that unpacks as a new tensor each time,
+    as under saved-tensor hooks, is bound anew by lowering: the first call's IR then reads a
+    leaf that the signature alone does not bind.)"""
+    g = cap.graph
+    if entry.tape and not _replay(entry.tape, g.order, g.needed, cap.bind, create_graph, stats):
+        return False
+    return len(cap.bind.tensors) == entry.nbound
 
 
 def _refuse_freed(grads):

@@ -19,14 +19,15 @@ _ENTRIES = {}
 
 class Entry:
     """What the first sweep of a graph produced: the gradients' IR, the node names for explain,
-    the tape of fallback-node calls (engine._replay) that a hit runs again, and the plan of the
-    IR (set by engine.run once it is known; None while it is not, or when a gradient is None),
-    which lets engine.hit go straight to it."""
-    __slots__ = ("exprs", "native", "fallback", "tape", "plan")
+    the tape of fallback-node calls (engine._replay) that a hit runs again, how many tensors the
+    first call bound (a hit must bind as many: engine._still_bound), and the plan of the IR (set
+    by engine.run once it is known; None while it is not, or when a gradient is None), which
+    lets engine.hit go straight to it."""
+    __slots__ = ("exprs", "native", "fallback", "tape", "nbound", "plan")
 
-    def __init__(self, exprs, native, fallback, tape):
+    def __init__(self, exprs, native, fallback, tape, nbound):
         self.exprs, self.native, self.fallback, self.tape = exprs, native, fallback, tape
-        self.plan = None
+        self.nbound, self.plan = nbound, None
 
 
 def _spec(cls, fn):
@@ -70,14 +71,14 @@ def lookup(key):
     return _ENTRIES.get(key) if key is not None else None
 
 
-def store(key, exprs, native, fallback=(), tape=()):
+def store(key, exprs, native, fallback=(), tape=(), nbound=0):
     """Remember what a sweep produced for signature ``key``; returns the Entry (None if the
     graph is not cacheable)."""
     if key is None:
         return None
     if len(_ENTRIES) >= _MAX_ENTRIES:
         _ENTRIES.clear()
-    e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape))
+    e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape), nbound)
     return e
 
 
