@@ -251,3 +251,30 @@ def test_region_backward_repeated_with_other_cotangents(gen):
     ours = torch.autograd.grad(g.sum(), [w], retain_graph=True)
     theirs = torch.autograd.grad(ref.sum(), [w], retain_graph=True)
     assert_same(ours, theirs, what="backward to w only")
+
+
+# name -> forward of x (an elementwise chain, a reduction, a fallback matrix product)
+NO_GRAD_CASES = {
+    "elementwise": lambda x, w: (torch.sin(x) * x).sum(),
+    "softmax": lambda x, w: (torch.softmax(x, -1) * torch.cos(x)).sum(),
+    "linear": lambda x, w: torch.tanh(torch.nn.functional.linear(x, w)).sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_GRAD_CASES))
+def test_create_graph_under_no_grad(name, gen):
+    """grad(..., create_graph=True) called under torch.no_grad(): PyTorch builds the
+    derivative's graph all the same (its backward runs under grad mode), so the results require
+    grad and differentiate again. Three calls: the second and third on cache hits."""
+    x0, w = rand((5, 4), gen), rand((3, 4), gen)
+    for call in range(3):
+        got = []
+        for G in (TORCH_GRAD, FAST_GRAD):
+            x = x0.clone().requires_grad_(True)
+            y = NO_GRAD_CASES[name](x, w)
+            with torch.no_grad():
+                (g,) = G(y, x, create_graph=True)
+            assert g.requires_grad
+            got.append((g, TORCH_GRAD((g * g).sum(), x)[0]))
+        assert_same(got[1][0], got[0][0], f"call {call}")
+        assert_same(got[1][1], got[0][1], f"call {call}, second order")

@@ -342,6 +342,11 @@ def _executor(plan, env, tensors):
 
 
 def execute(plan, tensors, create_graph, stats=None):
+    if create_graph and not torch.is_grad_enabled():
+        # PyTorch's engine builds the graph of a create_graph backward under grad mode, even
+        # when the call is made under no_grad: the results require grad all the same
+        with torch.enable_grad():
+            return execute(plan, tensors, create_graph, stats)
     dev = tensors[0].device if tensors else _CPU
     plan.runs += 1
     # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
