@@ -92,3 +92,51 @@ def test_hook_on_a_gradient_edge_input(gen):
         y.register_hook(lambda g: g * 2.0)
         return grad((y * y).sum(), torch.autograd.graph.get_gradient_edge(y))
     assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+
+
+def _retaining(x, go):
+    """(output, tensors that retain their gradient) of a chain through two retaining tensors."""
+    h = torch.sin(x)
+    h.retain_grad()
+    k = torch.exp(h) * h
+    k.retain_grad()
+    return (k * go).sum(), [h, k]
+
+
+# name -> how the retaining graph is differentiated: G, x, go -> list of what to compare
+RETAIN_CASES = {
+    # two calls on one graph: .grad accumulates
+    "twice_accumulates": lambda G, x, go: (lambda y, ts: (G(y, x, retain_graph=True),
+                                                         G(y, x), [t.grad for t in ts])[2])(
+        *_retaining(x, go)),
+    # the retaining tensor is the input asked for
+    "wrt_the_retaining_tensor": lambda G, x, go: (lambda y, ts: (G(y, ts[0]),
+                                                                [t.grad for t in ts])[1])(
+        *_retaining(x, go)),
+    # with a tensor hook as well: the retained gradient is the hooked one
+    "after_a_hook": lambda G, x, go: (lambda y, ts: (ts[0].register_hook(lambda g: g * 3), G(y, x),
+                                                     [t.grad for t in ts])[2])(
+        *_retaining(x, go)),
+    # create_graph: the retained gradient carries a graph, as PyTorch's copy does
+    "create_graph": lambda G, x, go: (lambda y, ts: (G(y, x, create_graph=True),
+                                                     [t.grad for t in ts],
+                                                     [t.grad.requires_grad for t in ts])[1:])(
+        *_retaining(x, go)),
+}
+
+
+@pytest.mark.parametrize("name", list(RETAIN_CASES))
+def test_retain_grad_like_torch(name, gen):
+    """torch.autograd.grad fills .grad of the tensors on its path that retain their gradient
+    (Tensor.retain_grad); fastgrad.grad must too. Twice: the second on a graph of the same
+    structure."""
+    x0, go = rand((3, 4), gen), rand((3, 4), gen)
+    for _ in range(2):
+        got = [RETAIN_CASES[name](G, x0.clone().requires_grad_(True), go)
+               for G in (TORCH_GRAD, FAST_GRAD)]
+        ref, out = got
+        if name == "create_graph":
+            assert out[1] == ref[1]
+            ref, out = ref[0], out[0]
+        assert all(r is not None for r in ref)
+        assert_same(out, ref)

@@ -339,12 +339,20 @@ def _leaf_edge(t):
 
 def _run_tensor_hooks(th, fn, cot, bind, create_graph, trace):
     """Run the tensor hooks of fn's outputs on their gradients (in ``cot``), in registration
-    order, as PyTorch does before calling the node; a hook's result replaces the gradient."""
-    for k, d in th:
+    order, as PyTorch does before calling the node; a hook's result replaces the gradient. A
+    tensor that retains its gradient gets it added to its ``.grad`` (a contiguous copy the
+    first time), after the hooks, as PyTorch's retains_grad hook does."""
+    for k, d, retaining in th:
         g = cot.get((id(fn), k))
         if g is None:
             continue
         g = materialize([g], bind.tensors, create_graph, trace.stats)[0]
+        if retaining is not None:
+            with torch.set_grad_enabled(create_graph):
+                retaining.grad = g.clone(memory_format=torch.contiguous_format) \
+                    if retaining.grad is None else retaining.grad + g
+            cot[(id(fn), k)] = bind(g)
+            continue
         for hook in list(d.values()):
             r = hook(g)
             if r is not None:

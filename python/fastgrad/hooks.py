@@ -6,12 +6,20 @@ hooks, so importing fastgrad wraps ``torch.Tensor.register_hook`` to note, in th
 ``metadata``, which output carries hooks and where they live (the tensor's own hook dict, so a
 removed handle removes the hook here too). The sweep then runs them at the same point
 (engine._run_tensor_hooks). Hooks registered before fastgrad was imported are not seen.
+
+``Tensor.retain_grad`` is noted the same way (a weak reference to the tensor): PyTorch adds
+the gradient flowing into such a tensor to its ``.grad`` in ``torch.autograd.grad`` too, after
+the tensor's other hooks.
 """
+import weakref
+
 import torch
 
 _KEY = "fastgrad_tensor_hooks"
+_RETAIN_KEY = "fastgrad_retains_grad"
 _STATE = {"any": False}
 _orig_register_hook = torch.Tensor.register_hook
+_orig_retain_grad = torch.Tensor.retain_grad
 
 
 def _register_hook(self, hook):
@@ -28,10 +36,26 @@ def _register_hook(self, hook):
     return handle
 
 
+def _retain_grad(self):
+    _orig_retain_grad(self)
+    fn = self.grad_fn
+    if fn is not None and self.retains_grad:
+        try:
+            entries = fn.metadata.setdefault(_RETAIN_KEY, [])
+        except Exception:  # pragma: no cover - every node has metadata in torch >= 2.0
+            return
+        if not any(r() is self for _, r in entries):
+            entries.append((self.output_nr, weakref.ref(self)))
+        _STATE["any"] = True
+
+
 def install():
     if torch.Tensor.register_hook is not _register_hook:
         _register_hook.__doc__ = _orig_register_hook.__doc__
         torch.Tensor.register_hook = _register_hook
+    if torch.Tensor.retain_grad is not _retain_grad:
+        _retain_grad.__doc__ = _orig_retain_grad.__doc__
+        torch.Tensor.retain_grad = _retain_grad
 
 
 def any_registered():
@@ -40,10 +64,18 @@ def any_registered():
 
 
 def tensor_hooks(fn):
-    """[(output number, hook dict)] for node ``fn``; empty when nothing was registered."""
+    """[(output number, hook dict, None)] then [(output number, None, tensor)] for the tensors
+    that retain their gradient, for node ``fn`` (PyTorch's order: retains_grad last); empty
+    when nothing was registered."""
     if not _STATE["any"]:
         return ()
     try:
-        return [(k, d) for k, d in fn.metadata.get(_KEY, ()) if d]
+        md = fn.metadata
+        out = [(k, d, None) for k, d in md.get(_KEY, ()) if d]
+        for k, r in md.get(_RETAIN_KEY, ()):
+            t = r()
+            if t is not None and t.retains_grad:
+                out.append((k, None, t))
+        return out
     except Exception:  # pragma: no cover
         return ()
