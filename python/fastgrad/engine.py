@@ -200,8 +200,8 @@ class Capture:
     __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale")
 
     def __init__(self, grad_tensors, bind, graph, in_edges, key, freed):
-        self.grad_tensors, self.bind, self.graph, self.in_edges = grad_tensors, bind, graph, in_edges
-        self.key, self.freed, self.stale = key, freed, False
+        self.grad_tensors, self.bind, self.graph = grad_tensors, bind, graph
+        self.in_edges, self.key, self.freed, self.stale = in_edges, key, freed, False
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
