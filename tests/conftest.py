@@ -200,6 +200,18 @@ def assert_same_error(run_torch, run_fast):
     assert str(fe) == str(te), f"message differs\nfastgrad: {fe}\ntorch:    {te}"
 
 
+class Twice(torch.autograd.Function):
+    """x * 2 as a Python Function saving nothing (a fallback node PyTorch runs)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
 # --------------------------------------------------------------------------
 # the differential driver
 # --------------------------------------------------------------------------

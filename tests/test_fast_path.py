@@ -13,7 +13,7 @@ import torch
 import fastgrad
 from fastgrad import engine
 
-from conftest import TORCH_GRAD, assert_same, assert_same_error, rand
+from conftest import TORCH_GRAD, Twice, assert_same, assert_same_error, rand
 
 
 @pytest.fixture
@@ -36,16 +36,6 @@ def _x(gen, shape=(4, 3)):
     return rand(shape, gen).requires_grad_(True)
 
 
-class _Twice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, gr):
-        return gr * 2
-
-
 # name -> gen -> (outputs, inputs, kwargs); called three times on the same graph
 HIT_CASES = {
     "tensor_sum": lambda g: (lambda x: ((torch.sin(x) * torch.exp(x)).sum(), x, {}))(_x(g)),
@@ -64,7 +54,7 @@ HIT_CASES = {
     "create_graph": lambda g: (lambda x: ((x ** 3).sum(), x, {"create_graph": True}))(_x(g)),
     # fallback nodes, replayed on the hit
     "fallback_node": lambda g: (lambda x: (torch.cumsum(torch.sin(x), 0).sum(), x, {}))(_x(g)),
-    "python_function": lambda g: (lambda x: (torch.exp(_Twice.apply(x)).sum(), x, {}))(_x(g)),
+    "python_function": lambda g: (lambda x: (torch.exp(Twice.apply(x)).sum(), x, {}))(_x(g)),
     "fallback_create_graph": lambda g: (lambda x: (torch.cumsum(x ** 3, 0).sum(), x,
                                                    {"create_graph": True}))(_x(g)),
 }

@@ -12,7 +12,7 @@ import torch
 import fastgrad
 from fastgrad import graph_cache
 
-from conftest import TORCH_GRAD, assert_same, check_grad, rand
+from conftest import TORCH_GRAD, Twice, assert_same, check_grad, rand
 
 
 def _const(gen, shape=(3, 4)):
@@ -215,7 +215,7 @@ FREED_CASES = {
     # nodes that saved nothing (a Python Function saving no tensor, addcmul of constants) may
     # run again in PyTorch
     "python_function_saving_nothing": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])(
-        _Twice.apply(x).sum()),
+        Twice.apply(x).sum()),
     "addcmul_saving_nothing": lambda G, x: (lambda z: (G(z, x), G(z, x))[1])(
         torch.addcmul(x, torch.ones_like(x) * 2, torch.ones_like(x) * 3).sum()),
     # a matrix product that saved one side only, then torch's engine on it
@@ -223,15 +223,6 @@ FREED_CASES = {
         x[:, None].mm(torch.ones(1, 2, dtype=x.dtype)).sum()),
 }
 
-
-class _Twice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a):
-        return a * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
 
 
 class _SaveInput(torch.autograd.Function):
