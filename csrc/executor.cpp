@@ -11,7 +11,7 @@ namespace {
 struct Names {
   PyObject *data_ptr = py_intern("data_ptr"), *shape = py_intern("shape"), *stride = py_intern("stride"),
            *reshape = py_intern("reshape"), *expand = py_intern("expand"),
-           *dtype = py_intern("dtype");
+           *dtype = py_intern("dtype"), *t = py_intern("t"), *mm = py_intern("mm");
 };
 const Names& names() {
   static const Names* n = new Names();  // never destroyed: may outlive the interpreter
@@ -147,6 +147,16 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
         st.chain.emplace_back(ct[0].cast<bool>(), py::tuple(ct[1]));
       }
       nslots_ += 1;
+    } else if (st.kind == 3) {
+      py::tuple src(t[1]), tr(t[2]);
+      if (src.size() != 2 || tr.size() != 2) throw py::value_error("Executor: a product takes two operands");
+      for (int i = 0; i < 2; ++i) {
+        const int slot = src[i].cast<int>();
+        if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: product operand out of range");
+        st.operands[i] = slot;
+        st.transposed[i] = tr[i].cast<bool>();
+      }
+      nslots_ += 1;
     } else {
       throw py::value_error("Executor: unknown step kind " + std::to_string(st.kind));
     }
@@ -184,6 +194,14 @@ py::object Executor::run(py::handle tensors) const {
       for (const auto& [is_expand, shape] : st.chain)
         v = py_call(v, is_expand ? N.expand : N.reshape, shape.ptr());
       slots.push_back(std::move(v));
+      continue;
+    }
+    if (st.kind == 3) {
+      GradOff off(grad_enabled_, set_grad_enabled_);
+      py::object ab[2];
+      for (int i = 0; i < 2; ++i)
+        ab[i] = st.transposed[i] ? py_call(slots[st.operands[i]], N.t) : slots[st.operands[i]];
+      slots.push_back(py_call(ab[0], N.mm, ab[1].ptr()));
       continue;
     }
     std::vector<py::list> ins, outs;

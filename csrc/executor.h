@@ -42,6 +42,8 @@ class Executor {
   //   (1, [region, ...], chunk_mask, numel)  a row group
   //   (2, source slot, [(is_expand, shape), ...])  reshape / expand with grad mode off (as
   //      PyTorch's engine takes them in a backward without create_graph)
+  //   (3, (slot a, slot b), (transpose a, transpose b))  a.mm(b), each operand or its
+  //      transpose (a view), with grad mode off
   // outputs: [slot]. empty: torch.empty; num_threads: torch.get_num_threads; a step of fewer
   // than parallel_min elements runs on one thread; grad_enabled / set_grad_enabled:
   // torch.is_grad_enabled / torch._C._set_grad_enabled.
@@ -74,6 +76,8 @@ class Executor {
     int64_t numel = 0;
     int src = 0;
     std::vector<std::pair<bool, py::object>> chain;
+    int operands[2] = {0, 0};
+    bool transposed[2] = {false, false};
   };
   std::vector<Leaf> leaves_;
   std::vector<Step> steps_;

@@ -48,6 +48,8 @@ CASES = [  # (name, shapes of the leaves, forward)
     ("two_outputs", [(100,)], lambda x: (x.exp(), x.sin().sum())),
     ("threads", [(70000,)], lambda x: (torch.tanh(x) * x,)),
     ("reshape_between", [(12, 10)], lambda x: ((x.exp().reshape(4, 30) * 2.0).sin(),)),
+    # two products: g @ w.t() (a transposed operand, a view) and x.t() @ g
+    ("matmul_steps", [(20, 8), (8, 6)], lambda x, w: (torch.tanh(x @ w),)),
 ]
 
 
@@ -118,6 +120,12 @@ def test_executor_rejects_malformed_specs():
     assert exe.run([torch.arange(6.0)[::2]]) is None  # other strides
     exe = _C.Executor([(0, (3,), (1,), (3, 1))], [(2, 0, [(True, (3, 2))])], [1], empty, nt, 1, *gm)
     assert torch.equal(exe.run([t])[0], t.reshape(3, 1).expand(3, 2))  # a leaf read reshaped
+    with pytest.raises(ValueError, match="product operand out of range"):
+        _C.Executor([(0, (3,), (1,), None)], [(3, (0, 1), (False, False))], [], empty, nt, 1, *gm)
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    exe = _C.Executor([(0, (3, 4), (4, 1), None), (1, (5, 4), (4, 1), None)],
+                      [(3, (0, 1), (False, True))], [2], empty, nt, 1, *gm)
+    assert torch.equal(exe.run([a, b])[0], a.mm(b.t()))  # a product, its second operand transposed
 
 
 @pytest.mark.parametrize("shape,fn", [((5,), lambda x: x.sum()), ((3, 4), lambda x: x.sum(0)),

@@ -1,4 +1,4 @@
-"""Graphs mixing native ops with ops fastgrad does not lower (matmul, conv,
+"""Graphs mixing native ops with ops fastgrad does not lower (batched matmul, conv,
 cumsum, a user autograd.Function): results still match torch, first and second
 order, and explain names which nodes went where."""
 
@@ -42,13 +42,13 @@ class ScaleBoth(torch.autograd.Function):
 
 # name -> (forward fn, input shapes, expected fallback node names, expected native node names)
 MIXED = {
-    "mm_tanh": (
-        lambda x, w: torch.tanh(torch.sin(x) @ w),
-        [(3, 4), (4, 5)], {"MmBackward0"}, {"TanhBackward0", "SinBackward0"},
+    "bmm_tanh": (
+        lambda x, w: torch.tanh(torch.bmm(torch.sin(x), w)),
+        [(2, 3, 4), (2, 4, 5)], {"BmmBackward0"}, {"TanhBackward0", "SinBackward0"},
     ),
-    "matmul_exp_sum": (
-        lambda x, w: torch.exp(torch.mm(x, w) * 0.5).sum(1),
-        [(3, 4), (4, 2)], {"MmBackward0"}, {"ExpBackward0", "SumBackward1"},
+    "bmm_exp_sum": (
+        lambda x, w: torch.exp(torch.bmm(x, w) * 0.5).sum(1),
+        [(2, 3, 4), (2, 4, 2)], {"BmmBackward0"}, {"ExpBackward0", "SumBackward1"},
     ),
     "conv1d_sigmoid": (
         lambda x, w: torch.sigmoid(torch.nn.functional.conv1d(torch.sin(x), w)),
@@ -71,8 +71,9 @@ MIXED = {
         [(3, 4), (3, 4)], {"ScaleBothBackward"}, {"ExpBackward0", "CosBackward0"},
     ),
     "native_opaque_native_sandwich": (
-        lambda x, w: (torch.sin(torch.exp(x) @ w) * torch.cos(x).sum(1, keepdim=True)).sum(),
-        [(3, 4), (4, 2)], {"MmBackward0"}, {"SinBackward0", "ExpBackward0", "CosBackward0"},
+        lambda x, w: (torch.sin(torch.bmm(torch.exp(x), w)) *
+                      torch.cos(x).sum(2, keepdim=True)).sum(),
+        [(2, 3, 4), (2, 4, 2)], {"BmmBackward0"}, {"SinBackward0", "ExpBackward0", "CosBackward0"},
     ),
     "cumsum_then_softmax": (
         lambda x: torch.softmax(x.cumsum(0), 1),
@@ -95,7 +96,7 @@ def test_second_order(name, gen):
     check_grad(MIXED[name][0], _inputs(name, gen), gen=gen, orders=2)
 
 
-@pytest.mark.parametrize("name", ["mm_tanh", "cumsum_exp", "custom_function"])
+@pytest.mark.parametrize("name", ["bmm_tanh", "cumsum_exp", "custom_function"])
 def test_third_order(name, gen):
     check_grad(MIXED[name][0], _inputs(name, gen), gen=gen, orders=3)
 
@@ -121,8 +122,8 @@ def test_explain_names(name, gen):
 
 
 def test_explain_second_order_mixed(gen):
-    x, w = rand((3, 4), gen).requires_grad_(True), rand((4, 5), gen).requires_grad_(True)
-    g = fastgrad.grad(torch.tanh(x @ w).sum(), [x, w], create_graph=True)
+    x, w = rand((2, 3, 4), gen).requires_grad_(True), rand((2, 4, 5), gen).requires_grad_(True)
+    g = fastgrad.grad(torch.tanh(torch.bmm(x, w)).sum(), [x, w], create_graph=True)
     report = fastgrad.explain((g[0] ** 2).sum() + (g[1] ** 2).sum(), [x, w], allow_unused=True)
     assert any("Region" in n for n in report.native), str(report)
     assert report.fallback, str(report)
@@ -130,8 +131,9 @@ def test_explain_second_order_mixed(gen):
 
 def test_fallback_node_with_unused_next_edge(gen):
     """An opaque node whose other input needs no gradient."""
-    w = rand((4, 5), gen)  # constant: (None, 0) edge in MmBackward0
-    check_grad(lambda x: torch.exp(torch.sin(x) @ w), [rand((3, 4), gen)], gen=gen, orders=2)
+    w = rand((2, 4, 5), gen)  # constant: (None, 0) edge in BmmBackward0
+    check_grad(lambda x: torch.exp(torch.bmm(torch.sin(x), w)), [rand((2, 3, 4), gen)], gen=gen,
+               orders=2)
 
 
 def test_unbind_fallback_none_grads(gen):
@@ -145,23 +147,10 @@ def test_integer_index_gather(gen):
                gen=gen, orders=2)
 
 
-def test_fallback_parameters_model(gen):
-    """Linear layers (Addmm/T nodes) between native activations; grads w.r.t. input and weights."""
-    lin = torch.nn.Linear(4, 3).double()
-    params = [p.detach().clone() for p in lin.parameters()]
-
-    def fn(x, w, b):
-        return torch.tanh(torch.nn.functional.linear(torch.sigmoid(x), w, b))
-
-    check_grad(fn, [rand((5, 4), gen)] + params, gen=gen, orders=2)
-
-
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_fallback_node_computes_only_wanted_edges(create_graph, gen):
     """A fallback node computes the input's gradient only, as in PyTorch's engine, not the
-    other operand's gradient nobody asked for (the node's hook sees which it made). (Matrix
-    products mm / addmm do that through fastgrad/fallback_edges.py: tests/test_fallback_edges.py;
-    bmm goes through PyTorch's engine.)"""
+    other operand's gradient nobody asked for (the node's hook sees which it made)."""
     # large enough for the engine path (small nodes are called directly: cheaper than a walk)
     x = rand((8, 32, 4), gen).requires_grad_(True)
     w = rand((8, 4, 300), gen).requires_grad_(True)

@@ -55,16 +55,16 @@ def _distinct(g):
     return (lambda x: x * c * d), [rand((3, 4), g)]
 
 
-def _addmm_bias(shape):
-    # addmm runs through PyTorch (a fallback node); its bias edge leaves the walk, and only
+def _baddbmm_bias(shape):
+    # baddbmm runs through PyTorch (a fallback node); its bias edge leaves the walk, and only
     # that edge's metadata differs between the two graphs (the sweep does not read it)
     def build(g):
-        b, w = rand(shape, g).requires_grad_(True), rand((4, 3), g).requires_grad_(True)
-        return (lambda x: torch.tanh(torch.addmm(b, x, w))), [rand((5, 4), g)]
+        b, w = rand(shape, g).requires_grad_(True), rand((2, 4, 3), g).requires_grad_(True)
+        return (lambda x: torch.tanh(torch.baddbmm(b, x, w))), [rand((2, 5, 4), g)]
     return build
 
 
-PAIRS["fallback_external_edge"] = (_addmm_bias((3,)), _addmm_bias((1, 3)))
+PAIRS["fallback_external_edge"] = (_baddbmm_bias((3,)), _baddbmm_bias((1, 3)))
 PAIRS["saved_tensor_aliasing"] = (_aliased, _distinct)
 PAIRS["saved_tensor_aliasing_reverse"] = (_distinct, _aliased)
 
@@ -128,13 +128,13 @@ def test_fallback_graphs_replay(create_graph, gen):
     graph's cotangents (values must be the new graph's)."""
     graph_cache.clear()
     for _ in range(3):
-        w = rand((3, 3), gen)
-        x = rand((4, 3), gen).requires_grad_(True)
-        y = torch.tanh(torch.cumsum(torch.sin(x) @ w, 0)).sum()
+        w = rand((2, 3, 3), gen)
+        x = rand((2, 4, 3), gen).requires_grad_(True)
+        y = torch.tanh(torch.cumsum(torch.bmm(torch.sin(x), w), 1)).sum()
         got = fastgrad.grad(y, x, retain_graph=True, create_graph=create_graph)
         assert_same(got, TORCH_GRAD(y, x, retain_graph=True))
         report = fastgrad.explain(y, x)
-        assert {n for n, _ in report.fallback} == {"CumsumBackward0", "MmBackward0"}
+        assert {n for n, _ in report.fallback} == {"CumsumBackward0", "BmmBackward0"}
     # one entry per create_graph value (explain runs without it)
     assert len(graph_cache._ENTRIES) == (2 if create_graph else 1)
 

@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import _C, fallback_edges, graph_cache, hooks, ir, lowering, rules
+from . import _C, graph_cache, hooks, ir, lowering, rules
 from .plan import Unplannable, clear_plan_cache, get_plan
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
@@ -17,7 +17,6 @@ from .runtime_table import DTYPE_CODES
 # Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
 _torch_grad = torch.autograd.grad
 _GradientEdge = torch.autograd.graph.GradientEdge
-_set_grad_enabled = torch._C._set_grad_enabled
 # Devices the compiled evaluator runs on (CUDA when the extension was built with it).
 _DEVICE_TYPES = ("cpu", "cuda") if _C.cuda_compiled() and hasattr(_C, "run_cuda") else ("cpu",)
 
@@ -146,26 +145,13 @@ def _call_opaque(fn, gs, create_graph, needed):
     if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
-    # matmul's weight gradient when only the input's is asked for). PyTorch's engine computes
-    # only the wanted ones (and runs the node's own hooks) but costs a walk of the whole graph
-    # below the node per call, so it is used only when the unwanted work is large; below that,
-    # the matrix products of fallback_edges compute only the wanted edges themselves.
-    nf = fn.next_functions
-    wanted, all_wanted = [], True
-    for m, _ in nf:
-        w = m is not None and bool(needed.get(id(m)))
-        wanted.append(w)
-        all_wanted = all_wanted and (w or m is None)
+    # convolution's weight gradient when only the input's is asked for). PyTorch's engine
+    # computes only the wanted ones (and runs the node's own hooks) but costs a walk of the
+    # whole graph below the node per call, so it is used only when the unwanted work is large.
+    all_wanted = True
+    for m, _ in fn.next_functions:
+        all_wanted = all_wanted and (m is None or bool(needed.get(id(m))))
     small = sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL
-    if not all_wanted and small:
-        prev = torch.is_grad_enabled()
-        _set_grad_enabled(create_graph)  # (the context manager costs a few us a node)
-        try:
-            res = fallback_edges.wanted_edges(fn, gs, wanted)
-        finally:
-            _set_grad_enabled(prev)
-        if res is not None:
-            return nf, res
     direct = callable(fn) and (all_wanted or small)
     if not direct:
         # PyTorch's engine runs the node (computing only the wanted edges, materialising

@@ -232,6 +232,8 @@ def reshape(x, shape):
 
 def permute(x, perm):
     perm = tuple(perm)
+    if x.op == "permute":  # one permute of the node below (a transpose of a transpose: none)
+        x, perm = x.args[0], tuple(x.attrs[0][p] for p in perm)
     if perm == tuple(range(len(perm))):
         return x
     return node("permute", (x,), (perm,), tuple(x.shape[p] for p in perm), x.dtype)
@@ -285,6 +287,21 @@ def sum_to(x, shape):
             dims.append(lead + i)
     r = rsum(x, dims) if dims else x
     return reshape(r, shape)
+
+
+def mm(a, b):
+    """The matrix product of two 2-d nodes of one dtype. Not a VM op: a plan runs it as a step
+    of its own through PyTorch's ``mm`` (plan.MatmulStep), between fused regions."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"mm of {a.shape} and {b.shape}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"mm of {a.dtype} and {b.dtype}")
+    return node("mm", (a, b), (), (a.shape[0], b.shape[1]), a.dtype)
+
+
+def transpose(x):
+    """The transpose of a 2-d node."""
+    return permute(x, (1, 0))
 
 
 def composite(op, x, attrs, known=None):

@@ -258,6 +258,30 @@ def _softplus(v):
     return [ir.cast(ir.where(over, xc, soft), x.dtype)]
 
 
+def _matmul(v, i, first, second):
+    """mm of inputs i and i + 1, read from the saved tensors ``first`` and ``second`` where
+    PyTorch saved them: it saves each operand only when the other one's gradient needs it."""
+    args = []
+    for j, name in ((i, first), (i + 1, second)):
+        t = v.raw(name)
+        if t is not None and (not isinstance(t, torch.Tensor) or t.layout != torch.strided or
+                              t.is_complex() or t.dim() != 2):
+            raise Unsupported(f"{name} is not a real strided matrix")
+        args.append(v.x(j, name if t is not None else None))
+    try:
+        return ir.mm(*args)
+    except ValueError as e:
+        raise Unsupported(str(e)) from None
+
+
+def _addmm(v):
+    alpha, beta = v.scalar("_saved_alpha"), v.scalar("_saved_beta")
+    if alpha is None or beta is None:
+        raise Unsupported("addmm without its scalars")
+    prod = _matmul(v, 1, "_saved_mat1", "_saved_mat2")
+    return [add(mul(v.x(0), float(beta)), mul(prod, float(alpha)))]
+
+
 _OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
@@ -332,6 +356,8 @@ LOWER = {
     "SelectBackward0": _select,
     "SliceBackward0": _slice,
     "ToCopyBackward0": _to_copy,
+    "MmBackward0": lambda v: [_matmul(v, 0, "_saved_self", "_saved_mat2")],
+    "AddmmBackward0": _addmm,
     "RegionFunctionBackward": _region,
 }
 

@@ -88,6 +88,34 @@ class ViewStep:
         else:
             self.source, self.chain = node.args[0], [node]
 
+    @property
+    def sources(self):
+        return [self.source]
+
+
+class MatmulStep:
+    """A matrix product (ir.mm), run by PyTorch's ``mm`` between fused regions: a GEMM is
+    BLAS's work, not a fused loop's. Each operand is a bound or materialised tensor, or its
+    transpose (a view, no copy): ``operands`` holds (node, transposed)."""
+
+    def __init__(self, node):
+        self.node = node
+        self.operands = [_matmul_operand(a) for a in node.args]
+
+    @property
+    def sources(self):
+        return [m for m, _ in self.operands]
+
+    def describe(self):
+        a, b = self.node.args
+        return f"matmul {list(a.shape)} x {list(b.shape)} ({self.node.dtype}): torch.mm"
+
+
+def _matmul_operand(n):
+    if n.op == "permute":  # (ir.permute folds a permute of a permute: at most one here)
+        return n.args[0], True
+    return n, False
+
 
 class RowGroup:
     """Regions that run as one row group on the CPU (csrc/vm.h, run_group_cpu): chunk of rows by
@@ -178,6 +206,11 @@ def build(requested):
             if not known(n.args[0]):
                 mat[id(n.args[0])] = n.args[0]
             views[id(n)] = n
+        elif n.op == "mm":  # its operands are tensors (the step takes a transpose as a view)
+            mat[id(n)] = n
+            for m, _ in map(_matmul_operand, n.args):
+                if not known(m):
+                    mat[id(m)] = m
     for e in exprs:
         # A result that only broadcasts a bound tensor (the VJP of a sum) is returned as
         # PyTorch returns it: an expanded view, nothing written.
@@ -194,6 +227,8 @@ def build(requested):
         body = n.args if (n.op in _REDUCE_MODE or id(n) in views) else [n]
         if n.op == "expand" and id(n) in views:
             body = [_view_chain(n)[0]]
+        if n.op == "mm":
+            body = [m for m, _ in map(_matmul_operand, n.args)]
         deps = set()
         for m in ir.topo(list(body), stop=lambda m: loadable(m) and m is not n):
             if m is not n and loadable(m) and not known(m):
@@ -202,6 +237,9 @@ def build(requested):
         level[id(n)] = lvl
         if id(n) in views:
             steps.append((lvl, ViewStep(n)))
+            continue
+        if n.op == "mm":
+            steps.append((lvl, MatmulStep(n)))
             continue
         if n.op in _REDUCE_MODE:
             x = n.args[0]
@@ -266,8 +304,8 @@ def _row_groups(steps):
         made.clear()
 
     for s in steps:
-        if not isinstance(s, Region):  # a view of the group's result is taken after the group
-            if id(s.source) in made:
+        if not isinstance(s, Region):  # a view or product of its results runs after the group
+            if any(id(m) in made for m in s.sources):
                 close()
                 dep = False
             out.append(s)

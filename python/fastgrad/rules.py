@@ -10,7 +10,8 @@ program gives the next order.
 is used only when such a node's value is needed and was not saved.
 """
 from . import ir
-from .ir import add, sub, mul, div, neg, where, ew, const, expand, rsum, reshape, permute
+from .ir import add, sub, mul, div, neg, where, ew, const, expand, rsum, reshape, permute, mm, \
+    transpose
 
 ZERO = None
 
@@ -130,6 +131,7 @@ RULES = {
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
     "permute": lambda n, g: [permute(g, _inverse(n.attrs[0]))],
+    "mm": lambda n, g: [mm(g, transpose(n.args[1])), mm(transpose(n.args[0]), g)],
     "slice": _slice_rule,
     "embed": _embed_rule,
 }

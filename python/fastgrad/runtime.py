@@ -18,7 +18,7 @@ from array import array
 import torch
 
 from . import _C, cuda_jit, ir, jit, rules
-from .plan import Region, RowGroup, ViewStep, get_plan
+from .plan import MatmulStep, Region, RowGroup, ViewStep, get_plan
 from .runtime_table import DTYPE_CODES
 
 _COMPUTE = {torch.float32: 0, torch.float64: 1}
@@ -178,6 +178,13 @@ def _count(stats, region, ins, outs, launch=True, indent=""):
     stats.regions.append(indent + region.describe())
 
 
+def _count_matmul(stats, step, a, b, out):
+    stats.launches += 1
+    stats.bytes_read += a.numel() * a.element_size() + b.numel() * b.element_size()
+    stats.bytes_written += out.numel() * out.element_size()
+    stats.regions.append(step.describe())
+
+
 def run_group(group, value, env, stats=None):
     """Run a RowGroup on the CPU in one call. ``value(node)`` gives an input's tensor; each
     region's targets are put in ``env`` (by node id) before the next region's inputs are
@@ -273,14 +280,15 @@ def _executor(plan, env, tensors):
     tensors have the layouts these had. Raises _NoExecutor where the run is not repeatable."""
     produced = set()
     for step in plan.steps:
-        if isinstance(step, ViewStep):
+        if isinstance(step, (ViewStep, MatmulStep)):
             produced.add(id(step.node))
         else:
             for r in step.regions if isinstance(step, RowGroup) else (step,):
                 produced.update(id(t) for t in r.targets)
     slots, leaves = {}, []
     # leaves whose tensor itself is used (a view step's source, a result), not only its data
-    as_tensor = {id(s.source) for s in plan.steps if isinstance(s, ViewStep)}
+    as_tensor = {id(m) for s in plan.steps if isinstance(s, (ViewStep, MatmulStep))
+                 for m in s.sources}
     as_tensor.update(id(e) for e in plan.outputs)
 
     def leaf(n):
@@ -299,8 +307,9 @@ def _executor(plan, env, tensors):
         leaves.append((n.known, tuple(t.shape), t.stride(), reshape))
 
     for step in plan.steps:
-        if isinstance(step, ViewStep):
-            leaf(step.source)
+        if isinstance(step, (ViewStep, MatmulStep)):
+            for m in step.sources:
+                leaf(m)
         else:
             for r in step.regions if isinstance(step, RowGroup) else (step,):
                 for m in r.inputs:
@@ -331,6 +340,11 @@ def _executor(plan, env, tensors):
         elif isinstance(step, RowGroup):
             specs = [part(r) for r in step.regions]
             steps.append((1, [s for s, _ in specs], step.mask, max(n for _, n in specs)))
+        elif isinstance(step, MatmulStep):
+            steps.append((3, tuple(slots[id(m)] for m in step.sources),
+                          tuple(tr for _, tr in step.operands)))
+            slots[id(step.node)] = nslots
+            nslots += 1
         else:
             steps.append((2, slots[id(step.source)],
                           [(m.op != "reshape", tuple(m.shape)) for m in step.chain]))
@@ -412,6 +426,13 @@ def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
             else:
                 for r in step.regions:
                     run(r)
+        elif isinstance(step, MatmulStep):
+            a, b = [value(m).t() if tr else value(m) for m, tr in step.operands]
+            # the product records its node only for create_graph, as PyTorch's engine does
+            with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+                v = env[id(step.node)] = torch.mm(a, b)
+            if stats is not None:
+                _count_matmul(stats, step, a, b, v)
         else:
             v = value(step.source)
             # Without create_graph the views are taken with grad mode off, as PyTorch's engine

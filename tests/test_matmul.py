@@ -1,0 +1,163 @@
+"""Matrix products (MmBackward0, AddmmBackward0: every Linear) as native nodes: lowered to
+ir.mm, derived by its rule, run by the plan as MatmulSteps (torch.mm) between fused regions.
+
+Each case differentiates with respect to some of the product's operands (the others may require
+grad too), first and second order, against torch; the explain report must show every product
+native. Errors PyTorch's node raises (a saved operand modified in place, a freed graph) are
+raised the same."""
+import pytest
+import torch
+
+import fastgrad
+from conftest import TORCH_GRAD, assert_same, check_grad, rand
+
+
+def _colmajor(t):
+    return t.t().contiguous().t()
+
+
+def _linear(x, w, c):
+    return torch.nn.functional.linear(x, w, c)
+
+
+# name -> (forward on the prepared leaves, leaf shapes, prep, which leaves to differentiate)
+CASES = {
+    "mm_wrt_first": (lambda a, b: torch.tanh(a.mm(b)), [(5, 4), (4, 3)], None, [0]),
+    "mm_wrt_second": (lambda a, b: torch.tanh(a.mm(b)), [(5, 4), (4, 3)], None, [1]),
+    "mm_wrt_both": (lambda a, b: torch.sin(a @ b), [(5, 4), (4, 3)], None, [0, 1]),
+    "mm_first_column_major": (lambda a, b: torch.sin(a.mm(b)), [(5, 4), (4, 3)],
+                              lambda a, b: (_colmajor(a), b), [0, 1]),
+    "mm_of_transposes": (lambda a, b: torch.exp(a.t().mm(b.t()) * 0.25), [(4, 5), (3, 4)],
+                         None, [0, 1]),
+    "mm_same_operand": (lambda a: torch.tanh(a.mm(a)), [(4, 4)], None, [0]),
+    "mm_vector_like": (lambda a, b: torch.sigmoid(a.mm(b)), [(1, 6), (6, 1)], None, [0, 1]),
+    "linear_wrt_input": (lambda x, w, c: torch.tanh(_linear(x, w, c)),
+                         [(6, 4), (3, 4), (3,)], None, [0]),
+    "linear_wrt_weight": (lambda x, w, c: torch.tanh(_linear(x, w, c)),
+                          [(6, 4), (3, 4), (3,)], None, [1]),
+    "linear_wrt_all": (lambda x, w, c: torch.tanh(_linear(torch.sigmoid(x), w, c)),
+                       [(5, 4), (3, 4), (3,)], None, [0, 1, 2]),
+    "addmm_scaled_wrt_bias_and_mat2": (
+        lambda c, a, b: torch.exp(torch.addmm(c, a, b, beta=0.5, alpha=-2.0)),
+        [(3,), (5, 4), (4, 3)], None, [0, 2]),
+    "addmm_scaled_wrt_mat1": (
+        lambda c, a, b: torch.exp(torch.addmm(c, a, b, beta=1.5, alpha=3)),
+        [(3,), (5, 4), (4, 3)], None, [1]),
+    "addmm_full_bias": (lambda c, a, b: torch.tanh(torch.addmm(c, a, b)),
+                        [(5, 3), (5, 4), (4, 3)], None, [0, 1]),
+}
+
+
+def _native(report):
+    assert not report.fallback, str(report)
+    assert {"MmBackward0", "AddmmBackward0"} & set(report.native), str(report)
+    assert "torch.mm" in str(report), str(report)
+
+
+@pytest.mark.parametrize("orders", [1, 2])
+@pytest.mark.parametrize("name", list(CASES))
+def test_products_like_torch(name, orders, gen):
+    fn, shapes, prep, which = CASES[name]
+    leaves = [rand(s, gen).requires_grad_(True) for s in shapes]
+    ins = prep(*leaves) if prep else leaves
+    out = fn(*ins)
+    wrt = [leaves[i] for i in which]
+    go = rand(tuple(out.shape), gen)
+    _native(fastgrad.explain(out, wrt, go, create_graph=orders == 2))
+    got = fastgrad.grad(out, wrt, go, retain_graph=True, create_graph=orders == 2)
+    ref = TORCH_GRAD(out, wrt, go, create_graph=orders == 2)
+    assert_same(got, ref, "order 1")
+    if orders == 2:
+        assert [g.requires_grad for g in got] == [r.requires_grad for r in ref]
+        s_got = sum((g * g).sum() for g in got)
+        s_ref = sum((r * r).sum() for r in ref)
+        _native(fastgrad.explain(s_got, leaves, allow_unused=True))
+        assert_same(fastgrad.grad(s_got, leaves, allow_unused=True, retain_graph=True),
+                    TORCH_GRAD(s_ref, leaves, allow_unused=True), "order 2", none_is_zero=True)
+
+
+def test_third_order_through_products(gen):
+    check_grad(lambda x, w: torch.tanh(torch.sin(x) @ w), [rand((3, 4), gen), rand((4, 5), gen)],
+               gen=gen, orders=3, native=True)
+
+
+def test_linear_model_all_parameters(gen):
+    """Linear layers between native activations; gradients w.r.t. input and weights."""
+    lin = torch.nn.Linear(4, 3).double()
+    params = [p.detach().clone() for p in lin.parameters()]
+    check_grad(lambda x, w, b: torch.tanh(_linear(torch.sigmoid(x), w, b)),
+               [rand((5, 4), gen)] + params, gen=gen, orders=2, native=True)
+
+
+def test_mlp_input_gradient_float32(gen):
+    """A tanh MLP's input gradient and its second derivative (a PINN's u_x, u_xx), float32,
+    every node native at both orders."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                              torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = rand((9, 2), gen, dtype=torch.float32).requires_grad_(True)
+    u = net(x).sum()
+    _native(fastgrad.explain(u, x, create_graph=True))
+    ux = fastgrad.grad(u, x, create_graph=True)[0]  # (keeps the graph)
+    rx = TORCH_GRAD(u, x, create_graph=True)[0]
+    assert_same(ux, rx)
+    _native(fastgrad.explain(ux[:, 0].sum(), x))
+    for _ in range(3):  # later calls: the cached plan (and the Executor) give the same
+        assert_same(fastgrad.grad(ux[:, 0].sum(), x, retain_graph=True),
+                    TORCH_GRAD(rx[:, 0].sum(), x, retain_graph=True))
+
+
+def test_product_without_grad_mode_leaks_no_graph(gen):
+    """Without create_graph the products run with grad mode off, as in PyTorch's engine: the
+    gradient w.r.t. an input does not require grad even though the weights do."""
+    x = rand((6, 4), gen).requires_grad_(True)
+    lin = torch.nn.Linear(4, 3).double()
+    y = torch.tanh(lin(x)).sum()
+    (g,) = fastgrad.grad(y, x)
+    assert not g.requires_grad and g.grad_fn is None
+
+
+def _error(call):
+    """The message of the RuntimeError ``call`` raises, or None."""
+    try:
+        call()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+# what happens between the forward and the gradient
+TAMPERED = {
+    "weight_modified_in_place": lambda x, w, b: w.mul_(2),
+    "input_modified_in_place": lambda x, w, b: x.mul_(2),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
+def test_raises_what_the_node_raises(name, wrt, gen):
+    """A saved operand modified in place: PyTorch's node raises whichever edge is wanted, and
+    so does fastgrad (lowering reads every saved operand)."""
+    errors = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        h = rand((5, 4), gen).requires_grad_(True)
+        x = h * 1  # (a non-leaf input of the product, so it may be modified in place)
+        w, b = rand((3, 4), gen).requires_grad_(True), rand((3,), gen).requires_grad_(True)
+        y = _linear(x, w, b).sum()
+        with torch.no_grad():
+            TAMPERED[name](x, w, b)
+        errors.append(_error(lambda: G(y, {"input": h, "weight": w, "bias": b}[wrt])))
+    assert errors[0] is not None and errors[1] == errors[0]
+
+
+def test_a_graph_torch_freed(gen):
+    """After torch.autograd.grad freed a Linear's graph, the bias's gradient raises PyTorch's
+    error (its rule needs no saved tensor, but the node would unpack them)."""
+    errors = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = rand((5, 4), gen).requires_grad_(True)
+        lin = torch.nn.Linear(4, 3).double()
+        y = lin(x).sum()
+        TORCH_GRAD(y, x)
+        errors.append(_error(lambda: G(y, lin.bias)))
+    assert errors[0] is not None and errors[1] == errors[0]
