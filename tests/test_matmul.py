@@ -161,3 +161,16 @@ def test_a_graph_torch_freed(gen):
         TORCH_GRAD(y, x)
         errors.append(_error(lambda: G(y, lin.bias)))
     assert errors[0] is not None and errors[1] == errors[0]
+
+
+def test_a_broadcast_operand_is_a_view(gen):
+    """The VJP of a sum reaching a product (a Linear layer's output summed) is an expanded view
+    of the grad_output handed to the product, not a tensor written first: one step, the
+    product."""
+    x = rand((6, 4), gen).requires_grad_(True)
+    w = rand((3, 4), gen).requires_grad_(True)
+    y = torch.nn.functional.linear(x, w).sum()
+    report = fastgrad.explain(y, x)
+    assert report.regions == [r for r in report.regions if "torch.mm" in r], str(report)
+    assert report.kernel_launches == 1, str(report)
+    assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x))

@@ -211,9 +211,10 @@ def build(requested):
             for m, _ in map(_matmul_operand, n.args):
                 if not known(m):
                     mat[id(m)] = m
-    for e in exprs:
-        # A result that only broadcasts a bound tensor (the VJP of a sum) is returned as
-        # PyTorch returns it: an expanded view, nothing written.
+    for e in exprs + [m for n in nodes if n.op == "mm" and not known(n)
+                      for m, _ in map(_matmul_operand, n.args)]:
+        # A result, or a product's operand, that only broadcasts a bound tensor (the VJP of a
+        # sum) is an expanded view of it, nothing written (as PyTorch returns the former).
         if e.op == "expand" and known(_view_chain(e)[0]):
             views[id(e)] = e
     for vid in views:
