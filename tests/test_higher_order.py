@@ -278,3 +278,46 @@ def test_create_graph_under_no_grad(name, gen):
             got.append((g, TORCH_GRAD((g * g).sum(), x)[0]))
         assert_same(got[1][0], got[0][0], f"call {call}")
         assert_same(got[1][1], got[0][1], f"call {call}, second order")
+
+
+# name -> (forward of x and the model's parameters, x's shape, sizes of the tanh MLP or None)
+BLOCK_CASES = {
+    "elementwise": (lambda x, net: torch.sin(x) * torch.exp(x), (6, 5), None),
+    "softmax_rows": (lambda x, net: torch.softmax(x, -1) * x, (7, 9), None),  # a row group
+    "tanh_mlp": (lambda x, net: net(x), (9, 2), [2, 8, 8, 1]),  # products between regions
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_CASES))
+def test_create_graph_records_one_node(name, gen):
+    """A create_graph call runs its plan as one block: one RegionFunction node (a PlanBlock)
+    whose inputs are the call's bound tensors, not a node per region and product. A backward
+    through it, and through PyTorch's node for the same call, to x and to the weights, agree."""
+    fn, shape, sizes = BLOCK_CASES[name]
+    net = _mlp(gen, sizes) if sizes else None
+    x = rand(shape, gen).requires_grad_(True)
+    y = fn(x, net)
+    go = rand(tuple(y.shape), gen)
+    g = FAST_GRAD(y, x, go, create_graph=True)[0]
+    ref = TORCH_GRAD(y, x, go, create_graph=True)[0]
+    assert g.grad_fn.name() == "RegionFunctionBackward"
+    assert type(g.grad_fn.region).__name__ == "PlanBlock"
+    below = [m.name() for m, _ in g.grad_fn.next_functions if m is not None]
+    assert "RegionFunctionBackward" not in below and "MmBackward0" not in below, below
+    wrt = [x] + (list(net.parameters()) if net else [])
+    v = rand(tuple(g.shape), gen)
+    assert_same(TORCH_GRAD(g, wrt, v, retain_graph=True, allow_unused=True),
+                TORCH_GRAD(ref, wrt, v, allow_unused=True), what="backward through the block",
+                none_is_zero=True)
+
+
+def test_second_order_loads_the_saved_products(gen):
+    """u_xx through a block lowers the block's IR with its products bound to the results it
+    saved: the first call's products are not computed again (a 3-layer MLP: 4 products in
+    u_xx's plan, as with the products recorded one by one)."""
+    net = _mlp(gen, [2, 8, 8, 1])
+    x = rand((9, 2), gen).requires_grad_(True)
+    ux = FAST_GRAD(net(x).sum(), x, create_graph=True)[0]
+    report = fastgrad.explain(ux[:, 0].sum(), x)
+    assert report.all_native, str(report)
+    assert sum("torch.mm" in r for r in report.regions) == 4, str(report)

@@ -331,13 +331,15 @@ def topo(roots, stop=None):
     return order
 
 
-def substitute(roots, mapping):
-    """Rebuild roots with nodes replaced per ``mapping`` (id(node) -> node)."""
+def substitute(roots, mapping, known=None):
+    """Rebuild roots with nodes replaced per ``mapping`` (id(node) -> node); with ``known``,
+    each rebuilt node is bound to ``known(node)`` (its tensor number, or None)."""
     memo = dict(mapping)
     for n in topo(roots, stop=lambda m: id(m) in mapping):
         if id(n) in memo:
             continue
         args = tuple(memo[id(a)] for a in n.args)
-        memo[id(n)] = n if all(a is b for a, b in zip(args, n.args)) else \
-            node(n.op, args, n.attrs, n.shape, n.dtype, n.known)
+        k = n.known if known is None else known(n)
+        memo[id(n)] = n if k == n.known and all(a is b for a, b in zip(args, n.args)) else \
+            node(n.op, args, n.attrs, n.shape, n.dtype, k)
     return [None if r is None else memo[id(r)] for r in roots]

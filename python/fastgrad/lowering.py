@@ -239,9 +239,13 @@ def _to_copy(v):
 def _region(v):
     region = v.fn.region
     saved = v.fn.saved_tensors  # raises PyTorch's own error once the graph is freed
-    slots = [ir.slot(i, v._bind(t), tuple(t.shape), t.dtype) for i, t in enumerate(saved)]
+    n = len(region.local_inputs)  # (a PlanBlock saves its products after its inputs)
+    slots = [ir.slot(i, v._bind(t), tuple(t.shape), t.dtype) for i, t in enumerate(saved[:n])]
     mapping = {id(leaf): s for leaf, s in zip(region.local_inputs, slots)}
-    return ir.substitute(region.local_outputs, mapping)
+    # a block's IR binds its products to its saved tensors: to this call's numbers
+    bound = [s.args[0].known for s in slots] + [v._bind(t).known for t in saved[n:]]
+    return ir.substitute(region.local_outputs, mapping,
+                         lambda m: None if m.known is None else bound[m.known])
 
 
 def _softplus(v):

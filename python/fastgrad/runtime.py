@@ -213,11 +213,18 @@ def run_group(group, value, env, stats=None):
 
 
 class RegionFunction(torch.autograd.Function):
+    """A region, or a whole plan (PlanBlock), as one node of PyTorch's graph (create_graph):
+    its backward is rules.vjp of its own IR (``local_outputs`` over ``local_inputs``)."""
+
     @staticmethod
     def forward(ctx, region, *ins):
         ctx.region = region
-        ctx.save_for_backward(*ins)
-        outs = run_region(region, ins)
+        if type(region) is PlanBlock:
+            outs, products = region.run(ins)
+            ctx.save_for_backward(*ins, *products)  # (the backward's tensors: ins, then these)
+        else:
+            ctx.save_for_backward(*ins)
+            outs = run_region(region, ins)
         # As in PyTorch, a result that depends on no grad-requiring input only through
         # differentiable ops (e.g. relu's mask) does not require grad.
         # One call: each mark_non_differentiable call replaces the previous set.
@@ -268,6 +275,69 @@ def _apply_region(region, *ins):
     if _C_APPLY is None or _functorch_active is None or _functorch_active():
         return RegionFunction.apply(region, *ins)
     return _C_APPLY(region, *ins)
+
+
+class PlanBlock:
+    """A plan run under create_graph as one RegionFunction: the forward is the plan's plain
+    run (through the Executor on the CPU), so a create_graph call costs one Function node
+    instead of one per region and product.
+
+    Its inputs are the bound tensors the plan reads (one per bound IR node, read as that
+    node's shape). It also saves the results of the matrix products it computes, after its
+    inputs. Its IR (``local_outputs``: the plan's requested expressions over those inputs) is
+    what its backward derives and what a later fastgrad.grad inlines through lowering's
+    RegionFunctionBackward; there the products are bound to their saved results (``known``:
+    loaded, as PyTorch's own nodes would, not recomputed) but keep their operands, so the
+    derivative goes through them. The elementwise work between inputs and outputs is
+    recomputed (a pass over memory costs less than keeping its result). A bound product in a
+    plan (another block's saved result, which carries no graph of its own) is therefore an
+    input of its block for its value only, its operands followed further. ``stats``
+    (explain) is set around a run that reports."""
+
+    stats = None
+
+    def __init__(self, plan):
+        carries_graph = lambda n: n.known is not None and n.op != "mm"  # noqa: E731
+        nodes = ir.topo(plan.requested, stop=carries_graph)
+        self.inputs = [n for n in nodes if n.known is not None]
+        n_in = len(self.inputs)
+        self.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(self.inputs)]
+        leaves = {id(n): m for n, m in zip(self.inputs, self.local_inputs)
+                  if carries_graph(n)}
+        values = {id(n): i for i, n in enumerate(self.inputs) if not carries_graph(n)}
+        made = [n for n in nodes if n.op == "mm" and n.known is None]
+        self.nout = len(plan.requested)
+        # what the forward computes: the results, then the products it saves
+        self._forward = ir.substitute(list(plan.requested) + made, leaves,
+                                      lambda n: values.get(id(n)))
+        # what is derived: the products bound to the saved tensors after the inputs
+        saved = {**values, **{id(n): n_in + j for j, n in enumerate(made)}}
+        self.local_outputs = ir.substitute(plan.requested, leaves, lambda n: saved.get(id(n)))
+        local = {id(m): i for i, m in enumerate(self.local_inputs)}
+        self.diff_deps = [rules.differentiable_deps(o, lambda m: local.get(id(m)))
+                          for o in self.local_outputs]
+        self.vjps = {}
+        self.plan = None
+
+    @staticmethod
+    def of(plan):
+        """The plan's block, or None where the plan must run step by step under create_graph:
+        a result that is a bound tensor or a view of one (the Function would return its own
+        input), or the same result twice."""
+        if plan.block is False:
+            views = {id(s.node) for s in plan.steps if isinstance(s, ViewStep)}
+            outs = plan.outputs
+            ok = len({id(e) for e in outs}) == len(outs) and not any(
+                e.known is not None or id(e) in views for e in outs)
+            plan.block = PlanBlock(plan) if ok else None
+        return plan.block
+
+    def run(self, ins):
+        """(results, the products to save) on the block's inputs."""
+        if self.plan is None:
+            self.plan = get_plan(self._forward)
+        outs = execute(self.plan, list(ins), False, self.stats)
+        return outs[:self.nout], outs[self.nout:]
 
 
 class _NoExecutor(Exception):
@@ -361,6 +431,17 @@ def execute(plan, tensors, create_graph, stats=None):
         # when the call is made under no_grad: the results require grad all the same
         with torch.enable_grad():
             return execute(plan, tensors, create_graph, stats)
+    if create_graph:
+        block = PlanBlock.of(plan)
+        if block is not None:
+            ins = [_bound(tensors, n) for n in block.inputs]
+            if not any(t.requires_grad for t in ins):  # nothing to record
+                return execute(plan, tensors, False, stats)
+            PlanBlock.stats = stats
+            try:
+                return list(_apply_region(block, *ins))
+            finally:
+                PlanBlock.stats = None
     dev = tensors[0].device if tensors else _CPU
     plan.runs += 1
     # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
@@ -392,6 +473,12 @@ def _compile(plan):
     plan.jit_pending = False
 
 
+def _bound(tensors, n):
+    """The tensor bound to IR node ``n``, read as its shape."""
+    t = tensors[n.known]
+    return t if t.shape == n.shape else t.reshape(n.shape)
+
+
 def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
     """The Python path of execute: run the plan's steps one by one, and (``repeat``) leave an
     Executor that repeats the run."""
@@ -400,8 +487,7 @@ def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
     def value(n):
         v = env.get(id(n))
         if v is None:
-            t = tensors[n.known]
-            v = env[id(n)] = t if t.shape == n.shape else t.reshape(n.shape)
+            v = env[id(n)] = _bound(tensors, n)
         return v
 
     def run(region):
