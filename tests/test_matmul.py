@@ -174,3 +174,16 @@ def test_a_broadcast_operand_is_a_view(gen):
     assert report.regions == [r for r in report.regions if "torch.mm" in r], str(report)
     assert report.kernel_launches == 1, str(report)
     assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x))
+
+
+def test_a_weight_gradient_is_one_product(gen):
+    """A Linear's weight gradient goes through the transpose PyTorch saved (W.T): the product
+    is written transposed ((a @ b).T = b.T @ a.T), not computed and then copied."""
+    x = rand((6, 4), gen).requires_grad_(True)
+    w = rand((3, 4), gen).requires_grad_(True)
+    y = torch.tanh(torch.nn.functional.linear(x, w))
+    go = rand((6, 3), gen)
+    report = fastgrad.explain(y, w, go)
+    assert sum("torch.mm" in r for r in report.regions) == 1, str(report)
+    assert report.kernel_launches == 2, str(report)  # the tanh region, the product
+    assert_same(fastgrad.grad(y, w, go, retain_graph=True), TORCH_GRAD(y, w, go))

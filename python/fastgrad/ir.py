@@ -234,6 +234,10 @@ def permute(x, perm):
     perm = tuple(perm)
     if x.op == "permute":  # one permute of the node below (a transpose of a transpose: none)
         x, perm = x.args[0], tuple(x.attrs[0][p] for p in perm)
+    if x.op == "mm" and x.known is None and perm == (1, 0):
+        # (a @ b).T = b.T @ a.T: the product written transposed, not a copy of it (a weight's
+        # gradient through a Linear's saved W.T)
+        return mm(permute(x.args[1], (1, 0)), permute(x.args[0], (1, 0)))
     if perm == tuple(range(len(perm))):
         return x
     return node("permute", (x,), (perm,), tuple(x.shape[p] for p in perm), x.dtype)
