@@ -321,3 +321,61 @@ def test_second_order_loads_the_saved_products(gen):
     report = fastgrad.explain(ux[:, 0].sum(), x)
     assert report.all_native, str(report)
     assert sum("torch.mm" in r for r in report.regions) == 4, str(report)
+
+
+# products whose derivatives of every order run through blocks that saved them
+PRODUCT_CHAINS = {
+    "square_of_product": lambda x, w: ((x @ w) ** 2).sum(),
+    "product_twice": lambda x, w: ((x @ w) + (x @ w)).pow(2).sum(),
+    "sin_times_product": lambda x, w: ((x @ w).sin() * (x @ w)).sum(),
+}
+
+
+def _orders(engines, fn, x0, w0, weights):
+    """Gradients of ``fn`` w.r.t. (x, w), each order summed (weighted) into the next one's
+    output, with ``engines`` (a string of 't' / 'f': torch / fastgrad) at the orders."""
+    x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    out = fn(x, w)
+    for k, e in enumerate(engines):
+        last = k == len(engines) - 1
+        g = (TORCH_GRAD if e == "t" else FAST_GRAD)(out, (x, w), create_graph=not last,
+                                                   allow_unused=True)
+        if not last:
+            out = sum((gi * weights).sum() for gi in g if gi is not None)
+    return g
+
+
+@pytest.mark.parametrize("engines", ["ftt", "tft", "fft", "ttf", "fftt", "tftf", "ffff"])
+@pytest.mark.parametrize("name", list(PRODUCT_CHAINS))
+def test_products_to_fourth_order_mixed_engines(name, engines, gen):
+    """A block's saved products are values only: a block at order 2 differentiated by PyTorch
+    at orders 3 and 4 (or by fastgrad, inlining it) must follow their operands. A block's
+    backward that returns one result twice once dropped them."""
+    x0, w0, weights = rand((2, 2), gen), rand((2, 2), gen), rand((2, 2), gen)
+    fn = PRODUCT_CHAINS[name]
+    assert_same(_orders(engines, fn, x0, w0, weights), _orders("t" * len(engines), fn, x0, w0,
+                                                               weights), none_is_zero=True)
+
+
+def test_block_with_a_view_result_then_third_order(gen):
+    """A create_graph call whose results include a view of a bound tensor (the gradient of a
+    sum) next to a block's result; the block's products then reach the third order."""
+    got, values = [], [rand(s, gen) for s in ((4, 3), (3, 5), (5, 1), (2,))]
+    for G in (TORCH_GRAD, FAST_GRAD):
+        x, w1, w2, z = [v.clone().requires_grad_(True) for v in values]
+        (gx,) = G(((x @ w1).tanh() @ w2).sum(), x, create_graph=True)
+        gw1, gz = G((gx ** 2).sum() + z.sum(), (w1, z), create_graph=True)
+        got.append((gw1, gz, TORCH_GRAD((gw1 ** 2).sum(), w2)[0]))
+    assert_same(got[1], got[0])
+
+
+def test_a_returned_product_may_change_in_place(gen):
+    """A block does not save the products it returns: the caller may scale one in place and
+    differentiate it again, as with PyTorch's nodes."""
+    got, x, w0 = [], rand((4, 3), gen), rand((3, 5), gen)
+    for G in (TORCH_GRAD, FAST_GRAD):
+        w = w0.clone().requires_grad_(True)
+        (g,) = G((x @ w).tanh().sum(), w, create_graph=True)
+        g.mul_(0.5)
+        got.append(TORCH_GRAD(g.pow(2).sum(), w)[0])
+    assert_same(got[1], got[0])

@@ -82,7 +82,7 @@ class ViewStep:
     def __init__(self, node):
         self.node = node
         if node.op == "expand":
-            self.source, self.chain = _view_chain(node)
+            self.source, self.chain = view_chain(node)
             if ir.numel(self.source.shape) == 1 and self.source.ndim <= node.ndim:
                 self.chain = [node]  # one expand of a single value (a sum's VJP) says it all
         else:
@@ -138,7 +138,7 @@ class Plan:
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
         self.requested, self.outputs, self.steps = requested, outputs, steps
         self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
-        self.block = False  # runtime: its PlanBlock for create_graph (None: runs step by step)
+        self.block = None  # runtime: how it runs under create_graph (runtime.Blocked)
         self.runs = 0  # runtime: how many times it ran (jit.AFTER)
         self.jit_pending = True  # runtime: a run since its regions were last offered to jit
 
@@ -216,7 +216,7 @@ def build(requested):
                       for m, _ in map(_matmul_operand, n.args)]:
         # A result, or a product's operand, that only broadcasts a bound tensor (the VJP of a
         # sum) is an expanded view of it, nothing written (as PyTorch returns the former).
-        if e.op == "expand" and known(_view_chain(e)[0]):
+        if e.op == "expand" and known(view_chain(e)[0]):
             views[id(e)] = e
     for vid in views:
         mat.pop(vid, None)
@@ -228,7 +228,7 @@ def build(requested):
     for n in order:
         body = n.args if (n.op in _REDUCE_MODE or id(n) in views) else [n]
         if n.op == "expand" and id(n) in views:
-            body = [_view_chain(n)[0]]
+            body = [view_chain(n)[0]]
         if n.op == "mm":
             body = [m for m, _ in map(_matmul_operand, n.args)]
         deps = set()
@@ -336,7 +336,7 @@ def _row_groups(steps):
     return out
 
 
-def _view_chain(n):
+def view_chain(n):
     """(base, [views from base up to n]) for a chain of expands and trivial reshapes."""
     chain = []
     while n.op == "expand" or (n.op == "reshape" and trivial_reshape(n.args[0].shape, n.shape)):

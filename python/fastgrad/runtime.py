@@ -13,12 +13,13 @@ A ``RowGroup`` runs as one call (``_C.run_program_group``, chunk of rows by chun
 CPU without ``create_graph``; on CUDA, or with ``create_graph`` (each region then runs in its own
 ``RegionFunction``), its regions run one after another.
 """
+import threading
 from array import array
 
 import torch
 
 from . import _C, cuda_jit, ir, jit, rules
-from .plan import MatmulStep, Region, RowGroup, ViewStep, get_plan
+from .plan import MatmulStep, Region, RowGroup, ViewStep, view_chain, get_plan
 from .runtime_table import DTYPE_CODES
 
 _COMPUTE = {torch.float32: 0, torch.float64: 1}
@@ -278,66 +279,106 @@ def _apply_region(region, *ins):
 
 
 class PlanBlock:
-    """A plan run under create_graph as one RegionFunction: the forward is the plan's plain
-    run (through the Executor on the CPU), so a create_graph call costs one Function node
-    instead of one per region and product.
+    """The expressions ``requested`` of a plan run under create_graph, as one RegionFunction:
+    the forward is their plain run (through the Executor on the CPU), so a create_graph call
+    costs one Function node instead of one per region and product.
 
-    Its inputs are the bound tensors the plan reads (one per bound IR node, read as that
-    node's shape). It also saves the results of the matrix products it computes, after its
-    inputs. Its IR (``local_outputs``: the plan's requested expressions over those inputs) is
-    what its backward derives and what a later fastgrad.grad inlines through lowering's
-    RegionFunctionBackward; there the products are bound to their saved results (``known``:
-    loaded, as PyTorch's own nodes would, not recomputed) but keep their operands, so the
-    derivative goes through them. The elementwise work between inputs and outputs is
-    recomputed (a pass over memory costs less than keeping its result). A bound product in a
-    plan (another block's saved result, which carries no graph of its own) is therefore an
-    input of its block for its value only, its operands followed further. ``stats``
-    (explain) is set around a run that reports."""
+    Its inputs are the bound tensors the expressions read (one per bound IR node, read as that
+    node's shape). It also saves, after its inputs, the results of the matrix products it
+    computes (not those it returns, which the caller may change in place). Its IR
+    (``local_outputs``: the expressions over those inputs) is what its backward derives and
+    what a later fastgrad.grad inlines through lowering's RegionFunctionBackward; there the
+    products are bound to their saved results (``known``: loaded, as PyTorch's own nodes
+    would, not recomputed) but keep their operands, so the derivative goes through them. The
+    elementwise work between inputs and outputs is recomputed (a pass over memory costs less
+    than keeping its result). A bound product met in a later plan (another block's saved
+    result, which carries no graph of its own) is therefore an input of that plan's block
+    for its value only, its operands followed further: every create_graph plan runs as a
+    block (``Blocked``)."""
 
-    stats = None
-
-    def __init__(self, plan):
+    def __init__(self, requested):
         carries_graph = lambda n: n.known is not None and n.op != "mm"  # noqa: E731
-        nodes = ir.topo(plan.requested, stop=carries_graph)
+        nodes = ir.topo(requested, stop=carries_graph)
         self.inputs = [n for n in nodes if n.known is not None]
         n_in = len(self.inputs)
         self.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(self.inputs)]
         leaves = {id(n): m for n, m in zip(self.inputs, self.local_inputs)
                   if carries_graph(n)}
         values = {id(n): i for i, n in enumerate(self.inputs) if not carries_graph(n)}
-        made = [n for n in nodes if n.op == "mm" and n.known is None]
-        self.nout = len(plan.requested)
+        results = {id(n) for n in requested}
+        made = [n for n in nodes if n.op == "mm" and n.known is None and id(n) not in results]
+        self.nout = len(requested)
         # what the forward computes: the results, then the products it saves
-        self._forward = ir.substitute(list(plan.requested) + made, leaves,
+        self._forward = ir.substitute(list(requested) + made, leaves,
                                       lambda n: values.get(id(n)))
         # what is derived: the products bound to the saved tensors after the inputs
         saved = {**values, **{id(n): n_in + j for j, n in enumerate(made)}}
-        self.local_outputs = ir.substitute(plan.requested, leaves, lambda n: saved.get(id(n)))
+        self.local_outputs = ir.substitute(requested, leaves, lambda n: saved.get(id(n)))
         local = {id(m): i for i, m in enumerate(self.local_inputs)}
         self.diff_deps = [rules.differentiable_deps(o, lambda m: local.get(id(m)))
                           for o in self.local_outputs]
         self.vjps = {}
         self.plan = None
 
-    @staticmethod
-    def of(plan):
-        """The plan's block, or None where the plan must run step by step under create_graph:
-        a result that is a bound tensor or a view of one (the Function would return its own
-        input), or the same result twice."""
-        if plan.block is False:
-            views = {id(s.node) for s in plan.steps if isinstance(s, ViewStep)}
-            outs = plan.outputs
-            ok = len({id(e) for e in outs}) == len(outs) and not any(
-                e.known is not None or id(e) in views for e in outs)
-            plan.block = PlanBlock(plan) if ok else None
-        return plan.block
-
     def run(self, ins):
         """(results, the products to save) on the block's inputs."""
         if self.plan is None:
             self.plan = get_plan(self._forward)
-        outs = execute(self.plan, list(ins), False, self.stats)
+        outs = execute(self.plan, list(ins), False, getattr(_BLOCK_STATS, "stats", None))
         return outs[:self.nout], outs[self.nout:]
+
+
+_BLOCK_STATS = threading.local()  # explain's Stats for the block runs of this thread's call
+
+
+class Blocked:
+    """How a plan's results come out under create_graph: each is a result of the plan's
+    block, or a bound tensor, then maybe views of it (a reshape, an expand: the VJP of a sum),
+    taken with grad mode on as PyTorch's engine takes them. A block returns each of its
+    results once and none of its inputs (a Function would otherwise return its own input)."""
+
+    def __init__(self, plan):
+        views = {id(s.node): s for s in plan.steps if isinstance(s, ViewStep)}
+        self.recipe, requested, index = [], [], {}
+        for e, out in zip(plan.requested, plan.outputs):
+            chain = []
+            step = views.get(id(out))
+            if step is not None:  # (the same view of the requested node: views stay as such)
+                chain = [(m.op, tuple(m.shape)) for m in step.chain]
+                e = view_chain(e)[0] if e.op == "expand" else e.args[0]
+            if e.known is not None:
+                self.recipe.append((None, e, chain))
+                continue
+            if id(e) not in index:
+                index[id(e)] = len(requested)
+                requested.append(e)
+            self.recipe.append((index[id(e)], None, chain))
+        self.block = PlanBlock(requested) if requested else None
+
+    @staticmethod
+    def of(plan):
+        if plan.block is None:
+            plan.block = Blocked(plan)
+        return plan.block
+
+    def run(self, plan, tensors, stats):
+        block, res = self.block, []
+        if block is not None:
+            ins = [_bound(tensors, n) for n in block.inputs]
+            if not any(t.requires_grad for t in ins):  # nothing to record
+                return execute(plan, tensors, False, stats)
+            _BLOCK_STATS.stats = stats
+            try:
+                res = _apply_region(block, *ins)
+            finally:
+                _BLOCK_STATS.stats = None
+        outs = []
+        for j, node, chain in self.recipe:
+            v = res[j] if j is not None else _bound(tensors, node)
+            for op, shape in chain:
+                v = v.reshape(shape) if op == "reshape" else v.expand(shape)
+            outs.append(v)
+        return outs
 
 
 class _NoExecutor(Exception):
@@ -432,16 +473,7 @@ def execute(plan, tensors, create_graph, stats=None):
         with torch.enable_grad():
             return execute(plan, tensors, create_graph, stats)
     if create_graph:
-        block = PlanBlock.of(plan)
-        if block is not None:
-            ins = [_bound(tensors, n) for n in block.inputs]
-            if not any(t.requires_grad for t in ins):  # nothing to record
-                return execute(plan, tensors, False, stats)
-            PlanBlock.stats = stats
-            try:
-                return list(_apply_region(block, *ins))
-            finally:
-                PlanBlock.stats = None
+        return Blocked.of(plan).run(plan, tensors, stats)
     dev = tensors[0].device if tensors else _CPU
     plan.runs += 1
     # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
