@@ -50,9 +50,7 @@ class Region:
         self.consts = []
         self.nregs = 0
         self.compute = torch.float32
-        self.local_inputs = self.local_outputs = None
         self.packers = {}        # runtime: descriptor templates by input strides
-        self.vjps = {}           # runtime: the IR of its VJP by (wanted inputs, cotangents)
         self._out_specs = None
 
     @property
@@ -354,7 +352,7 @@ def _strip_trivial_reshape(n):
 class _Emitter:
     def __init__(self, region, loadable):
         self.r, self.loadable = region, loadable
-        self.memo, self.input_ix, self.alias, self.loaded = {}, {}, {}, {}
+        self.memo, self.input_ix, self.loaded = {}, {}, {}
         self.cse, self.const_ix = {}, {}
         self.code = []  # (op name, dst, a, b, c) with virtual registers
         self.nvirt = 0
@@ -393,7 +391,6 @@ class _Emitter:
         if ix is None:
             ix = self.input_ix[ident] = len(self.r.inputs)
             self.r.inputs.append(n)
-        self.alias[id(n)] = ix
         reg = self.loaded.get((ix, imap))
         if reg is None:
             self.r.loads.append((ix, imap))
@@ -538,11 +535,6 @@ class _Emitter:
             r.stores.append((ti, mode))
             self.code.append(("store", -1, len(r.stores) - 1, val, 0))
         self._allocate()
-        r.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(r.inputs)]
-        ix = self.alias
-        r.local_outputs = ir.substitute(r.targets, {k: r.local_inputs[i] for k, i in ix.items()})
-        r.diff_deps = [rules.differentiable_deps(t, lambda m: (
-            ix.get(id(m)) if m is not t else None)) for t in r.targets]
 
     def _allocate(self):
         """Linear-scan register reuse so the block working set stays in cache."""

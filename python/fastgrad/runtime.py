@@ -1,17 +1,18 @@
 """Execute a plan: allocate outputs, call the compiled VM on each region's descriptor (parsed
-once per input layout into a ``_C.Program`` on the CPU, packed per call for CUDA).
+once per input layout into a ``_C.Program`` on the CPU, packed per call for CUDA), and each
+matrix product through ``torch.mm``.
 
-On the CPU without ``create_graph`` a plan's run leaves a ``_C.Executor`` (csrc/executor.h)
-that repeats it in C++ on later calls whose tensors have the same layouts.
+On the CPU a plan's run leaves a ``_C.Executor`` (csrc/executor.h) that repeats it in C++ on
+later calls whose tensors have the same layouts.
 
-With ``create_graph`` every region runs inside ``RegionFunction`` (a torch.autograd.Function whose
-inputs are the region's loads), so its outputs are differentiable: the Function's backward is the
-region's own VJP program, planned and run the same way. A later ``fastgrad.grad`` that meets such
-a node lowers it back to IR (lowering.py, "RegionFunctionBackward") and keeps fusing.
+With ``create_graph`` the plan runs as one block (``Blocked``, ``PlanBlock``) inside one
+``RegionFunction`` (a torch.autograd.Function whose inputs are the tensors the plan reads), so
+its outputs are differentiable: the Function's backward is the block's own VJP, planned and run
+the same way. A later ``fastgrad.grad`` that meets such a node lowers it back to IR
+(lowering.py, "RegionFunctionBackward") and keeps fusing.
 
 A ``RowGroup`` runs as one call (``_C.run_program_group``, chunk of rows by chunk of rows) on the
-CPU without ``create_graph``; on CUDA, or with ``create_graph`` (each region then runs in its own
-``RegionFunction``), its regions run one after another.
+CPU; on CUDA its regions run one after another.
 """
 import threading
 from array import array
@@ -214,18 +215,15 @@ def run_group(group, value, env, stats=None):
 
 
 class RegionFunction(torch.autograd.Function):
-    """A region, or a whole plan (PlanBlock), as one node of PyTorch's graph (create_graph):
-    its backward is rules.vjp of its own IR (``local_outputs`` over ``local_inputs``)."""
+    """A create_graph plan (PlanBlock) as one node of PyTorch's graph: its backward is
+    rules.vjp of the block's IR (``local_outputs`` over ``local_inputs``). (The name dates from
+    when each region was a node of its own.)"""
 
     @staticmethod
     def forward(ctx, region, *ins):
         ctx.region = region
-        if type(region) is PlanBlock:
-            outs, products = region.run(ins)
-            ctx.save_for_backward(*ins, *products)  # (the backward's tensors: ins, then these)
-        else:
-            ctx.save_for_backward(*ins)
-            outs = run_region(region, ins)
+        outs, products = region.run(ins)
+        ctx.save_for_backward(*ins, *products)  # (the backward's tensors: ins, then these)
         # As in PyTorch, a result that depends on no grad-requiring input only through
         # differentiable ops (e.g. relu's mask) does not require grad.
         # One call: each mark_non_differentiable call replaces the previous set.
@@ -249,7 +247,7 @@ class RegionFunction(torch.autograd.Function):
         # The IR is hash-consed, so the derivation is the same for the same region, wanted
         # inputs and cotangent layouts: derived once (a backward through our regions on every
         # training step, e.g. a gradient penalty's, then costs one plan lookup).
-        vjps = region.vjps  # see plan.Region
+        vjps = region.vjps
         grads = vjps.get((need, specs))
         if grads is None:
             n = len(ins)
@@ -476,8 +474,8 @@ def execute(plan, tensors, create_graph, stats=None):
         return Blocked.of(plan).run(plan, tensors, stats)
     dev = tensors[0].device if tensors else _CPU
     plan.runs += 1
-    # The CPU without create_graph or stats: repeat the last run in C++ when the layouts allow.
-    repeat = stats is None and not create_graph and _on_cpu(dev)
+    # The CPU without stats: repeat the last run in C++ when the layouts allow.
+    repeat = stats is None and _on_cpu(dev)
     exe = plan.executor
     if repeat and exe is not None:
         res = exe.run(tensors)
@@ -486,7 +484,7 @@ def execute(plan, tensors, create_graph, stats=None):
                 _compile(plan)
             return res
     made = _Packer.made
-    outs = _run_steps(plan, tensors, create_graph, stats, dev, repeat)
+    outs = _run_steps(plan, tensors, stats, dev, repeat)
     # a run that met a new layout (made a Program) makes compiling due again (CPU loops; a
     # CUDA region compiles its own kernel, in run_region)
     if _on_cpu(dev):
@@ -511,7 +509,7 @@ def _bound(tensors, n):
     return t if t.shape == n.shape else t.reshape(n.shape)
 
 
-def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
+def _run_steps(plan, tensors, stats, dev, repeat):
     """The Python path of execute: run the plan's steps one by one, and (``repeat``) leave an
     Executor that repeats the run."""
     env = {}
@@ -524,10 +522,7 @@ def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
 
     def run(region):
         ins = [value(m) for m in region.inputs]
-        if create_graph and any(ins[i].requires_grad for d in region.diff_deps for i in d):
-            outs = _apply_region(region, *ins)
-        else:
-            outs = run_region(region, ins, dev)
+        outs = run_region(region, ins, dev)
         if stats is not None:
             _count(stats, region, ins, outs)
         for t, o in zip(region.targets, outs):
@@ -537,26 +532,23 @@ def _run_steps(plan, tensors, create_graph, stats, dev, repeat):
         if isinstance(step, Region):
             run(step)
         elif isinstance(step, RowGroup):
-            # Chunked only on the CPU and without autograd Functions around the regions
-            # (create_graph puts each in a RegionFunction).
-            if not create_graph and _on_cpu(dev):
+            if _on_cpu(dev):  # (chunked on the CPU only)
                 run_group(step, value, env, stats)
             else:
                 for r in step.regions:
                     run(r)
         elif isinstance(step, MatmulStep):
             a, b = [value(m).t() if tr else value(m) for m, tr in step.operands]
-            # the product records its node only for create_graph, as PyTorch's engine does
-            with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            with torch.no_grad():  # (create_graph runs a block: plain runs record nothing)
                 v = env[id(step.node)] = torch.mm(a, b)
             if stats is not None:
                 _count_matmul(stats, step, a, b, v)
         else:
             v = value(step.source)
-            # Without create_graph the views are taken with grad mode off, as PyTorch's engine
-            # takes them: not attached to the grad_outputs' graph, a view of it all the same
+            # The views are taken with grad mode off, as PyTorch's engine takes them without
+            # create_graph: not attached to the grad_outputs' graph, a view of it all the same
             # (requires_grad as the grad_output's, no grad_fn).
-            with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            with torch.no_grad():
                 for m in step.chain:
                     v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
             env[id(step.node)] = v
