@@ -379,3 +379,56 @@ def test_a_returned_product_may_change_in_place(gen):
         g.mul_(0.5)
         got.append(TORCH_GRAD(g.pow(2).sum(), w)[0])
     assert_same(got[1], got[0])
+
+
+def test_view_results_keep_their_graph_without_a_recorded_block(gen):
+    """The gradient of a sum is a view of its grad_output; when the call's block records
+    nothing (no input of it requires grad), that view is still taken with grad mode on: it is
+    differentiable with respect to the grad_output, as in PyTorch."""
+    vals = [rand((3, 4), gen), rand((3, 4), gen), rand((3, 4), gen), rand((4,), gen),
+            rand((4,), gen)]
+    got = []
+    for G in (TORCH_GRAD, FAST_GRAD):
+        x, w, c, g1, g2 = [v.clone() for v in vals]
+        for t in (x, w, g1):
+            t.requires_grad_(True)
+        gx, gw = G([x.sum(0), (w * c).sum(0)], [x, w], [g1, g2], create_graph=True)
+        assert gx.grad_fn is not None and not gx.is_leaf
+        got.append((gx, gw, TORCH_GRAD((gx * gx).sum() + (gw * gw).sum(), g1)[0]))
+    assert_same(got[1], got[0])
+
+
+# name -> (forward of x, grad_output requires grad): create_graph results whose identity and
+# graph PyTorch defines: one result asked for twice, a result that is the grad_output itself
+IDENTITY_CASES = {
+    "sum_twice": lambda x: x.sum(),
+    "product_twice": lambda x: (x * x).sum(),
+    "view_of_the_grad_output": lambda x: x.view(x.shape),
+}
+
+
+@pytest.mark.parametrize("name", list(IDENTITY_CASES))
+def test_create_graph_result_identity(name, gen):
+    x0, go0 = rand((3, 4), gen), rand((3, 4), gen)
+    flags, values = [], []
+    for G in (TORCH_GRAD, FAST_GRAD):
+        x, go = x0.clone().requires_grad_(True), go0.clone().requires_grad_(True)
+        y = IDENTITY_CASES[name](x)
+        g = G(y, [x, x], None if y.dim() == 0 else go, create_graph=True)
+        flags.append((g[0] is g[1], g[0] is go, g[0].is_leaf, g[0].grad_fn is None,
+                      g[0].requires_grad))
+        values.append(g)
+    assert flags[1] == flags[0], flags
+    assert_same(values[1], values[0])
+
+
+def test_a_fallback_node_returning_a_zero_tensor(gen):
+    """PyTorch's double backward of abs (SgnBackward0, a fallback node) returns an efficient
+    zero tensor, which has no storage: fastgrad reads it as zeros."""
+    x0 = rand((5,), gen)
+    got = []
+    for G in (TORCH_GRAD, FAST_GRAD):
+        x = x0.clone().requires_grad_(True)
+        (g,) = TORCH_GRAD(x.abs().sum(), x, create_graph=True)
+        got.append(G((g * x).sum(), x))
+    assert_same(got[1], got[0])

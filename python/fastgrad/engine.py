@@ -169,12 +169,21 @@ def _call_opaque(fn, gs, create_graph, needed):
     if direct:  # one result per next edge
         with torch.set_grad_enabled(create_graph):
             res = fn(*gs)
-        return fn.next_functions, (res,) if isinstance(res, torch.Tensor) else res
+        return fn.next_functions, _dense((res,) if isinstance(res, torch.Tensor) else res)
     outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
     gos = [g for g in gs if g is not None]
     res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=True,
                       create_graph=create_graph, allow_unused=True)
-    return edges, res
+    return edges, _dense(res)
+
+
+def _dense(res):
+    """A node's results with PyTorch's efficient zero tensors (no storage: what e.g. the
+    double backward of abs returns) as ordinary zeros, which the regions can read."""
+    if not any(r is not None and r._is_zerotensor() for r in res):
+        return res
+    return tuple(torch.zeros(r.shape, dtype=r.dtype, device=r.device)
+                 if r is not None and r._is_zerotensor() else r for r in res)
 
 
 class Capture:

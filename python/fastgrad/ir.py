@@ -300,16 +300,6 @@ def mm(a, b):
         raise ValueError(f"mm of {a.shape} and {b.shape}")
     if a.dtype != b.dtype:
         raise ValueError(f"mm of {a.dtype} and {b.dtype}")
-    # A scalar factor of an operand scales the product instead: how PyTorch's formulas apply
-    # addmm's alpha (after the product: its rounding, and no overflow the product would undo).
-    for i, x in enumerate((a, b)):
-        if x.op == "mul" and x.dtype == a.dtype:
-            for j in (0, 1):
-                c = x.args[j]
-                if is_const(c) and c.shape == ():
-                    rest = x.args[1 - j]
-                    if rest.shape == x.shape and rest.dtype == x.dtype:
-                        return mul(mm(*((rest, b) if i == 0 else (a, rest))), c)
     return node("mm", (a, b), (), (a.shape[0], b.shape[1]), a.dtype)
 
 

@@ -332,25 +332,29 @@ _BLOCK_STATS = threading.local()  # explain's Stats for the block runs of this t
 class Blocked:
     """How a plan's results come out under create_graph: each is a result of the plan's
     block, or a bound tensor, then maybe views of it (a reshape, an expand: the VJP of a sum),
-    taken with grad mode on as PyTorch's engine takes them. A block returns each of its
-    results once and none of its inputs (a Function would otherwise return its own input)."""
+    taken with grad mode on as PyTorch's engine takes them; a bound tensor returned as it is
+    comes out as a view of it, a new tensor as PyTorch's node would give. A block returns
+    each of its results once and none of its inputs (a Function would otherwise return its
+    own input); a result asked for twice is the same tensor twice, as in PyTorch."""
 
     def __init__(self, plan):
         views = {id(s.node): s for s in plan.steps if isinstance(s, ViewStep)}
-        self.recipe, requested, index = [], [], {}
+        self.recipe, requested, index, first = [], [], {}, {}
         for e, out in zip(plan.requested, plan.outputs):
-            chain = []
+            chain = ()
             step = views.get(id(out))
             if step is not None:  # (the same view of the requested node: views stay as such)
-                chain = [(m.op, tuple(m.shape)) for m in step.chain]
+                chain = tuple((m.op, tuple(m.shape)) for m in step.chain)
                 e = view_chain(e)[0] if e.op == "expand" else e.args[0]
             if e.known is not None:
-                self.recipe.append((None, e, chain))
-                continue
-            if id(e) not in index:
-                index[id(e)] = len(requested)
-                requested.append(e)
-            self.recipe.append((index[id(e)], None, chain))
+                entry = (None, e, chain or (("view", None),))
+            else:
+                if id(e) not in index:
+                    index[id(e)] = len(requested)
+                    requested.append(e)
+                entry = (index[id(e)], None, chain)
+            key = (entry[0], id(entry[1]), entry[2])
+            self.recipe.append(entry + (first.setdefault(key, len(self.recipe)),))
         self.block = PlanBlock(requested) if requested else None
 
     @staticmethod
@@ -363,18 +367,23 @@ class Blocked:
         block, res = self.block, []
         if block is not None:
             ins = [_bound(tensors, n) for n in block.inputs]
-            if not any(t.requires_grad for t in ins):  # nothing to record
-                return execute(plan, tensors, False, stats)
             _BLOCK_STATS.stats = stats
             try:
-                res = _apply_region(block, *ins)
+                if any(t.requires_grad for t in ins):
+                    res = _apply_region(block, *ins)
+                else:  # nothing to record: its plain run
+                    res = block.run(ins)[0]
             finally:
                 _BLOCK_STATS.stats = None
         outs = []
-        for j, node, chain in self.recipe:
+        for i, (j, node, chain, same) in enumerate(self.recipe):
+            if same != i:
+                outs.append(outs[same])
+                continue
             v = res[j] if j is not None else _bound(tensors, node)
             for op, shape in chain:
-                v = v.reshape(shape) if op == "reshape" else v.expand(shape)
+                v = v.view_as(v) if op == "view" else \
+                    v.reshape(shape) if op == "reshape" else v.expand(shape)
             outs.append(v)
         return outs
 
