@@ -148,11 +148,9 @@ def _call_opaque(fn, gs, create_graph, needed):
     # convolution's weight gradient when only the input's is asked for). PyTorch's engine
     # computes only the wanted ones (and runs the node's own hooks) but costs a walk of the
     # whole graph below the node per call, so it is used only when the unwanted work is large.
-    all_wanted = True
-    for m, _ in fn.next_functions:
-        all_wanted = all_wanted and (m is None or bool(needed.get(id(m))))
-    small = sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL
-    direct = callable(fn) and (all_wanted or small)
+    direct = callable(fn) and (
+        all(m is None or needed.get(id(m)) for m, _ in fn.next_functions) or
+        sum(g.numel() for g in gs if g is not None) < _ENGINE_MIN_NUMEL)
     if not direct:
         # PyTorch's engine runs the node (computing only the wanted edges, materialising
         # gradients, mapping a Python Function's results to its tensor inputs) when stopped

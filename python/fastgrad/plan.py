@@ -191,6 +191,9 @@ def build(requested):
         if n.known is None and (n.op in ("leaf",) or (n.op == "slot" and not n.args)):
             raise Unplannable("needs a value PyTorch did not save")
     mat, views = {}, {}   # id -> node
+    # each product's operands, as tensors (the step takes a transpose as a view)
+    operands = {id(n): [m for m, _ in map(_matmul_operand, n.args)] for n in nodes
+                if n.op == "mm" and not known(n)}
     for e in exprs:
         if not known(e):
             mat[id(e)] = e
@@ -205,13 +208,12 @@ def build(requested):
             if not known(n.args[0]):
                 mat[id(n.args[0])] = n.args[0]
             views[id(n)] = n
-        elif n.op == "mm":  # its operands are tensors (the step takes a transpose as a view)
+        elif n.op == "mm":
             mat[id(n)] = n
-            for m, _ in map(_matmul_operand, n.args):
+            for m in operands[id(n)]:
                 if not known(m):
                     mat[id(m)] = m
-    for e in exprs + [m for n in nodes if n.op == "mm" and not known(n)
-                      for m, _ in map(_matmul_operand, n.args)]:
+    for e in exprs + [m for ops in operands.values() for m in ops]:
         # A result, or a product's operand, that only broadcasts a bound tensor (the VJP of a
         # sum) is an expanded view of it, nothing written (as PyTorch returns the former).
         if e.op == "expand" and known(view_chain(e)[0]):
@@ -228,7 +230,7 @@ def build(requested):
         if n.op == "expand" and id(n) in views:
             body = [view_chain(n)[0]]
         if n.op == "mm":
-            body = [m for m, _ in map(_matmul_operand, n.args)]
+            body = operands[id(n)]
         deps = set()
         for m in ir.topo(list(body), stop=lambda m: loadable(m) and m is not n):
             if m is not n and loadable(m) and not known(m):
