@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import FAST_GRAD, TORCH_GRAD, assert_same, check_grad, check_native, rand
+from conftest import (FAST_GRAD, TORCH_GRAD, assert_same, check_grad, check_native, rand,
+                      requires_device)
+
+DEVICES = [pytest.param(d, marks=requires_device(d)) for d in ("cpu", "cuda")]
 
 ELEMENTWISE_CHAINS = {
     "sin_mul_exp": lambda x: torch.sin(x) * torch.exp(x),
@@ -110,7 +113,7 @@ def test_gradcheck_through_fastgrad(gen):
 # ----------------------------------------------------------------- models
 
 
-def _mlp(gen, sizes, act=torch.nn.Tanh):
+def _mlp(gen, sizes, act=torch.nn.Tanh, device="cpu"):
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         lin = torch.nn.Linear(a, b).double()
@@ -118,7 +121,7 @@ def _mlp(gen, sizes, act=torch.nn.Tanh):
             lin.weight.copy_(rand(lin.weight.shape, gen) / a**0.5)
             lin.bias.copy_(rand(lin.bias.shape, gen) * 0.1)
         layers += [lin, act()]
-    return torch.nn.Sequential(*layers[:-1])
+    return torch.nn.Sequential(*layers[:-1]).to(device)
 
 
 def _param_grads(model):
@@ -134,11 +137,12 @@ def _wgan_gp(grad, D, real, fake, eps):
 
 
 @pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus])
-def test_wgan_gp(act, gen):
-    D = _mlp(gen, [4, 8, 8, 1], act)
+@pytest.mark.parametrize("device", DEVICES)
+def test_wgan_gp(device, act, gen):
+    D = _mlp(gen, [4, 8, 8, 1], act, device)
     D_ref = copy.deepcopy(D)
-    real, fake = rand((6, 4), gen), rand((6, 4), gen)
-    eps = torch.rand(6, 1, generator=gen, dtype=torch.float64)
+    real, fake = rand((6, 4), gen, device=device), rand((6, 4), gen, device=device)
+    eps = torch.rand(6, 1, generator=gen, dtype=torch.float64).to(device)
     gp_ref, g_ref = _wgan_gp(TORCH_GRAD, D_ref, real, fake, eps)
     gp, g = _wgan_gp(FAST_GRAD, D, real, fake, eps)
     assert_same((gp, g), (gp_ref, g_ref), what="penalty")
@@ -178,10 +182,11 @@ def _pinn(grad, u_net, x0):
     return u_x, u_xx, loss
 
 
-def test_pinn_residual_1d(gen):
-    net = _mlp(gen, [1, 10, 10, 1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_pinn_residual_1d(device, gen):
+    net = _mlp(gen, [1, 10, 10, 1], device=device)
     net_ref = copy.deepcopy(net)
-    x0 = rand((16, 1), gen, "unit")
+    x0 = rand((16, 1), gen, "unit", device=device)
     got = _pinn(FAST_GRAD, net, x0)
     ref = _pinn(TORCH_GRAD, net_ref, x0)
     assert_same(got, ref, what="u_x, u_xx, loss")
@@ -289,15 +294,16 @@ BLOCK_CASES = {
 
 
 @pytest.mark.parametrize("name", list(BLOCK_CASES))
-def test_create_graph_records_one_node(name, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_create_graph_records_one_node(device, name, gen):
     """A create_graph call runs its plan as one block: one RegionFunction node (a PlanBlock)
     whose inputs are the call's bound tensors, not a node per region and product. A backward
     through it, and through PyTorch's node for the same call, to x and to the weights, agree."""
     fn, shape, sizes = BLOCK_CASES[name]
-    net = _mlp(gen, sizes) if sizes else None
-    x = rand(shape, gen).requires_grad_(True)
+    net = _mlp(gen, sizes, device=device) if sizes else None
+    x = rand(shape, gen, device=device).requires_grad_(True)
     y = fn(x, net)
-    go = rand(tuple(y.shape), gen)
+    go = rand(tuple(y.shape), gen, device=device)
     g = FAST_GRAD(y, x, go, create_graph=True)[0]
     ref = TORCH_GRAD(y, x, go, create_graph=True)[0]
     assert g.grad_fn.name() == "RegionFunctionBackward"
@@ -305,7 +311,7 @@ def test_create_graph_records_one_node(name, gen):
     below = [m.name() for m, _ in g.grad_fn.next_functions if m is not None]
     assert "RegionFunctionBackward" not in below and "MmBackward0" not in below, below
     wrt = [x] + (list(net.parameters()) if net else [])
-    v = rand(tuple(g.shape), gen)
+    v = rand(tuple(g.shape), gen, device=device)
     assert_same(TORCH_GRAD(g, wrt, v, retain_graph=True, allow_unused=True),
                 TORCH_GRAD(ref, wrt, v, allow_unused=True), what="backward through the block",
                 none_is_zero=True)
@@ -347,11 +353,12 @@ def _orders(engines, fn, x0, w0, weights):
 
 @pytest.mark.parametrize("engines", ["ftt", "tft", "fft", "ttf", "fftt", "tftf", "ffff"])
 @pytest.mark.parametrize("name", list(PRODUCT_CHAINS))
-def test_products_to_fourth_order_mixed_engines(name, engines, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_products_to_fourth_order_mixed_engines(device, name, engines, gen):
     """A block's saved products are values only: a block at order 2 differentiated by PyTorch
     at orders 3 and 4 (or by fastgrad, inlining it) must follow their operands. A block's
     backward that returns one result twice once dropped them."""
-    x0, w0, weights = rand((2, 2), gen), rand((2, 2), gen), rand((2, 2), gen)
+    x0, w0, weights = [rand((2, 2), gen, device=device) for _ in range(3)]
     fn = PRODUCT_CHAINS[name]
     assert_same(_orders(engines, fn, x0, w0, weights), _orders("t" * len(engines), fn, x0, w0,
                                                                weights), none_is_zero=True)

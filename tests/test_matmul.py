@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import TORCH_GRAD, assert_same, check_grad, rand
+from conftest import TORCH_GRAD, assert_same, check_grad, rand, requires_device
+
+DEVICES = [pytest.param(d, marks=requires_device(d)) for d in ("cpu", "cuda")]
 
 
 def _colmajor(t):
@@ -56,13 +58,14 @@ def _native(report):
 
 @pytest.mark.parametrize("orders", [1, 2])
 @pytest.mark.parametrize("name", list(CASES))
-def test_products_like_torch(name, orders, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_products_like_torch(device, name, orders, gen):
     fn, shapes, prep, which = CASES[name]
-    leaves = [rand(s, gen).requires_grad_(True) for s in shapes]
+    leaves = [rand(s, gen, device=device).requires_grad_(True) for s in shapes]
     ins = prep(*leaves) if prep else leaves
     out = fn(*ins)
     wrt = [leaves[i] for i in which]
-    go = rand(tuple(out.shape), gen)
+    go = rand(tuple(out.shape), gen, device=device)
     _native(fastgrad.explain(out, wrt, go, create_graph=orders == 2))
     got = fastgrad.grad(out, wrt, go, retain_graph=True, create_graph=orders == 2)
     ref = TORCH_GRAD(out, wrt, go, create_graph=orders == 2)
@@ -89,13 +92,14 @@ def test_linear_model_all_parameters(gen):
                [rand((5, 4), gen)] + params, gen=gen, orders=2, native=True)
 
 
-def test_mlp_input_gradient_float32(gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlp_input_gradient_float32(device, gen):
     """A tanh MLP's input gradient and its second derivative (a PINN's u_x, u_xx), float32,
     every node native at both orders."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
-                              torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    x = rand((9, 2), gen, dtype=torch.float32).requires_grad_(True)
+                              torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(device)
+    x = rand((9, 2), gen, dtype=torch.float32, device=device).requires_grad_(True)
     u = net(x).sum()
     _native(fastgrad.explain(u, x, create_graph=True))
     ux = fastgrad.grad(u, x, create_graph=True)[0]  # (keeps the graph)
