@@ -33,6 +33,7 @@ _CTYPE = {0: "float", 1: "double"}
 _STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
             for code, c in _C.dtype_storage().items()}
 BLOCK, PER_THREAD = 256, 4  # threads per block; elements per thread (elementwise kernel)
+PREFETCH = True  # full blocks read all their contiguous loads first (see source)
 ROWS_PER_BLOCK = BLOCK // 32
 # Rows longer than _MAX_SHORT_ROW, fewer than _MANY_ROWS of them: the interpreter, which splits
 # a row over blocks (a warp per row would leave most of the GPU idle: an H100/H200 holds 8448
@@ -166,12 +167,13 @@ def source(region, lay, compute):
     for k, (mode, dt, strides, kind) in enumerate(lay.stores):
         params.append(f"{_STORAGE[dt]}* __restrict__ S{k}")
 
-    def load(a):
+    def load(a, fetched=False):
         kind, off, dt, strides, preds = lay.loads[a]
         if kind == "s":
             return f"s{a}"
         if kind == "c":
-            return f"fg::from_storage<{t}>(L{a}[{off} + i])"
+            at = f"P{a}[u]" if fetched and PREFETCH else f"L{a}[{off} + i]"
+            return f"fg::from_storage<{t}>({at})"
         ok, window = [], []
         at = _offset(off, strides, shape)
         for q, (dim, mul, add, div, length, st) in enumerate(preds):
@@ -198,12 +200,35 @@ def source(region, lay, compute):
     need = any(k == "g" for k, *_ in lay.loads) or any(k == "g" for *_, k in lay.stores)
     if split is None:
         coords = _unravel("i", range(nd), shape, "e") if need else []
+        each = ["  " + line for line in coords + body]
+        # A block whose elements all exist first reads every element's contiguous loads, then
+        # computes and stores: all its loads are in flight at once (with a bounds check per
+        # element, each load waits behind the previous element's store). The last block checks.
+        fetch = []
+        for a, (kind, off, dt, *_) in enumerate(lay.loads):
+            if kind == "c" and PREFETCH:
+                fetch += [f"{_STORAGE[dt]} P{a}[{PER_THREAD}];",
+                          "#pragma unroll",
+                          f"for (int u = 0; u < {PER_THREAD}; ++u) "
+                          f"P{a}[u] = L{a}[{off} + first + u * {BLOCK}];"]
+        full = [line for lines in pre.values() for line in lines] + \
+            jit.statements(region, t, lambda a: load(a, True), store, _literal)
         loop = [f"const long first = (long)blockIdx.x * {BLOCK * PER_THREAD} + threadIdx.x;",
+                f"if ((long)blockIdx.x * {BLOCK * PER_THREAD} + {BLOCK * PER_THREAD} <= "
+                f"{lay.numel}L) {{",
+                *["  " + line for line in fetch],
+                "  #pragma unroll",
+                f"  for (int u = 0; u < {PER_THREAD}; ++u) {{",
+                f"    const long i = first + u * {BLOCK};",
+                *["    " + line for line in coords + full],
+                "  }",
+                "  return;",
+                "}",
                 "#pragma unroll",
                 f"for (int u = 0; u < {PER_THREAD}; ++u) {{",
                 f"  const long i = first + u * {BLOCK};",
                 f"  if (i >= {lay.numel}L) break;",
-                *["  " + line for line in coords + body],
+                *each,
                 "}"]
     else:
         inner = math.prod(shape[split:])

@@ -318,11 +318,12 @@ class PlanBlock:
         self.vjps = {}
         self.plan = None
 
-    def run(self, ins):
-        """(results, the products to save) on the block's inputs."""
+    def run(self, ins, device=None):
+        """(results, the products to save) on the block's inputs (on ``device`` where there
+        are none: results that are constants)."""
         if self.plan is None:
             self.plan = get_plan(self._forward)
-        outs = execute(self.plan, list(ins), False, getattr(_BLOCK_STATS, "stats", None))
+        outs = execute(self.plan, list(ins), False, getattr(_BLOCK_STATS, "stats", None), device)
         return outs[:self.nout], outs[self.nout:]
 
 
@@ -372,7 +373,7 @@ class Blocked:
                 if any(t.requires_grad for t in ins):
                     res = _apply_region(block, *ins)
                 else:  # nothing to record: its plain run
-                    res = block.run(ins)[0]
+                    res = block.run(ins, tensors[0].device if tensors else None)[0]
             finally:
                 _BLOCK_STATS.stats = None
         outs = []
@@ -473,15 +474,17 @@ def _executor(plan, env, tensors):
                        torch._C._set_grad_enabled)
 
 
-def execute(plan, tensors, create_graph, stats=None):
+def execute(plan, tensors, create_graph, stats=None, device=None):
+    """The values of ``plan``'s results over its bound ``tensors``, on their device (on
+    ``device`` where there are none)."""
     if create_graph and not torch.is_grad_enabled():
         # PyTorch's engine builds the graph of a create_graph backward under grad mode, even
         # when the call is made under no_grad: the results require grad all the same
         with torch.enable_grad():
-            return execute(plan, tensors, create_graph, stats)
+            return execute(plan, tensors, create_graph, stats, device)
     if create_graph:
         return Blocked.of(plan).run(plan, tensors, stats)
-    dev = tensors[0].device if tensors else _CPU
+    dev = tensors[0].device if tensors else device or _CPU
     plan.runs += 1
     # The CPU without stats: repeat the last run in C++ when the layouts allow.
     repeat = stats is None and _on_cpu(dev)
