@@ -32,7 +32,7 @@ from . import _C, jit
 _CTYPE = {0: "float", 1: "double"}
 _STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
             for code, c in _C.dtype_storage().items()}
-BLOCK, PER_THREAD = 256, 4  # threads per block; elements per thread (elementwise kernel)
+BLOCK, PER_THREAD = 256, 8  # threads per block; elements per thread (elementwise kernel)
 PREFETCH = True  # full blocks read all their contiguous loads first (see source)
 ROWS_PER_BLOCK = BLOCK // 32
 # Rows longer than _MAX_SHORT_ROW, fewer than _MANY_ROWS of them: the interpreter, which splits
