@@ -9,14 +9,20 @@ compiler turns the index arithmetic into a few multiplies (no division by a vari
 
 Two kernels:
 
-* elementwise (no reducing store): each thread evaluates _PER_THREAD elements _BLOCK apart
-  (coalesced), at flat index i over the region's shape;
+* elementwise (no reducing store): each thread evaluates PER_THREAD elements BLOCK apart
+  (coalesced), at flat index i over the region's shape; a full block reads all its
+  contiguous loads before it computes;
 * rows (every reducing store reduces the same trailing dims; rows of at most _MAX_SHORT_ROW
   elements, or at least _MANY_ROWS rows):
   one warp per row; each lane evaluates the row's elements lane, lane + 32, ...; reductions
   accumulate per lane in double (as the interpreter does) and combine across the warp in a
   fixed butterfly, so the result depends only on the shape. Reductions over leading dims
-  (column sums) and fewer rows stay with the interpreter, which splits them.
+  (column sums) and fewer rows stay with the interpreter, which splits them;
+
+and, for a row group (plan.RowGroup: regions over the same leading row dims, each reading what
+an earlier one wrote only in its own row), one kernel of the second kind whose warps take their
+row through every region in turn (``group_source``), so the row is still in cache when the next
+region reads it (softmax's VJP: the row sum, then the elementwise part).
 
 A load is read as "s" (one value, read once per thread), "c" (contiguous like the region: the
 element at i) or "g" (anything else: the element's coordinates times the strides, plus the
@@ -155,24 +161,29 @@ def _offset(base, strides, shape, dims=None):
     return " + ".join(terms)
 
 
-def source(region, lay, compute):
-    """CUDA source of ``region``'s kernel (``fg_kernel(L0.., S0..)``) for Layout ``lay``."""
-    t = _CTYPE[compute]
-    shape, nd, split = lay.shape, len(lay.shape), lay.split
+def _emit(region, lay, t, tag="", shared=()):
+    """A region's part of a kernel: (params, head, load, store, pre). Its pointers are named
+    L{tag}{a} / S{tag}{k} (``tag`` keeps a group's regions apart); ``shared`` names the loads and
+    stores (("L", a), ("S", k)) through which regions of one kernel pass values: they are not
+    __restrict__, so that no load of them goes through the read-only cache."""
+    shape = lay.shape
     params, head, pre = [], [], {}  # pre: load -> its predicates' window coordinates
+
+    def restrict(key):
+        return "" if key in shared else " __restrict__"
     for a, (kind, off, dt, strides, preds) in enumerate(lay.loads):
-        params.append(f"const {_STORAGE[dt]}* __restrict__ L{a}")
+        params.append(f"const {_STORAGE[dt]}*{restrict(('L', a))} L{tag}{a}")
         if kind == "s":
-            head.append(f"const {t} s{a} = fg::from_storage<{t}>(L{a}[{off}]);")
+            head.append(f"const {t} s{a} = fg::from_storage<{t}>(L{tag}{a}[{off}]);")
     for k, (mode, dt, strides, kind) in enumerate(lay.stores):
-        params.append(f"{_STORAGE[dt]}* __restrict__ S{k}")
+        params.append(f"{_STORAGE[dt]}*{restrict(('S', k))} S{tag}{k}")
 
     def load(a, fetched=False):
         kind, off, dt, strides, preds = lay.loads[a]
         if kind == "s":
             return f"s{a}"
         if kind == "c":
-            at = f"P{a}[u]" if fetched and PREFETCH else f"L{a}[{off} + i]"
+            at = f"P{a}[u]" if fetched and PREFETCH else f"L{tag}{a}[{off} + i]"
             return f"fg::from_storage<{t}>({at})"
         ok, window = [], []
         at = _offset(off, strides, shape)
@@ -184,7 +195,7 @@ def source(region, lay, compute):
                       f" && {v} / {div}L < {length}L")
             at += f" + ({v} / {div}L) * {st}L"
         pre[a] = window  # (once per load record, however many instructions read it)
-        value = f"fg::from_storage<{t}>(L{a}[{at}])"
+        value = f"fg::from_storage<{t}>(L{tag}{a}[{at}])"
         return f"(({' && '.join(ok)}) ? {value} : {t}(0))" if ok else value
 
     def store(k, v):
@@ -192,75 +203,151 @@ def source(region, lay, compute):
         if mode:
             return f"a{k} = {_combine(mode, f'a{k}', f'double({v})')};"
         at = "i" if kind == "c" else _offset(0, strides, shape)
-        return f"S{k}[{at}] = fg::to_storage<{_STORAGE[dt]}>({v});"
+        return f"S{tag}{k}[{at}] = fg::to_storage<{_STORAGE[dt]}>({v});"
 
+    return params, head, load, store, pre
+
+
+def _body(region, t, load, store, pre):
     body = jit.statements(region, t, load, store, _literal)
     # the predicates' window coordinates, ahead of the statements that read them
-    body = [line for lines in pre.values() for line in lines] + body
-    need = any(k == "g" for k, *_ in lay.loads) or any(k == "g" for *_, k in lay.stores)
-    if split is None:
-        coords = _unravel("i", range(nd), shape, "e") if need else []
-        each = ["  " + line for line in coords + body]
-        # A block whose elements all exist first reads every element's contiguous loads, then
-        # computes and stores: all its loads are in flight at once (with a bounds check per
-        # element, each load waits behind the previous element's store). The last block checks.
-        fetch = []
-        for a, (kind, off, dt, *_) in enumerate(lay.loads):
-            if kind == "c" and PREFETCH:
-                fetch += [f"{_STORAGE[dt]} P{a}[{PER_THREAD}];",
-                          "#pragma unroll",
-                          f"for (int u = 0; u < {PER_THREAD}; ++u) "
-                          f"P{a}[u] = L{a}[{off} + first + u * {BLOCK}];"]
-        full = [line for lines in pre.values() for line in lines] + \
-            jit.statements(region, t, lambda a: load(a, True), store, _literal)
-        loop = [f"const long first = (long)blockIdx.x * {BLOCK * PER_THREAD} + threadIdx.x;",
-                f"if ((long)blockIdx.x * {BLOCK * PER_THREAD} + {BLOCK * PER_THREAD} <= "
-                f"{lay.numel}L) {{",
-                *["  " + line for line in fetch],
-                "  #pragma unroll",
-                f"  for (int u = 0; u < {PER_THREAD}; ++u) {{",
-                f"    const long i = first + u * {BLOCK};",
-                *["    " + line for line in coords + full],
-                "  }",
-                "  return;",
-                "}",
-                "#pragma unroll",
-                f"for (int u = 0; u < {PER_THREAD}; ++u) {{",
-                f"  const long i = first + u * {BLOCK};",
-                f"  if (i >= {lay.numel}L) break;",
-                *each,
-                "}"]
-    else:
-        inner = math.prod(shape[split:])
-        red = [k for k, s in enumerate(lay.stores) if s[0]]
-        ident = {1: "0.0", 2: "-__longlong_as_double(0x7ff0000000000000LL)",
-                 3: "__longlong_as_double(0x7ff0000000000000LL)"}
-        loop = [f"const long r = (long)blockIdx.x * {ROWS_PER_BLOCK} + (threadIdx.x >> 5);",
-                f"if (r >= {lay.rows}L) return;",
-                "const int lane = threadIdx.x & 31;",
-                *_unravel("r", range(split), shape, "r"),
-                *[f"double a{k} = {ident[lay.stores[k][0]]};" for k in red],
-                f"for (long j = lane; j < {inner}L; j += 32) {{",
-                f"  const long i = r * {inner}L + j;",
-                *["  " + line for line in (_unravel("j", range(split, nd), shape, "j")
-                                           if need else []) + body],
-                "}",
-                "for (int o = 16; o > 0; o >>= 1) {"]
+    return [line for lines in pre.values() for line in lines] + body
+
+
+def _general(lay):
+    """Whether some load or store needs the element's coordinates."""
+    return any(k == "g" for k, *_ in lay.loads) or any(k == "g" for *_, k in lay.stores)
+
+
+def _elementwise(region, lay, t, load, store, pre):
+    nd = len(lay.shape)
+    coords = _unravel("i", range(nd), lay.shape, "e") if _general(lay) else []
+    # A block whose elements all exist first reads every element's contiguous loads, then
+    # computes and stores: all its loads are in flight at once (with a bounds check per
+    # element, each load waits behind the previous element's store). The last block checks.
+    fetch = []
+    for a, (kind, off, dt, *_) in enumerate(lay.loads):
+        if kind == "c" and PREFETCH:
+            fetch += [f"{_STORAGE[dt]} P{a}[{PER_THREAD}];",
+                      "#pragma unroll",
+                      f"for (int u = 0; u < {PER_THREAD}; ++u) "
+                      f"P{a}[u] = L{a}[{off} + first + u * {BLOCK}];"]
+    body = _body(region, t, load, store, pre)
+    full = _body(region, t, lambda a: load(a, True), store, pre)
+    return [f"const long first = (long)blockIdx.x * {BLOCK * PER_THREAD} + threadIdx.x;",
+            f"if ((long)blockIdx.x * {BLOCK * PER_THREAD} + {BLOCK * PER_THREAD} <= "
+            f"{lay.numel}L) {{",
+            *["  " + line for line in fetch],
+            "  #pragma unroll",
+            f"  for (int u = 0; u < {PER_THREAD}; ++u) {{",
+            f"    const long i = first + u * {BLOCK};",
+            *["    " + line for line in coords + full],
+            "  }",
+            "  return;",
+            "}",
+            "#pragma unroll",
+            f"for (int u = 0; u < {PER_THREAD}; ++u) {{",
+            f"  const long i = first + u * {BLOCK};",
+            f"  if (i >= {lay.numel}L) break;",
+            *["  " + line for line in coords + body],
+            "}"]
+
+
+def _row_start(rows):
+    """A warp per row: ``r`` (the row) and ``lane``; warps past the last row leave."""
+    return [f"const long r = (long)blockIdx.x * {ROWS_PER_BLOCK} + (threadIdx.x >> 5);",
+            f"if (r >= {rows}L) return;",
+            "const int lane = threadIdx.x & 31;"]
+
+
+def _row(region, lay, t, tag, load, store, pre):
+    """Row ``r`` of a region (split: its reductions, if any, over the trailing dims): the
+    lanes evaluate the row's elements lane, lane + 32, ...; the reductions combine across the
+    warp, and lane 0 stores them."""
+    shape, nd, split = lay.shape, len(lay.shape), lay.split
+    inner = math.prod(shape[split:])
+    red = [k for k, s in enumerate(lay.stores) if s[0]]
+    ident = {1: "0.0", 2: "-__longlong_as_double(0x7ff0000000000000LL)",
+             3: "__longlong_as_double(0x7ff0000000000000LL)"}
+    cols = _unravel("j", range(split, nd), shape, "j") if _general(lay) else []
+    out = [*_unravel("r", range(split), shape, "r"),
+           *[f"double a{k} = {ident[lay.stores[k][0]]};" for k in red],
+           f"for (long j = lane; j < {inner}L; j += 32) {{",
+           f"  const long i = r * {inner}L + j;",
+           *["  " + line for line in cols + _body(region, t, load, store, pre)],
+           "}"]
+    if red:
+        out.append("for (int o = 16; o > 0; o >>= 1) {")
         for k in red:
             other = f"__shfl_xor_sync(0xffffffffu, a{k}, o)"
-            loop.append(f"  a{k} = {_combine(lay.stores[k][0], f'a{k}', other)};")
-        loop.append("}")
-        loop.append("if (lane == 0) {")
+            out.append(f"  a{k} = {_combine(lay.stores[k][0], f'a{k}', other)};")
+        out += ["}", "if (lane == 0) {"]
         for k in red:
             mode, dt, strides, _ = lay.stores[k]
-            loop.append(f"  S{k}[{_offset(0, strides, shape, range(split))}] = "
-                        f"fg::to_storage<{_STORAGE[dt]}>(a{k});")
-        loop.append("}")
+            out.append(f"  S{tag}{k}[{_offset(0, strides, shape, range(split))}] = "
+                       f"fg::to_storage<{_STORAGE[dt]}>(a{k});")
+        out.append("}")
+    return out
+
+
+def _kernel(params, lines):
     return "\n".join([
         "// generated by fastgrad.cuda_codegen from a region's register program",
         '#include "op_math.h"',
         '#include "dtype_convert.h"',
         f'extern "C" __global__ void __launch_bounds__({BLOCK}) '
         f'fg_kernel({", ".join(params)}) {{',
-        *["  " + line for line in head + loop],
+        *["  " + line for line in lines],
         "}", ""])
+
+
+def source(region, lay, compute):
+    """CUDA source of ``region``'s kernel (``fg_kernel(L0.., S0..)``) for Layout ``lay``."""
+    t = _CTYPE[compute]
+    params, head, load, store, pre = _emit(region, lay, t)
+    if lay.split is None:
+        return _kernel(params, head + _elementwise(region, lay, t, load, store, pre))
+    return _kernel(params, head + _row_start(lay.rows) +
+                   _row(region, lay, t, "", load, store, pre))
+
+
+def group_layouts(lays, dims):
+    """The Layouts of a row group's regions (plan.RowGroup) as parts of one kernel, a warp per
+    row over the leading ``dims``: an elementwise region's becomes a row layout too. None where
+    no such kernel fits (a region without a kernel of its own, a reduction over other dims,
+    long rows that are few)."""
+    k = len(dims)
+    if tuple(dims) != tuple(range(k)) or not lays or any(lay is None for lay in lays):
+        return None
+    lead = lays[0].shape[:k]
+    rows, out = math.prod(lead), []
+    for lay in lays:
+        if lay.shape[:k] != lead or lay.split not in (None, k):
+            return None
+        if rows < _MANY_ROWS and math.prod(lay.shape[k:]) > _MAX_SHORT_ROW:
+            return None
+        out.append(Layout(lay.shape, k, lay.loads, lay.stores))
+    return out if -(-rows // ROWS_PER_BLOCK) <= _MAX_GRID else None
+
+
+def group_source(regions, lays, computes):
+    """CUDA source of one kernel running a row group's ``regions`` (Layouts from group_layouts,
+    compute dtype codes ``computes``): each warp takes a row through every region in turn, so a
+    region reads what the earlier ones wrote for its row (its reductions, its elements) while
+    that is still in cache. The parameters are each region's loads, then its stores."""
+    made = {id(t) for r in regions for t in r.targets}
+    read = {id(r.inputs[ix]) for r in regions for ix, _ in r.loads}
+    params, lines = [], _row_start(lays[0].rows)
+    for g, (region, lay, compute) in enumerate(zip(regions, lays, computes)):
+        t, tag = _CTYPE[compute], f"{g}_"
+        shared = {("L", a) for a, (ix, _) in enumerate(region.loads)
+                  if id(region.inputs[ix]) in made}
+        shared |= {("S", k) for k, (ti, _) in enumerate(region.stores)
+                   if id(region.targets[ti]) in read}
+        p, head, load, store, pre = _emit(region, lay, t, tag, shared)
+        params += p
+        if g:  # (every lane sees what the others stored for this row)
+            lines.append("__syncwarp();")
+        lines += ["{", *["  " + line for line in head + _row(region, lay, t, tag, load, store,
+                                                              pre)], "}"]
+    return _kernel(params, lines)

@@ -222,14 +222,15 @@ def _primary(device):
 
 
 class Kernel:
-    """A region's compiled kernel for one layout of its inputs (one runtime._Packer)."""
+    """A compiled kernel for one layout of its inputs: a region's (one runtime._Packer), or a
+    row group's (one per region). ``parts``: per region, the input each load reads and the
+    number of stores; the kernel's parameters are each part's loads, then its stores."""
 
-    def __init__(self, func, device, load_inputs, nstores, grid):
-        self.func, self.device, self.grid = func, device, grid
-        self.load_inputs = load_inputs  # the input each load reads
+    def __init__(self, func, device, parts, grid):
+        self.func, self.device, self.grid, self.parts = func, device, grid, parts
         # the kernel's arguments (data pointers) and the array of their addresses that
         # cuLaunchKernel reads, made once per thread (_args)
-        self._n = len(load_inputs) + nstores
+        self._n = sum(len(loads) + nstores for loads, nstores in parts)
         self._local = threading.local()
 
     def _args(self):
@@ -242,14 +243,20 @@ class Kernel:
         return got
 
     def launch(self, ins, outs, stream):
+        """Run on a region's ``ins`` and ``outs`` (launch_parts for a row group's)."""
+        self.launch_parts(((ins, outs),), stream)
+
+    def launch_parts(self, parts, stream):
+        """Run on each region's (ins, outs), in the order of ``self.parts``."""
         vals, params, _ = self._args()
         k = 0
-        for ix in self.load_inputs:
-            vals[k] = ins[ix].data_ptr()
-            k += 1
-        for o in outs:
-            vals[k] = o.data_ptr()
-            k += 1
+        for (ins, outs), (loads, _) in zip(parts, self.parts):
+            for ix in loads:
+                vals[k] = ins[ix].data_ptr()
+                k += 1
+            for o in outs:
+                vals[k] = o.data_ptr()
+                k += 1
         cu = _cuda()
         ctx = _primary(self.device)
         cur = ctypes.c_void_p()
@@ -273,12 +280,32 @@ def kernel_for(region, packer, device):
     lay = codegen.layout(packer.desc)
     if lay is None:
         return False
+    return _build(lambda: codegen.source(region, lay, packer.compute), device,
+                  [([ix for ix, _ in region.loads], len(lay.stores))], lay.grid())
+
+
+def group_kernel_for(group, packers, device):
+    """One Kernel running every region of row group ``group`` (plan.RowGroup) with the input
+    layouts of ``packers`` (one per region), or False where none fits (the regions then run
+    one by one)."""
+    if not _STATE["enabled"] or any(jit._NAMES[i[0]] == "iota"
+                                    for r in group.regions for i in r.instrs):
+        return False
+    lays = codegen.group_layouts([codegen.layout(p.desc) for p in packers], group.dims)
+    if lays is None:
+        return False
+    return _build(lambda: codegen.group_source(group.regions, lays, [p.compute for p in packers]),
+                  device, [([ix for ix, _ in r.loads], len(lay.stores))
+                           for r, lay in zip(group.regions, lays)], lays[0].grid())
+
+
+def _build(make_source, device, parts, grid):
     try:
-        src = codegen.source(region, lay, packer.compute)
+        src = make_source()
         major, minor = torch.cuda.get_device_capability(device)
         key, cubin = compile_cubin(src, f"{major}{minor}")
         func = _function(key, cubin, device)
     except Exception as e:  # noqa: BLE001 (a kernel is an optimisation: never fail the call)
         _off(f"{type(e).__name__}: {e}")
         return False
-    return Kernel(func, device, [ix for ix, _ in region.loads], len(lay.stores), lay.grid())
+    return Kernel(func, device, parts, grid)

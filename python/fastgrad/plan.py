@@ -67,7 +67,7 @@ class Region:
         ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: m.known is not None or
                                                 any(m is i for i in self.inputs))} - {"leaf"})
         compiled = any(p.program is not None and p.program.compiled or any(p.cuda_kernels.values())
-                       for p in self.packers.values())
+                       or p.cuda_group for p in self.packers.values())
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
                 f"instructions; ops {ops}" + ("; compiled loop" if compiled else ""))
@@ -121,11 +121,16 @@ class RowGroup:
     every region before the next, so a later region finds what an earlier one read, and its
     small reduced results, in cache. Every region has ``dims`` with the same sizes, reduces none
     of them, and reads what an earlier region of the group wrote only at its own coordinates
-    along them. Elsewhere (CUDA, create_graph) the regions simply run in order."""
+    along them. On CUDA the group runs as one compiled kernel, a warp per row through every
+    region (cuda_codegen.group_source), once it has run jit.AFTER times and where one fits;
+    until then, and where none fits, its regions run in order."""
 
     def __init__(self, regions, dims):
         self.regions, self.dims = regions, dims
         self.mask = sum(1 << d for d in dims)
+        # runtime, CUDA: runs so far and the compiled kernel (or False: none fits), by the
+        # regions' packers and the device index
+        self.cuda_runs, self.cuda_kernels = {}, {}
 
     def describe(self):
         return f"row group over dims {list(self.dims)} of the {len(self.regions)} regions below"

@@ -33,7 +33,8 @@ class Stats:
     the VM (a row group is one); ``regions`` describes each region, a row group as a line of its
     own followed by its regions, indented; ``row_groups`` has one dict per row group that ran as
     one call: ``dims`` (its chunk dims), ``regions`` (how many) and ``chunks`` (how many chunks
-    the VM ran; 0 when it ran the regions one after another, e.g. data that fit in cache)."""
+    the VM ran; 0 when it ran the regions one after another, e.g. data that fit in cache; None
+    for a CUDA kernel, a warp per row)."""
 
     def __init__(self):
         self.launches = self.bytes_read = self.bytes_written = 0
@@ -92,8 +93,9 @@ class _Packer:
         self.program = None
         self.jit_tried = False  # jit.compile_plan offered its Program a loop
         # CUDA, per device index (a plan serves every device): runs so far, then the compiled
-        # kernel (cuda_jit.Kernel) or False (interpreted)
-        self.cuda_runs, self.cuda_kernels = {}, {}
+        # kernel (cuda_jit.Kernel) or False (interpreted); the devices where a row group's
+        # kernel runs this region (explain)
+        self.cuda_runs, self.cuda_kernels, self.cuda_group = {}, {}, set()
 
     made = 0  # Programs made so far, all packers (execute: a run that made one compiles)
 
@@ -157,8 +159,14 @@ def run_region(region, ins, dev=None):
     if on_cpu:
         packer.cpu_program(ins, outs).run(ins, outs, _num_threads(packer.numel))
         return outs
-    index = dev.index
-    stream = _raw_stream(index)
+    _launch_cuda(region, packer, ins, outs, dev.index)
+    return outs
+
+
+def _launch_cuda(region, packer, ins, outs, index, stream=None):
+    """Run a region on CUDA device ``index``: its compiled kernel, else the interpreter."""
+    if stream is None:
+        stream = _raw_stream(index)
     kernel = packer.cuda_kernels.get(index)
     if kernel is None:
         runs = packer.cuda_runs[index] = packer.cuda_runs.get(index, 0) + 1
@@ -168,7 +176,47 @@ def run_region(region, ins, dev=None):
         kernel.launch(ins, outs, stream)
     else:
         _C.run_cuda(packer.pack(ins, outs), packer.consts, packer.compute, index, stream)
-    return outs
+
+
+def run_group_cuda(group, value, env, dev, stats=None):
+    """Run a RowGroup on CUDA: one compiled kernel for all its regions (after jit.AFTER runs,
+    where one fits), else region by region. ``value`` and ``env`` as for run_group."""
+    parts, packers = [], []
+    for r in group.regions:
+        ins = [value(m) for m in r.inputs]
+        outs, packer = _prepare(r, ins, dev, False)
+        parts.append((ins, outs))
+        packers.append(packer)
+        for t, o in zip(r.targets, outs):
+            env[id(t)] = o
+    index = dev.index
+    key = (tuple(packers), index)
+    kernel = group.cuda_kernels.get(key)
+    if kernel is None:
+        runs = group.cuda_runs[key] = group.cuda_runs.get(key, 0) + 1
+        if runs >= jit.AFTER:
+            if len(group.cuda_kernels) > 64:  # (layouts come and go: keep the table small)
+                group.cuda_kernels.clear()
+                group.cuda_runs = {key: runs}
+            kernel = group.cuda_kernels[key] = cuda_jit.group_kernel_for(group, packers, index)
+            if kernel:
+                for p in packers:
+                    p.cuda_group.add(index)
+    stream = _raw_stream(index)
+    if kernel:
+        kernel.launch_parts(parts, stream)
+    else:
+        for r, packer, (ins, outs) in zip(group.regions, packers, parts):
+            _launch_cuda(r, packer, ins, outs, index, stream)
+    if stats is not None:
+        at = len(stats.regions)
+        for r, (ins, outs) in zip(group.regions, parts):
+            _count(stats, r, ins, outs, launch=not kernel, indent="  " if kernel else "")
+        if kernel:
+            stats.launches += 1
+            stats.regions.insert(at, f"{group.describe()}: one kernel, a warp per row")
+            stats.row_groups.append({"dims": list(group.dims), "regions": len(group.regions),
+                                     "chunks": None})
 
 
 def _count(stats, region, ins, outs, launch=True, indent=""):
@@ -544,11 +592,10 @@ def _run_steps(plan, tensors, stats, dev, repeat):
         if isinstance(step, Region):
             run(step)
         elif isinstance(step, RowGroup):
-            if _on_cpu(dev):  # (chunked on the CPU only)
+            if _on_cpu(dev):
                 run_group(step, value, env, stats)
             else:
-                for r in step.regions:
-                    run(r)
+                run_group_cuda(step, value, env, dev, stats)
         elif isinstance(step, MatmulStep):
             a, b = [value(m).t() if tr else value(m) for m, tr in step.operands]
             with torch.no_grad():  # (create_graph runs a block: plain runs record nothing)
