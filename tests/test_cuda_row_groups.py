@@ -33,7 +33,7 @@ def _nvrtc_or_skip():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", GROUPED)
 def test_group_kernels_of_real_plans_compile(name, dtype, gen):
     _nvrtc_or_skip()
@@ -67,7 +67,7 @@ def test_groups_that_do_not_fit_one_kernel():
 
 
 @real_gpu
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(list(s)) for s in SHAPES])
 @pytest.mark.parametrize("name", GROUPED)
 def test_groups_run_as_one_kernel(name, shape, dtype, gen):
