@@ -139,7 +139,7 @@ def test_results_do_not_depend_on_thread_count(name, gen, threads):
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "layer_norm"])
 def test_create_graph(name, gen):
-    # The plan then runs as one block (runtime.PlanBlock): its plain run inside one
+    # The plan then runs as one block (blocks.PlanBlock): its plain run inside one
     # RegionFunction, the row group chunked as without create_graph.
     check_grad(CASES[name], [rand((2500, 128), gen)], orders=2, gen=gen)
 

@@ -141,7 +141,7 @@ class Plan:
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
         self.requested, self.outputs, self.steps = requested, outputs, steps
         self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
-        self.block = None  # runtime: how it runs under create_graph (runtime.Blocked)
+        self.block = None  # runtime: how it runs under create_graph (blocks.Blocked)
         self.runs = 0  # runtime: how many times it ran (jit.AFTER)
         self.jit_pending = True  # runtime: a run since its regions were last offered to jit
 
