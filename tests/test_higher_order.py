@@ -439,3 +439,42 @@ def test_a_fallback_node_returning_a_zero_tensor(gen):
         (g,) = TORCH_GRAD(x.abs().sum(), x, create_graph=True)
         got.append(G((g * x).sum(), x))
     assert_same(got[1], got[0])
+
+
+# Derivatives that PyTorch's formulas keep tied to x until they are zero: each order's result
+# requires grad as torch's does, down to the first zero one (not an unused input, which would
+# raise without allow_unused), which does not.
+VANISHING = {
+    "relu": lambda x: torch.relu(x) * 2,      # threshold_backward: zeros for its self
+    "relu_squared": lambda x: torch.relu(x) ** 2,
+    "pow1": lambda x: x ** 1,                 # 1 * x ** 0
+    "pow2": lambda x: x ** 2,                 # 2 * x ** 1, then 2 * x ** 0
+    "pow3": lambda x: x ** 3,
+    "mean_square": lambda x: (x - 1).pow(2).mean(),
+}
+
+
+def _vanishing_orders(grads, fn, x0):
+    """Each order's (gradient, requires_grad) until one does not require grad, the k-th order
+    taken by ``grads[k]``."""
+    x = x0.clone().requires_grad_(True)
+    out, got = fn(x).sum(), []
+    for grad in grads:
+        (g,) = grad(out, x, create_graph=True)
+        got.append((g.detach(), g.requires_grad))
+        if not g.requires_grad:
+            break
+        out = g.sum()
+    return got
+
+
+@pytest.mark.parametrize("engine", ["fastgrad", "fastgrad_then_torch"])
+@pytest.mark.parametrize("name", list(VANISHING))
+def test_vanishing_derivatives_like_torch(name, engine, gen):
+    x0 = rand((4, 3), gen)
+    ref = _vanishing_orders([TORCH_GRAD] * 6, VANISHING[name], x0)
+    later = FAST_GRAD if engine == "fastgrad" else TORCH_GRAD
+    got = _vanishing_orders([FAST_GRAD] + [later] * 5, VANISHING[name], x0)
+    assert [r for _, r in got] == [r for _, r in ref]
+    assert_same(tuple(g for g, _ in got), tuple(g for g, _ in ref))
+    assert len(ref) >= 2 and not torch.any(ref[-1][0] != 0)  # (it does vanish)

@@ -220,7 +220,11 @@ def _transpose(v):
 
 def _pow_scalar_exp(v):
     e = v.scalar("_saved_exponent")
-    return [ir.pow(v.x(0, "_saved_self"), const(e))]
+    x = v.x(0, "_saved_self")
+    # A pow node even for x ** 1 and x ** 2 (ir.pow would give x, x * x; the planner still
+    # emits those): PyTorch's derivative is e * x ** (e - 1), a pow again, so every order of it
+    # depends on x (requires grad) down to x ** 0, whose derivative is zeros, not absent.
+    return [ew("pow", x, const(e))]
 
 
 def _pow_scalar_base(v):

@@ -25,8 +25,11 @@ def _pow_rule(n, g):
     a, b = n.args
     if ir.is_const(b):
         e = b.attrs[0]
-        ga = ir.zeros(a.shape, a.dtype) if e == 0 else \
-            mul(g, mul(const(e), ir.pow(a, const(e - 1))))
+        # As PyTorch's pow_backward: e * a ** (e - 1), a pow node whatever e - 1 (ir.pow would
+        # fold 1 and 2 into a and a * a), so each order depends on a until a ** 0, tied to a
+        # (the gradient requires grad) and whose derivative is zeros, not absent.
+        ga = ir.zeros(a.shape, a.dtype) if e == 0 else ir.tie(g, a) if e == 1 else \
+            mul(g, mul(const(e), ew("pow", a, const(e - 1))))
     else:
         ga = where(ew("eq", b, 0.0), const(0.0), mul(g, mul(b, ir.pow(a, sub(b, 1.0)))))
     if ir.is_const(a):
@@ -118,7 +121,9 @@ RULES = {
     "reciprocal": lambda n, g: [mul(neg(g), mul(n, n))],
     "abs": lambda n, g: [mul(g, ew("sign", n.args[0]))],
     "relu": lambda n, g: [ir.tie(where(ew("le", n, 0.0), 0.0, g), n)],
-    "tie": lambda n, g: [g, ZERO],
+    # (an explicit zero, as threshold_backward's derivative w.r.t. self in PyTorch: relu's
+    # input gets zeros at the next order, not an absent gradient)
+    "tie": lambda n, g: [g, ir.zeros(n.args[1].shape, n.args[1].dtype)],
     "clamp": _clamp_rule,
     "where": lambda n, g: [ZERO, where(n.args[0], g, 0.0), where(n.args[0], 0.0, g)],
     "cast": lambda n, g: [ir.cast(g, n.args[0].dtype)],
