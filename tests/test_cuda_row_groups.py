@@ -60,6 +60,10 @@ def test_group_kernels_of_real_plans_compile(name, dtype, gen):
 def test_groups_that_do_not_fit_one_kernel():
     lay = cuda_codegen.Layout([50, 9000], 1, [], [])  # few long rows: the interpreter splits them
     assert cuda_codegen.group_layouts([lay], (0,)) is None
+    # few rows of many elements: the elementwise regions keep their own kernels
+    assert cuda_codegen.group_layouts([cuda_codegen.Layout([1000, 4096], 1, [], [])], (0,)) is None
+    assert cuda_codegen.group_layouts([cuda_codegen.Layout([10000, 4096], 1, [], [])], (0,))
+    assert cuda_codegen.group_layouts([cuda_codegen.Layout([200, 4096], 1, [], [])], (0,))
     assert cuda_codegen.group_layouts([cuda_codegen.Layout([9000, 30], None, [], [])], (1,)) is None
     two = [cuda_codegen.Layout([40, 30], 1, [], []), cuda_codegen.Layout([40, 30, 2], 2, [], [])]
     assert cuda_codegen.group_layouts(two, (0,)) is None  # a reduction over other dims

@@ -45,6 +45,10 @@ ROWS_PER_BLOCK = BLOCK // 32
 # a row over blocks (a warp per row would leave most of the GPU idle: an H100/H200 holds 8448
 # warps at once).
 _MAX_SHORT_ROW, _MANY_ROWS = 4096, 8192
+# A row group's kernel with fewer rows than _MANY_ROWS only up to this many elements per region:
+# its elementwise regions would otherwise run on a warp per row, far fewer threads than their
+# own kernels' (where a call is that small, one launch instead of several is the gain).
+_SMALL_GROUP = 1 << 20
 _MAX_GRID = (1 << 31) - 1
 _MODES = {1: "sum", 2: "max", 3: "min"}  # reducing store modes (vm.h MODE_*)
 
@@ -315,7 +319,7 @@ def group_layouts(lays, dims):
     """The Layouts of a row group's regions (plan.RowGroup) as parts of one kernel, a warp per
     row over the leading ``dims``: an elementwise region's becomes a row layout too. None where
     no such kernel fits (a region without a kernel of its own, a reduction over other dims,
-    long rows that are few)."""
+    few rows, unless the regions are small)."""
     k = len(dims)
     if tuple(dims) != tuple(range(k)) or not lays or any(lay is None for lay in lays):
         return None
@@ -324,7 +328,8 @@ def group_layouts(lays, dims):
     for lay in lays:
         if lay.shape[:k] != lead or lay.split not in (None, k):
             return None
-        if rows < _MANY_ROWS and math.prod(lay.shape[k:]) > _MAX_SHORT_ROW:
+        if rows < _MANY_ROWS and (math.prod(lay.shape[k:]) > _MAX_SHORT_ROW or
+                                  lay.numel > _SMALL_GROUP):
             return None
         out.append(Layout(lay.shape, k, lay.loads, lay.stores))
     return out if -(-rows // ROWS_PER_BLOCK) <= _MAX_GRID else None

@@ -188,11 +188,11 @@ def run_group_cuda(group, value, env, dev, stats=None):
     key = (tuple(packers), index)
     kernel = group.cuda_kernels.get(key)
     if kernel is None:
+        if len(group.cuda_runs) > 64:  # (layouts come and go: keep the tables small)
+            group.cuda_kernels.clear()
+            group.cuda_runs.clear()
         runs = group.cuda_runs[key] = group.cuda_runs.get(key, 0) + 1
         if runs >= jit.AFTER:
-            if len(group.cuda_kernels) > 64:  # (layouts come and go: keep the table small)
-                group.cuda_kernels.clear()
-                group.cuda_runs = {key: runs}
             kernel = group.cuda_kernels[key] = cuda_jit.group_kernel_for(group, packers, index)
             if kernel:
                 for p in packers:
