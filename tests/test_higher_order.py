@@ -136,7 +136,8 @@ def _wgan_gp(grad, D, real, fake, eps):
     return gp, g
 
 
-@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus])
+@pytest.mark.parametrize("act", [torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Softplus, torch.nn.ReLU,
+                                 torch.nn.LeakyReLU])
 @pytest.mark.parametrize("device", DEVICES)
 def test_wgan_gp(device, act, gen):
     D = _mlp(gen, [4, 8, 8, 1], act, device)
