@@ -275,7 +275,7 @@ class Kernel:
 def kernel_for(region, packer, device):
     """A Kernel for ``region`` with the input layout of ``packer``, or False when no kernel
     fits the region or compiling is off or failed (the interpreter then runs it)."""
-    if not _STATE["enabled"] or any(jit._NAMES[i[0]] == "iota" for i in region.instrs):
+    if not _compiles([region]):
         return False
     lay = codegen.layout(packer.desc)
     if lay is None:
@@ -288,8 +288,7 @@ def group_kernel_for(group, packers, device):
     """One Kernel running every region of row group ``group`` (plan.RowGroup) with the input
     layouts of ``packers`` (one per region), or False where none fits (the regions then run
     one by one)."""
-    if not _STATE["enabled"] or any(jit._NAMES[i[0]] == "iota"
-                                    for r in group.regions for i in r.instrs):
+    if not _compiles(group.regions):
         return False
     lays = codegen.group_layouts([codegen.layout(p.desc) for p in packers], group.dims)
     if lays is None:
@@ -297,6 +296,12 @@ def group_kernel_for(group, packers, device):
     return _build(lambda: codegen.group_source(group.regions, lays, [p.compute for p in packers]),
                   device, [([ix for ix, _ in r.loads], len(lay.stores))
                            for r, lay in zip(group.regions, lays)], lays[0].grid())
+
+
+def _compiles(regions):
+    """Whether compiling is on and no region holds an op the kernels do not compile (iota)."""
+    return _STATE["enabled"] and not any(jit._NAMES[i[0]] == "iota"
+                                         for r in regions for i in r.instrs)
 
 
 def _build(make_source, device, parts, grid):
