@@ -134,6 +134,10 @@ def requires_device(device):
     return [pytest.mark.skip(reason=reason)] if reason is not None else []
 
 
+# a "device" parametrization: the CPU, and CUDA where it can run (skipped with the reason else)
+DEVICE_PARAMS = [pytest.param(d, marks=requires_device(d)) for d in ("cpu", "cuda")]
+
+
 # --------------------------------------------------------------------------
 # comparison
 # --------------------------------------------------------------------------

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import (FAST_GRAD, TORCH_GRAD, assert_same, check_grad, check_native, rand,
-                      requires_device)
-
-DEVICES = [pytest.param(d, marks=requires_device(d)) for d in ("cpu", "cuda")]
+from conftest import (DEVICE_PARAMS as DEVICES, FAST_GRAD, TORCH_GRAD, assert_same, check_grad,
+                      check_native, rand)
 
 ELEMENTWISE_CHAINS = {
     "sin_mul_exp": lambda x: torch.sin(x) * torch.exp(x),

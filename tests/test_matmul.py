@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import TORCH_GRAD, assert_same, check_grad, rand, requires_device
-
-DEVICES = [pytest.param(d, marks=requires_device(d)) for d in ("cpu", "cuda")]
+from conftest import DEVICE_PARAMS as DEVICES, TORCH_GRAD, assert_same, check_grad, rand
 
 
 def _colmajor(t):
