@@ -10,6 +10,7 @@
 
 #include "capture.h"
 #include "floor.h"
+#include "signature_key.h"
 #include "executor.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
@@ -270,6 +271,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("in_edges"), py::arg("bind"), py::arg("create_graph"), py::arg("spec_fn"),
         py::arg("hooks_fn"), py::arg("freed_key"),
         "(signature key or None, whether a node to run was freed): see graph_cache.signature.");
+  m.def("clear_interned", &fg::clear_interned,
+        "Forget the objects signature keys numbered (graph_cache.clear, with those keys).");
+  m.def("interned_count", &fg::interned_count, "How many objects signature keys have numbered.");
   m.def("mark_freed", &fg::mark_freed, py::arg("graph"), py::arg("freed_key"), py::arg("refuse"),
         py::arg("spec_fn"), py::arg("pack"), py::arg("unpack"),
         "Mark the nodes a sweep ran as consumed and free their saved tensors (engine._mark_freed).");

@@ -3,6 +3,7 @@
 #include "capture.h"
 
 #include "py_calls.h"
+#include "signature_key.h"
 
 namespace fg {
 namespace {
@@ -26,15 +27,9 @@ py::object id_of(py::handle o) {
   return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
 }
 
-py::tuple as_tuple(py::handle seq) {
-  PyObject* r = PySequence_Tuple(seq.ptr());
-  if (!r) throw py::error_already_set();
-  return py::reinterpret_steal<py::tuple>(r);
-}
-
-// (shape, dtype, device) of one InputMetadata entry.
-py::tuple meta_record(py::handle m) {
-  return py::make_tuple(as_tuple(py_attr(m, N.shape)), py_attr(m, N.dtype), py_attr(m, N.device));
+// (shape, dtype, device) of one InputMetadata entry; false: not part of a key.
+bool write_meta(KeyWriter& w, py::handle m) {
+  return w.ints(py_attr(m, N.shape)) && w.obj(py_attr(m, N.dtype)) && w.obj(py_attr(m, N.device));
 }
 
 struct Spec {
@@ -189,18 +184,28 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
 
 namespace {
 
-// A saved value as it enters a signature; nullptr when it cannot be part of a key (unhashable).
-py::object value_record(py::handle v, Binder& bind) {
+// A tensor as it enters a signature: (number, shape, strides, dtype, requires_grad), or a
+// tag alone for one the compiled path cannot read (Binder::index).
+bool write_tensor(KeyWriter& w, py::handle t, Binder& bind) {
+  py::object key;
+  const Py_ssize_t n = bind.index(t, &key);
+  if (n < 0) {
+    w.tag('x');
+    return true;
+  }
+  PyObject* k = key.ptr();  // (data_ptr, shape, strides, dtype, requires_grad, producer, output_nr)
+  w.tag('r');
+  w.i64(n);
+  w.tag(PyTuple_GET_ITEM(k, 4) == Py_True ? 'g' : 'c');
+  return w.ints(PyTuple_GET_ITEM(k, 1)) && w.ints(PyTuple_GET_ITEM(k, 2)) &&
+         w.obj(PyTuple_GET_ITEM(k, 3));
+}
+
+// A saved value as it enters a signature; false when it cannot be part of a key (unhashable).
+bool write_value(KeyWriter& w, py::handle v, Binder& bind) {
   int is_tensor = PyObject_IsInstance(v.ptr(), g_tensor_cls);
   if (is_tensor < 0) throw py::error_already_set();
-  if (is_tensor) return bind.record(v);
-  py::object val = PyList_Check(v.ptr()) ? py::object(as_tuple(v))
-                                         : py::reinterpret_borrow<py::object>(v);
-  if (PyObject_Hash(val.ptr()) == -1) {
-    PyErr_Clear();
-    return py::object();
-  }
-  return py::make_tuple(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(val.ptr()))), val);
+  return is_tensor ? write_tensor(w, v, bind) : w.value(v);
 }
 
 bool is_freed(py::handle fn, py::handle freed_key) {
@@ -229,77 +234,86 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     return it == pos.end() ? Py_ssize_t(-1) : it->second;
   };
   bool freed = false;
-  py::list parts;
+  auto none = [&] { return py::make_tuple(py::none(), freed); };
+  KeyWriter w;
   // create_graph changes what fallback nodes return (results that require grad)
-  parts.append(py::bool_(create_graph));
-  for (auto gt : py::iter(grad_tensors)) parts.append(gt.is_none() ? py::none() : bind.record(gt));
-  py::str fallback_tag("fallback");
+  w.tag(create_graph ? 'C' : 'P');
+  for (auto gt : py::iter(grad_tensors)) {
+    if (gt.is_none()) {
+      w.tag('n');
+    } else if (!write_tensor(w, gt, bind)) {
+      return none();
+    }
+  }
   for (Py_ssize_t i = 0; i < norder; ++i) {
     py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
     // user code runs on the gradient mid-sweep: derive anew each call
     if (!hooks_fn.is_none() && py_truthy(hooks_fn(fn))) return py::make_tuple(py::none(), false);
     const Spec& spec = spec_of(fn, spec_fn);
-    py::handle cls(reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr())));
     PyObject* nf = g.edges.at(fn.ptr());
-    py::list metas;
-    for (auto m : py_attr(fn, N.input_metadata)) metas.append(meta_record(m));
-    py::tuple meta = as_tuple(metas);
-    if (!g.runs(fn.ptr())) {  // an input or a node the sweep skips
-      parts.append(py::make_tuple(cls, PyTuple_GET_SIZE(nf), meta));
-      continue;
-    }
+    const bool runs = g.runs(fn.ptr());
+    // an input or a node the sweep skips; one run through PyTorch's node (only what it
+    // returns matters: replay); one lowered
+    w.tag(!runs ? 'S' : !spec.lowerable ? 'B' : 'L');
+    if (!w.obj(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr()))))) return none();
+    py::object metas = py_attr(fn, N.input_metadata);
+    PyObject* ms = PySequence_Fast(metas.ptr(), "_input_metadata is not a sequence");
+    if (!ms) throw py::error_already_set();
+    py::object keep_ms = py::reinterpret_steal<py::object>(ms);
+    w.i64(PySequence_Fast_GET_SIZE(ms));
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(ms); ++j)
+      if (!write_meta(w, PySequence_Fast_GET_ITEM(ms, j))) return none();
+    w.i64(PyTuple_GET_SIZE(nf));
+    if (!runs) continue;
     if (spec.holds_saved && is_freed(fn, freed_key)) freed = true;
-    py::list es;
     for (Py_ssize_t j = 0, e = PyTuple_GET_SIZE(nf); j < e; ++j) {
       py::handle edge = PyTuple_GET_ITEM(nf, j);
       py::handle m = PyTuple_GET_ITEM(edge.ptr(), 0);
       py::handle k = PyTuple_GET_ITEM(edge.ptr(), 1);
       if (m.is_none()) {
-        es.append(py::none());
+        w.tag('n');
         continue;
       }
       Py_ssize_t p = position(m);
       if (p >= 0) {
-        es.append(py::make_tuple(p, k));
+        w.tag('p');
+        w.i64(p);
+        w.int_of(k);
       } else if (!spec.lowerable) {  // the sweep reads no metadata of an edge leaving the walk
-        es.append(py::make_tuple(-1, k));  // from a node it runs through PyTorch
+        w.tag('o');                  // from a node it runs through PyTorch
+        w.int_of(k);
       } else {
+        w.tag('m');
+        w.int_of(k);
         py::object md = py_attr(m, N.input_metadata);
-        es.append(py::make_tuple(-1, k, meta_record(md[k])));
+        if (!write_meta(w, md[k])) return none();
       }
     }
-    py::tuple est = as_tuple(es);
-    if (!spec.lowerable) {  // run through PyTorch's node: only what it returns matters (replay)
-      parts.append(py::make_tuple(cls, est, meta, fallback_tag));
-      continue;
-    }
-    py::list vals;
-    vals.append(cls);
-    vals.append(est);
-    vals.append(meta);
-    std::vector<py::object> src;
+    if (!spec.lowerable) continue;
     if (spec.region) {
-      vals.append(py_attr(fn, N.region));
-      for (auto v : py_attr(fn, N.saved_tensors)) src.push_back(py::reinterpret_borrow<py::object>(v));
+      if (!w.obj(py_attr(fn, N.region))) return none();
+      py::object saved = py_attr(fn, N.saved_tensors);
+      PyObject* sv = PySequence_Fast(saved.ptr(), "saved_tensors is not a sequence");
+      if (!sv) throw py::error_already_set();
+      py::object keep_sv = py::reinterpret_steal<py::object>(sv);
+      w.i64(PySequence_Fast_GET_SIZE(sv));
+      for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(sv); ++j)
+        if (!write_value(w, PySequence_Fast_GET_ITEM(sv, j), bind)) return none();
     } else {
-      for (const auto& a : spec.saved) src.push_back(py_attr(fn, a.ptr()));
+      for (const auto& a : spec.saved)
+        if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
     }
-    for (const auto& v : src) {
-      py::object r = value_record(v, bind);
-      if (!r) return py::make_tuple(py::none(), freed);
-      vals.append(r);
-    }
-    parts.append(as_tuple(vals));
   }
   for (py::handle edges : {out_edges, in_edges}) {
-    py::list ps;
+    w.tag('E');
+    w.i64(PyObject_Length(edges.ptr()));
     for (auto e : py::iter(edges)) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(e);
-      ps.append(py::make_tuple(position(t[0]), t[1]));
+      w.i64(position(t[0]));
+      w.int_of(t[1]);
     }
-    parts.append(as_tuple(ps));
   }
-  return py::make_tuple(as_tuple(parts), freed);
+  return py::make_tuple(w.bytes(), freed);
 }
 
 namespace {

@@ -42,6 +42,17 @@ PAIRS = {
                         lambda g: (lambda x: x.permute(0, 2, 1).sin(), [rand((3, 3, 3), g)])),
     "strides": (lambda g: (lambda x: torch.tanh(x) * x, [rand((3, 4), g)]),
                 lambda g: (lambda x: torch.tanh(x.t()) * x.t(), [rand((4, 3), g)])),
+    # saved values of the kinds the key writes by value (csrc/signature_key.h): a bool, an int,
+    # a float, an int tuple, a tuple that is not all ints (an interned object)
+    "saved_bool": (lambda g: (lambda x: x.sum(1, keepdim=True) * x, [rand((3, 4), g)]),
+                   lambda g: (lambda x: x.sum(1).unsqueeze(1) * x, [rand((3, 4), g)])),
+    "saved_int_vs_float": (lambda g: (lambda x: x ** 2, [rand((3, 4), g)]),
+                           lambda g: (lambda x: x ** 2.5, [rand((3, 4), g).abs() + 0.5])),
+    "saved_int_tuple": (lambda g: (lambda x: x.sum((0, 1)), [rand((3, 3, 2), g)]),
+                        lambda g: (lambda x: x.sum((0, 2)), [rand((3, 3, 2), g)])),
+    # only the node class differs (in the key: its number in the intern table)
+    "node_class": (lambda g: (lambda x: torch.sin(x) * x, [rand((3, 4), g)]),
+                   lambda g: (lambda x: torch.cos(x) * x, [rand((3, 4), g)])),
 }
 
 
@@ -95,6 +106,22 @@ def test_repeated_structure_is_a_hit(gen):
         y = (torch.sin(x) * torch.exp(x)).sum()
         assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x))
     assert len(graph_cache._ENTRIES) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_keys_made_before_a_clear_never_match(dtype, gen, monkeypatch):
+    """Keys number node classes, dtypes and devices from an intern table; clearing it (as
+    every store does here) must not hand a number to another object, or the key stored just
+    after a clear (sin's graph) would match the next graph's (cos's: only the class
+    differs)."""
+    from fastgrad import _C
+    monkeypatch.setattr(graph_cache, "_MAX_INTERNED", 0)
+    graph_cache.clear()
+    assert _C.interned_count() == 0
+    for f in (torch.sin, torch.cos, torch.sin, torch.cos):
+        x = rand((3, 4), gen, dtype=dtype).requires_grad_(True)
+        y = (f(x) * x).sum()
+        assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x), f.__name__)
 
 
 def test_explain_on_a_hit_reports_the_nodes(gen):

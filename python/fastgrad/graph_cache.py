@@ -14,6 +14,7 @@ the first time, falling back to a fresh sweep if not.
 from . import _C, hooks, lowering
 
 _MAX_ENTRIES = 512
+_MAX_INTERNED = 1 << 16  # objects numbered in keys (saved scalars that change every call add some)
 _ENTRIES = {}
 
 
@@ -49,19 +50,21 @@ def runs(fn, nexts, needed):
 
 
 def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
-    """(key, freed): a hashable key describing everything lowering will read (None if not
+    """(key, freed): a key (bytes) describing everything lowering will read (None if not
     cacheable), and whether a node the sweep runs holds saved tensors and was freed by an
     earlier call (retain_graph=False).
 
     The key holds, per node of the walk, its class, its edges (as positions in the order, or
     the metadata of an edge leaving the walk), its input metadata and, for a node lowering
     reads, its saved values: a saved tensor as (leaf number, shape, strides, dtype,
-    requires_grad), anything else as (type, value); a region node also gives its Region. A
-    node run through PyTorch is described without its saved values, nor the metadata of its
-    edges leaving the walk (the sweep reads neither; engine._replay checks its results). Saved
-    tensors are bound into ``bind`` in a fixed order, so a later sweep with the same binder
-    numbers them identically. Built in C++ (csrc/capture.cpp); graphs with tensor hooks are
-    not cached."""
+    requires_grad), anything else by value (type and value); a region node also gives its
+    Region. A node run through PyTorch is described without its saved values, nor the
+    metadata of its edges leaving the walk (the sweep reads neither; engine._replay checks its
+    results). Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the
+    same binder numbers them identically. Built in C++ (csrc/capture.cpp), as bytes
+    (csrc/signature_key.h: objects such as classes, dtypes and devices enter as numbers from
+    an intern table that ``clear`` empties with the entries); graphs with tensor hooks are not
+    cached."""
     hooks_fn = hooks.tensor_hooks if hooks.any_registered() else None
     return _C.signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph, _spec,
                         hooks_fn, lowering._FREED)
@@ -76,11 +79,14 @@ def store(key, exprs, native, fallback=(), tape=(), nbound=0):
     graph is not cacheable)."""
     if key is None:
         return None
-    if len(_ENTRIES) >= _MAX_ENTRIES:
-        _ENTRIES.clear()
+    if len(_ENTRIES) >= _MAX_ENTRIES or _C.interned_count() > _MAX_INTERNED:
+        clear()
     e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape), nbound)
     return e
 
 
 def clear():
+    """Forget every entry, and the objects their keys numbered (a later key numbers them anew,
+    so it cannot match an entry of before: keys only miss)."""
     _ENTRIES.clear()
+    _C.clear_interned()
