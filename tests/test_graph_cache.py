@@ -108,6 +108,20 @@ def test_repeated_structure_is_a_hit(gen):
     assert len(graph_cache._ENTRIES) == 1
 
 
+def test_saved_zero_sign_is_part_of_the_key(gen):
+    """0.0 == -0.0, but with `alpha=-0.0` add's gradient is -0.0 where it is 0.0 with
+    `alpha=0.0`: the key writes a saved float (add's alpha) by its bits, so the second graph
+    does not reuse the first's plan."""
+    graph_cache.clear()
+    z = rand((3, 4), gen)
+    for c in (0.0, -0.0, 0.0):
+        x = rand((3, 4), gen).requires_grad_(True)
+        y = torch.add(z, torch.exp(x), alpha=c).sum()
+        (a,) = fastgrad.grad(y, x, retain_graph=True)
+        (e,) = TORCH_GRAD(y, x)
+        assert torch.equal(torch.signbit(a), torch.signbit(e)), c
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_keys_made_before_a_clear_never_match(dtype, gen, monkeypatch):
     """Keys number node classes, dtypes and devices from an intern table; clearing it (as

@@ -12,6 +12,8 @@ rule can still differentiate through it.
 Constructors apply only exact simplifications (x*1, x/1, identity views, casts to the same dtype);
 nothing that could change an inf or NaN.
 """
+import math
+
 import torch
 
 _TABLE = {}
@@ -106,7 +108,11 @@ def slot(i, base, shape, dtype):
 
 
 def const(v):
-    return node("const", (), (float(v),), (), None)
+    v = float(v)
+    # -0.0 == 0.0 as a key: -0.0 is its own node, marked by a second attribute, or
+    # `x * -0.0` would be the same node as `x * 0.0` and lose the sign of its zeros
+    return node("const", (), (v, "-0") if v == 0.0 and math.copysign(1.0, v) < 0 else (v,),
+                (), None)
 
 
 def zeros(shape, dtype):
