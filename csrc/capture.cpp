@@ -203,8 +203,20 @@ bool write_tensor(KeyWriter& w, py::handle t, Binder& bind) {
 
 // A saved value as it enters a signature; false when it cannot be part of a key (unhashable).
 bool write_value(KeyWriter& w, py::handle v, Binder& bind) {
-  int is_tensor = PyObject_IsInstance(v.ptr(), g_tensor_cls);
-  if (is_tensor < 0) throw py::error_already_set();
+  PyObject* o = v.ptr();
+  // torch.Tensor's metaclass makes isinstance a call of its __instancecheck__ (about 500
+  // instructions): the saved values most nodes hold (None, numbers, int tuples, tensors) are
+  // told apart by their exact type first
+  int is_tensor;
+  if (Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(g_tensor_cls)) {
+    is_tensor = 1;
+  } else if (o == Py_None || PyLong_CheckExact(o) || PyFloat_CheckExact(o) || PyBool_Check(o) ||
+             PyTuple_CheckExact(o) || PyList_CheckExact(o)) {
+    is_tensor = 0;
+  } else {
+    is_tensor = PyObject_IsInstance(o, g_tensor_cls);
+    if (is_tensor < 0) throw py::error_already_set();
+  }
   return is_tensor ? write_tensor(w, v, bind) : w.value(v);
 }
 
