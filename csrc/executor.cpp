@@ -3,6 +3,7 @@
 #include "py_calls.h"
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 namespace fg {
@@ -160,6 +161,7 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
     } else {
       throw py::value_error("Executor: unknown step kind " + std::to_string(st.kind));
     }
+    views_or_products_ = views_or_products_ || st.kind == 2 || st.kind == 3;
     steps_.push_back(std::move(st));
   }
   for (auto o : outputs) {
@@ -169,9 +171,10 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
   }
 }
 
-int Executor::threads_for(int64_t numel) const {
+int Executor::threads_for(int64_t numel, int& nthreads) const {
   if (numel < parallel_min_) return 1;
-  return std::max(1, num_threads_().cast<int>());
+  if (nthreads == 0) nthreads = std::max(1, num_threads_().cast<int>());  // once per run
+  return nthreads;
 }
 
 py::object Executor::run(py::handle tensors) const {
@@ -187,9 +190,13 @@ py::object Executor::run(py::handle tensors) const {
     if (!l.reshape.is_none()) tt = py_call(tt, N.reshape, l.reshape.ptr());
     slots.push_back(std::move(tt));
   }
+  // Views and products are taken with grad mode off (one switch for the run: the regions
+  // between them do not read it)
+  std::optional<GradOff> off;
+  if (views_or_products_) off.emplace(grad_enabled_, set_grad_enabled_);
+  int nthreads = 0;
   for (const Step& st : steps_) {
     if (st.kind == 2) {
-      GradOff off(grad_enabled_, set_grad_enabled_);
       py::object v = slots[st.src];
       for (const auto& [is_expand, shape] : st.chain)
         v = py_call(v, is_expand ? N.expand : N.reshape, shape.ptr());
@@ -197,7 +204,6 @@ py::object Executor::run(py::handle tensors) const {
       continue;
     }
     if (st.kind == 3) {
-      GradOff off(grad_enabled_, set_grad_enabled_);
       py::object ab[2];
       for (int i = 0; i < 2; ++i)
         ab[i] = st.transposed[i] ? py_call(slots[st.operands[i]], N.t) : slots[st.operands[i]];
@@ -217,7 +223,7 @@ py::object Executor::run(py::handle tensors) const {
       ins.push_back(std::move(in));
       outs.push_back(std::move(out));
     }
-    const int nt = threads_for(st.numel);
+    const int nt = threads_for(st.numel, nthreads);
     if (st.kind == 0) {
       run_program(*st.parts[0].prog, ins[0], outs[0], nt);
     } else {

@@ -85,9 +85,11 @@ class Executor {
   py::object empty_, num_threads_, grad_enabled_, set_grad_enabled_;
   int64_t parallel_min_;
   size_t nslots_ = 0;
+  bool views_or_products_ = false;  // some step is a view or a product (grad mode off)
 
   Part part_of(py::handle spec);
-  int threads_for(int64_t numel) const;
+  // Threads for a step of numel elements; nthreads: the run's thread count once read (0 before)
+  int threads_for(int64_t numel, int& nthreads) const;
 };
 
 }  // namespace fg
