@@ -306,6 +306,12 @@ def mm(a, b):
         raise ValueError(f"mm of {a.shape} and {b.shape}")
     if a.dtype != b.dtype:
         raise ValueError(f"mm of {a.dtype} and {b.dtype}")
+    if a.shape[1] == 1:
+        # An inner size of 1 is an outer product: one multiply per element and no sum, as in
+        # BLAS, so the same values. As an elementwise node it fuses with its neighbours instead
+        # of running as a product step and writing its result (a scalar network's last layer:
+        # the cotangent [N, 1] times the weights' row [1, H]).
+        return mul(a, b)
     return node("mm", (a, b), (), (a.shape[0], b.shape[1]), a.dtype)
 
 
