@@ -220,6 +220,19 @@ bool write_value(KeyWriter& w, py::handle v, Binder& bind) {
   return is_tensor ? write_tensor(w, v, bind) : w.value(v);
 }
 
+// The length of sequence `seq`, then each item written by `write` (false: not part of a key).
+template <class Write>
+bool write_each(KeyWriter& w, py::handle seq, const char* what, Write write) {
+  PyObject* s = PySequence_Fast(seq.ptr(), what);
+  if (!s) throw py::error_already_set();
+  py::object keep = py::reinterpret_steal<py::object>(s);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(s);
+  w.i64(n);
+  for (Py_ssize_t j = 0; j < n; ++j)
+    if (!write(py::handle(PySequence_Fast_GET_ITEM(s, j)))) return false;
+  return true;
+}
+
 bool is_freed(py::handle fn, py::handle freed_key) {
   PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
   if (!md) {  // as lowering._is_freed: a node without metadata is never freed
@@ -268,13 +281,9 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     // returns matters: replay); one lowered
     w.tag(!runs ? 'S' : !spec.lowerable ? 'B' : 'L');
     if (!w.obj(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr()))))) return none();
-    py::object metas = py_attr(fn, N.input_metadata);
-    PyObject* ms = PySequence_Fast(metas.ptr(), "_input_metadata is not a sequence");
-    if (!ms) throw py::error_already_set();
-    py::object keep_ms = py::reinterpret_steal<py::object>(ms);
-    w.i64(PySequence_Fast_GET_SIZE(ms));
-    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(ms); ++j)
-      if (!write_meta(w, PySequence_Fast_GET_ITEM(ms, j))) return none();
+    if (!write_each(w, py_attr(fn, N.input_metadata), "_input_metadata is not a sequence",
+                    [&](py::handle m) { return write_meta(w, m); }))
+      return none();
     w.i64(PyTuple_GET_SIZE(nf));
     if (!runs) continue;
     if (spec.holds_saved && is_freed(fn, freed_key)) freed = true;
@@ -304,13 +313,9 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     if (!spec.lowerable) continue;
     if (spec.region) {
       if (!w.obj(py_attr(fn, N.region))) return none();
-      py::object saved = py_attr(fn, N.saved_tensors);
-      PyObject* sv = PySequence_Fast(saved.ptr(), "saved_tensors is not a sequence");
-      if (!sv) throw py::error_already_set();
-      py::object keep_sv = py::reinterpret_steal<py::object>(sv);
-      w.i64(PySequence_Fast_GET_SIZE(sv));
-      for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(sv); ++j)
-        if (!write_value(w, PySequence_Fast_GET_ITEM(sv, j), bind)) return none();
+      if (!write_each(w, py_attr(fn, N.saved_tensors), "saved_tensors is not a sequence",
+                      [&](py::handle v) { return write_value(w, v, bind); }))
+        return none();
     } else {
       for (const auto& a : spec.saved)
         if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
