@@ -42,8 +42,8 @@ PAIRS = {
                         lambda g: (lambda x: x.permute(0, 2, 1).sin(), [rand((3, 3, 3), g)])),
     "strides": (lambda g: (lambda x: torch.tanh(x) * x, [rand((3, 4), g)]),
                 lambda g: (lambda x: torch.tanh(x.t()) * x.t(), [rand((4, 3), g)])),
-    # saved values of the kinds the key writes by value (csrc/signature_key.h): a bool, an int,
-    # a float, an int tuple, a tuple that is not all ints (an interned object)
+    # saved values of the kinds the key writes by value (csrc/signature_key.h): a bool, an int
+    # against a float, an int tuple
     "saved_bool": (lambda g: (lambda x: x.sum(1, keepdim=True) * x, [rand((3, 4), g)]),
                    lambda g: (lambda x: x.sum(1).unsqueeze(1) * x, [rand((3, 4), g)])),
     "saved_int_vs_float": (lambda g: (lambda x: x ** 2, [rand((3, 4), g)]),

@@ -9,8 +9,9 @@ the call instead of being computed. ``leaf`` nodes are always known; an op node 
 (e.g. ``exp(x)`` whose result PyTorch saved), so it is loaded when its value is needed but its
 rule can still differentiate through it.
 
-Constructors apply only exact simplifications (x*1, x/1, identity views, casts to the same dtype);
-nothing that could change an inf or NaN.
+Constructors apply only exact simplifications (x*1, x/1, identity views, casts to the same dtype,
+a matrix product with an inner size of 1 as a broadcast multiply); nothing that could change an
+inf or NaN.
 """
 import math
 
