@@ -66,13 +66,66 @@ def _native(report, name=None):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("device", DEVICES)
 def test_products_like_torch(device, name, orders, gen):
+    _products_like_torch(device, name, orders, gen, lambda report: _native(report, name))
+
+
+@pytest.fixture
+def narrow_everywhere(monkeypatch):
+    """Every product with few output columns planned as row sums (plan._narrow_product),
+    whatever its row count; the caches holding such plans are emptied before and after."""
+    from fastgrad import graph_cache, plan
+    monkeypatch.setattr(plan, "NARROW_ROWS", 1)
+    plan.clear_plan_cache()
+    graph_cache.clear()
+    yield
+    plan.clear_plan_cache()
+    graph_cache.clear()
+
+
+def _row_sums_ran(report):
+    assert not report.fallback, str(report)
+    assert "reduce over dims [1]" in str(report), str(report)
+
+
+@pytest.mark.parametrize("orders", [1, 2])
+@pytest.mark.parametrize("name", [n for n in CASES if n not in OUTER_ONLY])
+@pytest.mark.parametrize("device", DEVICES)
+def test_narrow_products_as_row_sums(device, name, orders, gen, narrow_everywhere):
+    def check(report):  # each of these has a product of at most 4 columns, at both orders
+        _row_sums_ran(report)
+    _products_like_torch(device, name, orders, gen, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_narrow_product_at_its_row_threshold(device, gen):
+    """The input layer's VJP of an MLP over 2 coordinates, with plan.NARROW_ROWS rows: its
+    product [N, 6] x [6, 2] runs as row sums fused with the tanh layer's work, no torch.mm."""
+    from fastgrad import plan
+    n = plan.NARROW_ROWS
+    x = rand((n, 2), gen, device=device).requires_grad_(True)
+    w = rand((6, 2), gen, device=device).requires_grad_(True)
+    out = torch.tanh(_linear(x, w, None))
+    go = rand((n, 6), gen, device=device)
+    report = fastgrad.explain(out, x, go)
+    _row_sums_ran(report)
+    assert "torch.mm" not in str(report), str(report)
+    assert_same(fastgrad.grad(out, x, go, retain_graph=True),
+                TORCH_GRAD(out, x, go, retain_graph=True))
+    (g,) = fastgrad.grad(out, x, go, create_graph=True)
+    (gt,) = TORCH_GRAD(out, x, go, create_graph=True)
+    assert_same(g, gt)
+    assert_same(fastgrad.grad((g * g).sum(), [x, w], retain_graph=True),
+                TORCH_GRAD((gt * gt).sum(), [x, w]), "order 2")
+
+
+def _products_like_torch(device, name, orders, gen, check_report):
     fn, shapes, prep, which = CASES[name]
     leaves = [rand(s, gen, device=device).requires_grad_(True) for s in shapes]
     ins = prep(*leaves) if prep else leaves
     out = fn(*ins)
     wrt = [leaves[i] for i in which]
     go = rand(tuple(out.shape), gen, device=device)
-    _native(fastgrad.explain(out, wrt, go, create_graph=orders == 2), name)
+    check_report(fastgrad.explain(out, wrt, go, create_graph=orders == 2))
     got = fastgrad.grad(out, wrt, go, retain_graph=True, create_graph=orders == 2)
     ref = TORCH_GRAD(out, wrt, go, create_graph=orders == 2)
     assert_same(got, ref, "order 1")
@@ -80,7 +133,7 @@ def test_products_like_torch(device, name, orders, gen):
         assert [g.requires_grad for g in got] == [r.requires_grad for r in ref]
         s_got = sum((g * g).sum() for g in got)
         s_ref = sum((r * r).sum() for r in ref)
-        _native(fastgrad.explain(s_got, leaves, allow_unused=True), name)
+        check_report(fastgrad.explain(s_got, leaves, allow_unused=True))
         assert_same(fastgrad.grad(s_got, leaves, allow_unused=True, retain_graph=True),
                     TORCH_GRAD(s_ref, leaves, allow_unused=True), "order 2", none_is_zero=True)
 

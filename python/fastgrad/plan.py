@@ -177,14 +177,48 @@ def get_plan(exprs):
     return p
 
 
+NARROW_COLUMNS, NARROW_ROWS = 4, 16384  # see _narrow_product (measured: docs/performance.md)
+
+
+def _narrow_product(n):
+    """A product ``a @ b`` with at most NARROW_COLUMNS output columns and NARROW_ROWS rows or
+    more (the input layer's VJP of an MLP over 2-3 coordinates: [N, H] x [H, 2]), as row sums:
+    column j is the row sum of ``a`` times ``b``'s column j. A region fuses them with the
+    elementwise work producing ``a``, whose rows are then never written out, where BLAS took
+    3-4x the time of a copy of ``a`` for such shapes; with fewer rows, each row's sums (folding
+    their lanes) cost more than that saves. The sums are a region's (added in double), not
+    BLAS's: equal up to rounding."""
+    a, b = n.args
+    k, m = b.shape
+    # b's columns, as rows of one flat tensor: a reshape that moves elements, so the plan
+    # materialises it (a tiny pass), and each column is then a contiguous row the row loops load
+    flat = ir.reshape(ir.permute(b, (1, 0)), (m * k,))
+    out = None
+    for j in range(m):
+        row = ir.reshape(ir.slice_(flat, 0, j * k, 1, k), (1, k))
+        col = ir.embed(ir.rsum(ir.mul(a, row), (1,)), 1, j, 1, m)
+        out = col if out is None else ir.add(out, col)
+    return out
+
+
+def _is_narrow(n):
+    return n.op == "mm" and n.shape[1] <= NARROW_COLUMNS and n.shape[0] >= NARROW_ROWS
+
+
 def _decompose(exprs):
-    """Replace composite primitives whose value is not known by their VM-level definition."""
+    """Replace composite primitives whose value is not known by their VM-level definition, and
+    narrow products by row sums (_narrow_product)."""
     nodes = ir.topo(exprs, stop=lambda n: n.known is not None)
     mapping = {}
     for n in nodes:
-        if n.known is None and n.op in rules.DECOMPOSE:
+        if n.known is not None:
+            continue
+        if n.op in rules.DECOMPOSE:
             (m,) = ir.substitute([n], mapping)
             mapping[id(n)] = ir.substitute([rules.DECOMPOSE[n.op](m)], mapping)[0]
+        elif _is_narrow(n):
+            (m,) = ir.substitute([n], mapping)
+            mapping[id(n)] = _narrow_product(m)
     return ir.substitute(exprs, mapping) if mapping else exprs
 
 
