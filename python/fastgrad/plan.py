@@ -177,21 +177,24 @@ def get_plan(exprs):
     return p
 
 
-NARROW_COLUMNS, NARROW_ROWS = 4, 16384  # see _narrow_product (measured: docs/performance.md)
+# see _narrow_product (measured: docs/performance.md; inner sizes of 32-256, wider not measured)
+NARROW_COLUMNS, NARROW_ROWS, NARROW_INNER = 4, 16384, 256
 
 
 def _narrow_product(n):
-    """A product ``a @ b`` with at most NARROW_COLUMNS output columns and NARROW_ROWS rows or
-    more (the input layer's VJP of an MLP over 2-3 coordinates: [N, H] x [H, 2]), as row sums:
-    column j is the row sum of ``a`` times ``b``'s column j. A region fuses them with the
+    """A product ``a @ b`` with at most NARROW_COLUMNS output columns, NARROW_ROWS rows or more
+    and an inner size of at most NARROW_INNER (the input layer's VJP of an MLP over 2-3
+    coordinates: [N, H] x [H, 2]), as row sums: column j is the row sum of ``a`` times ``b``'s
+    column j. A region fuses them with the
     elementwise work producing ``a``, whose rows are then never written out, where BLAS took
     3-4x the time of a copy of ``a`` for such shapes; with fewer rows, each row's sums (folding
     their lanes) cost more than that saves. The sums are a region's (added in double), not
     BLAS's: equal up to rounding."""
     a, b = n.args
     k, m = b.shape
-    # b's columns, as rows of one flat tensor: a reshape that moves elements, so the plan
-    # materialises it (a tiny pass), and each column is then a contiguous row the row loops load
+    # b's columns as rows of one flat tensor: a reshape that moves elements, so it is
+    # materialised (by the plan, or for a bound b by PyTorch's reshape: a copy of a few dozen
+    # values) and each column is a contiguous row, which the compiled row loops can load
     flat = ir.reshape(ir.permute(b, (1, 0)), (m * k,))
     out = None
     for j in range(m):
@@ -202,7 +205,8 @@ def _narrow_product(n):
 
 
 def _is_narrow(n):
-    return n.op == "mm" and n.shape[1] <= NARROW_COLUMNS and n.shape[0] >= NARROW_ROWS
+    return n.op == "mm" and n.shape[1] <= NARROW_COLUMNS and n.shape[0] >= NARROW_ROWS and \
+        n.args[0].shape[1] <= NARROW_INNER
 
 
 def _decompose(exprs):
