@@ -185,11 +185,10 @@ def _narrow_product(n):
     """A product ``a @ b`` with at most NARROW_COLUMNS output columns, NARROW_ROWS rows or more
     and an inner size of at most NARROW_INNER (the input layer's VJP of an MLP over 2-3
     coordinates: [N, H] x [H, 2]), as row sums: column j is the row sum of ``a`` times ``b``'s
-    column j. A region fuses them with the
-    elementwise work producing ``a``, whose rows are then never written out, where BLAS took
-    3-4x the time of a copy of ``a`` for such shapes; with fewer rows, each row's sums (folding
-    their lanes) cost more than that saves. The sums are a region's (added in double), not
-    BLAS's: equal up to rounding."""
+    column j. A region fuses them with the elementwise work producing ``a``, whose rows are
+    then never written out, where BLAS took 3-4x the time of a copy of ``a`` for such shapes;
+    with fewer rows, each row's sums (folding their lanes) cost more than that saves. The sums
+    are a region's (added in double), not BLAS's: equal up to rounding."""
     a, b = n.args
     k, m = b.shape
     # b's columns as rows of one flat tensor: a reshape that moves elements, so it is
