@@ -233,17 +233,55 @@ bool write_each(KeyWriter& w, py::handle seq, const char* what, Write write) {
   return true;
 }
 
-bool is_freed(py::handle fn, py::handle freed_key) {
+// A node's `metadata` dict, or None (a node without one: as lowering._is_freed, never freed).
+py::object metadata_of(py::handle fn) {
   PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
-  if (!md) {  // as lowering._is_freed: a node without metadata is never freed
+  if (!md) {
     PyErr_Clear();
-    return false;
+    return py::none();
   }
   py::object m = py::reinterpret_steal<py::object>(md);
-  if (!PyDict_Check(md)) return false;
-  PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
+  return PyDict_Check(md) ? m : py::object(py::none());
+}
+
+bool is_freed(py::handle md, py::handle freed_key) {
+  if (md.is_none()) return false;
+  PyObject* v = PyDict_GetItemWithError(md.ptr(), freed_key.ptr());
   if (!v && PyErr_Occurred()) throw py::error_already_set();
   return v && py_truthy(v);
+}
+
+// A node's input metadata as key parts, one bytes object per entry (a tuple), or None when
+// one is not part of a key. PyTorch fixes a node's input metadata when it creates the node, so
+// the parts are kept in the node's `metadata` dict (`md`, when it has one), with the intern
+// generation that numbered their dtypes and devices, and read from there when a call meets
+// the node again: a graph differentiated again, or a PINN's second call, which meets the
+// forward nodes its first call read (the metadata records were about 15% of such a call).
+py::object node_meta(py::handle fn, py::handle md) {
+  static PyObject* cache_key = py_intern("fastgrad_signature_meta");
+  const int64_t gen = interned_generation();
+  if (!md.is_none()) {
+    PyObject* hit = PyDict_GetItemWithError(md.ptr(), cache_key);
+    if (!hit && PyErr_Occurred()) throw py::error_already_set();
+    if (hit && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 &&
+        PyLong_AsLongLong(PyTuple_GET_ITEM(hit, 0)) == gen)
+      return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(hit, 1));
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  py::object metas = py_attr(fn, N.input_metadata);
+  PyObject* ms = PySequence_Fast(metas.ptr(), "_input_metadata is not a sequence");
+  if (!ms) throw py::error_already_set();
+  py::object keep = py::reinterpret_steal<py::object>(ms);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(ms);
+  py::tuple parts(n);
+  for (Py_ssize_t j = 0; j < n; ++j) {
+    KeyWriter e;
+    if (!write_meta(e, PySequence_Fast_GET_ITEM(ms, j))) return py::none();
+    parts[j] = e.bytes();
+  }
+  if (!md.is_none() && PyDict_SetItem(md.ptr(), cache_key, py::make_tuple(gen, parts).ptr()) < 0)
+    throw py::error_already_set();
+  return std::move(parts);
 }
 
 }  // namespace
@@ -281,12 +319,14 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     // returns matters: replay); one lowered
     w.tag(!runs ? 'S' : !spec.lowerable ? 'B' : 'L');
     if (!w.obj(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr()))))) return none();
-    if (!write_each(w, py_attr(fn, N.input_metadata), "_input_metadata is not a sequence",
-                    [&](py::handle m) { return write_meta(w, m); }))
-      return none();
+    const py::object md = metadata_of(fn);
+    const py::object metas = node_meta(fn, md);
+    if (metas.is_none()) return none();
+    w.i64(PyTuple_GET_SIZE(metas.ptr()));
+    for (auto part : metas) w.raw(part);
     w.i64(PyTuple_GET_SIZE(nf));
     if (!runs) continue;
-    if (spec.holds_saved && is_freed(fn, freed_key)) freed = true;
+    if (spec.holds_saved && is_freed(md, freed_key)) freed = true;
     for (Py_ssize_t j = 0, e = PyTuple_GET_SIZE(nf); j < e; ++j) {
       py::handle edge = PyTuple_GET_ITEM(nf, j);
       py::handle m = PyTuple_GET_ITEM(edge.ptr(), 0);
@@ -306,8 +346,13 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
       } else {
         w.tag('m');
         w.int_of(k);
-        py::object md = py_attr(m, N.input_metadata);
-        if (!write_meta(w, md[k])) return none();
+        const py::object target = node_meta(m, metadata_of(m));
+        if (target.is_none()) return none();
+        const Py_ssize_t kk = PyLong_AsSsize_t(k.ptr());
+        if (kk == -1 && PyErr_Occurred()) throw py::error_already_set();
+        if (kk < 0 || kk >= PyTuple_GET_SIZE(target.ptr()))
+          throw py::index_error("edge input number out of range of its node's input metadata");
+        w.raw(PyTuple_GET_ITEM(target.ptr(), kk));
       }
     }
     if (!spec.lowerable) continue;

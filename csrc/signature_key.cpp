@@ -9,6 +9,7 @@ namespace {
 // object -> number. Heap-held and never destroyed (it may outlive the interpreter).
 PyObject* g_interned = nullptr;
 int64_t g_next = 0;  // never reset: a number is never reused
+int64_t g_generation = 0;
 
 PyObject* table() {
   if (!g_interned) {
@@ -111,7 +112,10 @@ bool KeyWriter::value(py::handle v) {
 
 void clear_interned() {
   if (g_interned) PyDict_Clear(g_interned);
+  ++g_generation;
 }
+
+int64_t interned_generation() { return g_generation; }
 
 Py_ssize_t interned_count() { return g_interned ? PyDict_GET_SIZE(g_interned) : 0; }
 

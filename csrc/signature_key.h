@@ -37,6 +37,8 @@ class KeyWriter {
   // value (a float by its bits: -0.0 and 0.0 differ, a finer key than ==, never a coarser
   // one), a list as the tuple of its items, anything else as (type, value) interned.
   bool value(py::handle v);
+  // Bytes another KeyWriter made (a part kept for reuse).
+  void raw(py::handle b) { buf_.append(PyBytes_AS_STRING(b.ptr()), PyBytes_GET_SIZE(b.ptr())); }
   py::bytes bytes() const { return py::bytes(buf_); }
 
  private:
@@ -45,6 +47,9 @@ class KeyWriter {
 
 // Forget every interned object (graph_cache.clear: with the keys that used them).
 void clear_interned();
+// How many times the table was cleared: key parts kept for reuse are valid only within the
+// generation that numbered them.
+int64_t interned_generation();
 // How many objects the intern table holds (graph_cache bounds it).
 Py_ssize_t interned_count();
 

@@ -138,6 +138,33 @@ def test_keys_made_before_a_clear_never_match(dtype, gen, monkeypatch):
         assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x), f.__name__)
 
 
+def test_node_metadata_parts_kept_in_the_node_give_the_same_key(gen):
+    """The signature keeps each node's input-metadata key parts in ``node.metadata``: a key
+    made from kept parts equals one made from ``_input_metadata`` itself (a new graph of the
+    same structure), also after an intern-table clear, which makes the kept parts (numbered
+    in the generation before) be made anew."""
+    from fastgrad import api, engine
+
+    def graph():
+        x = rand((3, 4), gen).requires_grad_(True)
+        w = rand((4, 2), gen).requires_grad_(True)  # an edge leaving the walk: its parts too
+        return torch.tanh(x @ w).sum(), x
+
+    def key(y, x):
+        gos = api._plain_grads([y], None)
+        return engine._capture([(y.grad_fn, 0)], gos, [x], False).key
+
+    graph_cache.clear()
+    y, x = graph()
+    first = key(y, x)
+    assert "fastgrad_signature_meta" in y.grad_fn.metadata
+    assert key(y, x) == first == key(*graph())
+    graph_cache.clear()
+    again = key(y, x)
+    assert again != first and again == key(*graph()) == key(y, x)
+    assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x, retain_graph=True))
+
+
 def test_explain_on_a_hit_reports_the_nodes(gen):
     graph_cache.clear()
     x = rand((5,), gen).requires_grad_(True)
