@@ -223,9 +223,8 @@ bool write_value(KeyWriter& w, py::handle v, Binder& bind) {
 // The length of sequence `seq`, then each item written by `write` (false: not part of a key).
 template <class Write>
 bool write_each(KeyWriter& w, py::handle seq, const char* what, Write write) {
-  PyObject* s = PySequence_Fast(seq.ptr(), what);
-  if (!s) throw py::error_already_set();
-  py::object keep = py::reinterpret_steal<py::object>(s);
+  const py::object fast = py_fast(seq, what);
+  PyObject* s = fast.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(s);
   w.i64(n);
   for (Py_ssize_t j = 0; j < n; ++j)
@@ -268,10 +267,8 @@ py::object node_meta(py::handle fn, py::handle md) {
       return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(hit, 1));
     if (PyErr_Occurred()) throw py::error_already_set();
   }
-  py::object metas = py_attr(fn, N.input_metadata);
-  PyObject* ms = PySequence_Fast(metas.ptr(), "_input_metadata is not a sequence");
-  if (!ms) throw py::error_already_set();
-  py::object keep = py::reinterpret_steal<py::object>(ms);
+  const py::object metas = py_fast(py_attr(fn, N.input_metadata), "_input_metadata is not a sequence");
+  PyObject* ms = metas.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(ms);
   py::tuple parts(n);
   for (Py_ssize_t j = 0; j < n; ++j) {

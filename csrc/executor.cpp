@@ -21,9 +21,8 @@ const Names& names() {
 
 // Data pointers (data_ptr()) of a sequence of exactly `need` tensors.
 std::vector<char*> data_ptrs(py::handle seq, int64_t need, const char* what) {
-  PyObject* fast = PySequence_Fast(seq.ptr(), "expected a sequence of tensors");
-  if (!fast) throw py::error_already_set();
-  py::object keep = py::reinterpret_steal<py::object>(fast);
+  const py::object keep = py_fast(seq, "expected a sequence of tensors");
+  PyObject* fast = keep.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
   if (n != need)
     throw py::value_error(std::string(what) + ": expected " + std::to_string(need) + " tensors, got " +

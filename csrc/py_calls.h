@@ -28,6 +28,14 @@ inline py::object py_call(py::handle o, PyObject* name, PyObject* arg = nullptr)
   return py::reinterpret_steal<py::object>(r);
 }
 
+// `seq` as a list or tuple (PySequence_Fast: itself when it is one), for
+// PySequence_Fast_GET_SIZE / _GET_ITEM; `what` is the TypeError's message otherwise.
+inline py::object py_fast(py::handle seq, const char* what) {
+  PyObject* r = PySequence_Fast(seq.ptr(), what);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
 inline bool py_truthy(py::handle o) {
   int r = PyObject_IsTrue(o.ptr());
   if (r < 0) throw py::error_already_set();
