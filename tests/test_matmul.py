@@ -87,18 +87,25 @@ def _row_sums_ran(report):
     assert "reduce over dims [1]" in str(report), str(report)
 
 
+def _narrow_as_planned(device):
+    """The report check of a narrow product: row sums on the CPU; on a GPU torch.mm, which
+    cuBLAS runs faster than a region's row sums (plan._decompose)."""
+    return _row_sums_ran if device == "cpu" else lambda report: _native(report)
+
+
 @pytest.mark.parametrize("orders", [1, 2])
 @pytest.mark.parametrize("name", [n for n in CASES if n not in OUTER_ONLY])
 @pytest.mark.parametrize("device", DEVICES)
 def test_narrow_products_as_row_sums(device, name, orders, gen, narrow_everywhere):
     # each of these cases has a product of at most 4 columns, at both orders
-    _products_like_torch(device, name, orders, gen, _row_sums_ran)
+    _products_like_torch(device, name, orders, gen, _narrow_as_planned(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_narrow_product_at_its_row_threshold(device, gen):
-    """The input layer's VJP of an MLP over 2 coordinates, with plan.NARROW_ROWS rows: its
-    product [N, 6] x [6, 2] runs as row sums fused with the tanh layer's work, no torch.mm."""
+    """The input layer's VJP of an MLP over 2 coordinates, with plan.NARROW_ROWS rows: on the
+    CPU its product [N, 6] x [6, 2] runs as row sums fused with the tanh layer's work, no
+    torch.mm; on a GPU as torch.mm."""
     from fastgrad import plan
     n = plan.NARROW_ROWS
     x = rand((n, 2), gen, device=device).requires_grad_(True)
@@ -106,8 +113,8 @@ def test_narrow_product_at_its_row_threshold(device, gen):
     out = torch.tanh(_linear(x, w, None))
     go = rand((n, 6), gen, device=device)
     report = fastgrad.explain(out, x, go)
-    _row_sums_ran(report)
-    assert "torch.mm" not in str(report), str(report)
+    _narrow_as_planned(device)(report)
+    assert ("torch.mm" in str(report)) == (device != "cpu"), str(report)
     assert_same(fastgrad.grad(out, x, go, retain_graph=True),
                 TORCH_GRAD(out, x, go, retain_graph=True))
     (g,) = fastgrad.grad(out, x, go, create_graph=True)
@@ -115,6 +122,83 @@ def test_narrow_product_at_its_row_threshold(device, gen):
     assert_same(g, gt)
     assert_same(fastgrad.grad((g * g).sum(), [x, w], retain_graph=True),
                 TORCH_GRAD((gt * gt).sum(), [x, w]), "order 2")
+
+
+class _OnGpu:
+    """Stands for a bound CUDA tensor where only the planner looks (plan.get_plan)."""
+    is_cuda = True
+
+
+def test_narrow_products_planned_by_device(narrow_everywhere):
+    """One set of IR nodes gets a plan per device when it holds a narrow product, whichever
+    device comes first, and both stay cached; a plan without one serves both devices."""
+    from fastgrad import ir, plan
+    a = ir.leaf(0, (40, 6), torch.float64)
+    b = ir.leaf(1, (6, 2), torch.float64)
+    narrow = [ir.ew("tanh", ir.mm(ir.ew("sin", a), b))]
+    kinds = lambda p: sorted(type(s).__name__ for s in p.steps)  # noqa: E731
+    for first in (False, True):
+        plan.clear_plan_cache()
+        order = [first, not first, first, not first]
+        plans = [plan.get_plan(narrow, [_OnGpu()] if gpu else []) for gpu in order]
+        assert plans[0] is plans[2] and plans[1] is plans[3] and plans[0] is not plans[1]
+        for p, gpu in zip(plans, order):
+            assert p.cuda is gpu
+            assert ("MatmulStep" in kinds(p)) == gpu, kinds(p)
+    wide = [ir.ew("tanh", ir.mm(ir.ew("sin", a), ir.leaf(2, (6, 7), torch.float64)))]
+    p = plan.get_plan(wide, [])
+    assert p.cuda is None and plan.get_plan(wide, [_OnGpu()]) is p
+
+
+@pytest.fixture
+def column_products_everywhere(monkeypatch):
+    """Every column sum of a product with a column planned as a matrix product
+    (plan._column_product), whatever its row count; plan and graph caches emptied around."""
+    from fastgrad import graph_cache, plan
+    monkeypatch.setattr(plan, "COLUMN_ROWS", 1)
+    plan.clear_plan_cache()
+    graph_cache.clear()
+    yield
+    plan.clear_plan_cache()
+    graph_cache.clear()
+
+
+@pytest.mark.parametrize("orders", [1, 2])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_column_products_as_products(device, name, orders, gen, column_products_everywhere):
+    def check(report):
+        assert not report.fallback, str(report)
+        # the one-feature layer's weight gradient: a column sum of the cotangent [6, 4]
+        # times the input column [6, 1], as the product [1, 6] x [6, 4]
+        assert (name == "linear_one_feature") <= ("matmul [1, 6] x [6, 4]" in str(report)), \
+            str(report)
+    _products_like_torch(device, name, orders, gen, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_column_product_at_its_row_threshold(device, gen):
+    """A critic's last layer (one output) over plan.COLUMN_ROWS rows, differentiated with
+    create_graph and then again with respect to its weights (WGAN-GP's penalty): the weight
+    gradient of its outer product is a column sum of a product with the cotangent column; it
+    runs as a product [1, N] x [N, 5], no column-sum region, at both orders."""
+    from fastgrad import plan
+    n = plan.COLUMN_ROWS
+    x = rand((n, 3), gen, device=device).requires_grad_(True)
+    w1 = rand((5, 3), gen, device=device).requires_grad_(True)
+    w2 = rand((1, 5), gen, device=device).requires_grad_(True)
+    out = _linear(torch.tanh(_linear(x, w1, None)), w2, None)
+    go = rand((n, 1), gen, device=device)
+    (g,) = fastgrad.grad(out, x, go, create_graph=True)
+    (gt,) = TORCH_GRAD(out, x, go, create_graph=True)
+    assert_same(g, gt)
+    penalty, penalty_t = [(d.square().sum(dim=1) - 1).square().sum() for d in (g, gt)]
+    report = fastgrad.explain(penalty, [w1, w2])
+    assert not report.fallback, str(report)
+    assert f"matmul [1, {n}] x [{n}, 5]" in str(report), str(report)
+    assert "reduce over dims [0]" not in str(report), str(report)
+    assert_same(fastgrad.grad(penalty, [w1, w2], retain_graph=True),
+                TORCH_GRAD(penalty_t, [w1, w2]), "order 2")
 
 
 def _products_like_torch(device, name, orders, gen, check_report):

@@ -122,9 +122,10 @@ class PlanBlock:
     def run(self, ins, device=None):
         """(results, the products to save) on the block's inputs (on ``device`` where there
         are none: results that are constants)."""
-        if self.plan is None:
-            self.plan = get_plan(self._forward)
-        outs = runtime.execute(self.plan, list(ins), False, getattr(_BLOCK_STATS, "stats", None),
+        plan = self.plan
+        if plan is None or plan.cuda is not None:  # (planned by device: see plan.get_plan)
+            plan = self.plan = get_plan(self._forward, ins)
+        outs = runtime.execute(plan, list(ins), False, getattr(_BLOCK_STATS, "stats", None),
                                device)
         return outs[:self.nout], outs[self.nout:]
 

@@ -281,7 +281,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if not allow_unused and None in exprs:
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     if entry is not None and entry.plan is None and None not in exprs:
-        entry.plan = get_plan(exprs)  # (what materialize looks up next)
+        entry.plan = get_plan(exprs, bind.tensors)  # (what materialize looks up next)
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
         _mark_freed(graph)

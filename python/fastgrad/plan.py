@@ -140,6 +140,7 @@ class Plan:
     def __init__(self, requested, outputs, steps):
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
         self.requested, self.outputs, self.steps = requested, outputs, steps
+        self.cuda = None  # planned for a GPU (True) or the CPU (False); None: for either
         self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
         self.block = None  # runtime: how it runs under create_graph (blocks.Blocked)
         self.runs = 0  # runtime: how many times it ran (jit.AFTER)
@@ -163,18 +164,29 @@ def clear_plan_cache():
     _CACHE.clear()
 
 
-def get_plan(exprs):
-    """The plan computing the list of IR nodes ``exprs`` (cached by their identities)."""
+def get_plan(exprs, tensors=()):
+    """The plan computing the list of IR nodes ``exprs`` over the bound ``tensors`` (cached by
+    the nodes' identities; a plan whose products are planned by device, ``Plan.cuda`` not None,
+    also by whether any of ``tensors`` is on a GPU)."""
     if type(exprs) is not list:
         exprs = list(exprs)
     key = tuple(map(id, exprs))
     p = _CACHE.get(key)
     # (Nodes compare by identity: a list comparison checks that the ids are not reused ones.)
+    if p is not None and p.cuda is not None and p.requested == exprs:
+        cuda = _on_cuda(tensors)
+        if cuda != p.cuda:
+            key += (cuda,)
+            p = _CACHE.get(key)
     if p is None or p.requested != exprs:
         if len(_CACHE) > 4096:
             _CACHE.clear()
-        p = _CACHE[key] = build(list(exprs))
+        p = _CACHE[key] = build(list(exprs), _on_cuda(tensors))
     return p
+
+
+def _on_cuda(tensors):
+    return any(t.is_cuda for t in tensors)
 
 
 # see _narrow_product (measured: docs/performance.md; inner sizes of 32-256, wider not measured)
@@ -208,25 +220,63 @@ def _is_narrow(n):
         n.args[0].shape[1] <= NARROW_INNER
 
 
-def _decompose(exprs):
-    """Replace composite primitives whose value is not known by their VM-level definition, and
-    narrow products by row sums (_narrow_product)."""
+# see _column_product
+COLUMN_ROWS = 16384
+
+
+def _column_product(n):
+    """A column sum ``rsum(x * c, 0)`` of ``x`` [N, H] times a column ``c`` [N, 1], with
+    COLUMN_ROWS rows or more, as the product ``c^T @ x`` (None where ``n`` is not one): the
+    weight gradient of a layer with one output, whose outer product ir.mm made a multiply
+    (the WGAN-GP critic's last layer, differentiated again by .backward()). BLAS runs it
+    several times faster than a region's column sum (which has no compiled loop or kernel)
+    even with ``x`` written out for it. Products are the same; the sum is BLAS's, as
+    PyTorch's own for that gradient."""
+    if n.op != "rsum" or n.attrs[0] != (0,) or n.ndim != 2 or n.dtype not in _BLAS_DTYPES:
+        return None
+    x = n.args[0]
+    if x.op != "mul" or x.shape[0] < COLUMN_ROWS:
+        return None
+    p, q = x.args
+    if q.shape != (x.shape[0], 1):
+        p, q = q, p
+    if q.shape != (x.shape[0], 1) or p.shape != x.shape or not p.dtype == q.dtype == n.dtype:
+        return None
+    return ir.mm(ir.transpose(q), p)
+
+
+_BLAS_DTYPES = (torch.float32, torch.float64)
+
+
+def _decompose(exprs, cuda):
+    """Replace composite primitives whose value is not known by their VM-level definition,
+    column sums of a product with a column by a matrix product (_column_product), and on the
+    CPU narrow products by row sums (_narrow_product; on a GPU cuBLAS is faster, see
+    docs/performance.md). Also returns whether a product was narrow (the plan then depends on
+    the device)."""
     nodes = ir.topo(exprs, stop=lambda n: n.known is not None)
-    mapping = {}
+    mapping, narrow = {}, False
     for n in nodes:
         if n.known is not None:
             continue
         if n.op in rules.DECOMPOSE:
             (m,) = ir.substitute([n], mapping)
             mapping[id(n)] = ir.substitute([rules.DECOMPOSE[n.op](m)], mapping)[0]
-        elif _is_narrow(n):
+        elif n.op == "rsum" and n.args[0].op == "mul":
             (m,) = ir.substitute([n], mapping)
-            mapping[id(n)] = _narrow_product(m)
-    return ir.substitute(exprs, mapping) if mapping else exprs
+            product = _column_product(m)
+            if product is not None:
+                mapping[id(n)] = product
+        elif _is_narrow(n):
+            narrow = True
+            if not cuda:
+                (m,) = ir.substitute([n], mapping)
+                mapping[id(n)] = _narrow_product(m)
+    return (ir.substitute(exprs, mapping) if mapping else exprs), narrow
 
 
-def build(requested):
-    exprs = _decompose(requested)
+def build(requested, cuda=False):
+    exprs, narrow = _decompose(requested, cuda)
     known = lambda n: n.known is not None  # noqa: E731
     nodes = ir.topo(exprs, stop=known)
     for n in nodes:
@@ -301,7 +351,9 @@ def build(requested):
     for s in steps:
         if isinstance(s, Region):
             _Emitter(s, loadable).run()
-    return Plan(requested, exprs, _row_groups(steps))
+    plan = Plan(requested, exprs, _row_groups(steps))
+    plan.cuda = cuda if narrow else None
+    return plan
 
 
 def _chunk_dims(r):

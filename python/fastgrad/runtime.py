@@ -443,10 +443,10 @@ def _run_steps(plan, tensors, stats, dev, repeat):
 def materialize(exprs, tensors, create_graph, stats=None):
     """Compute IR expressions (None stays None) over the bound ``tensors``."""
     if None not in exprs:
-        return execute(get_plan(exprs), tensors, create_graph, stats)
+        return execute(get_plan(exprs, tensors), tensors, create_graph, stats)
     todo = [e for e in exprs if e is not None]
     if not todo:
         return [None] * len(exprs)
-    plan = get_plan(todo)
+    plan = get_plan(todo, tensors)
     vals = iter(execute(plan, tensors, create_graph, stats))
     return [None if e is None else next(vals) for e in exprs]
