@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "call_args.h"
 #include "capture.h"
 #include "floor.h"
 #include "signature_key.h"
@@ -277,6 +278,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("mark_freed", &fg::mark_freed, py::arg("graph"), py::arg("freed_key"), py::arg("refuse"),
         py::arg("spec_fn"), py::arg("pack"), py::arg("unpack"),
         "Mark the nodes a sweep ran as consumed and free their saved tensors (engine._mark_freed).");
+  m.def("plain_call_args", &fg::plain_call_args,
+        "(out_edges, grad_outputs, in_edges) of a plain call, or None (api._fast).");
+  m.def("call_args_setup", &fg::call_args_setup, py::arg("tensor_cls"), py::arg("parameter_cls"),
+        py::arg("ones_like"), "Constants plain_call_args reads (once, at import).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),
         "Constants capture reads (once, at import).");

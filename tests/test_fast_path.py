@@ -139,3 +139,89 @@ def test_calls_the_short_path_declines(name, gen, hits):
         else:
             assert (type(got_err), str(got_err)) == (type(ref_err), str(ref_err))
     assert hits == []
+
+
+# ---- the plain call's argument check (csrc/call_args.h), against its rules in Python --------
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _plain_args_reference(outputs, inputs, grad_outputs):
+    """call_args.h's rules, as plain Python: (out_edges, grad_outputs, in_edges) or None."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+
+    def tensors(ts):
+        if type(ts) in plain:
+            ts = (ts,)
+        elif type(ts) in (tuple, list) and ts:
+            ts = tuple(ts)
+        else:
+            return None
+        return ts if all(type(t) in plain and t.requires_grad for t in ts) else None
+    outs, ins = tensors(outputs), tensors(inputs)
+    if outs is None or ins is None or any(o.grad_fn is None for o in outs) or \
+            any(i._backward_hooks for i in ins):
+        return None
+    if grad_outputs is None:
+        if any(type(o) is not torch.Tensor or o.numel() != 1 or not o.dtype.is_floating_point
+               for o in outs):
+            return None
+        gos = tuple(torch.ones_like(o) for o in outs)
+    else:
+        gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
+        if type(gos) not in (tuple, list) or len(gos) != len(outs) or any(
+                type(o) is not torch.Tensor or type(g) is not torch.Tensor or o.is_nested or
+                g.shape != o.shape or not o.dtype.is_floating_point or
+                not g.dtype.is_floating_point for o, g in zip(outs, gos)):
+            return None
+        gos = tuple(gos)
+    return ([(o.grad_fn, o.output_nr) for o in outs], gos,
+            [i if i.grad_fn is None else (i.grad_fn, i.output_nr) for i in ins])
+
+
+def _call_forms(g):
+    """name -> (outputs, inputs, grad_outputs): plain calls and each way of not being one."""
+    x, w = _x(g), _x(g, (3,))
+    h = x * 2  # a non-leaf input
+    y, s = torch.tanh(h) * w, (torch.sin(x) * w).sum()
+    pair = torch.sin(x).unbind(1)[:2]  # two outputs of one node (output_nr 0 and 1)
+    p = torch.nn.Parameter(rand((4, 3), g))
+    hooked = _x(g)
+    hooked.register_hook(lambda t: t)
+    go, go_int = rand((4, 3), g), torch.ones(4, 3, dtype=torch.int64)
+    return {
+        "tensor": (y, x, go), "implicit_scalar": (s, x, None), "tuples": ((y,), (x, w), (go,)),
+        "lists": ([y, s], [h, w], [go, torch.ones(())]), "two_outputs": (pair, x, None),
+        "two_outputs_given": (pair, x, [rand((4,), g), rand((4,), g)]),
+        "parameter_input": ((p * x).sum(), [p, x], None),
+        "non_scalar_implicit": (y, x, None), "empty_inputs": (y, (), go),
+        "empty_outputs": ((), x, ()), "not_requiring": (y, x.detach(), go),
+        "leaf_output": (x, x, go), "hooked_input": ((hooked * 2).sum(), hooked, None),
+        "subclass_output": (y.as_subclass(_Sub), x, go), "subclass_input": (s, x.as_subclass(_Sub), None),
+        "subclass_grad": (y, x, go.as_subclass(_Sub)), "wrong_shape": (y, x, rand((3, 4), g)),
+        "int_grad": (y, x, go_int), "too_few_grads": ([y, s], x, [go]),
+        "dict_inputs": (s, {"x": x}, None), "generator_inputs": (s, (t for t in [x]), None),
+        "number_grad": (s, x, 1.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_call_forms(torch.Generator().manual_seed(0))))
+def test_plain_call_args_like_their_rules(name, gen):
+    from fastgrad import _C
+    outputs, inputs, gos = _call_forms(gen)[name]
+    want = _plain_args_reference(outputs, inputs, gos)
+    got = _C.plain_call_args(outputs, inputs, gos)
+    if want is None:
+        assert got is None
+        return
+    assert got is not None
+    (wo, wg, wi), (go_, gg, gi) = want, got
+    same = lambda a, b: a is b or (type(a) is tuple and len(a) == len(b) and  # noqa: E731
+                                    all(u is v or u == v for u, v in zip(a, b)))
+    assert len(go_) == len(wo) and all(same(a, b) for a, b in zip(wo, go_))
+    assert len(gi) == len(wi) and all(same(a, b) for a, b in zip(wi, gi))
+    assert type(gg) is tuple and len(gg) == len(wg)
+    for a, b in zip(wg, gg):
+        assert type(b) is torch.Tensor and b.shape == a.shape and b.dtype == a.dtype
+        assert torch.equal(a, b)

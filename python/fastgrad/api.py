@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch.autograd import graph as _graph
 
-from . import engine, runtime
+from . import _C, engine, runtime
 from .plan import Unplannable
 
 _torch_grad = torch.autograd.grad
@@ -132,50 +132,26 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
                  allow_unused, is_grads_batched, materialize_grads, None, cap)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain_tensors(ts):
-    """``ts`` as a tuple when it is a tensor, or a non-empty tuple or list of them, of the
-    types the compiled path reads (not subclasses), all requiring grad; None otherwise."""
-    if type(ts) in _PLAIN:
-        ts = (ts,)
-    elif type(ts) in (tuple, list) and ts:
-        ts = tuple(ts)
-    else:
-        return None
-    for t in ts:
-        if type(t) not in _PLAIN or not t.requires_grad:
-            return None
-    return ts
-
-
 def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
     """(results, capture) of a plain call on a graph seen before (engine.hit); results None:
     _grad handles the call, with every check and fallback, and the capture (None for a call
     that is not plain) spares it walking and signing the graph again. Plain: tensors (no
     edges, subclasses or dicts), outputs that have a grad_fn, inputs without tensor hooks,
-    grad_outputs that _plain_grads accepts; any other call is left to _grad whole."""
-    outs, ins = _plain_tensors(outputs), _plain_tensors(inputs)
-    if outs is None or ins is None:
+    grad_outputs that _plain_grads accepts (checked in C++: csrc/call_args.h); any other call
+    is left to _grad whole."""
+    args = _C.plain_call_args(outputs, inputs, grad_outputs)
+    if args is None:
         return None, None
-    for o in outs:
-        if o.grad_fn is None:
-            return None, None
-    for i in ins:
-        if i._backward_hooks:
-            return None, None
-    gos = _plain_grads(outs, grad_outputs)
-    if gos is None:
-        return None, None
-    out_edges = [(o.grad_fn, o.output_nr) for o in outs]
-    in_edges = [i if i.grad_fn is None else (i.grad_fn, i.output_nr) for i in ins]
+    out_edges, gos, in_edges = args
     try:
         res, cap = engine.hit(out_edges, gos, in_edges, create_graph,
                               create_graph if retain_graph is None else retain_graph)
     except Unplannable:  # (_grad hands such a call to PyTorch)
         return None, None
     return (None, cap) if res is None else (tuple(res), None)
+
+
+_C.call_args_setup(torch.Tensor, torch.nn.Parameter, torch.ones_like)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
