@@ -1,6 +1,6 @@
 // Small CPython calls that raise pybind11's error_already_set on failure, shared by the C++
 // code that reads tensors and autograd nodes through their Python attributes (capture.cpp,
-// executor.cpp): no libtorch.
+// call_args.cpp, executor.cpp): no libtorch.
 #pragma once
 
 #include <pybind11/pybind11.h>
