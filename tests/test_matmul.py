@@ -176,6 +176,21 @@ def test_column_products_as_products(device, name, orders, gen, column_products_
     _products_like_torch(device, name, orders, gen, check)
 
 
+def test_column_products_only_where_they_pay(column_products_everywhere):
+    """A column sum of a product with a column stays a region where the product is bound (read
+    as PyTorch saved it) or its other factor a broadcast (BLAS would need it written out)."""
+    from fastgrad import ir, plan
+    f64 = torch.float64
+    x, c, w = ir.leaf(0, (40, 5), f64), ir.leaf(1, (40, 1), f64), ir.leaf(2, (1, 5), f64)
+    kinds = lambda exprs: sorted(type(s).__name__ for s in plan.build(exprs).steps)  # noqa: E731
+    assert "MatmulStep" in kinds([ir.rsum(ir.mul(ir.ew("sin", x), c), (0,))])
+    assert "MatmulStep" in kinds([ir.rsum(ir.mul(c, x), (0,))])
+    bound = ir.with_known(ir.mul(ir.ew("sin", x), c), 3)
+    assert "MatmulStep" not in kinds([ir.rsum(bound, (0,))])
+    assert "MatmulStep" not in kinds([ir.rsum(ir.mul(ir.expand(w, (40, 5)), c), (0,))])
+    assert "MatmulStep" not in kinds([ir.rsum(ir.mul(ir.ew("sin", x), c), (1,))])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_column_product_at_its_row_threshold(device, gen):
     """A critic's last layer (one output) over plan.COLUMN_ROWS rows, differentiated with

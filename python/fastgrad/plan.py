@@ -235,12 +235,14 @@ def _column_product(n):
     if n.op != "rsum" or n.attrs[0] != (0,) or n.ndim != 2 or n.dtype not in _BLAS_DTYPES:
         return None
     x = n.args[0]
-    if x.op != "mul" or x.shape[0] < COLUMN_ROWS:
+    # (a bound product is read as it is; a broadcast x would be written out whole for BLAS)
+    if x.op != "mul" or x.known is not None or x.shape[0] < COLUMN_ROWS:
         return None
     p, q = x.args
     if q.shape != (x.shape[0], 1):
         p, q = q, p
-    if q.shape != (x.shape[0], 1) or p.shape != x.shape or not p.dtype == q.dtype == n.dtype:
+    if q.shape != (x.shape[0], 1) or p.shape != x.shape or p.op == "expand" or \
+            not p.dtype == q.dtype == n.dtype:
         return None
     return ir.mm(ir.transpose(q), p)
 
