@@ -69,17 +69,22 @@ def test_products_like_torch(device, name, orders, gen):
     _products_like_torch(device, name, orders, gen, lambda report: _native(report, name))
 
 
-@pytest.fixture
-def narrow_everywhere(monkeypatch):
-    """Every product with few output columns planned as row sums (plan._narrow_product),
-    whatever its row count; the caches holding such plans are emptied before and after."""
+def _rewrite_everywhere(monkeypatch, threshold):
+    """A plan rewrite whose row threshold is plan.<threshold> applied whatever the row count;
+    the caches holding plans are emptied before and after (a generator: the fixtures' body)."""
     from fastgrad import graph_cache, plan
-    monkeypatch.setattr(plan, "NARROW_ROWS", 1)
+    monkeypatch.setattr(plan, threshold, 1)
     plan.clear_plan_cache()
     graph_cache.clear()
     yield
     plan.clear_plan_cache()
     graph_cache.clear()
+
+
+@pytest.fixture
+def narrow_everywhere(monkeypatch):
+    """Every product with few output columns planned as row sums (plan._narrow_product)."""
+    yield from _rewrite_everywhere(monkeypatch, "NARROW_ROWS")
 
 
 def _row_sums_ran(report):
@@ -153,14 +158,8 @@ def test_narrow_products_planned_by_device(narrow_everywhere):
 @pytest.fixture
 def column_products_everywhere(monkeypatch):
     """Every column sum of a product with a column planned as a matrix product
-    (plan._column_product), whatever its row count; plan and graph caches emptied around."""
-    from fastgrad import graph_cache, plan
-    monkeypatch.setattr(plan, "COLUMN_ROWS", 1)
-    plan.clear_plan_cache()
-    graph_cache.clear()
-    yield
-    plan.clear_plan_cache()
-    graph_cache.clear()
+    (plan._column_product)."""
+    yield from _rewrite_everywhere(monkeypatch, "COLUMN_ROWS")
 
 
 @pytest.mark.parametrize("orders", [1, 2])
