@@ -1,5 +1,6 @@
-// See call_args.h. The checks are api._plain_tensors and api._plain_grads, read in the same
-// order; a Python exception from an attribute read propagates as it would there.
+// See call_args.h. The checks are the ones api._fast made in Python (api._plain_grads still
+// makes the grad_outputs' for api._grad), in the same order; a Python exception from an
+// attribute read propagates as it did there.
 #include "call_args.h"
 
 #include "py_calls.h"
