@@ -23,6 +23,21 @@ PyObject* g_tensor_cls = nullptr;    // torch.Tensor
 PyObject* g_cpu_str = nullptr;       // "cpu" (a device type)
 PyObject* g_to_device = nullptr;     // engine._host_scalar_to(t, device)
 
+// torch.device -> its type: the `type` getter builds a new string on every read (about 2,900
+// instructions), and a call's first tensor reads it (the binder's device is not known yet).
+// Devices are few: the dict stays small.
+PyObject* g_device_type_of = nullptr;
+
+py::object device_type(py::handle dev) {
+  if (!g_device_type_of && !(g_device_type_of = PyDict_New())) throw py::error_already_set();
+  PyObject* hit = PyDict_GetItemWithError(g_device_type_of, dev.ptr());
+  if (hit) return py::reinterpret_borrow<py::object>(hit);
+  if (PyErr_Occurred()) throw py::error_already_set();
+  py::object type = py_attr(dev, N.type);
+  if (PyDict_SetItem(g_device_type_of, dev.ptr(), type.ptr()) < 0) throw py::error_already_set();
+  return type;
+}
+
 py::object id_of(py::handle o) {
   return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
 }
@@ -72,7 +87,7 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
   bool rg = py_truthy(py_attr(t, N.requires_grad));
   bool host_scalar = false;  // a 0-dim CPU tensor in a call whose device may be CUDA
   if (!py_equal(dev, device)) {
-    py::object type = py_attr(dev, N.type);
+    py::object type = device_type(dev);
     if (!rg && py_equal(type, py::handle(g_cpu_str)) && PyObject_Length(py_attr(t, N.shape).ptr()) == 0) {
       host_scalar = true;
     } else {
