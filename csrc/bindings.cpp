@@ -164,9 +164,16 @@ PYBIND11_MODULE(_C, m) {
            "the descriptor said: the caller guarantees shapes, strides and dtypes). Returns whether\n"
            "its compiled loop ran (set_kernel; not when a store overlaps a load or another store).\n"
            "Releases the GIL.")
-      .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep, int split) {
+      .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep, int split,
+                            bool columns) {
              if (address != 0 && !p.p->kernel_fits(split))
                throw py::value_error("this program's region cannot run as a compiled loop with split " +
+                                     std::to_string(split));
+             // A loop adds its sums per row or into columns (jit.source): a run takes the one
+             // the region's stores say, so a loop written for the other must not be set.
+             if (address != 0 && columns != p.p->column_sums(split))
+               throw py::value_error(std::string("this program's sums are ") +
+                                     (columns ? "not column sums" : "column sums") + " with split " +
                                      std::to_string(split));
              // Once only: a run (without the GIL) reads the loop, then its split, so the pair
              // must not change under it.
@@ -179,11 +186,13 @@ PYBIND11_MODULE(_C, m) {
              }
              p.p->split.store(split, std::memory_order_release);
              p.p->kernel.store(reinterpret_cast<fg::Program::Kernel>(address), std::memory_order_release);
-           }, py::arg("address"), py::arg("keep"), py::arg("split") = 0,
+           }, py::arg("address"), py::arg("keep"), py::arg("split") = 0, py::arg("columns") = false,
            "Run through the compiled loop at `address` (void(char* const* ptrs, int64_t begin,\n"
            "int64_t end), over elements with split 0, over rows of dims 0..split-1 otherwise; 0: the\n"
            "interpreter again, not while another thread runs it); `keep` is held as long as it is used\n"
-           "(its library). Raises ValueError for a region kernel_fits(split) refuses, or when a loop is set.")
+           "(its library); `columns`: the loop adds column sums (jit.source), as column_sums(split)\n"
+           "must say. Raises ValueError for a region kernel_fits(split) refuses, a loop of the other\n"
+           "kind of sums, or when a loop is set.")
       .def("load_kinds", [](const fg::ProgramHandle& p, int split) -> py::object {
              std::string kinds;
              if (!p.p->load_kinds(split, kinds)) return py::none();
@@ -191,6 +200,8 @@ PYBIND11_MODULE(_C, m) {
            }, py::arg("split"),
            "How a loop with this split reads each load: a str of 's' (one value), 'c' (contiguous),\n"
            "'r' (one value per row), 'k' (one row for all rows); None when a load fits none.")
+      .def("column_sums", [](const fg::ProgramHandle& p, int split) { return p.p->column_sums(split); },
+           py::arg("split"), "Whether its sums are column sums for this split (program.h).")
       .def("kernel_fits", [](const fg::ProgramHandle& p, int split) { return p.p->kernel_fits(split); },
            py::arg("split") = 0, "Whether a compiled loop with this split can compute the region (csrc/program.h).")
       .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },

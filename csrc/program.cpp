@@ -31,6 +31,10 @@ constexpr int64_t kJitParallelMin = 32768;
 // one softmax row of 256 floats with its gradient and result, so the next member reads it from
 // L1 (measured at 4e6 floats: 4-16 KB chunks 0.9-1.05x torch, 64 KB 0.8-0.9x, 256 KB 0.8x).
 constexpr int64_t kJitGroupChunkBytes = 4 * 1024;
+// Column sums through a loop (Program::run_columns): at most this many chunks of rows, each of
+// at least this many elements and, so that the chunks' rows of doubles stay a quarter of the
+// data's bytes or less, at least 8 rows.
+constexpr int64_t kColumnChunks = 16, kColumnChunkElems = 16384;
 
 // Byte range [lo, hi) a record with these strides can touch.
 struct Span {
@@ -87,6 +91,18 @@ bool Program::load_kinds(int k, std::string& kinds) const {
   return true;
 }
 
+bool Program::column_sums(int k) const {
+  const Region& r = region;
+  if (k <= 0 || k >= r.ndim) return false;
+  bool any = false;
+  for (const StoreRec& S : r.stores) {
+    if (S.mode == MODE_ASSIGN) continue;
+    if (S.mode != MODE_SUM || !zero(r, S.stride, 0, k) || !row_major(r, S.stride, k, r.ndim)) return false;
+    any = true;
+  }
+  return any;
+}
+
 bool Program::kernel_fits(int k) const {
   const Region& r = region;
   const int dt = compute == 0 ? DT_F32 : DT_F64;
@@ -95,10 +111,13 @@ bool Program::kernel_fits(int k) const {
   if (!load_kinds(k, kinds)) return false;
   int64_t rows = 1;
   for (int d = 0; d < k; ++d) rows *= r.shape[d];
+  const bool columns = column_sums(k);
   for (const StoreRec& S : r.stores) {
     if (S.dtype != dt) return false;
     if (S.mode == MODE_ASSIGN) {
       if (!row_major(r, S.stride, 0, n)) return false;
+    } else if (columns) {
+      if (r.numel == 0) return false;  // (column_sums checked the strides)
     } else if (S.mode == MODE_SUM && k > 0) {
       // one sum per row, over a row of at most kJitMaxRowSum elements
       if (!row_major(r, S.stride, 0, k) || !zero(r, S.stride, k, n) || r.numel == 0 ||
@@ -150,6 +169,10 @@ bool Program::run(Region& r, int nthreads) const {
     for (int d = 0; d < sk; ++d) n *= r.shape[d];
     per = r.numel / n;
   }
+  if (sk > 0 && column_sums(sk)) {
+    run_columns(k, ptrs, n, per, nthreads);
+    return true;
+  }
   int nt = 1;
   if (r.numel >= kJitParallelMin)
     nt = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nthreads, r.numel / (kJitParallelMin / 2), n}));
@@ -168,6 +191,39 @@ bool Program::run(Region& r, int nthreads) const {
   return true;
 }
 
+void Program::run_columns(Kernel k, const std::vector<char*>& ptrs, int64_t rows, int64_t cols,
+                          int nthreads) const {
+  // Chunks of rows fixed by the shape alone (so the sums do not depend on the thread count);
+  // each adds into its own rows of doubles, which are then added in chunk order and rounded
+  // once into the stores.
+  const Region& r = region;
+  const int64_t nchunks =
+      std::max<int64_t>(1, std::min<int64_t>({kColumnChunks, rows / 8, r.numel / kColumnChunkElems}));
+  std::vector<size_t> sums;
+  for (size_t s = 0; s < r.stores.size(); ++s)
+    if (r.stores[s].mode == MODE_SUM) sums.push_back(s);
+  const size_t nl = r.loads.size(), ns = sums.size();
+  std::vector<double> part(size_t(nchunks) * ns * size_t(cols), 0.0);
+  std::vector<std::vector<char*>> cp(size_t(nchunks), ptrs);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (size_t i = 0; i < ns; ++i)
+      cp[c][nl + sums[i]] = reinterpret_cast<char*>(part.data() + (size_t(c) * ns + i) * size_t(cols));
+  const int nt = r.numel >= kJitParallelMin ? (int)std::min<int64_t>(nthreads, nchunks) : 1;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+  for (int64_t c = 0; c < nchunks; ++c) k(cp[c].data(), rows * c / nchunks, rows * (c + 1) / nchunks);
+  for (size_t i = 0; i < ns; ++i) {
+    char* out = ptrs[nl + sums[i]];
+    for (int64_t j = 0; j < cols; ++j) {
+      double a = 0;
+      for (int64_t c = 0; c < nchunks; ++c) a += part[(size_t(c) * ns + i) * size_t(cols) + size_t(j)];
+      if (compute == 0)
+        reinterpret_cast<float*>(out)[j] = static_cast<float>(a);
+      else
+        reinterpret_cast<double*>(out)[j] = a;
+    }
+  }
+}
+
 int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Region>& rs, uint32_t mask,
                         int nthreads) {
   // mask must be dims 0..k-1, every member compiled with split k over the same rows
@@ -183,7 +239,7 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
     const Region& r = rs[m];
     ks[m] = ps[m]->kernel.load(std::memory_order_acquire);
     if (ks[m] == nullptr || ps[m]->split.load(std::memory_order_acquire) != k || r.ndim < k ||
-        r.numel == 0 || !ps[m]->loop_pointers(r, ptrs[m]))
+        r.numel == 0 || ps[m]->column_sums(k) || !ps[m]->loop_pointers(r, ptrs[m]))
       return -1;
     int64_t rm = 1;
     for (int d = 0; d < k; ++d) rm *= r.shape[d];

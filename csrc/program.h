@@ -38,8 +38,14 @@ struct Program {
   // Whether a loop with this split can compute the region: no iota, no predicate, every record
   // in the compute dtype, loads as said above, stores row-major contiguous or (split > 0) one
   // sum per row of at most kJitMaxRowSum elements (the loop adds a row's values in double, in
-  // seg_sum's fixed order: python/fastgrad/jit.py).
+  // seg_sum's fixed order: python/fastgrad/jit.py), or (split > 0) column sums.
   bool kernel_fits(int split) const;
+  // Whether the region's sums are column sums for this split: every sum store adds over the
+  // rows (dims 0..split-1, zero strides there) into one row-major row over the columns, and
+  // there is one. A loop over rows then adds each element into that store's row of doubles;
+  // run() gives each chunk of rows its own rows (the same chunks for any thread count) and
+  // adds the chunks' rows in order.
+  bool column_sums(int split) const;
   // How a loop with this split reads each load (kinds[i]): 's' a single value, 'c' contiguous,
   // and with split > 0 'r' one value per row or 'k' one row for all rows; false when some load
   // fits none of them. The one place the loop's indexing is decided (jit.py generates it).
@@ -61,6 +67,9 @@ struct Program {
   // and no store overlaps a load or another store, else through the interpreter. Returns
   // whether the kernel ran. Call without the GIL.
   bool run(Region& r, int nthreads) const;
+
+ private:
+  void run_columns(Kernel k, const std::vector<char*>& ptrs, int64_t rows, int64_t cols, int nthreads) const;
 };
 
 // Run bound regions rs (of programs ps, a row group over dims 0..k-1 of mask) through their

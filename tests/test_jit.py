@@ -37,11 +37,15 @@ def _programs(r, compute, nins, nouts, split=0):
     inner = math.prod(r.shape[split:]) if split else None
     # (one loop computes every op here; some, e.g. the half-type roundings, keep GCC from
     # vectorising it, which the runtime would refuse, but the values must be right anyway)
-    modes = [rec[2] for rec in r.stores]  # elementwise (0) or one sum per row (1)
-    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner, modes),
+    modes = [rec[2] for rec in r.stores]  # elementwise (0) or one sum per row or column (1)
+    columns = bool(split) and fast.column_sums(split)
+    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner, modes, columns),
                              vector_only=False)
     assert got is not None, jit.status()
-    fast.set_kernel(got[1], got[0], split)
+    if columns:  # (a loop of the other kind of sums is refused)
+        with pytest.raises(ValueError, match="column sums"):
+            fast.set_kernel(got[1], got[0], split, False)
+    fast.set_kernel(got[1], got[0], split, columns)
     assert fast.compiled and not plain.compiled
     return plain, fast
 
@@ -192,6 +196,63 @@ def test_row_sums_and_row_groups(shape, dtype, compute):
     torch.testing.assert_close(out.double(), ref, rtol=loose, atol=loose)
 
 
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+@pytest.mark.parametrize("shape,split", [((125000, 32), 1), ((700, 9), 1), ((3, 5, 7), 1),
+                                         ((64, 3, 50), 2), ((40, 10000), 1), ((1, 300), 1)])
+def test_column_sums(shape, split, dtype, compute):
+    # Sums over the leading dims (a bias-like gradient): c = colsum(tanh(x * w) * g) and
+    # d = colsum(x), beside an elementwise store e = x * g; w one row for all rows, g one value
+    # per row. Against torch and the interpreter, on one and two threads.
+    gen = torch.Generator().manual_seed(21)
+    rows, cols = shape[:split], shape[split:]
+    x = rand(shape, gen, dtype=dtype)
+    w = rand((1,) * len(rows) + cols, gen, dtype=dtype)
+    g = rand(rows + (1,) * len(cols), gen, dtype=dtype)
+    c, d = (torch.empty((1,) * len(rows) + cols, dtype=dtype) for _ in range(2))
+    e = torch.empty(shape, dtype=dtype)
+    r = Region(shape)
+    rx, rg = r.load(x), r.load(g)
+    r.store(c, r.op("mul", r.op("tanh", r.op("mul", rx, r.load(w))), rg), mode=1)
+    r.store(d, rx, mode=1)
+    r.store(e, r.op("mul", rx, rg))
+    desc, consts = r.pack()
+    p = _C.Program(desc, consts, compute, [0, 1, 2], [0, 1, 2], 3, 3)
+    assert p.column_sums(split)
+    assert p.load_kinds(split) == ("crk" if math.prod(rows) > 1 else "csc")
+    assert not any(p.column_sums(k) for k in range(len(shape)) if k != split)
+    dims = tuple(range(split))
+    xd, wd, gd = (t.double() for t in (x, w, g))
+    refs = [(torch.tanh(xd * wd) * gd).sum(dims, keepdim=True), xd.sum(dims, keepdim=True),
+            xd * gd]
+    loose = 1e-10 if dtype == torch.float64 else 1e-4  # (sums of up to 125000 terms)
+    plain, fast = _programs(r, compute, 3, 3, split)
+    for nthreads in (1, 2):
+        a, b = ([torch.full_like(o, float("nan")) for o in (c, d, e)] for _ in range(2))
+        plain.run([x, g, w], a, nthreads)
+        assert fast.run([x, g, w], b, nthreads) is True  # the loop ran
+        for ref, ai, bi in zip(refs, a, b):
+            torch.testing.assert_close(bi.double(), ref, rtol=loose, atol=loose)
+            torch.testing.assert_close(bi, ai, rtol=loose, atol=loose)  # the interpreter's
+        if nthreads == 1:
+            first = [t.clone() for t in b]
+        else:  # the same chunks whatever the thread count: the same sums, bit for bit
+            assert all(torch.equal(u, v) for u, v in zip(first, b))
+
+
+def test_column_sums_only_over_leading_dims():
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    r = Region(x.shape)
+    r.store(torch.empty(6, 1, 4, dtype=torch.float64), r.load(x), mode=1)  # a middle dim
+    desc, consts = r.pack()
+    p = _C.Program(desc, consts, 1, [0], [0], 1, 1)
+    assert not any(p.column_sums(k) or p.kernel_fits(k) for k in range(3))
+    r = Region(x.shape)
+    r.store(torch.empty(1, 5, 4, dtype=torch.float64), r.load(x), mode=2)  # a column max
+    desc, consts = r.pack()
+    p = _C.Program(desc, consts, 1, [0], [0], 1, 1)
+    assert not any(p.column_sums(k) or p.kernel_fits(k) for k in range(3))
+
+
 def test_overlapping_store_runs_the_interpreter():
     # A store one element ahead of its load in the same buffer: a loop reading element i
     # after writing element i - 1 would read a new value. The compiled loop is not used then.
@@ -232,6 +293,7 @@ def test_set_kernel_refuses_other_regions():
     assert not any(_C.Program(desc, consts, 1, [0], [0], 1, 1).kernel_fits(k) for k in range(2))
 
 
+_COLUMN = torch.linspace(-1.5, 1.5, 40, dtype=torch.float64)[:, None]
 CASES = [
     ("tanh_cube", lambda x: torch.tanh(x) ** 3, 1),
     ("softplus_sigmoid", lambda x: torch.nn.functional.softplus(x) * torch.sigmoid(x), 1),
@@ -240,6 +302,8 @@ CASES = [
     ("logsumexp_rows", lambda x: torch.logsumexp(x.reshape(50, 100), 1), 1),  # rows: split 1
     ("softmax_rows", lambda x: torch.softmax(x.reshape(50, 100), 1), 1),  # a row group
     ("log_softmax_rows", lambda x: torch.log_softmax(x.reshape(20, 250), -1), 1),
+    # x broadcast over 40 rows: its gradient is a column sum (split 1, column sums)
+    ("column_sums", lambda x: torch.tanh(x[None, :] * _COLUMN), 1),
 ]
 
 
@@ -262,6 +326,9 @@ def test_plans_compile_after_some_runs(name, fn, order, gen):
         assert_same(got, ref, rtol=1e-12, atol=1e-12)
     report = str(fastgrad.explain(y, x, go, create_graph=order == 2))
     assert "compiled loop" in report, report
+    if name == "column_sums":  # (the column sum's own region, not only the one after it)
+        assert [line for line in report.splitlines() if "reduce over dims [0]" in line and
+                "compiled loop" in line], report
 
 
 def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, tmp_path, gen):
