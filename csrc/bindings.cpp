@@ -291,6 +291,8 @@ PYBIND11_MODULE(_C, m) {
         "Mark the nodes a sweep ran as consumed and free their saved tensors (engine._mark_freed).");
   m.def("plain_call_args", &fg::plain_call_args,
         "(out_edges, grad_outputs, in_edges) of a plain call, or None (api._fast).");
+  m.def("plain_grads", &fg::plain_grads,
+        "The grad_outputs of a call whose outputs and grad_outputs need no checks, or None (api._grad).");
   m.def("call_args_setup", &fg::call_args_setup, py::arg("tensor_cls"), py::arg("parameter_cls"),
         py::arg("ones_like"), "Constants plain_call_args reads (once, at import).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),

@@ -1,6 +1,5 @@
-// See call_args.h. The checks are the ones api._fast made in Python (api._plain_grads still
-// makes the grad_outputs' for api._grad), in the same order; a Python exception from an
-// attribute read propagates as it did there.
+// See call_args.h. The checks are the ones api._fast and api._plain_grads made in Python, in
+// the same order; a Python exception from an attribute read propagates as it did there.
 #include "call_args.h"
 
 #include "py_calls.h"
@@ -45,25 +44,16 @@ bool floating(py::handle t) { return py_truthy(py_attr(py_attr(t, N.dtype), N.is
 
 }  // namespace
 
-py::object plain_call_args(py::handle outputs, py::handle inputs, py::handle grad_outputs) {
-  py::object outs = plain_tensors(outputs), ins = plain_tensors(inputs);
-  if (!outs || !ins) return py::none();
-  const Py_ssize_t nout = PyTuple_GET_SIZE(outs.ptr()), nin = PyTuple_GET_SIZE(ins.ptr());
-  py::list out_edges(nout);
-  for (Py_ssize_t i = 0; i < nout; ++i) {
-    py::handle o = PyTuple_GET_ITEM(outs.ptr(), i);
-    py::object fn = py_attr(o, N.grad_fn);
-    if (fn.is_none()) return py::none();
-    out_edges[i] = py::make_tuple(fn, py_attr(o, N.output_nr));
-  }
-  for (Py_ssize_t i = 0; i < nin; ++i)
-    if (py_truthy(py_attr(PyTuple_GET_ITEM(ins.ptr(), i), N.backward_hooks))) return py::none();
+py::object plain_grads(py::handle outputs, py::handle grad_outputs) {
+  const py::object outs_fast = py_fast(outputs, "outputs is not a sequence");
+  PyObject* outs = outs_fast.ptr();
+  const Py_ssize_t nout = PySequence_Fast_GET_SIZE(outs);
   py::tuple gos;
   if (grad_outputs.is_none()) {
     // implicit gradients: real scalar outputs only (numel from the shape: no method call)
     gos = py::tuple(nout);
     for (Py_ssize_t i = 0; i < nout; ++i) {
-      py::handle o = PyTuple_GET_ITEM(outs.ptr(), i);
+      py::handle o = PySequence_Fast_GET_ITEM(outs, i);
       if (Py_TYPE(o.ptr()) != reinterpret_cast<PyTypeObject*>(g_tensor)) return py::none();
       py::object shape = py_attr(o, N.shape);
       Py_ssize_t numel = 1;
@@ -86,7 +76,7 @@ py::object plain_call_args(py::handle outputs, py::handle inputs, py::handle gra
     if (!gos) throw py::error_already_set();
     if (PyTuple_GET_SIZE(gos.ptr()) != nout) return py::none();
     for (Py_ssize_t i = 0; i < nout; ++i) {
-      py::handle o = PyTuple_GET_ITEM(outs.ptr(), i), t = PyTuple_GET_ITEM(gos.ptr(), i);
+      py::handle o = PySequence_Fast_GET_ITEM(outs, i), t = PyTuple_GET_ITEM(gos.ptr(), i);
       if (Py_TYPE(o.ptr()) != reinterpret_cast<PyTypeObject*>(g_tensor) ||
           Py_TYPE(t.ptr()) != reinterpret_cast<PyTypeObject*>(g_tensor) ||
           py_truthy(py_attr(o, N.is_nested)) || !py_equal(py_attr(t, N.shape), py_attr(o, N.shape)) ||
@@ -94,6 +84,24 @@ py::object plain_call_args(py::handle outputs, py::handle inputs, py::handle gra
         return py::none();
     }
   }
+  return std::move(gos);
+}
+
+py::object plain_call_args(py::handle outputs, py::handle inputs, py::handle grad_outputs) {
+  py::object outs = plain_tensors(outputs), ins = plain_tensors(inputs);
+  if (!outs || !ins) return py::none();
+  const Py_ssize_t nout = PyTuple_GET_SIZE(outs.ptr()), nin = PyTuple_GET_SIZE(ins.ptr());
+  py::list out_edges(nout);
+  for (Py_ssize_t i = 0; i < nout; ++i) {
+    py::handle o = PyTuple_GET_ITEM(outs.ptr(), i);
+    py::object fn = py_attr(o, N.grad_fn);
+    if (fn.is_none()) return py::none();
+    out_edges[i] = py::make_tuple(fn, py_attr(o, N.output_nr));
+  }
+  for (Py_ssize_t i = 0; i < nin; ++i)
+    if (py_truthy(py_attr(PyTuple_GET_ITEM(ins.ptr(), i), N.backward_hooks))) return py::none();
+  py::object gos = plain_grads(outs, grad_outputs);
+  if (gos.is_none()) return py::none();
   py::list in_edges(nin);
   for (Py_ssize_t i = 0; i < nin; ++i) {
     py::handle t = PyTuple_GET_ITEM(ins.ptr(), i);

@@ -18,6 +18,11 @@ namespace py = pybind11;
 // tensor (the walk finds its node).
 py::object plain_call_args(py::handle outputs, py::handle inputs, py::handle grad_outputs);
 
+// The grad_outputs part of those rules, on its own (api._grad, for a call not plain for other
+// reasons): what torch's _make_grads returns where it needs no checks, as a tuple (implicit
+// ones made with torch.ones_like), or None. `outputs`: a sequence.
+py::object plain_grads(py::handle outputs, py::handle grad_outputs);
+
 // Called once at import: torch.Tensor, torch.nn.Parameter and torch.ones_like.
 void call_args_setup(py::object tensor_cls, py::object parameter_cls, py::object ones_like);
 

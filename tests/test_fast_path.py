@@ -163,21 +163,37 @@ def _plain_args_reference(outputs, inputs, grad_outputs):
     if outs is None or ins is None or any(o.grad_fn is None for o in outs) or \
             any(i._backward_hooks for i in ins):
         return None
+    gos = _plain_grads_reference(outs, grad_outputs)
+    if gos is None:
+        return None
+    return ([(o.grad_fn, o.output_nr) for o in outs], gos,
+            [i if i.grad_fn is None else (i.grad_fn, i.output_nr) for i in ins])
+
+
+def _plain_grads_reference(outs, grad_outputs):
+    """The grad_outputs part of those rules (_C.plain_grads): a tuple, or None."""
     if grad_outputs is None:
         if any(type(o) is not torch.Tensor or o.numel() != 1 or not o.dtype.is_floating_point
                for o in outs):
             return None
-        gos = tuple(torch.ones_like(o) for o in outs)
-    else:
-        gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
-        if type(gos) not in (tuple, list) or len(gos) != len(outs) or any(
-                type(o) is not torch.Tensor or type(g) is not torch.Tensor or o.is_nested or
-                g.shape != o.shape or not o.dtype.is_floating_point or
-                not g.dtype.is_floating_point for o, g in zip(outs, gos)):
-            return None
-        gos = tuple(gos)
-    return ([(o.grad_fn, o.output_nr) for o in outs], gos,
-            [i if i.grad_fn is None else (i.grad_fn, i.output_nr) for i in ins])
+        return tuple(torch.ones_like(o) for o in outs)
+    gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
+    if type(gos) not in (tuple, list) or len(gos) != len(outs) or any(
+            type(o) is not torch.Tensor or type(g) is not torch.Tensor or o.is_nested or
+            g.shape != o.shape or not o.dtype.is_floating_point or
+            not g.dtype.is_floating_point for o, g in zip(outs, gos)):
+        return None
+    return tuple(gos)
+
+
+def _same_grads(want, got):
+    if want is None:
+        assert got is None
+        return
+    assert type(got) is tuple and len(got) == len(want)
+    for a, b in zip(want, got):
+        assert type(b) is torch.Tensor and b.shape == a.shape and b.dtype == a.dtype
+        assert torch.equal(a, b)
 
 
 def _call_forms(g):
@@ -221,7 +237,13 @@ def test_plain_call_args_like_their_rules(name, gen):
                                     all(u is v or u == v for u, v in zip(a, b)))
     assert len(go_) == len(wo) and all(same(a, b) for a, b in zip(wo, go_))
     assert len(gi) == len(wi) and all(same(a, b) for a, b in zip(wi, gi))
-    assert type(gg) is tuple and len(gg) == len(wg)
-    for a, b in zip(wg, gg):
-        assert type(b) is torch.Tensor and b.shape == a.shape and b.dtype == a.dtype
-        assert torch.equal(a, b)
+    _same_grads(wg, gg)
+
+
+@pytest.mark.parametrize("name", list(_call_forms(torch.Generator().manual_seed(0))))
+def test_plain_grads_like_their_rules(name, gen):
+    # the grad_outputs part alone, as api._grad uses it (outputs already a tuple)
+    from fastgrad import _C
+    outputs, _, gos = _call_forms(gen)[name]
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    _same_grads(_plain_grads_reference(outs, gos), _C.plain_grads(outs, gos))

@@ -143,7 +143,7 @@ def test_node_metadata_parts_kept_in_the_node_give_the_same_key(gen):
     made from kept parts equals one made from ``_input_metadata`` itself (a new graph of the
     same structure), also after an intern-table clear, which makes the kept parts (numbered
     in the generation before) be made anew."""
-    from fastgrad import api, engine
+    from fastgrad import _C, engine
 
     def graph():
         x = rand((3, 4), gen).requires_grad_(True)
@@ -151,7 +151,7 @@ def test_node_metadata_parts_kept_in_the_node_give_the_same_key(gen):
         return torch.tanh(x @ w).sum(), x
 
     def key(y, x):
-        gos = api._plain_grads([y], None)
+        gos = _C.plain_grads([y], None)
         return engine._capture([(y.grad_fn, 0)], gos, [x], False).key
 
     graph_cache.clear()

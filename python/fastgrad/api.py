@@ -49,25 +49,6 @@ def _unhandled(outputs, inputs):
     return None
 
 
-def _plain_grads(outs, grad_outputs):
-    """What _make_grads returns, for the common cases it needs no checks for (None otherwise):
-    implicit ones for real scalar outputs, or given gradients of the outputs' shapes."""
-    if grad_outputs is None:
-        for o in outs:
-            if type(o) is not torch.Tensor or o.numel() != 1 or not o.dtype.is_floating_point:
-                return None
-        return tuple([torch.ones_like(o) for o in outs])  # preserve_format by default
-    gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
-    if type(gos) not in (tuple, list) or len(gos) != len(outs):
-        return None
-    for o, g in zip(outs, gos):
-        if type(o) is not torch.Tensor or type(g) is not torch.Tensor or o.is_nested or \
-                g.shape != o.shape or not o.dtype.is_floating_point or \
-                not g.dtype.is_floating_point:
-            return None
-    return tuple(gos)
-
-
 class Report:
     """What fastgrad did for one call (returned by ``explain``)."""
 
@@ -137,8 +118,8 @@ def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
     _grad handles the call, with every check and fallback, and the capture (None for a call
     that is not plain) spares it walking and signing the graph again. Plain: tensors (no
     edges, subclasses or dicts), outputs that have a grad_fn, inputs without tensor hooks,
-    grad_outputs that _plain_grads accepts (checked in C++: csrc/call_args.h); any other call
-    is left to _grad whole."""
+    grad_outputs that need no checks (all checked in C++: csrc/call_args.h); any other call is
+    left to _grad whole."""
     args = _C.plain_call_args(outputs, inputs, grad_outputs)
     if args is None:
         return None, None
@@ -188,9 +169,9 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
             "accumulate gradient for other parts of the graph, please use "
             "torch.autograd.backward.", FutureWarning, stacklevel=3)
         args = args[:5] + (True,) + args[6:]
-    # (a capture bound the grad_outputs _plain_grads gave: the same ones again)
+    # (a capture bound the grad_outputs plain_grads gave: the same ones again)
     gos = cap.grad_tensors if cap is not None else \
-        None if is_grads_batched else _plain_grads(outs, grad_outputs)
+        None if is_grads_batched else _C.plain_grads(outs, grad_outputs)
     if gos is None:
         gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)),
                           is_grads_batched=is_grads_batched)
