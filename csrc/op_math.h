@@ -30,6 +30,7 @@ FG_LIBM1(sqrt)
 FG_LIBM1(fabs)
 FG_LIBM1(log1p)
 FG_LIBM1(expm1)
+FG_LIBM1(erf)
 #undef FG_LIBM1
 FG_HD inline float m_pow(float x, float y) { return ::powf(x, y); }
 FG_HD inline double m_pow(double x, double y) { return ::pow(x, y); }
@@ -59,6 +60,8 @@ template <class T> FG_HD inline T fg_RECIPROCAL(T x) { return T(1) / x; }
 template <class T> FG_HD inline T fg_RELU(T x) { return x < T(0) ? T(0) : x; }
 template <class T> FG_HD inline T fg_LOG1P(T x) { return m_log1p(x); }
 template <class T> FG_HD inline T fg_EXPM1(T x) { return m_expm1(x); }
+// (GELU's; erf(+-inf) = +-1, NaN -> NaN)
+template <class T> FG_HD inline T fg_ERF(T x) { return m_erf(x); }
 template <class T> FG_HD inline T fg_ISNAN(T x) { return x != x ? T(1) : T(0); }
 template <class T> FG_HD inline T fg_NOT(T x) { return x == T(0) ? T(1) : T(0); }
 // Round to a narrower float type and back (the value a cast in the forward

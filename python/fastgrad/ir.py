@@ -131,6 +131,14 @@ def tie(value, dep):
     return node("tie", (value, dep), (), value.shape, value.dtype)
 
 
+def tie_grad(value, dep):
+    """``value``, whose cotangent is tied to ``dep`` (rules.py): for a piecewise linear
+    activation (leaky_relu, hardtanh, ...) whose derivative PyTorch computes from its input,
+    so that the gradient requires grad under create_graph, and its own derivative with
+    respect to that input is zeros, not absent."""
+    return node("tie_grad", (value, dep), (), value.shape, value.dtype)
+
+
 def is_const(n, v=None):
     return n.op == "const" and (v is None or n.attrs[0] == v)
 

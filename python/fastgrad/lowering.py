@@ -10,7 +10,7 @@ A node that is not here, or whose saved attributes are not what its entry expect
 """
 import torch
 
-from . import ir
+from . import activations as act, ir
 from .ir import ew, add, sub, mul, div, neg, const, reshape
 
 
@@ -253,17 +253,25 @@ def _region(v):
 
 
 def _softplus(v):
-    # softplus(x) = x where x*beta > threshold, else log1p(exp(x*beta))/beta. The exp's argument
-    # is capped at the threshold so the branch `where` discards cannot overflow to inf, whose
-    # zero cotangent would otherwise turn into NaN (0 * inf) in the derivative.
-    # PyTorch's kernel computes half types in float32 and rounds once, so the IR does too.
     beta, th = float(v.scalar("_saved_beta")), float(v.scalar("_saved_threshold"))
-    x = v.x(0, "_saved_self")
-    xc = ir.cast(x, _OPMATH.get(x.dtype, x.dtype))
-    bx = mul(xc, beta)
-    over = ew("gt", bx, th)
-    soft = div(ew("log1p", ew("exp", ir.where(over, th, bx))), beta)
-    return [ir.cast(ir.where(over, xc, soft), x.dtype)]
+    return [act.softplus(v.x(0, "_saved_self"), beta, th)]
+
+
+def _elu(v, alpha, scale, input_scale):
+    return [act.elu(v.x(0, "_saved_self"), alpha, scale, input_scale)]
+
+
+def _celu(v):
+    # PyTorch's CeluBackward0 takes the input scale as 1 / alpha with alpha rounded to float
+    alpha = float(v.scalar("_saved_alpha"))
+    return _elu(v, alpha, 1.0, 1.0 / float(torch.tensor(alpha, dtype=torch.float32)))
+
+
+def _gelu(v):
+    how = v.raw("_saved_approximate")
+    if how not in ("none", "tanh"):
+        raise Unsupported(f"gelu approximate={how!r}")
+    return [(act.gelu if how == "none" else act.gelu_tanh)(v.x(0, "_saved_self"))]
 
 
 def _matmul(v, i, first, second):
@@ -288,9 +296,6 @@ def _addmm(v):
         raise Unsupported("addmm without its scalars")
     prod = _matmul(v, 1, "_saved_mat1", "_saved_mat2")
     return [add(mul(v.x(0), float(beta)), mul(prod, float(alpha)))]
-
-
-_OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _unary(op, saved):
@@ -326,6 +331,22 @@ LOWER = {
     "TanhBackward0": _unary_known("tanh"),
     "SigmoidBackward0": _unary_known("sigmoid"),
     "SoftplusBackward0": _softplus,
+    "LeakyReluBackward0": lambda v: [act.leaky_relu(v.x(0, "_saved_self"),
+                                                    float(v.scalar("_saved_negative_slope")))],
+    "EluBackward0": lambda v: _elu(v, *(float(v.scalar(f"_saved_{k}"))
+                                        for k in ("alpha", "scale", "input_scale"))),
+    "CeluBackward0": _celu,
+    "GeluBackward0": _gelu,
+    "SiluBackward0": lambda v: [act.silu(v.x(0, "_saved_self"))],
+    "MishBackward0": lambda v: [act.mish(v.x(0, "_saved_self"))],
+    "LogSigmoidBackward0": lambda v: [act.log_sigmoid(v.x(0, "_saved_self"))],
+    "HardtanhBackward0": lambda v: [act.hardtanh(v.x(0, "_saved_self"),
+                                                 float(v.scalar("_saved_min_val")),
+                                                 float(v.scalar("_saved_max_val")))],
+    "HardswishBackward0": lambda v: [act.hardswish(v.x(0, "_saved_self"))],
+    "Log1PBackward0": _unary("log1p", "_saved_self"),
+    "Expm1Backward0": _unary_known("expm1"),
+    "ErfBackward0": _unary("erf", "_saved_self"),
     "SqrtBackward0": _unary_known("sqrt"),
     "ReluBackward0": _unary_known("relu"),
     "AbsBackward0": _unary("abs", "_saved_self"),

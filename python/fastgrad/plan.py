@@ -511,7 +511,7 @@ class _Emitter:
         op = n.op
         if op == "const":
             return self.const(n.attrs[0])
-        if op in ("slot", "tie"):
+        if op in ("slot", "tie", "tie_grad"):
             return self.emit(n.args[0], imap)
         if op == "zeros":
             return self.const(0.0)

@@ -9,6 +9,8 @@ program gives the next order.
 ``DECOMPOSE`` gives the forward value of the few primitives that have a rule but no VM opcode; it
 is used only when such a node's value is needed and was not saved.
 """
+import math
+
 from . import ir
 from .ir import add, sub, mul, div, neg, where, ew, const, expand, rsum, reshape, permute, mm, \
     transpose
@@ -113,6 +115,8 @@ RULES = {
     "expm1": lambda n, g: [mul(g, add(n, 1.0))],
     "log": lambda n, g: [div(g, n.args[0])],
     "log1p": lambda n, g: [div(g, add(n.args[0], 1.0))],
+    "erf": lambda n, g: [mul(g, mul(ew("exp", neg(mul(n.args[0], n.args[0]))),
+                                    2.0 / math.sqrt(math.pi)))],
     "sin": lambda n, g: [mul(g, ew("cos", n.args[0]))],
     "cos": lambda n, g: [mul(g, neg(ew("sin", n.args[0])))],
     "tanh": lambda n, g: [mul(g, sub(1.0, mul(n, n)))],
@@ -124,6 +128,7 @@ RULES = {
     # (an explicit zero, as threshold_backward's derivative w.r.t. self in PyTorch: relu's
     # input gets zeros at the next order, not an absent gradient)
     "tie": lambda n, g: [g, ir.zeros(n.args[1].shape, n.args[1].dtype)],
+    "tie_grad": lambda n, g: [ir.tie(g, n.args[1]), ZERO],
     "clamp": _clamp_rule,
     "where": lambda n, g: [ZERO, where(n.args[0], g, 0.0), where(n.args[0], 0.0, g)],
     "cast": lambda n, g: [ir.cast(g, n.args[0].dtype)],
