@@ -47,12 +47,19 @@ def leaky_relu(x, slope):
 
 @_opmath
 def elu(x, alpha, scale, input_scale):
-    """ELU, and SELU / CELU through their parameters: x <= 0 ? alpha*scale*expm1(x*input_scale)
-    : x*scale. The test is `x <= 0` as in PyTorch, so NaN takes the linear branch's derivative;
-    expm1 sees only x <= 0 (else 0), so the discarded branch never overflows."""
+    """ELU, and SELU / CELU through their parameters: x <= 0 ? alpha*scale*(exp(x*input_scale)
+    - 1) : x*scale. The test is `x <= 0` as in PyTorch, so NaN takes the linear branch's
+    derivative; exp sees only x <= 0 (else 0), so the discarded branch never overflows. exp - 1
+    rather than expm1: the derivative is then exp itself, as PyTorch's, accurate far out on the
+    negative side (expm1 + 1 cancels there); the value, which loses digits near 0, is what no
+    derivative of it reads."""
     neg_side = ew("le", x, 0.0)
-    e = ew("expm1", mul(where(neg_side, x, 0.0), input_scale))
-    return where(neg_side, mul(e, alpha * scale), mul(x, scale))
+    e = sub(ew("exp", mul(where(ew("lt", x, 0.0), x, 0.0), input_scale)), 1.0)
+    # At x = 0 PyTorch's first derivative is the negative side's, alpha*scale*input_scale, and
+    # its second is 0: exp's argument takes x only below 0 (no second derivative at 0), and
+    # this term, zero in value, carries the first derivative there.
+    kink = mul(where(ew("eq", x, 0.0), x, 0.0), alpha * scale * input_scale)
+    return where(neg_side, add(mul(e, alpha * scale), kink), mul(x, scale))
 
 
 @_opmath
@@ -81,9 +88,13 @@ def mish(x):
 
 @_opmath
 def log_sigmoid(x):
-    """min(x, 0) - log1p(exp(-|x|)). min's tie at 0 shares the cotangent and |x|'s derivative
-    there is 0, which gives PyTorch's 1/2 at x = 0."""
-    return sub(ew("min", x, 0.0), ew("log1p", ew("exp", neg(ew("abs", x)))))
+    """x - log1p(exp(x)) below 0, -log1p(exp(-x)) from 0 up: exp's argument is never positive,
+    so no derivative cancels (1 - e/(1+e) with e rounding to 1+e) or overflows, and each branch
+    sees x only on its side. At 0 the upper branch gives PyTorch's 1/2 and -1/4."""
+    below = ew("lt", x, 0.0)
+    xa, xb = where(below, x, 0.0), where(below, 0.0, x)
+    return where(below, sub(xa, ew("log1p", ew("exp", xa))),
+                 neg(ew("log1p", ew("exp", neg(xb)))))
 
 
 @_opmath
@@ -98,7 +109,10 @@ def hardtanh(x, lo, hi):
 def hardswish(x):
     """x * clamp(x + 3, 0, 6) / 6, by branch so that each branch's derivative is PyTorch's:
     0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 up. (NaN takes the last
-    branch, as PyTorch's scalar loop does; its vectorised loop gives NaN.)"""
-    mid = div(mul(x, add(x, 3.0)), 6.0)
+    branch, as PyTorch's scalar loop does; its vectorised loop gives NaN.) The middle branch
+    sees x only inside (-3, 3), so its derivative stays finite where it is discarded (+-inf)."""
+    low, high = ew("le", x, -3.0), ew("ge", x, 3.0)
+    xm = where(ew("or", low, high), 0.0, x)
+    mid = div(mul(xm, add(xm, 3.0)), 6.0)
     top = div(mul(x, 6.0), 6.0)
-    return where(ew("le", x, -3.0), mul(x, 0.0), where(ew("lt", x, 3.0), mid, top))
+    return where(low, mul(x, 0.0), where(high, top, mid))

@@ -1,0 +1,101 @@
+"""Activations (python/fastgrad/activations.py) at their kinks and edges.
+
+tests/test_ops.py checks every activation on random inputs, where none sits on a kink. Here each
+one is differentiated at the values where its branches meet or its numerics could break (0, -0,
+the bounds, the thresholds, large magnitudes, +-inf, NaN), to first and second order, against
+torch.autograd.grad in float64, and the native path must have run.
+
+PyTorch's own result at such a value can depend on whether its vectorised loop or its scalar
+tail computed it (hardswish of NaN: NaN against 1). Each value is therefore differentiated in a
+tensor of its own (the scalar loop) and as part of a long tensor (the vectorised loop); where
+PyTorch's two answers differ, the value is skipped, and where they agree fastgrad must match,
+to 1e-12 relative and 1e-13 absolute (terms that cancel to 0 in one formula leave 1e-15 in the
+other; the derivatives here are of order 1).
+
+``TORCH_OVERFLOWS`` lists the values where PyTorch's derivative overflows into NaN and the true
+one is finite: fastgrad must give a finite value there (and PyTorch still NaN, so an entry goes
+once PyTorch is fixed).
+"""
+import math
+
+import pytest
+import torch
+
+import fastgrad
+from conftest import assert_native
+
+F = torch.nn.functional
+SPECIALS = [0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 6.0, 0.5, -0.3, 20.0, -20.0, 20.5, 30.0, -30.0,
+            100.0, -100.0, 800.0, -800.0, math.inf, -math.inf, math.nan]
+
+# name -> activation (a function of one tensor)
+ACTIVATIONS = {
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
+    "elu": F.elu,
+    "selu": F.selu,
+    "celu": lambda x: F.celu(x, 0.7),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "mish": F.mish,
+    "logsigmoid": F.logsigmoid,
+    "hardtanh": lambda x: F.hardtanh(x, -1.0, 3.0),
+    "relu6": F.relu6,
+    "hardswish": F.hardswish,
+    "softplus": lambda x: F.softplus(x, 2.0, 10.0),
+    "log1p": torch.log1p,
+    "expm1": torch.expm1,
+    "erf": torch.erf,
+}
+
+
+# name -> {(value, order)}: mish'' at 800 is 0; PyTorch's double backward computes exp(800)
+TORCH_OVERFLOWS = {"mish": {(800.0, 2)}}
+
+
+def _grads(G, f, x):
+    """First and second derivative of f(x).sum() at x, both taken with ``G``."""
+    x = x.clone().requires_grad_()
+    (g,) = G(f(x).sum(), x, create_graph=True)
+    if not g.requires_grad:
+        return g.detach(), None
+    (h,) = G(g.sum(), x, allow_unused=True)
+    return g.detach(), h
+
+
+def _torch_consistent(f, values):
+    """Mask of the values where PyTorch's scalar and vectorised loops agree (both orders)."""
+    x = torch.tensor(values * 4, dtype=torch.float64)  # long: the vectorised loop
+    g_long, h_long = _grads(torch.autograd.grad, f, x)
+    ok = []
+    for i, v in enumerate(values):
+        g1, h1 = _grads(torch.autograd.grad, f, torch.tensor([v], dtype=torch.float64))
+        same = torch.equal(g1.isnan(), g_long[i:i + 1].isnan()) and \
+            torch.allclose(g1, g_long[i:i + 1], equal_nan=True)
+        if h1 is not None and h_long is not None:
+            same = same and torch.allclose(h1, h_long[i:i + 1], equal_nan=True)
+        ok.append(same)
+    return ok
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_specials(name):
+    f = ACTIVATIONS[name]
+    ok = _torch_consistent(f, SPECIALS)
+    values = [v for v, k in zip(SPECIALS, ok) if k]
+    assert len(values) >= len(SPECIALS) - 1, f"PyTorch disagrees with itself on {SPECIALS}"
+    for x in (torch.tensor(values, dtype=torch.float64),           # one loop
+              torch.tensor(values * 4, dtype=torch.float64)):      # long enough for vectors
+        want = _grads(torch.autograd.grad, f, x)
+        got = _grads(fastgrad.grad, f, x)
+        for order, (w, g) in enumerate(zip(want, got), start=1):
+            assert (w is None) == (g is None), (name, order)
+            if w is None:
+                continue
+            over = torch.tensor([(v, order) in TORCH_OVERFLOWS.get(name, ()) for v in
+                                 x.tolist()])
+            assert w[over].isnan().all() and g[over].isfinite().all(), (name, order)
+            torch.testing.assert_close(g[~over], w[~over], equal_nan=True, rtol=1e-12,
+                                       atol=1e-13, msg=lambda m: f"{name} order {order}: {m}")
+        xx = x.clone().requires_grad_()
+        assert_native(f(xx).sum(), xx, create_graph=True)
