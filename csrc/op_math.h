@@ -52,6 +52,8 @@ template <class T> FG_HD inline T fg_SIGMOID(T x) {
   return (x < T(0) ? e : T(1)) / (T(1) + e);
 }
 template <class T> FG_HD inline T fg_SQRT(T x) { return m_sqrt(x); }
+// (torch.rsqrt's own arithmetic: one division of 1 by the square root)
+template <class T> FG_HD inline T fg_RSQRT(T x) { return T(1) / m_sqrt(x); }
 template <class T> FG_HD inline T fg_ABS(T x) { return m_fabs(x); }
 // torch.sign: NaN -> 0, +-0 -> 0.
 template <class T> FG_HD inline T fg_SIGN(T x) { return T(x > T(0)) - T(x < T(0)); }

@@ -146,6 +146,7 @@ unary("softplus_beta_threshold", lambda x: torch.nn.functional.softplus(x * 3, 2
       shapes=UNARY_SHAPES[:2])
 unary("relu", torch.relu)
 unary("sqrt", torch.sqrt, domain="positive")
+unary("rsqrt", torch.rsqrt, domain="positive")
 unary("abs", torch.abs, domain="nonzero")
 unary("clamp", lambda x: torch.clamp(x, min=-0.5, max=0.7))
 unary("clamp_min", lambda x: torch.clamp(x, min=-0.2), shapes=UNARY_SHAPES[:3])
@@ -216,6 +217,23 @@ unary("softmax", lambda x: torch.softmax(x, 1), shapes=R3 + R2)
 unary("softmax_last", lambda x: torch.nn.functional.softmax(x, dim=-1), shapes=R3)
 unary("log_softmax", lambda x: torch.log_softmax(x, 1), shapes=R3 + R2)
 unary("log_softmax_last", lambda x: torch.nn.functional.log_softmax(x, dim=-1), shapes=R3)
+
+# ---------------------------------------------------------------- norms and moments (norms.py)
+unary("norm2_dim", lambda x: x.norm(2, dim=1), shapes=R3 + R2)
+unary("norm2_all", lambda x: torch.linalg.vector_norm(x), shapes=R3)
+unary("norm2_keepdim", lambda x: torch.linalg.vector_norm(x, dim=(0, 2), keepdim=True), shapes=R3)
+unary("norm1_dim", lambda x: torch.linalg.vector_norm(x, 1, dim=-1), shapes=R2, domain="nonzero")
+unary("var_dim", lambda x: x.var(1), shapes=R3 + R2)
+unary("var_all", lambda x: x.var(), shapes=R3)
+unary("var_biased_keepdim", lambda x: x.var((0, 2), correction=0, keepdim=True), shapes=R3)
+unary("std_dim", lambda x: x.std(1), shapes=R3 + R2)
+unary("std_all", lambda x: x.std(), shapes=R3)
+unary("std_biased_keepdim", lambda x: x.std(-1, correction=0, keepdim=True), shapes=R3)
+unary("layer_norm", lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]), shapes=R3 + R2)
+unary("layer_norm_2d", lambda x: torch.nn.functional.layer_norm(x, x.shape[-2:], eps=1e-3),
+      shapes=R3)
+binary("layer_norm_affine", lambda x, w: torch.nn.functional.layer_norm(
+    x, (4,), w, torch.ones(4, dtype=x.dtype, device=x.device) * 0.5), shapes=[[(3, 4), (4,)]])
 
 # ---------------------------------------------------------------- views & copies
 unary("view", lambda x: x.view(4, 3), shapes=R2, linear=True, contiguous_only=True)

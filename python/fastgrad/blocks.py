@@ -88,7 +88,8 @@ class PlanBlock:
     (``local_outputs``: the expressions over those inputs) is what its backward derives and
     what a later fastgrad.grad inlines through lowering's RegionFunctionBackward; there the
     products are bound to their saved results (``known``: loaded, as PyTorch's own nodes
-    would, not recomputed) but keep their operands, so the derivative goes through them. The
+    would, not recomputed) but keep their operands, so the derivative goes through them; so
+    are ``detached`` bound nodes (ir.py), whose tensors have no graph to carry it. The
     elementwise work between inputs and outputs is recomputed (a pass over memory costs less
     than keeping its result). A bound product met in a later plan (another block's saved
     result, which carries no graph of its own) is therefore an input of that plan's block
@@ -96,7 +97,8 @@ class PlanBlock:
     block (``Blocked``)."""
 
     def __init__(self, requested):
-        carries_graph = lambda n: n.known is not None and n.op != "mm"  # noqa: E731
+        carries_graph = lambda n: n.known is not None and n.op != "mm" and \
+            not n.detached  # noqa: E731
         nodes = ir.topo(requested, stop=carries_graph)
         self.inputs = [n for n in nodes if n.known is not None]
         n_in = len(self.inputs)

@@ -7,7 +7,10 @@ identity of the nodes it computes (same graph structure -> same nodes -> same pl
 A node whose value is bound at run time carries ``known=k``: it is read from the k-th tensor of
 the call instead of being computed. ``leaf`` nodes are always known; an op node may be known too
 (e.g. ``exp(x)`` whose result PyTorch saved), so it is loaded when its value is needed but its
-rule can still differentiate through it.
+rule can still differentiate through it. A known op node is ``detached`` when its tensor carries
+no autograd graph of its own (layer_norm's saved mean and rstd, non-differentiable outputs): a
+create_graph block then differentiates through its operands (blocks.PlanBlock) instead of
+leaving its derivative to the tensor's graph.
 
 Constructors apply only exact simplifications (x*1, x/1, identity views, casts to the same dtype,
 a matrix product with an inner size of 1 as a broadcast multiply); nothing that could change an
@@ -21,7 +24,7 @@ _TABLE = {}
 
 
 class Node:
-    __slots__ = ("op", "args", "attrs", "shape", "dtype", "known", "__weakref__")
+    __slots__ = ("op", "args", "attrs", "shape", "dtype", "known", "detached", "__weakref__")
 
     def __repr__(self):
         a = ",".join(f"%{id(x) % 10000}" for x in self.args)
@@ -33,12 +36,13 @@ class Node:
         return len(self.shape)
 
 
-def node(op, args, attrs, shape, dtype, known=None):
-    key = (op, tuple(map(id, args)), attrs, shape, dtype, known)
+def node(op, args, attrs, shape, dtype, known=None, detached=False):
+    key = (op, tuple(map(id, args)), attrs, shape, dtype, known, detached)
     n = _TABLE.get(key)
     if n is None:
         n = Node()
         n.op, n.args, n.attrs, n.shape, n.dtype, n.known = op, tuple(args), attrs, shape, dtype, known
+        n.detached = detached
         _TABLE[key] = n
     return n
 
@@ -51,8 +55,8 @@ def table_size():
     return len(_TABLE)
 
 
-def with_known(n, k):
-    return node(n.op, n.args, n.attrs, n.shape, n.dtype, k)
+def with_known(n, k, detached=False):
+    return node(n.op, n.args, n.attrs, n.shape, n.dtype, k, detached and k is not None)
 
 
 # ---- dtypes -------------------------------------------------------------------------------
@@ -329,9 +333,12 @@ def transpose(x):
     return permute(x, (1, 0))
 
 
+_REDUCING = ("lse", "norm2", "var")  # composites over the dims attrs[0] (keepdim layout)
+
+
 def composite(op, x, attrs, known=None):
     """Ops with their own rule but no VM opcode (evaluated by decomposition when not known)."""
-    return node(op, (x,), attrs, x.shape if op != "lse" else
+    return node(op, (x,), attrs, x.shape if op not in _REDUCING else
                 tuple(1 if i in attrs[0] else s for i, s in enumerate(x.shape)), x.dtype, known)
 
 
@@ -366,5 +373,5 @@ def substitute(roots, mapping, known=None):
         args = tuple(memo[id(a)] for a in n.args)
         k = n.known if known is None else known(n)
         memo[id(n)] = n if k == n.known and all(a is b for a, b in zip(args, n.args)) else \
-            node(n.op, args, n.attrs, n.shape, n.dtype, k)
+            node(n.op, args, n.attrs, n.shape, n.dtype, k, n.detached and k is not None)
     return [None if r is None else memo[id(r)] for r in roots]

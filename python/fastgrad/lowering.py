@@ -10,7 +10,7 @@ A node that is not here, or whose saved attributes are not what its entry expect
 """
 import torch
 
-from . import activations as act, ir
+from . import activations as act, ir, norms
 from .ir import ew, add, sub, mul, div, neg, const, reshape
 
 
@@ -79,9 +79,11 @@ class NodeView:
             base = reshape(base, meta[0])
         return ir.slot(i, base, meta[0], meta[1])
 
-    def known(self, expr, saved):
+    def known(self, expr, saved, detached=False):
+        """``expr`` bound to the saved tensor ``saved`` (``detached``: a tensor without a
+        graph of its own, see ir.py)."""
         t = self.tensor(saved)
-        return ir.with_known(expr, t.known) if t.shape == expr.shape or \
+        return ir.with_known(expr, t.known, detached) if t.shape == expr.shape or \
             ir.numel(t.shape) == ir.numel(expr.shape) else expr
 
 
@@ -274,6 +276,42 @@ def _gelu(v):
     return [(act.gelu if how == "none" else act.gelu_tanh)(v.x(0, "_saved_self"))]
 
 
+def _reduce_dims(v, x):
+    if x.ndim == 0:
+        raise Unsupported("a norm or moment of a 0-d tensor")
+    d = v.raw("_saved_dim")
+    return tuple(range(x.ndim)) if d is None else _dims(v, d, x.ndim)
+
+
+def _vector_norm(v):
+    order = v.scalar("_saved_ord")
+    if order not in (1, 2):
+        raise Unsupported(f"vector norm of order {order}")
+    x = v.x(0, "_saved_self")
+    r = norms.vector_norm(x, order, _reduce_dims(v, x))
+    return [reshape(v.known(r, "_saved_result"), v.out_shape())]
+
+
+def _moment(v, std):
+    x = v.x(0, "_saved_self")
+    c = v.scalar("_saved_correction")
+    dims = _reduce_dims(v, x)
+    r = (norms.std if std else norms.var)(x, dims, 1 if c is None else c)
+    return [reshape(v.known(r, "_saved_result") if std else r, v.out_shape())]
+
+
+def _layer_norm(v):
+    k = len(v.raw("_saved_normalized_shape"))
+    x = v.x(0, "_saved_input")
+    w = None if v.raw("_saved_weight") is None else v.x(1, "_saved_weight")
+    b = None if v.raw("_saved_bias") is None else v.x(2)
+    if k == 0 or k > x.ndim:
+        raise Unsupported("layer_norm over no dims")
+    outs = norms.layer_norm(x, k, w, b, lambda e: v.known(e, "_saved_result1", True),
+                            lambda e: v.known(e, "_saved_result2", True))
+    return list(outs[:len(v.meta)])  # (PyTorch records the mean and rstd outputs or not)
+
+
 def _matmul(v, i, first, second):
     """mm of inputs i and i + 1, read from the saved tensors ``first`` and ``second`` where
     PyTorch saved them: it saves each operand only when the other one's gradient needs it."""
@@ -348,6 +386,7 @@ LOWER = {
     "Expm1Backward0": _unary_known("expm1"),
     "ErfBackward0": _unary("erf", "_saved_self"),
     "SqrtBackward0": _unary_known("sqrt"),
+    "RsqrtBackward0": _unary_known("rsqrt"),
     "ReluBackward0": _unary_known("relu"),
     "AbsBackward0": _unary("abs", "_saved_self"),
     "ReciprocalBackward0": _unary_known("reciprocal"),
@@ -366,6 +405,10 @@ LOWER = {
     "MaxBackward0": _max_dim,
     "MinBackward0": _max_dim,
     "LogsumexpBackward0": _lse,
+    "LinalgVectorNormBackward0": _vector_norm,
+    "VarBackward0": lambda v: _moment(v, False),
+    "StdBackward0": lambda v: _moment(v, True),
+    "NativeLayerNormBackward0": _layer_norm,
     "SoftmaxBackward0": lambda v: _softmax(v, "softmax"),
     "LogSoftmaxBackward0": lambda v: _softmax(v, "log_softmax"),
     "ViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],

@@ -79,6 +79,27 @@ def _log_softmax_rule(n, g):
     return [sub(g, mul(ew("exp", n), expand(rsum(g, (d,)), n.shape)))]
 
 
+def _norm2_rule(n, g):
+    # PyTorch's 2-norm backward: g * (x / norm), with 0 where the norm is 0 (so its second
+    # derivative there is NaN, as PyTorch's: 0 / 0 in div's rule)
+    x = n.args[0]
+    nx = expand(n, x.shape)
+    return [mul(expand(g, x.shape), where(ew("eq", nx, 0.0), 0.0, div(x, nx)))]
+
+
+def _count(x, dims):
+    return math.prod(x.shape[d] for d in dims)
+
+
+def _var_rule(n, g):
+    # PyTorch's var_backward: (2 / (N - correction)) * g * (x - mean(x))
+    x, (dims, correction) = n.args[0], n.attrs
+    dof = max(0, _count(x, dims) - correction)
+    m = div(rsum(x, dims), float(_count(x, dims)))
+    return [mul(expand(mul(g, 2.0 / dof if dof else math.inf), x.shape),
+                sub(x, expand(m, x.shape)))]
+
+
 def _slice_rule(n, g):
     dim, start, step, _ = n.attrs
     return [ir.embed(g, dim, start, step, n.args[0].shape[dim])]
@@ -122,6 +143,7 @@ RULES = {
     "tanh": lambda n, g: [mul(g, sub(1.0, mul(n, n)))],
     "sigmoid": lambda n, g: [mul(mul(g, sub(1.0, n)), n)],
     "sqrt": lambda n, g: [div(g, mul(2.0, n))],
+    "rsqrt": lambda n, g: [mul(mul(g, -0.5), mul(mul(n, n), n))],
     "reciprocal": lambda n, g: [mul(neg(g), mul(n, n))],
     "abs": lambda n, g: [mul(g, ew("sign", n.args[0]))],
     "relu": lambda n, g: [ir.tie(where(ew("le", n, 0.0), 0.0, g), n)],
@@ -136,6 +158,8 @@ RULES = {
     "rmax": _amax_rule,
     "rmin": _amax_rule,
     "lse": lambda n, g: [mul(_restore(g, n), ew("exp", sub(n.args[0], _restore(n, n))))],
+    "norm2": _norm2_rule,
+    "var": _var_rule,
     "softmax": _softmax_rule,
     "log_softmax": _log_softmax_rule,
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
@@ -198,8 +222,16 @@ def _decompose_clamp(n):
     return x
 
 
+def _decompose_var(n):
+    x, (dims, correction) = n.args[0], n.attrs
+    d = sub(x, expand(div(rsum(x, dims), float(_count(x, dims))), x.shape))
+    return div(rsum(mul(d, d), dims), float(max(0, _count(x, dims) - correction)))
+
+
 DECOMPOSE = {
     "lse": _decompose_lse,
+    "norm2": lambda n: ew("sqrt", rsum(mul(n.args[0], n.args[0]), n.attrs[0])),
+    "var": _decompose_var,
     "softmax": lambda n: _decompose_softmax(n, False),
     "log_softmax": lambda n: _decompose_softmax(n, True),
     "clamp": _decompose_clamp,

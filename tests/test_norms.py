@@ -1,0 +1,63 @@
+"""Norms and moments (python/fastgrad/norms.py) where PyTorch masks a division by zero.
+
+tests/test_ops.py checks them on random inputs. Here the rows are chosen so that a norm or a
+standard deviation is exactly 0 (a zero row, a constant row), beside ordinary rows and rows
+holding inf or NaN; first and second order against torch.autograd.grad in float64, the native
+path asserted.
+"""
+import math
+
+import pytest
+import torch
+
+import fastgrad
+from conftest import assert_native
+
+F = torch.nn.functional
+
+
+def _rows():
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.zeros(6), torch.full((6,), 0.75), torch.randn(6, generator=g),
+            torch.randn(6, generator=g) * 40, torch.tensor([0.0, 0, 0, 0, 0, 1e-3])]
+    return torch.stack(rows).double()
+
+
+SPECIAL_ROWS = torch.tensor([[1.0, math.inf, 2, 0, 0, 0], [1.0, math.nan, 0, 0, 0, 0]],
+                            dtype=torch.float64)
+
+# name -> (function of x, whether the inf / NaN rows are compared too)
+CASES = {
+    "norm2_rows": (lambda x: x.norm(2, dim=1), True),
+    "norm2_all": (lambda x: torch.linalg.vector_norm(x), False),
+    "norm1_rows": (lambda x: torch.linalg.vector_norm(x, 1, dim=1), True),
+    "std_rows": (lambda x: x.std(1), True),
+    "std_biased_keepdim": (lambda x: x.std(1, correction=0, keepdim=True), True),
+    "var_rows": (lambda x: x.var(1), True),
+    "layer_norm": (lambda x: F.layer_norm(x, (6,)), True),
+}
+
+
+def _grads(G, f, x, go):
+    x = x.clone().requires_grad_()
+    (g,) = G(f(x), x, go, create_graph=True)
+    if not g.requires_grad:
+        return g.detach(), None
+    (h,) = G((g * g).sum(), x)
+    return g.detach(), h
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zero_norms(name):
+    f, specials = CASES[name]
+    x = torch.cat([_rows(), SPECIAL_ROWS]) if specials else _rows()
+    go = torch.randn(f(x).shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    want = _grads(torch.autograd.grad, f, x, go)
+    got = _grads(fastgrad.grad, f, x, go)
+    for order, (w, g) in enumerate(zip(want, got), start=1):
+        assert (w is None) == (g is None), order
+        if w is not None:
+            torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"{name} order {order}: {m}")
+    xx = x.clone().requires_grad_()
+    assert_native(f(xx), xx, go, create_graph=True)
