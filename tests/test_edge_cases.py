@@ -269,6 +269,18 @@ def inf_input_mul(gen):
     return (lambda x, y: x * y), [x, y]
 
 
+def maximum_ties_and_nan(gen):
+    x, y = rand((3, 4), gen), rand((3, 4), gen)
+    y[0, :2] = x[0, :2]  # ties: half each
+    x[1, 1], y[2, 3], x[2, 0], y[2, 0] = float("nan"), float("nan"), float("nan"), float("nan")
+    return torch.maximum, [x, y]
+
+
+def minimum_ties_and_nan(gen):
+    fn, inputs = maximum_ties_and_nan(gen)
+    return torch.minimum, inputs
+
+
 CASES = {
     f.__name__: f
     for f in [
@@ -279,7 +291,7 @@ CASES = {
         clamp_on_bounds, clamp_min_on_bound, clamp_max_on_bound, clamp_min_eq_max,
         where_sqrt_negative, where_log_negative, log_at_zero, div_by_zero, scalar_div_zero,
         exp_overflow, sigmoid_tanh_saturation, softmax_with_neg_inf, log_softmax_with_neg_inf,
-        nan_input_propagates, inf_input_mul,
+        nan_input_propagates, inf_input_mul, maximum_ties_and_nan, minimum_ties_and_nan,
     ]
 }
 

@@ -97,6 +97,7 @@ BINARY_SHAPES = [
 ]
 
 OPS = []
+F = torch.nn.functional
 
 
 def unary(name, fn, domain="real", shapes=UNARY_SHAPES, **kw):
@@ -155,9 +156,19 @@ unary("clamp_method", lambda x: x.clamp(-0.4, 0.4), shapes=UNARY_SHAPES[:1])
 unary("log1p", torch.log1p, domain="positive")
 unary("expm1", torch.expm1)
 unary("erf", torch.erf)
+unary("log2", torch.log2, domain="positive")
+unary("log10", torch.log10, domain="positive", shapes=UNARY_SHAPES[:2])
+unary("exp2", torch.exp2)
+unary("sign_mul", lambda x: torch.sign(x) * x * x, domain="nonzero")
+binary("maximum", torch.maximum, shapes=BINARY_SHAPES[:5])
+binary("minimum", torch.minimum, shapes=BINARY_SHAPES[:5])
+binary("lerp", lambda x, y: torch.lerp(x, y, 0.3), shapes=BINARY_SHAPES[:2])
+OPS.extend(_shape_variants("addcmul", lambda x, a, b: torch.addcmul(x, a, b, value=0.5),
+                           [[(3, 4), (3, 4), (4,)], [(3, 4), (3, 1), (3, 4)]]))
+OPS.extend(_shape_variants("addcdiv", lambda x, a, b: torch.addcdiv(x, a, b, value=2.0),
+                           [[(3, 4), (3, 4), (4,)]], ("real", "real", "nonzero")))
 
 # ---------------------------------------------------------------- activations (activations.py)
-F = torch.nn.functional
 S2 = UNARY_SHAPES[:2]
 unary("leaky_relu", F.leaky_relu)
 unary("leaky_relu_slope", lambda x: F.leaky_relu(x, 0.2), shapes=S2)
@@ -234,6 +245,31 @@ unary("layer_norm_2d", lambda x: torch.nn.functional.layer_norm(x, x.shape[-2:],
       shapes=R3)
 binary("layer_norm_affine", lambda x, w: torch.nn.functional.layer_norm(
     x, (4,), w, torch.ones(4, dtype=x.dtype, device=x.device) * 0.5), shapes=[[(3, 4), (4,)]])
+
+# ---------------------------------------------------------------- losses (losses.py)
+LOSS_SHAPES = [[(3, 4), (3, 4)], [(3, 4), (4,)]]
+binary("mse_loss", F.mse_loss, shapes=LOSS_SHAPES[:1])
+binary("mse_loss_sum", lambda x, y: F.mse_loss(x, y, reduction="sum"), shapes=LOSS_SHAPES[:1])
+binary("mse_loss_none", lambda x, y: F.mse_loss(x, y.expand_as(x), reduction="none"),
+       shapes=LOSS_SHAPES)
+binary("huber_loss", lambda x, y: F.huber_loss(x * 2, y, delta=0.7), shapes=LOSS_SHAPES[:1])
+binary("huber_loss_none", lambda x, y: F.huber_loss(x * 2, y, reduction="none", delta=1.5),
+       shapes=LOSS_SHAPES[:1])
+binary("smooth_l1_loss", lambda x, y: F.smooth_l1_loss(x * 2, y, beta=0.6),
+       shapes=LOSS_SHAPES[:1])
+binary("smooth_l1_loss_sum", lambda x, y: F.smooth_l1_loss(x * 2, y, reduction="sum"),
+       shapes=LOSS_SHAPES[:1])
+
+# ---------------------------------------------------------------- joins and splits
+binary("cat", lambda x, y: torch.cat([x, y], 1), shapes=[[(3, 4), (3, 2)]], linear=True)
+binary("cat_dim0", lambda x, y: torch.cat([x, y]), shapes=[[(3, 4), (2, 4)]], linear=True)
+unary("cat_self", lambda x: torch.cat([x, torch.sin(x), x], -1), shapes=R2 + R3)
+binary("stack", lambda x, y: torch.stack([x, y], 1), shapes=[[(3, 4), (3, 4)]], linear=True)
+unary("split", lambda x: torch.split(x, 3, 1), shapes=[[(3, 8)]], linear=True)
+unary("split_sizes", lambda x: torch.split(x, [1, 3], 1), shapes=R2, linear=True)
+unary("chunk", lambda x: x.chunk(2, 0), shapes=R2 + R3, linear=True)
+unary("unbind", lambda x: x.unbind(1), shapes=R2, linear=True)
+unary("split_mixed", lambda x: torch.sin(x.split(2, -1)[0]) * x.split(2, -1)[1], shapes=R3)
 
 # ---------------------------------------------------------------- views & copies
 unary("view", lambda x: x.view(4, 3), shapes=R2, linear=True, contiguous_only=True)

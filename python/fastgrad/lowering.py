@@ -10,7 +10,9 @@ A node that is not here, or whose saved attributes are not what its entry expect
 """
 import torch
 
-from . import activations as act, ir, norms
+import math
+
+from . import activations as act, ir, losses, norms
 from .ir import ew, add, sub, mul, div, neg, const, reshape
 
 
@@ -312,6 +314,64 @@ def _layer_norm(v):
     return list(outs[:len(v.meta)])  # (PyTorch records the mean and rstd outputs or not)
 
 
+def _cat(v, stack=False):
+    out_shape, dt = v.out_shape(), v.out_dtype()
+    d = _signed(v.scalar("_saved_dim")) % max(len(out_shape), 1)
+    parts = []
+    for i in range(len(v.edges)):
+        if v.in_meta(i) is None:  # (PyTorch records no size for an input without an edge)
+            raise Unsupported("a concatenated tensor without a gradient edge")
+        p = v.x(i)
+        parts.append(reshape(p, p.shape[:d] + (1,) + p.shape[d:]) if stack else p)
+    if any(p.ndim != len(out_shape) for p in parts):
+        raise Unsupported("cat of tensors of other ranks")
+    out, start = None, 0
+    for p in parts:  # the sum of each part placed into zeros at its offset
+        e = ir.embed(ir.cast(p, dt), d, start, 1, out_shape[d])
+        out = e if out is None else add(out, e)
+        start += p.shape[d]
+    if start != out_shape[d]:
+        raise Unsupported("cat sizes")
+    return [out]
+
+
+def _split(v, sizes=None):
+    x = v.x(0)
+    d = _dim(v, "_saved_dim", x.ndim)
+    if sizes is None:  # split by a fixed size, the last part shorter
+        k = v.scalar("_saved_split_size")
+        sizes = [min(k, x.shape[d] - s) for s in range(0, x.shape[d], k)] if k else []
+    outs, start = [], 0
+    for s in sizes:
+        outs.append(ir.slice_(x, d, start, 1, s))
+        start += s
+    return outs
+
+
+def _unbind(v):
+    x = v.x(0)
+    d = _dim(v, "_saved_dim", x.ndim)
+    return [reshape(ir.slice_(x, d, i, 1, 1), v.out_shape(i)) for i in range(x.shape[d])]
+
+
+def _saved_if(v, i, name, other):
+    """Input i, read from the saved tensor ``name``, which PyTorch saves only when input
+    ``other`` requires grad (the product rule needs i's value for other's gradient)."""
+    return v.x(i, name) if v.edges[other][0] is not None else v.x(i)
+
+
+def _loss(v, fn, *params):
+    e = fn(v.x(0, "_saved_self"), v.x(1, "_saved_target"), *params)
+    return [reshape(losses.reduce(e, v.scalar("_saved_reduction")), v.out_shape())]
+
+
+def _smooth_l1(v):
+    beta = float(v.scalar("_saved_beta"))
+    if beta <= 0:
+        raise Unsupported("smooth_l1 with beta 0")
+    return _loss(v, losses.smooth_l1, beta)
+
+
 def _matmul(v, i, first, second):
     """mm of inputs i and i + 1, read from the saved tensors ``first`` and ``second`` where
     PyTorch saved them: it saves each operand only when the other one's gradient needs it."""
@@ -385,6 +445,18 @@ LOWER = {
     "Log1PBackward0": _unary("log1p", "_saved_self"),
     "Expm1Backward0": _unary_known("expm1"),
     "ErfBackward0": _unary("erf", "_saved_self"),
+    "Log2Backward0": lambda v: [div(ew("log", v.x(0, "_saved_self")), math.log(2.0))],
+    "Log10Backward0": lambda v: [div(ew("log", v.x(0, "_saved_self")), math.log(10.0))],
+    "Exp2Backward0": lambda v: [v.known(ew("exp", mul(v.x(0), math.log(2.0))), "_saved_result")],
+    "SignBackward0": lambda v: [ew("sign", v.x(0))],
+    "AddcmulBackward0": lambda v: [add(v.x(0), mul(mul(_saved_if(v, 1, "_saved_tensor1", 2),
+                                                       _saved_if(v, 2, "_saved_tensor2", 1)),
+                                                   float(v.scalar("_saved_value"))))],
+    "AddcdivBackward0": lambda v: [add(v.x(0), mul(div(_saved_if(v, 1, "_saved_tensor1", 2),
+                                                       v.x(2, "_saved_tensor2")),
+                                                   float(v.scalar("_saved_value"))))],
+    "LerpBackward0": lambda v: [add(v.x(0), mul(sub(v.x(1), v.x(0)),
+                                                float(v.scalar("_saved_weight"))))],
     "SqrtBackward0": _unary_known("sqrt"),
     "RsqrtBackward0": _unary_known("rsqrt"),
     "ReluBackward0": _unary_known("relu"),
@@ -406,11 +478,21 @@ LOWER = {
     "MinBackward0": _max_dim,
     "LogsumexpBackward0": _lse,
     "LinalgVectorNormBackward0": _vector_norm,
+    "MaximumBackward0": lambda v: [ew("max", v.x(0, "_saved_self"), v.x(1, "_saved_other"))],
+    "MinimumBackward0": lambda v: [ew("min", v.x(0, "_saved_self"), v.x(1, "_saved_other"))],
+    "MseLossBackward0": lambda v: _loss(v, losses.mse),
+    "HuberLossBackward0": lambda v: _loss(v, losses.huber, float(v.scalar("_saved_delta"))),
+    "SmoothL1LossBackward0": _smooth_l1,
     "VarBackward0": lambda v: _moment(v, False),
     "StdBackward0": lambda v: _moment(v, True),
     "NativeLayerNormBackward0": _layer_norm,
     "SoftmaxBackward0": lambda v: _softmax(v, "softmax"),
     "LogSoftmaxBackward0": lambda v: _softmax(v, "log_softmax"),
+    "CatBackward0": _cat,
+    "StackBackward0": lambda v: _cat(v, stack=True),
+    "SplitBackward0": _split,
+    "SplitWithSizesBackward0": lambda v: _split(v, v.raw("_saved_split_sizes")),
+    "UnbindBackward0": _unbind,
     "ViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
     "UnsafeViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
     "ReshapeAliasBackward0": lambda v: [reshape(v.x(0), v.out_shape())],

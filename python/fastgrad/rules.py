@@ -45,12 +45,14 @@ def _pow_rule(n, g):
 
 
 def _minmax_rule(n, g):
-    # torch.maximum/minimum: ties split the gradient in half.
+    # torch.maximum/minimum: ties split the gradient in half; each side gets all of it unless
+    # the other wins (so with a NaN on either side both get it, as PyTorch's masked_fill gives).
     a, b = n.args
-    pick_a = ew("gt" if n.op == "max" else "lt", a, b)
+    a_loses = ew("lt" if n.op == "max" else "gt", a, b)
+    b_loses = ew("gt" if n.op == "max" else "lt", a, b)
     tie = ew("eq", a, b)
     half = div(g, 2.0)
-    return [where(tie, half, where(pick_a, g, 0.0)), where(tie, half, where(pick_a, 0.0, g))]
+    return [where(tie, half, where(a_loses, 0.0, g)), where(tie, half, where(b_loses, 0.0, g))]
 
 
 def _amax_rule(n, g):

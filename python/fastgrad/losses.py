@@ -1,0 +1,47 @@
+"""Elementwise losses as compositions of IR primitives (lowering.py reads their PyTorch nodes).
+
+Each is written branch by branch as PyTorch's backward formula reads (``x < -delta``, ``x >
+delta``, else), so NaN takes the branch PyTorch's does, and a branch the select discards sees x
+only on its own side (no 0 * inf from a square at inf).
+"""
+from . import ir
+from .activations import _opmath
+from .ir import ew, mul, div, sub, where, neg, rsum
+
+_REDUCTIONS = ("none", "mean", "sum")  # PyTorch's Reduction enum: 0, 1, 2
+
+
+def reduce(e, reduction):
+    """The elementwise loss ``e`` reduced as PyTorch's ``reduction`` (0, 1, 2) says."""
+    how = _REDUCTIONS[reduction]
+    if how == "none" or e.ndim == 0:  # (the mean of one value is itself)
+        return e
+    s = rsum(e, tuple(range(e.ndim)))
+    return div(s, float(ir.numel(e.shape))) if how == "mean" else s
+
+
+@_opmath
+def mse(x, target):
+    d = sub(x, target)
+    return mul(d, d)
+
+
+def _piecewise(d, bound, outer, inner):
+    """An even loss of d: outer(|d|) beyond +-bound, inner(d) between (and for NaN)."""
+    low, high = ew("lt", d, -bound), ew("gt", d, bound)
+    dm = where(ew("or", low, high), 0.0, d)
+    return where(low, outer(neg(d)), where(high, outer(d), inner(dm)))
+
+
+@_opmath
+def huber(x, target, delta):
+    """0.5 d^2 for |d| <= delta, delta * (|d| - delta / 2) beyond."""
+    return _piecewise(sub(x, target), delta, lambda d: mul(sub(d, 0.5 * delta), delta),
+                      lambda d: mul(mul(d, d), 0.5))
+
+
+@_opmath
+def smooth_l1(x, target, beta):
+    """0.5 d^2 / beta for |d| <= beta, |d| - beta / 2 beyond (beta > 0)."""
+    return _piecewise(sub(x, target), beta, lambda d: sub(d, 0.5 * beta),
+                      lambda d: div(mul(mul(d, d), 0.5), beta))
