@@ -5,7 +5,7 @@ delta``, else), so NaN takes the branch PyTorch's does, and a branch the select 
 only on its own side (no 0 * inf from a square at inf).
 """
 from . import ir
-from .activations import _opmath
+from .activations import opmath
 from .ir import ew, mul, div, sub, where, neg, rsum
 
 _REDUCTIONS = ("none", "mean", "sum")  # PyTorch's Reduction enum: 0, 1, 2
@@ -20,7 +20,7 @@ def reduce(e, reduction):
     return div(s, float(ir.numel(e.shape))) if how == "mean" else s
 
 
-@_opmath
+@opmath
 def mse(x, target):
     d = sub(x, target)
     return mul(d, d)
@@ -33,14 +33,14 @@ def _piecewise(d, bound, outer, inner):
     return where(low, outer(neg(d)), where(high, outer(d), inner(dm)))
 
 
-@_opmath
+@opmath
 def huber(x, target, delta):
     """0.5 d^2 for |d| <= delta, delta * (|d| - delta / 2) beyond."""
     return _piecewise(sub(x, target), delta, lambda d: mul(sub(d, 0.5 * delta), delta),
                       lambda d: mul(mul(d, d), 0.5))
 
 
-@_opmath
+@opmath
 def smooth_l1(x, target, beta):
     """0.5 d^2 / beta for |d| <= beta, |d| - beta / 2 beyond (beta > 0)."""
     return _piecewise(sub(x, target), beta, lambda d: sub(d, 0.5 * beta),

@@ -8,9 +8,9 @@ rule that uses it loads it instead of recomputing. The derivative then comes fro
 A node that is not here, or whose saved attributes are not what its entry expects
 (``Unsupported``), runs through PyTorch's own node instead.
 """
-import torch
-
 import math
+
+import torch
 
 from . import activations as act, ir, losses, norms
 from .ir import ew, add, sub, mul, div, neg, const, reshape

@@ -4,20 +4,22 @@ layout (the caller reshapes).
 
 The 2-norm and var are composites with rules of their own (rules.py), PyTorch's backward
 formulas, so their derivatives at every order are PyTorch's, down to the masked division by a
-zero norm (whose second derivative is NaN) and the mean of x that var's formula reads (built from primitives, var's
-derivative would also carry the deviations' sum, 0 only up to rounding: NaN with an inf in the
-row, where PyTorch's is inf). std is a square root of var whose zero PyTorch masks
-(std_backward): a select gives 0 there and the square root a harmless argument, so that neither
-the value nor the discarded branch's derivative is inf or NaN.
+zero norm (whose second derivative is NaN) and the mean of x that var's formula reads. (Built
+from primitives, var's derivative would also carry the deviations' sum, 0 only up to rounding:
+NaN in a row holding an inf, where PyTorch's is inf.) std is a square root of var whose zero
+PyTorch masks (std_backward): a select gives 0 there and the square root a harmless argument,
+so that neither the value nor the discarded branch's derivative is inf or NaN.
 """
+import math
+
 from . import ir
-from .activations import _OPMATH, _opmath
+from .activations import OPMATH, opmath
 from .ir import ew, mul, div, sub, where, expand, rsum
 
 _EPS_UNREAD = float("nan")  # (one object: hash-consed const nodes compare it by identity)
 
 
-@_opmath
+@opmath
 def vector_norm(x, order, dims):
     """The 1- or 2-norm of x over ``dims`` (keepdim layout)."""
     if order == 1:
@@ -25,24 +27,17 @@ def vector_norm(x, order, dims):
     return ir.composite("norm2", x, (tuple(dims),))
 
 
-@_opmath
+@opmath
 def var(x, dims, correction):
     """Sum of squared deviations from the mean over ``dims``, divided by N - correction."""
     return ir.composite("var", x, (tuple(dims), correction))
 
 
-@_opmath
+@opmath
 def std(x, dims, correction):
     s = ir.composite("var", x, (tuple(dims), correction))
     zero = ew("eq", s, 0.0)
     return where(zero, 0.0, ew("sqrt", where(zero, 1.0, s)))
-
-
-def _count(x, dims):
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    return n
 
 
 def layer_norm(x, k, weight, bias, known_mean, known_rstd):
@@ -54,9 +49,10 @@ def layer_norm(x, k, weight, bias, known_mean, known_rstd):
     dtype = x.dtype
     x, weight, bias = [None if t is None else _up(t) for t in (x, weight, bias)]
     dims = tuple(range(x.ndim - k, x.ndim))
-    mean = known_mean(div(rsum(x, dims), float(_count(x, dims))))
+    n = float(math.prod(x.shape[-k:]))
+    mean = known_mean(div(rsum(x, dims), n))
     d = sub(x, expand(mean, x.shape))
-    variance = div(rsum(mul(d, d), dims), float(_count(x, dims)))
+    variance = div(rsum(mul(d, d), dims), n)
     rstd = known_rstd(ew("rsqrt", ir.add(variance, _EPS_UNREAD)))
     out = mul(d, expand(rstd, x.shape))
     if weight is not None:
@@ -67,4 +63,4 @@ def layer_norm(x, k, weight, bias, known_mean, known_rstd):
 
 
 def _up(t):
-    return ir.cast(t, _OPMATH.get(t.dtype, t.dtype))
+    return ir.cast(t, OPMATH.get(t.dtype, t.dtype))
