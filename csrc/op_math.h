@@ -31,6 +31,15 @@ FG_LIBM1(fabs)
 FG_LIBM1(log1p)
 FG_LIBM1(expm1)
 FG_LIBM1(erf)
+FG_LIBM1(tan)
+FG_LIBM1(atan)
+FG_LIBM1(sinh)
+FG_LIBM1(cosh)
+FG_LIBM1(asin)
+FG_LIBM1(acos)
+FG_LIBM1(asinh)
+FG_LIBM1(acosh)
+FG_LIBM1(atanh)
 #undef FG_LIBM1
 FG_HD inline float m_pow(float x, float y) { return ::powf(x, y); }
 FG_HD inline double m_pow(double x, double y) { return ::pow(x, y); }
@@ -64,6 +73,17 @@ template <class T> FG_HD inline T fg_LOG1P(T x) { return m_log1p(x); }
 template <class T> FG_HD inline T fg_EXPM1(T x) { return m_expm1(x); }
 // (GELU's; erf(+-inf) = +-1, NaN -> NaN)
 template <class T> FG_HD inline T fg_ERF(T x) { return m_erf(x); }
+// Trigonometric and hyperbolic functions: primitives rather than compositions of exp, sin
+// and cos, which lose accuracy (sinh near 0, cosh near its overflow, tan near its poles).
+template <class T> FG_HD inline T fg_TAN(T x) { return m_tan(x); }
+template <class T> FG_HD inline T fg_ATAN(T x) { return m_atan(x); }
+template <class T> FG_HD inline T fg_SINH(T x) { return m_sinh(x); }
+template <class T> FG_HD inline T fg_COSH(T x) { return m_cosh(x); }
+template <class T> FG_HD inline T fg_ASIN(T x) { return m_asin(x); }
+template <class T> FG_HD inline T fg_ACOS(T x) { return m_acos(x); }
+template <class T> FG_HD inline T fg_ASINH(T x) { return m_asinh(x); }
+template <class T> FG_HD inline T fg_ACOSH(T x) { return m_acosh(x); }
+template <class T> FG_HD inline T fg_ATANH(T x) { return m_atanh(x); }
 template <class T> FG_HD inline T fg_ISNAN(T x) { return x != x ? T(1) : T(0); }
 template <class T> FG_HD inline T fg_NOT(T x) { return x == T(0) ? T(1) : T(0); }
 // Round to a narrower float type and back (the value a cast in the forward

@@ -109,7 +109,9 @@ UNARY = {
     "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sin": torch.sin, "cos": torch.cos,
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "sqrt": torch.sqrt, "abs": torch.abs, "sign": torch.sign,
     "reciprocal": torch.reciprocal, "relu": torch.relu, "log1p": torch.log1p, "expm1": torch.expm1,
-    "erf": torch.erf, "rsqrt": torch.rsqrt,
+    "erf": torch.erf, "rsqrt": torch.rsqrt, "tan": torch.tan, "atan": torch.atan,
+    "sinh": torch.sinh, "cosh": torch.cosh, "asin": torch.asin, "acos": torch.acos,
+    "asinh": torch.asinh, "acosh": torch.acosh, "atanh": torch.atanh,
     "isnan": as01(torch.isnan), "not": as01(torch.logical_not),
     "to_f32": lambda x: x.to(torch.float32).to(x.dtype),
     "to_f16": lambda x: x.to(torch.float32).to(torch.float16).to(x.dtype),
@@ -186,7 +188,8 @@ def test_ieee_specials_exact():
         n = 4096 + 3  # long enough for the vector (libmvec) path plus a scalar tail
         x = x.repeat(n // 6 + 1)[:n]
         for name in ["exp", "log", "sqrt", "sin", "cos", "tanh", "log1p", "expm1", "sigmoid",
-                     "erf", "rsqrt"]:
+                     "erf", "rsqrt", "tan", "atan", "sinh", "cosh", "asin", "acos", "asinh",
+                     "acosh", "atanh"]:
             out = torch.empty_like(x)
             r = Region(x.shape)
             r.store(out, r.op(name, r.load(x)))
