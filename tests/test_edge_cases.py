@@ -281,6 +281,20 @@ def minimum_ties_and_nan(gen):
     return torch.minimum, inputs
 
 
+def nll_loss_all_ignored(gen):
+    # mean over no kept target: total_weight 0, the gradient NaN (0 / 0) as PyTorch's
+    x = rand((4, 3), gen)
+    t = torch.tensor([1, 1, 1, 1])
+    return (lambda x: torch.nn.functional.nll_loss(x, t, ignore_index=1)), [x]
+
+
+def cross_entropy_zero_weight(gen):
+    x = rand((4, 3), gen)
+    t = torch.tensor([0, 2, 1, 2])
+    w = torch.tensor([1.0, 0.0, 2.0], dtype=x.dtype)
+    return (lambda x: torch.nn.functional.cross_entropy(x, t, weight=w)), [x]
+
+
 CASES = {
     f.__name__: f
     for f in [
@@ -292,6 +306,7 @@ CASES = {
         where_sqrt_negative, where_log_negative, log_at_zero, div_by_zero, scalar_div_zero,
         exp_overflow, sigmoid_tanh_saturation, softmax_with_neg_inf, log_softmax_with_neg_inf,
         nan_input_propagates, inf_input_mul, maximum_ties_and_nan, minimum_ties_and_nan,
+        nll_loss_all_ignored, cross_entropy_zero_weight,
     ]
 }
 

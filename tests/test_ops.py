@@ -269,6 +269,31 @@ binary("smooth_l1_loss", lambda x, y: F.smooth_l1_loss(x * 2, y, beta=0.6),
 binary("smooth_l1_loss_sum", lambda x, y: F.smooth_l1_loss(x * 2, y, reduction="sum"),
        shapes=LOSS_SHAPES[:1])
 
+
+def _targets(x, *shape):
+    """Fixed class targets for a loss over x (classes along dim 1, or 0 for one sample)."""
+    c = x.shape[1] if x.dim() > 1 else x.shape[0]
+    n = 1
+    for s in shape:
+        n *= s
+    return (torch.arange(n, device=x.device) * 7 % c).reshape(shape)
+
+
+def _class_weights(x):
+    c = x.shape[1] if x.dim() > 1 else x.shape[0]
+    return torch.linspace(0.5, 2.0, c, dtype=x.dtype, device=x.device)
+
+
+unary("cross_entropy", lambda x: F.cross_entropy(x, _targets(x, 3)), shapes=R2)
+unary("cross_entropy_dims", lambda x: F.cross_entropy(x, _targets(x, 3, 5)), shapes=R3)
+unary("nll_loss_weighted_sum", lambda x: F.nll_loss(x, _targets(x, 3), _class_weights(x),
+                                                    reduction="sum"), shapes=R2)
+unary("nll_loss_ignore_none", lambda x: F.nll_loss(x, _targets(x, 3), ignore_index=3,
+                                                   reduction="none"), shapes=R2)
+unary("nll_loss_weighted_ignore", lambda x: F.nll_loss(x, _targets(x, 3), _class_weights(x),
+                                                       ignore_index=0), shapes=R2)
+unary("nll_loss_one_sample", lambda x: F.nll_loss(x, _targets(x)), shapes=[[(4,)]])
+
 # ---------------------------------------------------------------- joins and splits
 binary("cat", lambda x, y: torch.cat([x, y], 1), shapes=[[(3, 4), (3, 2)]], linear=True)
 binary("cat_dim0", lambda x, y: torch.cat([x, y]), shapes=[[(3, 4), (2, 4)]], linear=True)

@@ -45,3 +45,22 @@ def smooth_l1(x, target, beta):
     """0.5 d^2 / beta for |d| <= beta, |d| - beta / 2 beyond (beta > 0)."""
     return _piecewise(sub(x, target), beta, lambda d: sub(d, 0.5 * beta),
                       lambda d: div(mul(mul(d, d), 0.5), beta))
+
+
+def nll_loss(x, target, weight, ignore_index, reduction, total_weight):
+    """-x[..., target, ...] * weight[target] along the class dim (1, or 0 for one sample), 0
+    where the target is ``ignore_index``; the mean divides by PyTorch's saved ``total_weight``
+    (the weights summed over the targets kept). ``target`` and ``weight`` are bound tensors."""
+    cdim = 1 if x.ndim >= 2 else 0
+    keep = tuple(1 if i == cdim else s for i, s in enumerate(x.shape))
+    t = ir.reshape(target, keep)
+    pick = ew("and", ew("eq", ir.iota(x.shape, cdim, x.dtype), ir.expand(t, x.shape)),
+              ir.expand(ew("ne", t, float(ignore_index)), x.shape))
+    if weight is not None:
+        x = mul(x, ir.expand(ir.reshape(weight, tuple(x.shape[cdim] if i == cdim else 1
+                                                      for i in range(x.ndim))), x.shape))
+    # (tied: PyTorch's gradient, constant in x, is computed from x and requires grad)
+    e = ir.tie_grad(neg(ir.reshape(rsum(where(pick, x, 0.0), (cdim,)), target.shape)), x)
+    if _REDUCTIONS[reduction] == "mean":
+        return div(rsum(e, tuple(range(e.ndim))) if e.ndim else e, total_weight)
+    return reduce(e, reduction)

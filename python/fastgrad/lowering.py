@@ -365,6 +365,19 @@ def _loss(v, fn, *params):
     return [reshape(losses.reduce(e, v.scalar("_saved_reduction")), v.out_shape())]
 
 
+def _nll_loss(v):
+    x = v.x(0, "_saved_self")  # (its value is not read: the gradient is tied to it)
+    w = v.raw("_saved_weight")
+    target = v.tensor("_saved_target")
+    if x.ndim > 1 and target.shape != x.shape[:1] + x.shape[2:] or \
+            x.ndim <= 1 and target.shape != ():
+        raise Unsupported("nll_loss target shape")
+    e = losses.nll_loss(x, target, None if w is None else v.tensor("_saved_weight"),
+                        _signed(v.scalar("_saved_ignore_index")), v.scalar("_saved_reduction"),
+                        v.tensor("_saved_total_weight"))
+    return [reshape(e, v.out_shape())]
+
+
 def _smooth_l1(v):
     beta = float(v.scalar("_saved_beta"))
     if beta <= 0:
@@ -492,6 +505,8 @@ LOWER = {
     "MseLossBackward0": lambda v: _loss(v, losses.mse),
     "HuberLossBackward0": lambda v: _loss(v, losses.huber, float(v.scalar("_saved_delta"))),
     "SmoothL1LossBackward0": _smooth_l1,
+    "NllLossBackward0": _nll_loss,
+    "NllLoss2DBackward0": _nll_loss,
     "VarBackward0": lambda v: _moment(v, False),
     "StdBackward0": lambda v: _moment(v, True),
     "NativeLayerNormBackward0": _layer_norm,
