@@ -200,6 +200,11 @@ PYBIND11_MODULE(_C, m) {
            }, py::arg("split"),
            "How a loop with this split reads each load: a str of 's' (one value), 'c' (contiguous),\n"
            "'r' (one value per row), 'k' (one row for all rows); None when a load fits none.")
+      .def("load_dtypes", [](const fg::ProgramHandle& p) {
+             py::list out;
+             for (const auto& L : p.p->region.loads) out.append(L.dtype);
+             return out;
+           }, "The storage dtype code of each load (dtypes.def).")
       .def("column_sums", [](const fg::ProgramHandle& p, int split) { return p.p->column_sums(split); },
            py::arg("split"), "Whether its sums are column sums for this split (program.h).")
       .def("kernel_fits", [](const fg::ProgramHandle& p, int split) { return p.p->kernel_fits(split); },

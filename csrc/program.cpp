@@ -76,10 +76,16 @@ bool Program::load_kinds(int k, std::string& kinds) const {
   kinds.clear();
   if (k < 0 || k >= std::max(n, 1)) return false;
   for (const LoadRec& L : r.loads) {
-    if (L.dtype != dt || !L.preds.empty()) return false;
-    if (zero(r, L.stride, 0, n))
+    if (!L.preds.empty()) return false;
+    if (zero(r, L.stride, 0, n)) {
+      // One value, of any dtype: the loop converts it once (a Python number PyTorch saved as
+      // a 0-d int64 or float64 tensor, as in `x * 3`, would otherwise keep a float32 region
+      // in the interpreter).
       kinds += 's';
-    else if (row_major(r, L.stride, 0, n))
+      continue;
+    }
+    if (L.dtype != dt) return false;
+    if (row_major(r, L.stride, 0, n))
       kinds += 'c';
     else if (k > 0 && row_major(r, L.stride, 0, k) && zero(r, L.stride, k, n))
       kinds += 'r';  // one value per row (0 along the columns)

@@ -39,8 +39,8 @@ def _programs(r, compute, nins, nouts, split=0):
     # vectorising it, which the runtime would refuse, but the values must be right anyway)
     modes = [rec[2] for rec in r.stores]  # elementwise (0) or one sum per row or column (1)
     columns = bool(split) and fast.column_sums(split)
-    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner, modes, columns),
-                             vector_only=False)
+    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner, modes, columns,
+                                        fast.load_dtypes()), vector_only=False)
     assert got is not None, jit.status()
     if columns:  # (a loop of the other kind of sums is refused)
         with pytest.raises(ValueError, match="column sums"):
@@ -119,6 +119,45 @@ def test_constants_and_single_value_loads(dtype, compute):
                           torch.where(x < -3, torch.full_like(x, float("nan")), x * 1.75 + 0.1))
         torch.testing.assert_close(b[0], ref, equal_nan=True, **tol(dtype))
         assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())  # no transcendental: exact
+
+
+@pytest.mark.parametrize("name", ["sin_cos", "or_select"])
+def test_loops_that_once_stayed_scalar_vectorise(name):
+    """kernel_address (vectorised loops only) accepts them: sin and cos of one float (GCC fused
+    them into a sincos call without a vector variant), an `or` feeding selects."""
+    x = torch.randn(4096)
+    r = Region(x.shape)
+    rx = r.load(x)
+    if name == "sin_cos":
+        v = r.op("add", r.op("mul", r.op("sin", rx), rx), r.op("cos", rx))
+    else:  # (hardswish's derivative: each predicate also feeds a select of its own)
+        lo, hi = r.op("le", rx, r.const(-3.0)), r.op("ge", rx, r.const(3.0))
+        g = r.load(torch.randn(4096))
+        mid = r.op("where", r.op("or", lo, hi), r.const(0.0), r.op("div", rx, r.const(6.0)))
+        v = r.op("add", r.op("mul", r.op("where", lo, r.const(0.0), g), mid),
+                 r.op("where", hi, g, r.const(0.0)))
+    r.store(torch.empty_like(x), v)
+    desc, consts = r.pack()
+    nl = len(r.loads)
+    prog = _C.Program(desc, consts, 0, list(range(nl)), [0], nl, 1)
+    src = jit.source(_Spec(r), prog.load_kinds(0), 0, dtypes=prog.load_dtypes())
+    assert jit.kernel_address(src) is not None, src
+
+
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+@pytest.mark.parametrize("sdtype", [torch.int64, torch.int32, torch.bool, torch.float16,
+                                    torch.bfloat16, torch.float32, torch.float64])
+def test_single_values_of_other_dtypes(sdtype, dtype, compute):
+    """A single value of any dtype (a Python number PyTorch saved as a 0-d int64 or float64
+    tensor, as in `x * 3`) is converted once by the loop, as the interpreter converts it."""
+    x = rand((5000,), torch.Generator().manual_seed(5), dtype=dtype)
+    s = torch.tensor(3, dtype=sdtype) if sdtype != torch.bool else torch.tensor(True)
+    r = Region(x.shape)
+    out = torch.empty_like(x)
+    r.store(out, r.op("mul", r.load(x), r.load(s, strides=[0])))
+    a, b = _run_both(r, compute, [x, s], [out])
+    torch.testing.assert_close(b[0], x * s.to(dtype), **tol(dtype))
+    assert torch.equal(a[0], b[0])
 
 
 @pytest.mark.parametrize("dtype,compute", COMPUTE)
@@ -304,6 +343,12 @@ CASES = [
     ("log_softmax_rows", lambda x: torch.log_softmax(x.reshape(20, 250), -1), 1),
     # x broadcast over 40 rows: its gradient is a column sum (split 1, column sums)
     ("column_sums", lambda x: torch.tanh(x[None, :] * _COLUMN), 1),
+    # an `or` of two predicates feeding selects, which GCC once left scalar
+    ("hardswish", lambda x: torch.nn.functional.hardswish(x * 3), 1),
+    # sin and cos of one value in one loop, which GCC once fused into a scalar sincos call
+    ("sin_2nd", lambda x: torch.sin(x) * x, 2),
+    # Python numbers, saved by PyTorch as 0-d int64 / float64 tensors (loads of another dtype)
+    ("python_numbers", lambda x: torch.sin(x) * 3 / 2 + torch.exp(x / 4), 1),
 ]
 
 
