@@ -87,15 +87,19 @@ def mish(x):
     return mul(x, ew("tanh", softplus(x, 1.0, 20.0)))
 
 
-@opmath
-def log_sigmoid(x):
-    """x - log1p(exp(x)) below 0, -log1p(exp(-x)) from 0 up: exp's argument is never positive,
-    so no derivative cancels (1 - e/(1+e) with e rounding to 1+e) or overflows, and each branch
-    sees x only on its side. At 0 the upper branch gives PyTorch's 1/2 and -1/4."""
+def log_sigmoid(x, known_exp=lambda e: e):
+    """min(x, 0) - log1p(exp(-|x|)), with -|x| and min(x, 0) written as selects on x < 0: exp's
+    argument is never positive, so no derivative cancels (1 - e/(1+e) with e rounding to 1+e)
+    or overflows; at 0 the x >= 0 side gives PyTorch's 1/2 and -1/4. ``known_exp`` binds
+    exp(-|x|) to the buffer PyTorch's CPU kernel saved, so the first derivative computes no
+    exp."""
+    return opmath(_log_sigmoid)(x, known_exp)
+
+
+def _log_sigmoid(x, known_exp):
     below = ew("lt", x, 0.0)
-    xa, xb = where(below, x, 0.0), where(below, 0.0, x)
-    return where(below, sub(xa, ew("log1p", ew("exp", xa))),
-                 neg(ew("log1p", ew("exp", neg(xb)))))
+    e = known_exp(ew("exp", where(below, x, neg(x))))
+    return sub(where(below, x, 0.0), ew("log1p", e))
 
 
 @opmath

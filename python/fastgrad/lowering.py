@@ -459,7 +459,8 @@ LOWER = {
     "GeluBackward0": _gelu,
     "SiluBackward0": lambda v: [act.silu(v.x(0, "_saved_self"))],
     "MishBackward0": lambda v: [act.mish(v.x(0, "_saved_self"))],
-    "LogSigmoidBackward0": lambda v: [act.log_sigmoid(v.x(0, "_saved_self"))],
+    "LogSigmoidBackward0": lambda v: [act.log_sigmoid(
+        v.x(0, "_saved_self"), lambda e: v.known(e, "_saved_buffer", detached=True))],
     "HardtanhBackward0": lambda v: [act.hardtanh(v.x(0, "_saved_self"),
                                                  float(v.scalar("_saved_min_val")),
                                                  float(v.scalar("_saved_max_val")))],
