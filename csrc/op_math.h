@@ -45,10 +45,31 @@ FG_HD inline float m_pow(float x, float y) { return ::powf(x, y); }
 FG_HD inline double m_pow(double x, double y) { return ::pow(x, y); }
 
 // ---- unary ----------------------------------------------------------------
+// The ops that are their libm function. (erf is GELU's; the trigonometric and hyperbolic
+// functions are ops rather than compositions of exp, sin and cos, which lose accuracy: sinh
+// near 0, cosh near its overflow, tan near its poles.)
+#define FG_LIBM_OP(NAME, name) \
+  template <class T> FG_HD inline T fg_##NAME(T x) { return m_##name(x); }
+FG_LIBM_OP(EXP, exp)
+FG_LIBM_OP(LOG, log)
+FG_LIBM_OP(SIN, sin)
+FG_LIBM_OP(TANH, tanh)
+FG_LIBM_OP(SQRT, sqrt)
+FG_LIBM_OP(ABS, fabs)
+FG_LIBM_OP(LOG1P, log1p)
+FG_LIBM_OP(EXPM1, expm1)
+FG_LIBM_OP(ERF, erf)
+FG_LIBM_OP(TAN, tan)
+FG_LIBM_OP(ATAN, atan)
+FG_LIBM_OP(SINH, sinh)
+FG_LIBM_OP(COSH, cosh)
+FG_LIBM_OP(ASIN, asin)
+FG_LIBM_OP(ACOS, acos)
+FG_LIBM_OP(ASINH, asinh)
+FG_LIBM_OP(ACOSH, acosh)
+FG_LIBM_OP(ATANH, atanh)
+#undef FG_LIBM_OP
 template <class T> FG_HD inline T fg_NEG(T x) { return -x; }
-template <class T> FG_HD inline T fg_EXP(T x) { return m_exp(x); }
-template <class T> FG_HD inline T fg_LOG(T x) { return m_log(x); }
-template <class T> FG_HD inline T fg_SIN(T x) { return m_sin(x); }
 // On the host, cos reads x + 0 (the same value: cos is even, so -0 -> +0 changes nothing):
 // with sin and cos of one value in a loop GCC would otherwise fuse them into one sincos call,
 // which has no vector variant, and leave the whole loop scalar. (On CUDA the fused sincos is
@@ -58,7 +79,6 @@ template <class T> FG_HD inline T fg_COS(T x) { return m_cos(x); }
 #else
 template <class T> FG_HD inline T fg_COS(T x) { return m_cos(x + T(0)); }
 #endif
-template <class T> FG_HD inline T fg_TANH(T x) { return m_tanh(x); }
 // Stable for large |x|: exp never sees a positive argument, so it cannot
 // overflow (1/(1+exp(-x)) for x >= 0, exp(x)/(1+exp(x)) for x < 0).
 // NaN -> NaN, +inf -> 1, -inf -> 0.
@@ -68,30 +88,13 @@ template <class T> FG_HD inline T fg_SIGMOID(T x) {
   const T e = m_exp(-m_fabs(x));
   return (x < T(0) ? e : T(1)) / (T(1) + e);
 }
-template <class T> FG_HD inline T fg_SQRT(T x) { return m_sqrt(x); }
 // (torch.rsqrt's own arithmetic: one division of 1 by the square root)
 template <class T> FG_HD inline T fg_RSQRT(T x) { return T(1) / m_sqrt(x); }
-template <class T> FG_HD inline T fg_ABS(T x) { return m_fabs(x); }
 // torch.sign: NaN -> 0, +-0 -> 0.
 template <class T> FG_HD inline T fg_SIGN(T x) { return T(x > T(0)) - T(x < T(0)); }
 template <class T> FG_HD inline T fg_RECIPROCAL(T x) { return T(1) / x; }
 // torch.relu keeps NaN and -0.
 template <class T> FG_HD inline T fg_RELU(T x) { return x < T(0) ? T(0) : x; }
-template <class T> FG_HD inline T fg_LOG1P(T x) { return m_log1p(x); }
-template <class T> FG_HD inline T fg_EXPM1(T x) { return m_expm1(x); }
-// (GELU's; erf(+-inf) = +-1, NaN -> NaN)
-template <class T> FG_HD inline T fg_ERF(T x) { return m_erf(x); }
-// Trigonometric and hyperbolic functions: primitives rather than compositions of exp, sin
-// and cos, which lose accuracy (sinh near 0, cosh near its overflow, tan near its poles).
-template <class T> FG_HD inline T fg_TAN(T x) { return m_tan(x); }
-template <class T> FG_HD inline T fg_ATAN(T x) { return m_atan(x); }
-template <class T> FG_HD inline T fg_SINH(T x) { return m_sinh(x); }
-template <class T> FG_HD inline T fg_COSH(T x) { return m_cosh(x); }
-template <class T> FG_HD inline T fg_ASIN(T x) { return m_asin(x); }
-template <class T> FG_HD inline T fg_ACOS(T x) { return m_acos(x); }
-template <class T> FG_HD inline T fg_ASINH(T x) { return m_asinh(x); }
-template <class T> FG_HD inline T fg_ACOSH(T x) { return m_acosh(x); }
-template <class T> FG_HD inline T fg_ATANH(T x) { return m_atanh(x); }
 template <class T> FG_HD inline T fg_ISNAN(T x) { return x != x ? T(1) : T(0); }
 template <class T> FG_HD inline T fg_NOT(T x) { return x == T(0) ? T(1) : T(0); }
 // Round to a narrower float type and back (the value a cast in the forward
