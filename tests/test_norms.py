@@ -35,6 +35,11 @@ CASES = {
     "std_biased_keepdim": (lambda x: x.std(1, correction=0, keepdim=True), True),
     "var_rows": (lambda x: x.var(1), True),
     "layer_norm": (lambda x: F.layer_norm(x, (6,)), True),
+    "batch_norm": (lambda x: F.batch_norm(x, None, None, training=True), True),
+    # every channel constant over the batch (the 0.75 row, three times): variance 0
+    "batch_norm_constant_channels": (
+        lambda x: F.batch_norm(x[1:2].expand(3, 6), None, None, training=True),
+        False),
 }
 
 

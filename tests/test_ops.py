@@ -252,6 +252,13 @@ unary("std_biased_keepdim", lambda x: x.std(-1, correction=0, keepdim=True), sha
 unary("layer_norm", lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]), shapes=R3 + R2)
 unary("layer_norm_2d", lambda x: torch.nn.functional.layer_norm(x, x.shape[-2:], eps=1e-3),
       shapes=R3)
+unary("batch_norm", lambda x: F.batch_norm(x, None, None, training=True), shapes=R2 + R3)
+unary("batch_norm_eval", lambda x: F.batch_norm(
+    x, torch.linspace(-0.5, 0.5, 4, dtype=x.dtype, device=x.device),
+    torch.linspace(0.5, 2.0, 4, dtype=x.dtype, device=x.device), training=False), shapes=R2 + R3)
+binary("batch_norm_affine", lambda x, w: F.batch_norm(
+    x, None, None, w, torch.full((4,), 0.5, dtype=x.dtype, device=x.device), training=True),
+    shapes=[[(3, 4), (4,)], [(3, 4, 5), (4,)]])
 binary("layer_norm_affine", lambda x, w: torch.nn.functional.layer_norm(
     x, (4,), w, torch.ones(4, dtype=x.dtype, device=x.device) * 0.5), shapes=[[(3, 4), (4,)]])
 

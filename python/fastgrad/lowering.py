@@ -314,6 +314,22 @@ def _layer_norm(v):
     return list(outs[:len(v.meta)])  # (PyTorch records the mean and rstd outputs or not)
 
 
+def _batch_norm(v):
+    x = v.x(0, "_saved_input")
+    training = v.raw("_saved_training")
+    if x.ndim < 2 or not isinstance(training, bool):
+        raise Unsupported("batch_norm input")
+    stats = [v.raw(f"_saved_running_{k}") for k in ("mean", "var")]
+    if not training and any(t is None for t in stats):
+        raise Unsupported("batch_norm in evaluation without running statistics")
+    w = None if v.raw("_saved_weight") is None else v.x(1, "_saved_weight")
+    b = v.x(2) if v.edges[2][0] is not None else None  # (the bias's value is never read)
+    return [norms.batch_norm(
+        x, w, b, training, float(v.scalar("_saved_eps")),
+        lambda e: v.known(e, "_saved_result1", True), lambda e: v.known(e, "_saved_result2", True),
+        *(None if training else v.tensor(f"_saved_running_{k}") for k in ("mean", "var")))]
+
+
 def _cat(v, stack=False):
     out_shape, dt = v.out_shape(), v.out_dtype()
     d = _signed(v.scalar("_saved_dim")) % max(len(out_shape), 1)
@@ -511,6 +527,7 @@ LOWER = {
     "VarBackward0": lambda v: _moment(v, False),
     "StdBackward0": lambda v: _moment(v, True),
     "NativeLayerNormBackward0": _layer_norm,
+    "NativeBatchNormBackward0": _batch_norm,
     "SoftmaxBackward0": lambda v: _softmax(v, "softmax"),
     "LogSoftmaxBackward0": lambda v: _softmax(v, "log_softmax"),
     "CatBackward0": _cat,

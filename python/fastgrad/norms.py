@@ -1,4 +1,4 @@
-"""Norms and moments in IR: the vector 1- and 2-norm, var, std and layer_norm (lowering.py reads
+"""Norms and moments in IR: the vector 1- and 2-norm, var, std, layer_norm and batch_norm (lowering.py reads
 their PyTorch nodes' saved attributes and calls these). Values come in the reduction's keepdim
 layout (the caller reshapes).
 
@@ -64,3 +64,30 @@ def layer_norm(x, k, weight, bias, known_mean, known_rstd):
 
 def _up(t):
     return ir.cast(t, OPMATH.get(t.dtype, t.dtype))
+
+
+def batch_norm(x, weight, bias, training, eps, known_mean, known_invstd, running_mean,
+               running_var):
+    """(x - mean) * invstd * weight + bias per channel (dim 1), computed in float32 for half
+    types. Training: the batch's mean and biased variance over every other dim, bound to the
+    mean and invstd PyTorch saved (as layer_norm's); evaluation: the running statistics
+    (bound tensors, constants for the derivative)."""
+    dtype = x.dtype
+    x, weight, bias = [None if t is None else _up(t) for t in (x, weight, bias)]
+    cshape = tuple(s if i == 1 else 1 for i, s in enumerate(x.shape))
+    per_channel = lambda t: expand(ir.reshape(_up(t), cshape), x.shape)  # noqa: E731
+    if training:
+        dims = tuple(i for i in range(x.ndim) if i != 1)
+        n = float(math.prod(x.shape[d] for d in dims))
+        mean = known_mean(div(rsum(x, dims), n))
+        d = sub(x, expand(mean, x.shape))
+        invstd = known_invstd(ew("rsqrt", ir.add(div(rsum(mul(d, d), dims), n), eps)))
+        out = mul(d, expand(invstd, x.shape))
+    else:  # (linear in x; PyTorch's gradient still reads x, so it requires grad: tied)
+        out = ir.tie_grad(mul(sub(x, per_channel(running_mean)),
+                              per_channel(ew("rsqrt", ir.add(running_var, eps)))), x)
+    if weight is not None:
+        out = mul(out, per_channel(weight))
+    if bias is not None:
+        out = ir.add(out, per_channel(bias))
+    return ir.cast(out, dtype)
