@@ -31,6 +31,7 @@ SPECIALS = [0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 6.0, 0.5, -0.3, 20.0, -20.0, 20.5, 
 # name -> activation (a function of one tensor)
 ACTIVATIONS = {
     "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
+    "prelu": lambda x: F.prelu(x, torch.tensor([0.25], dtype=x.dtype)),
     "elu": F.elu,
     "selu": F.selu,
     "celu": lambda x: F.celu(x, 0.7),

@@ -181,6 +181,9 @@ OPS.extend(_shape_variants("addcdiv", lambda x, a, b: torch.addcdiv(x, a, b, val
 S2 = UNARY_SHAPES[:2]
 unary("leaky_relu", F.leaky_relu)
 unary("leaky_relu_slope", lambda x: F.leaky_relu(x, 0.2), shapes=S2)
+binary("prelu", F.prelu, shapes=[[(3, 4), (1,)], [(3, 4, 5), (4,)]])
+unary("prelu_fixed_weight", lambda x: F.prelu(
+    x, torch.linspace(0.1, 0.4, 4, dtype=x.dtype, device=x.device)), shapes=[[(3, 4)]])
 unary("elu", F.elu)
 unary("elu_alpha", lambda x: F.elu(x, 0.5), shapes=S2)
 unary("selu", F.selu, shapes=S2)

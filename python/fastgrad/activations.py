@@ -46,6 +46,12 @@ def leaky_relu(x, slope):
     return ir.tie_grad(where(ew("gt", x, 0.0), x, mul(x, slope)), x)
 
 
+def prelu(x, weight):
+    """x > 0 ? x : weight * x, the weight a tensor broadcast against x (PyTorch saves it shaped
+    so), tied to x as leaky_relu."""
+    return ir.tie_grad(where(ew("gt", x, 0.0), x, mul(weight, x)), x)
+
+
 @opmath
 def elu(x, alpha, scale, input_scale):
     """ELU, and SELU / CELU through their parameters: x <= 0 ? alpha*scale*(exp(x*input_scale)

@@ -469,6 +469,8 @@ LOWER = {
     "SoftplusBackward0": _softplus,
     "LeakyReluBackward0": lambda v: [act.leaky_relu(v.x(0, "_saved_self"),
                                                     float(v.scalar("_saved_negative_slope")))],
+    "PreluKernelBackward0": lambda v: [act.prelu(v.x(0, "_saved_self"),
+                                                 v.x(1, "_saved_weight"))],
     "EluBackward0": lambda v: _elu(v, *(float(v.scalar(f"_saved_{k}"))
                                         for k in ("alpha", "scale", "input_scale"))),
     "CeluBackward0": _celu,
