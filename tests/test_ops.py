@@ -202,6 +202,9 @@ unary("hardtanh", F.hardtanh)
 unary("hardtanh_bounds", lambda x: F.hardtanh(x, -0.3, 0.5), shapes=S2)
 unary("relu6", lambda x: F.relu6(x * 5))
 unary("hardswish", lambda x: F.hardswish(x * 3))
+unary("masked_fill", lambda x: torch.sin(x).masked_fill(x.detach() > 0.3, 2.0))
+binary("masked_fill_tensor", lambda x, v: torch.sin(x).masked_fill(x.detach() < 0, v),
+       shapes=[[(3, 4), ()]])
 binary("where", lambda x, y: torch.where(x > 0, x, y))
 binary("where_nonlinear", lambda x, y: torch.where(x > 0, x * y, torch.sin(y)),
        shapes=BINARY_SHAPES[:4])

@@ -330,6 +330,16 @@ def _batch_norm(v):
         *(None if training else v.tensor(f"_saved_running_{k}") for k in ("mean", "var")))]
 
 
+_FILL_UNREAD = float("nan")  # (masked_fill's value: PyTorch does not save it, no rule reads it)
+
+
+def _masked_fill(v, tensor_value):
+    mask = v.tensor("_saved_mask")
+    x = v.x(0)
+    fill = v.x(1) if tensor_value else _FILL_UNREAD
+    return [ir.where(mask, fill, x)]
+
+
 def _cat(v, stack=False):
     out_shape, dt = v.out_shape(), v.out_dtype()
     d = _signed(v.scalar("_saved_dim")) % max(len(out_shape), 1)
@@ -506,6 +516,8 @@ LOWER = {
     "ClampBackward1": lambda v: _clamp(v, "_saved_min", "_saved_max"),
     "ClampMinBackward0": lambda v: _clamp(v, "_saved_min", None),
     "ClampMaxBackward0": lambda v: _clamp(v, None, "_saved_max"),
+    "MaskedFillBackward0": lambda v: _masked_fill(v, False),
+    "MaskedFillBackward1": lambda v: _masked_fill(v, True),
     "WhereBackward0": lambda v: [ir.where(v.tensor("_saved_condition"), v.x(0), v.x(1))],
     "SumBackward0": _sum_lower,
     "SumBackward1": lambda v: _sum_lower(v, "_saved_dim"),
