@@ -1,0 +1,86 @@
+"""Random compositions of the native ops a PINN or a critic is built from, at second order.
+
+The op table (tests/test_ops.py) checks each op alone. Here each seed builds a small network on
+``torch.cat([x, t], 1)``: one to three Linear layers, each followed by an activation drawn from
+``ACTIVATIONS`` and sometimes a LayerNorm or a batch_norm, then a loss drawn from ``LOSSES``.
+Both engines take u_x and u_t with create_graph and differentiate a mix of them again, in
+float64. Results must match torch.autograd.grad and every node must be native. This is where
+interactions show: a tied gradient inside a create_graph block, detached statistics, a cat's
+cotangent split back.
+"""
+import random
+
+import pytest
+import torch
+
+import fastgrad
+from conftest import TORCH_GRAD
+
+F = torch.nn.functional
+
+ACTIVATIONS = [
+    F.leaky_relu, F.elu, F.selu, lambda x: F.celu(x, 0.6), F.gelu,
+    lambda x: F.gelu(x, approximate="tanh"), F.silu, F.mish, F.logsigmoid, F.hardtanh, F.relu6,
+    F.hardswish, torch.tanh, torch.sigmoid, F.softplus, torch.sin, torch.atan, torch.asinh,
+    lambda x: F.prelu(x, torch.tensor([0.3], dtype=x.dtype)), lambda x: x * 3 / 2, torch.erf,
+    lambda x: torch.cosh(x * 0.3),
+]
+
+
+def _split_loss(h):
+    a, b = h.split(1, 1)
+    return (a * torch.tanh(b)).sum()
+
+
+LOSSES = [
+    lambda h: h.sum(),
+    lambda h: F.mse_loss(h, torch.zeros_like(h)),
+    lambda h: h.norm(dim=1).sum(),
+    lambda h: F.cross_entropy(h, torch.arange(h.shape[0]) % 2),
+    lambda h: F.huber_loss(h, torch.ones_like(h), delta=0.3),
+    _split_loss,
+]
+
+
+def _network(seed):
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    width, d_in, layers = r.choice([3, 5, 8]), 2, []
+    for _ in range(r.randint(1, 3)):
+        layers += [torch.nn.Linear(d_in, width).double(), r.choice(ACTIVATIONS)]
+        if r.random() < 0.3:
+            layers.append(torch.nn.LayerNorm(width).double())
+        if r.random() < 0.2:
+            layers.append(lambda h: F.batch_norm(h, None, None, training=True))
+        d_in = width
+    layers.append(torch.nn.Linear(d_in, 2).double())
+    loss = r.choice(LOSSES)
+
+    def f(x, t):
+        h = torch.cat([x, t], 1)
+        for layer in layers:
+            h = layer(h)
+        return loss(h)
+    return f
+
+
+def _derivatives(G, f, x, t):
+    x, t = x.clone().requires_grad_(), t.clone().requires_grad_()
+    gx, gt = G(f(x, t), (x, t), create_graph=True)
+    (h,) = G((gx * gt).sum() + gx.sum(), x)
+    return gx.detach(), gt.detach(), h
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_network(seed):
+    f = _network(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    t = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    want, got = _derivatives(TORCH_GRAD, f, x, t), _derivatives(fastgrad.grad, f, x, t)
+    for name, w, v in zip(("u_x", "u_t", "second"), want, got):
+        torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-11, equal_nan=True,
+                                   msg=lambda m: f"seed {seed}, {name}: {m}")
+    xx, tt = x.clone().requires_grad_(), t.clone().requires_grad_()
+    report = fastgrad.explain(f(xx, tt), (xx, tt), create_graph=True)
+    assert report.all_native, report
