@@ -120,6 +120,11 @@ def const(v):
                 (), None)
 
 
+# A value PyTorch does not save and no rule reads (layer_norm's eps, masked_fill's scalar): NaN,
+# which would show if it were read; one object, as hash-consed const nodes compare by identity.
+UNREAD = float("nan")
+
+
 def zeros(shape, dtype):
     """An explicit zero (PyTorch returns zeros, not an absent gradient, for e.g. x**0)."""
     return node("zeros", (), (), tuple(shape), dtype)

@@ -62,5 +62,5 @@ def nll_loss(x, target, weight, ignore_index, reduction, total_weight):
     # (tied: PyTorch's gradient, constant in x, is computed from x and requires grad)
     e = ir.tie_grad(neg(ir.reshape(rsum(where(pick, x, 0.0), (cdim,)), target.shape)), x)
     if _REDUCTIONS[reduction] == "mean":
-        return div(rsum(e, tuple(range(e.ndim))) if e.ndim else e, total_weight)
+        return div(reduce(e, _REDUCTIONS.index("sum")), total_weight)
     return reduce(e, reduction)

@@ -330,13 +330,10 @@ def _batch_norm(v):
         *(None if training else v.tensor(f"_saved_running_{k}") for k in ("mean", "var")))]
 
 
-_FILL_UNREAD = float("nan")  # (masked_fill's value: PyTorch does not save it, no rule reads it)
-
-
 def _masked_fill(v, tensor_value):
     mask = v.tensor("_saved_mask")
     x = v.x(0)
-    fill = v.x(1) if tensor_value else _FILL_UNREAD
+    fill = v.x(1) if tensor_value else ir.UNREAD  # (a scalar value is not saved)
     return [ir.where(mask, fill, x)]
 
 

@@ -16,9 +16,6 @@ from . import ir
 from .activations import OPMATH, opmath
 from .ir import ew, mul, div, sub, where, expand, rsum
 
-_EPS_UNREAD = float("nan")  # (one object: hash-consed const nodes compare it by identity)
-
-
 @opmath
 def vector_norm(x, order, dims):
     """The 1- or 2-norm of x over ``dims`` (keepdim layout)."""
@@ -35,7 +32,7 @@ def var(x, dims, correction):
 
 @opmath
 def std(x, dims, correction):
-    s = ir.composite("var", x, (tuple(dims), correction))
+    s = var(x, dims, correction)
     zero = ew("eq", s, 0.0)
     return where(zero, 0.0, ew("sqrt", where(zero, 1.0, s)))
 
@@ -48,18 +45,24 @@ def layer_norm(x, k, weight, bias, known_mean, known_rstd):
     (the saved one), so eps is never read and stands here as NaN, which would show if it were."""
     dtype = x.dtype
     x, weight, bias = [None if t is None else _up(t) for t in (x, weight, bias)]
-    dims = tuple(range(x.ndim - k, x.ndim))
-    n = float(math.prod(x.shape[-k:]))
-    mean = known_mean(div(rsum(x, dims), n))
-    d = sub(x, expand(mean, x.shape))
-    variance = div(rsum(mul(d, d), dims), n)
-    rstd = known_rstd(ew("rsqrt", ir.add(variance, _EPS_UNREAD)))
-    out = mul(d, expand(rstd, x.shape))
+    out, mean, rstd = _normalize(x, tuple(range(x.ndim - k, x.ndim)), ir.UNREAD, known_mean,
+                                 known_rstd)
     if weight is not None:
         out = mul(out, weight)
     if bias is not None:
         out = ir.add(out, bias)
     return ir.cast(out, dtype), mean, rstd
+
+
+def _normalize(x, dims, eps, known_mean, known_rstd):
+    """((x - mean) * rstd, mean, rstd): the mean and biased variance over ``dims``, rstd =
+    rsqrt(variance + eps), mean and rstd bound by ``known_mean`` / ``known_rstd`` (layer_norm's
+    and batch_norm's in training)."""
+    n = float(math.prod(x.shape[d] for d in dims))
+    mean = known_mean(div(rsum(x, dims), n))
+    d = sub(x, expand(mean, x.shape))
+    rstd = known_rstd(ew("rsqrt", ir.add(div(rsum(mul(d, d), dims), n), eps)))
+    return mul(d, expand(rstd, x.shape)), mean, rstd
 
 
 def _up(t):
@@ -77,12 +80,8 @@ def batch_norm(x, weight, bias, training, eps, known_mean, known_invstd, running
     cshape = tuple(s if i == 1 else 1 for i, s in enumerate(x.shape))
     per_channel = lambda t: expand(ir.reshape(_up(t), cshape), x.shape)  # noqa: E731
     if training:
-        dims = tuple(i for i in range(x.ndim) if i != 1)
-        n = float(math.prod(x.shape[d] for d in dims))
-        mean = known_mean(div(rsum(x, dims), n))
-        d = sub(x, expand(mean, x.shape))
-        invstd = known_invstd(ew("rsqrt", ir.add(div(rsum(mul(d, d), dims), n), eps)))
-        out = mul(d, expand(invstd, x.shape))
+        out, _, _ = _normalize(x, tuple(i for i in range(x.ndim) if i != 1), eps, known_mean,
+                               known_invstd)
     else:  # (linear in x; PyTorch's gradient still reads x, so it requires grad: tied)
         out = ir.tie_grad(mul(sub(x, per_channel(running_mean)),
                               per_channel(ew("rsqrt", ir.add(running_var, eps)))), x)
