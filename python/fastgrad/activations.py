@@ -21,10 +21,15 @@ from .ir import ew, add, mul, div, sub, neg, where
 OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+def up(t):
+    """``t`` in the type PyTorch computes it in: float32 for a half type, else its own."""
+    return ir.cast(t, OPMATH.get(t.dtype, t.dtype))
+
+
 def opmath(f):
     """``f`` over x (and scalar parameters) computed in float32 where x is a half type."""
     def wrapped(x, *params):
-        return ir.cast(f(ir.cast(x, OPMATH.get(x.dtype, x.dtype)), *params), x.dtype)
+        return ir.cast(f(up(x), *params), x.dtype)
     wrapped.__name__, wrapped.__doc__ = f.__name__, f.__doc__
     return wrapped
 

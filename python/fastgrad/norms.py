@@ -13,7 +13,7 @@ so that neither the value nor the discarded branch's derivative is inf or NaN.
 import math
 
 from . import ir
-from .activations import OPMATH, opmath
+from .activations import opmath, up
 from .ir import ew, mul, div, sub, where, expand, rsum
 
 @opmath
@@ -44,7 +44,7 @@ def layer_norm(x, k, weight, bias, known_mean, known_rstd):
     PyTorch does not save eps: rstd is rsqrt(var + eps), whose rule needs only its own value
     (the saved one), so eps is never read and stands here as NaN, which would show if it were."""
     dtype = x.dtype
-    x, weight, bias = [None if t is None else _up(t) for t in (x, weight, bias)]
+    x, weight, bias = [None if t is None else up(t) for t in (x, weight, bias)]
     out, mean, rstd = _normalize(x, tuple(range(x.ndim - k, x.ndim)), ir.UNREAD, known_mean,
                                  known_rstd)
     if weight is not None:
@@ -65,10 +65,6 @@ def _normalize(x, dims, eps, known_mean, known_rstd):
     return mul(d, expand(rstd, x.shape)), mean, rstd
 
 
-def _up(t):
-    return ir.cast(t, OPMATH.get(t.dtype, t.dtype))
-
-
 def batch_norm(x, weight, bias, training, eps, known_mean, known_invstd, running_mean,
                running_var):
     """(x - mean) * invstd * weight + bias per channel (dim 1), computed in float32 for half
@@ -76,9 +72,9 @@ def batch_norm(x, weight, bias, training, eps, known_mean, known_invstd, running
     mean and invstd PyTorch saved (as layer_norm's); evaluation: the running statistics
     (bound tensors, constants for the derivative)."""
     dtype = x.dtype
-    x, weight, bias = [None if t is None else _up(t) for t in (x, weight, bias)]
+    x, weight, bias = [None if t is None else up(t) for t in (x, weight, bias)]
     cshape = tuple(s if i == 1 else 1 for i, s in enumerate(x.shape))
-    per_channel = lambda t: expand(ir.reshape(_up(t), cshape), x.shape)  # noqa: E731
+    per_channel = lambda t: expand(ir.reshape(up(t), cshape), x.shape)  # noqa: E731
     if training:
         out, _, _ = _normalize(x, tuple(i for i in range(x.ndim) if i != 1), eps, known_mean,
                                known_invstd)
