@@ -165,7 +165,7 @@ PYBIND11_MODULE(_C, m) {
            "its compiled loop ran (set_kernel; not when a store overlaps a load or another store).\n"
            "Releases the GIL.")
       .def("set_kernel", [](fg::ProgramHandle& p, std::uintptr_t address, py::object keep, int split,
-                            bool columns) {
+                            bool columns, std::uintptr_t stream_address) {
              if (address != 0 && !p.p->kernel_fits(split))
                throw py::value_error("this program's region cannot run as a compiled loop with split " +
                                      std::to_string(split));
@@ -182,16 +182,22 @@ PYBIND11_MODULE(_C, m) {
              p.keep = keep;  // (ctypes never unloads a library: a run in an older loop stays valid)
              if (address == 0) {
                p.p->kernel.store(nullptr, std::memory_order_release);
+               p.p->stream_kernel.store(nullptr, std::memory_order_release);
                return;
              }
              p.p->split.store(split, std::memory_order_release);
+             p.p->stream_kernel.store(reinterpret_cast<fg::Program::Kernel>(stream_address),
+                                      std::memory_order_release);
              p.p->kernel.store(reinterpret_cast<fg::Program::Kernel>(address), std::memory_order_release);
            }, py::arg("address"), py::arg("keep"), py::arg("split") = 0, py::arg("columns") = false,
+           py::arg("stream_address") = 0,
            "Run through the compiled loop at `address` (void(char* const* ptrs, int64_t begin,\n"
            "int64_t end), over elements with split 0, over rows of dims 0..split-1 otherwise; 0: the\n"
            "interpreter again, not while another thread runs it); `keep` is held as long as it is used\n"
            "(its library); `columns`: the loop adds column sums (jit.source), as column_sums(split)\n"
-           "must say. Raises ValueError for a region kernel_fits(split) refuses, a loop of the other\n"
+           "must say; `stream_address`: the same loop writing with streaming stores (or 0), taken for\n"
+           "outputs larger than the caches (Program::streams).\n"
+           "Raises ValueError for a region kernel_fits(split) refuses, a loop of the other\n"
            "kind of sums, or when a loop is set.")
       .def("load_kinds", [](const fg::ProgramHandle& p, int split) -> py::object {
              std::string kinds;
@@ -210,7 +216,9 @@ PYBIND11_MODULE(_C, m) {
       .def("kernel_fits", [](const fg::ProgramHandle& p, int split) { return p.p->kernel_fits(split); },
            py::arg("split") = 0, "Whether a compiled loop with this split can compute the region (csrc/program.h).")
       .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },
-           "Whether runs go through a compiled loop.");
+           "Whether runs go through a compiled loop.")
+      .def_property_readonly("streaming", [](const fg::ProgramHandle& p) { return p.p->stream_kernel.load() != nullptr; },
+           "Whether its compiled loop has a streaming variant (taken for large outputs: Program::streams).");
 
   m.def("run_program_group", &run_program_group, py::arg("programs"), py::arg("ins"), py::arg("outs"),
         py::arg("chunk_mask"), py::arg("nthreads"),

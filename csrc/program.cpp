@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <string>
 
+#include "stream_store.h"
+
 namespace fg {
 
 Program::Program(const int64_t* desc, int64_t len, const double* c, int64_t nconsts, int compute_,
@@ -161,8 +163,19 @@ bool Program::loop_pointers(const Region& r, std::vector<char*>& ptrs) const {
   return true;
 }
 
+bool Program::streams(const Region& r) const {
+  if (stream_kernel.load(std::memory_order_acquire) == nullptr) return false;
+  bool any = false;
+  for (const StoreRec& S : r.stores) {
+    if (S.mode != MODE_ASSIGN) continue;
+    if (r.numel * dtype_itemsize(S.dtype) < kJitStreamBytes) return false;
+    any = true;
+  }
+  return any;
+}
+
 bool Program::run(Region& r, int nthreads) const {
-  const Kernel k = kernel.load(std::memory_order_acquire);
+  Kernel k = kernel.load(std::memory_order_acquire);
   std::vector<char*> ptrs;
   if (k == nullptr || r.numel == 0 || !loop_pointers(r, ptrs)) {
     run_region_cpu(r, compute, nthreads);
@@ -179,12 +192,15 @@ bool Program::run(Region& r, int nthreads) const {
     run_columns(k, ptrs, n, per, nthreads);
     return true;
   }
+  const bool stream = streams(r);
+  if (stream) k = stream_kernel.load(std::memory_order_acquire);
   int nt = 1;
   if (r.numel >= kJitParallelMin)
     nt = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nthreads, r.numel / (kJitParallelMin / 2), n}));
   char* const* pp = ptrs.data();
   if (nt == 1) {
     k(pp, 0, n);
+    if (stream) stream_fence();
     return true;
   }
   // About four chunks per thread, the same for any thread count; elements in multiples of 64
@@ -193,7 +209,10 @@ bool Program::run(Region& r, int nthreads) const {
   if (per == 1) chunk = (chunk + 63) & ~int64_t(63);
   const int64_t nchunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t c = 0; c < nchunks; ++c) k(pp, c * chunk, std::min(n, (c + 1) * chunk));
+  for (int64_t c = 0; c < nchunks; ++c) {
+    k(pp, c * chunk, std::min(n, (c + 1) * chunk));
+    if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
+  }
   return true;
 }
 
@@ -239,6 +258,7 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
   const size_t nm = ps.size();
   std::vector<Program::Kernel> ks(nm);
   std::vector<std::vector<char*>> ptrs(nm);
+  bool stream = false;
   int64_t rows = -1, numel = 0;
   double row_bytes = 0;
   for (size_t m = 0; m < nm; ++m) {
@@ -257,6 +277,23 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
     for (const StoreRec& S : r.stores) bytes += dtype_itemsize(S.dtype);
     row_bytes = std::max(row_bytes, double(r.numel / rows) * double(bytes));
   }
+  // A member whose large outputs no later member reads streams them (softmax's result: its
+  // rows are still in cache for nothing, and plain stores would first read each line).
+  for (size_t m = 0; m < nm; ++m) {
+    if (!ps[m]->streams(rs[m])) continue;
+    bool read_later = false;
+    for (const StoreRec& S : rs[m].stores) {
+      if (S.mode != MODE_ASSIGN) continue;
+      const Span out = span_of(rs[m], S.ptr, S.dtype, 0, S.stride);
+      for (size_t m2 = m + 1; m2 < nm; ++m2)
+        for (const LoadRec& L : rs[m2].loads)
+          read_later = read_later || overlap(out, span_of(rs[m2], L.ptr, L.dtype, L.offset, L.stride));
+    }
+    if (!read_later) {
+      ks[m] = ps[m]->stream_kernel.load(std::memory_order_acquire);
+      stream = true;
+    }
+  }
   // Chunks of rows whose data stay in L2 from one member to the next (as the interpreter's
   // row groups, vm_cpu_tuning.h), the same for any thread count.
   const int64_t unit = std::max<int64_t>(1, int64_t(double(kJitGroupChunkBytes) / std::max(row_bytes, 1.0)));
@@ -268,13 +305,16 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
   };
   if (nt <= 1) {
     for (int64_t c = 0; c < nchunks; ++c) chunk(c);
+    if (stream) stream_fence();
   } else {
     // Each thread walks consecutive chunks (one sequential stream per input, which the
     // hardware prefetcher follows); 8 spans per thread, taken in order as threads free up.
     const int64_t nspan = std::min<int64_t>(int64_t(nt) * 8, nchunks);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t sp = 0; sp < nspan; ++sp)
+    for (int64_t sp = 0; sp < nspan; ++sp) {
       for (int64_t c = nchunks * sp / nspan, c1 = nchunks * (sp + 1) / nspan; c < c1; ++c) chunk(c);
+      if (stream) stream_fence();
+    }
   }
   return nchunks;
 }

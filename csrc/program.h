@@ -18,6 +18,8 @@ namespace fg {
 // Longest row a compiled loop sums (a longer one stays with the interpreter, which can also
 // split a row between threads).
 constexpr int64_t kJitMaxRowSum = 4096;
+// Outputs of at least this many bytes are written with streaming stores (Program::streams).
+constexpr int64_t kJitStreamBytes = 8 * 1024 * 1024;
 
 struct Program {
   Region region;                   // parsed, not normalised; region.consts points into consts
@@ -34,6 +36,10 @@ struct Program {
   // applied) then store data pointers.
   using Kernel = void (*)(char* const* ptrs, int64_t begin, int64_t end);
   std::atomic<Kernel> kernel{nullptr};  // set under the GIL, read by runs without it
+  // The same loop writing its contiguous (non-sum) outputs with streaming stores
+  // (stream_store.h), or null; a run takes it for outputs larger than the caches that nothing
+  // it runs with reads (streams()).
+  std::atomic<Kernel> stream_kernel{nullptr};
   std::atomic<int> split{0};
   // Whether a loop with this split can compute the region: no iota, no predicate, every record
   // in the compute dtype, loads as said above, stores row-major contiguous or (split > 0) one
@@ -53,6 +59,10 @@ struct Program {
   // The loop's data pointers for bound region r, or false when a store overlaps a load or
   // another store (then only the interpreter is exact).
   bool loop_pointers(const Region& r, std::vector<char*>& ptrs) const;
+  // Whether a run of bound region r should write through stream_kernel: there is one, and each
+  // of r's elementwise stores is at least kJitStreamBytes (then it would not stay in the caches
+  // for whatever reads it next).
+  bool streams(const Region& r) const;
   Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,
           std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,
           int64_t nouts);

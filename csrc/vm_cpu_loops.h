@@ -11,10 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
 #include "dtype_convert.h"
+#include "stream_store.h"
 #include "vm.h"
 
 namespace fg {
@@ -371,34 +369,6 @@ inline void store_tile(S* p, int64_t so, int64_t si, int64_t rows, int64_t len, 
   } else {
     for (int64_t q = 0; q < rows; ++q) store_run<S, T>(p + q * so, si, len, v + q * len);
   }
-}
-
-// p[0..n) = v[0..n) with non-temporal (streaming) stores where the address is
-// aligned: the lines go to memory without being read first and without
-// evicting what the cache holds. Ordered for other threads only after
-// _mm_sfence (stream_fence).
-template <class T>
-inline void stream_run(T* p, const T* v, int64_t n) {
-  int64_t i = 0;
-#ifdef __AVX__
-  for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 31); ++i) p[i] = v[i];
-  if (std::is_same<T, float>::value) {
-    float* q = reinterpret_cast<float*>(p);
-    const float* w = reinterpret_cast<const float*>(v);
-    for (; i + 8 <= n; i += 8) _mm256_stream_ps(q + i, _mm256_loadu_ps(w + i));
-  } else if (std::is_same<T, double>::value) {
-    double* q = reinterpret_cast<double*>(p);
-    const double* w = reinterpret_cast<const double*>(v);
-    for (; i + 4 <= n; i += 4) _mm256_stream_pd(q + i, _mm256_loadu_pd(w + i));
-  }
-#endif
-  for (; i < n; ++i) p[i] = v[i];
-}
-
-inline void stream_fence() {
-#ifdef __AVX__
-  _mm_sfence();
-#endif
 }
 
 // d[i] = f(i) for i < n, written with streaming stores: computed a piece at

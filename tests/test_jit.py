@@ -25,9 +25,11 @@ class _Spec:
         self.loads, self.stores, self.instrs, self.consts = r.loads, r.stores, r.instrs, r.consts
 
 
-def _programs(r, compute, nins, nouts, split=0):
+def _programs(r, compute, nins, nouts, split=0, streaming=False):
     """(interpreted, compiled) Programs of test_vm Region r whose load i reads input i and
-    store k writes output k; the loop runs over rows of dims 0..split-1 when split > 0."""
+    store k writes output k; the loop runs over rows of dims 0..split-1 when split > 0. With
+    ``streaming`` the loop's streaming variant is set as its loop, so that every run takes it,
+    whatever the size of its outputs."""
     desc, consts = r.pack()
     make = lambda: C_Program(desc, consts, compute, list(range(len(r.loads))),  # noqa: E731
                              list(range(len(r.stores))), nins, nouts)
@@ -45,7 +47,9 @@ def _programs(r, compute, nins, nouts, split=0):
     if columns:  # (a loop of the other kind of sums is refused)
         with pytest.raises(ValueError, match="column sums"):
             fast.set_kernel(got[1], got[0], split, False)
-    fast.set_kernel(got[1], got[0], split, columns)
+    if streaming:
+        assert got[2] != 0, "no streaming variant"
+    fast.set_kernel(got[2] if streaming else got[1], got[0], split, columns)
     assert fast.compiled and not plain.compiled
     return plain, fast
 
@@ -233,6 +237,104 @@ def test_row_sums_and_row_groups(shape, dtype, compute):
     s, t, out = (torch.full_like(u, float("nan")) for u in bufs)
     _C.run_program_group([fa, pb], [[g, y], [y, g, s, t]], [[s, t], [out]], 1, 1)
     torch.testing.assert_close(out.double(), ref, rtol=loose, atol=loose)
+
+
+def _unaligned(shape, dtype):
+    """An empty contiguous tensor whose data starts one element past a 64-byte boundary (the
+    streaming stores' plain head and tail run)."""
+    return torch.empty(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
+
+
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+@pytest.mark.parametrize("shape,split", [((4099,), 0), ((37, 100), 1), ((5, 2500), 1),
+                                         ((6, 7, 33), 2)])
+def test_streaming_variant(shape, split, dtype, compute):
+    # out = (exp(x - m) * y, x + y): x and y contiguous, m one value per row (or one value);
+    # plus, over rows, t = rowsum(x), the sum of a loaded row (added after the columns). Rows
+    # shorter and longer than a piece, outputs not aligned: against the interpreter and torch.
+    gen = torch.Generator().manual_seed(21)
+    rows = shape[:split]
+    x, y = rand(shape, gen, dtype=dtype), rand(shape, gen, dtype=dtype)
+    m = rand(rows + (1,) * (len(shape) - split), gen, dtype=dtype)
+    outs = [_unaligned(shape, dtype), _unaligned(shape, dtype)]
+    r = Region(shape)
+    xr, yr = r.load(x), r.load(y)
+    r.store(outs[0], r.op("mul", r.op("exp", r.op("sub", xr, r.load(m))), yr))
+    r.store(outs[1], r.op("add", xr, yr))
+    ins = [x, y, m]
+    if split:
+        outs.append(torch.empty(rows + (1,) * (len(shape) - split), dtype=dtype))
+        r.store(outs[2], xr, mode=1)
+    xd, yd, md = (t.double() for t in (x, y, m))
+    want = [torch.exp(xd - md) * yd, xd + yd]
+    if split:
+        want.append(xd.sum(tuple(range(split, len(shape))), keepdim=True))
+    plain, fast = _programs(r, compute, 3, len(outs), split, streaming=True)
+    for nthreads in (1, 2):
+        a = [torch.full_like(o, float("nan")) for o in outs]
+        b = [_unaligned(o.shape, dtype).fill_(float("nan")) if k < 2 else torch.full_like(o, float("nan"))
+             for k, o in enumerate(outs)]
+        plain.run(ins, a, nthreads)
+        assert fast.run(ins, b, nthreads)
+        loose = 1e-12 if dtype == torch.float64 else 2e-5
+        for got, interp, ref in zip(b, a, want):
+            torch.testing.assert_close(got.double(), ref, rtol=loose, atol=loose)
+            torch.testing.assert_close(got, interp, rtol=loose, atol=loose)
+
+
+def test_which_loops_have_a_streaming_variant():
+    # over elements reading two arrays or more, and over rows; not over elements reading one
+    # array (measured slower: docs/performance.md), nor a loop adding row sums as it computes
+    gen = torch.Generator().manual_seed(22)
+    x, y = rand((64, 32), gen, dtype=torch.float32), rand((64, 32), gen, dtype=torch.float32)
+    out, s = torch.empty(64, 32), torch.empty(64, 1)
+
+    def variant(build, split):
+        r = Region([64, 32])
+        build(r)
+        desc, consts = r.pack()
+        p = C_Program(desc, consts, 0, list(range(len(r.loads))), list(range(len(r.stores))),
+                      len(r.loads), len(r.stores))
+        modes = [rec[2] for rec in r.stores]
+        got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(split), 0,
+                                            32 if split else None, modes, False, p.load_dtypes()))
+        return got[2] != 0
+
+    two = lambda r: r.store(out, r.op("mul", r.load(x), r.load(y)))  # noqa: E731
+
+    def one(r):
+        xr = r.load(x)
+        r.store(out, r.op("mul", xr, xr))
+
+    def with_sum(r):
+        v = r.op("mul", r.load(x), r.load(y))
+        r.store(out, v)
+        r.store(s, v, mode=1)
+    assert variant(two, 0) and variant(two, 1) and variant(one, 1)
+    assert not variant(one, 0) and not variant(with_sum, 1)
+
+
+@pytest.mark.parametrize("name,fn,shape,dtype", [
+    ("softmax", lambda x: torch.softmax(x, 1), (8192, 256), torch.float32),  # a row group
+    ("softmax64", lambda x: torch.softmax(x, 1), (4096, 256), torch.float64),
+    ("logsumexp", lambda x: torch.logsumexp(x, 1), (8192, 256), torch.float32),  # rows
+    ("sin_exp", lambda x: torch.sin(x) * torch.exp(x), (1 << 21,), torch.float32),  # elements
+])
+def test_large_outputs_stream(name, fn, shape, dtype, gen):
+    # 8 MiB outputs (csrc/program.h kJitStreamBytes): the compiled plan writes them with
+    # streaming stores; the values must be torch's
+    x = rand(shape, gen, dtype=dtype).requires_grad_()
+    y = fn(x)
+    go = rand(y.shape, gen, dtype=dtype)
+    for _ in range(jit.AFTER + 1):
+        got = fastgrad.grad(y, x, go, retain_graph=True)
+    report = str(fastgrad.explain(y, x, go))
+    assert "streaming stores" in report, report
+    want = TORCH_GRAD(y, x, go, retain_graph=True)
+    # (float32: sin' * exp + sin * exp' cancels where the two terms nearly oppose)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4 if dtype == torch.float32 else 1e-12,
+                               atol=1e-5 if dtype == torch.float32 else 1e-14)
+    torch.testing.assert_close(fastgrad.grad(y, x, go, retain_graph=True)[0], got[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype,compute", COMPUTE)

@@ -68,9 +68,11 @@ class Region:
                                                 any(m is i for i in self.inputs))} - {"leaf"})
         compiled = any(p.program is not None and p.program.compiled or any(p.cuda_kernels.values())
                        or p.cuda_group for p in self.packers.values())
+        streaming = any(p.program is not None and p.program.streaming for p in self.packers.values())
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
-                f"instructions; ops {ops}" + ("; compiled loop" if compiled else ""))
+                f"instructions; ops {ops}" + ("; compiled loop" if compiled else "") +
+                (" (streaming stores for large outputs)" if streaming else ""))
 
 
 class ViewStep:
