@@ -114,6 +114,37 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "sin_exp_sum" in text and "speedup" in text
 
 
+def test_timing_rounds_shuffle_the_engines():
+    # every round runs each engine once, in an order that changes from round to round (a call's
+    # speed depends on the one before it) and is the same in every run (seeded)
+    def orders():
+        calls = []
+        thunks = {k: (lambda k=k: calls.append(k)) for k in ("torch", "fastgrad", "hand")}
+        bench.time_engines(thunks, lambda fn: fn() or 1e-3, repeats=30, warmup=0, min_time=0)
+        return [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+    first = orders()
+    assert len(first) == 30 and all(sorted(o) == ["fastgrad", "hand", "torch"] for o in first)
+    assert len(set(first)) == 6  # every order of three appears in 30 rounds
+    assert orders() == first
+
+
+def test_func_is_timed_in_rounds_of_its_own(monkeypatch):
+    # torch.func's calls run beside torch's in rounds after torch's and fastgrad's rounds
+    rounds = []
+    import fastgrad.bench.runner as runner
+    real = runner.time_engines
+
+    def spy(thunks, *args, **kwargs):
+        rounds.append(sorted(thunks))
+        return real(thunks, *args, **kwargs)
+    monkeypatch.setattr(runner, "time_engines", spy)
+    opts = bench.parse_args(["--cases", "tanh_cube", "--sizes", "200", "--repeats", "3"])
+    row = bench.bench_one(bench.get_case("tanh_cube"), 200, torch.float32, torch.device("cpu"),
+                          opts, 1e10)
+    assert rounds == [["fastgrad", "torch"], ["func", "torch"]]
+    assert {"torch", "fastgrad", "func"} <= set(row["times_s"]) and "torch_beside_others_s" in row
+
+
 def test_cli_reports_wrong_result(tmp_path, monkeypatch, capsys):
     """A fast wrong answer marks the row WRONG and the exit status 1; other cases go on."""
     right = bench.api.grad

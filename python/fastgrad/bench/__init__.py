@@ -8,7 +8,8 @@
    (:func:`check_case`; a fast wrong answer is a failure: the row is marked WRONG and the exit
    status is 1; the other cases go on);
 3. times only the differentiation (``retain_graph=True`` so the thunk can be re-run), engines
-   interleaved round by round, after warm-up; median per engine. Where they apply it also times
+   interleaved round by round in an order shuffled each round (seeded), after warm-up; median
+   per engine. Where they apply it also times, in rounds of their own beside torch after those,
    ``torch.func`` (vjp for first order; for second order a Hessian-vector product / nested
    ``torch.func.grad`` on a pure function of x, which includes the forward pass) and
    ``torch.compile`` (forward compiled, then differentiated; double backward is recorded as

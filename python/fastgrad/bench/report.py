@@ -124,7 +124,10 @@ def versions():
 # read months later explains itself.
 JSON_DEFINITIONS = {
     "size": "elements of the input x (MLP cases: batch * hidden width)",
-    "times_s": "median seconds of the differentiation only (forward built outside)",
+    "times_s": "median seconds of the differentiation only (forward built outside); torch, "
+               "fastgrad and hand timed in rounds of their own, in an order shuffled each round; "
+               "func and compile in later rounds beside torch",
+    "torch_beside_others_s": "torch's median in the rounds of func and compile",
     "min_times_s": "fastest run of each engine (less sensitive to load)",
     "speedup": "times_s.torch / times_s.fastgrad",
     "floor_bytes": "every input (x, grad_outputs, weights) read once + every result "

@@ -1,5 +1,6 @@
 """How the benchmark measures: per-call timers, interleaved rounds with a median, and the
 copy bandwidth that sets the memory floor each fastgrad time is compared with."""
+import random
 import statistics
 import time
 
@@ -30,8 +31,12 @@ class Timer:
 def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max_rounds=2000):
     """Median seconds per thunk. Warm-up first (plans, compiled kernels, allocator), then
     rounds that run every thunk once each (interleaved, so load from other processes hits all
-    engines alike): at least ``repeats`` rounds (fewer, but at least 3, when a round is so slow
-    that ``repeats`` rounds would exceed ``budget`` seconds), more until ``min_time`` passed."""
+    engines alike), in an order shuffled each round (seeded: the same orders every run): a
+    call's speed depends on the call before it (the caches and branch predictors it leaves),
+    and a fixed order gave each engine the same neighbour every round, which moved ratios at
+    small sizes by up to 25% (docs/performance.md). At least ``repeats`` rounds (fewer, but at
+    least 3, when a round is so slow that ``repeats`` rounds would exceed ``budget`` seconds),
+    more until ``min_time`` passed."""
     per_round = 0.0
     for _ in range(warmup):
         per_round = sum(timer(fn) for fn in thunks.values())
@@ -39,11 +44,14 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
     if per_round * repeats > budget:
         rounds = max(3, min(repeats, int(budget / max(per_round, 1e-9))))
     times = {k: [] for k in thunks}
+    order = list(thunks)
+    shuffle = random.Random(0).shuffle
     start = time.perf_counter()
     r = 0
     while r < rounds or (time.perf_counter() - start < min_time and r < max_rounds):
-        for k, fn in thunks.items():
-            times[k].append(timer(fn))
+        shuffle(order)
+        for k in order:
+            times[k].append(timer(thunks[k]))
         r += 1
     return ({k: statistics.median(v) for k, v in times.items()},
             {k: min(v) for k, v in times.items()}, r)
