@@ -115,13 +115,22 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_timing_rounds_shuffle_the_engines():
-    # every round runs each engine once, in an order that changes from round to round (a call's
-    # speed depends on the one before it) and is the same in every run (seeded)
+    # every round runs each engine twice in a row, the second call timed (after a call of its
+    # own, as in a loop), in an order that changes from round to round and is the same in
+    # every run (seeded)
     def orders():
         calls = []
         thunks = {k: (lambda k=k: calls.append(k)) for k in ("torch", "fastgrad", "hand")}
-        bench.time_engines(thunks, lambda fn: fn() or 1e-3, repeats=30, warmup=0, min_time=0)
-        return [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+
+        def timer(fn):
+            calls.append("timed")
+            fn()
+            return 1e-3
+        bench.time_engines(thunks, timer, repeats=30, warmup=0, min_time=0)
+        rounds = [calls[i:i + 9] for i in range(0, len(calls), 9)]
+        for r in rounds:
+            assert r[1::3] == ["timed"] * 3 and r[0::3] == r[2::3], r
+        return [tuple(r[0::3]) for r in rounds]
     first = orders()
     assert len(first) == 30 and all(sorted(o) == ["fastgrad", "hand", "torch"] for o in first)
     assert len(set(first)) == 6  # every order of three appears in 30 rounds

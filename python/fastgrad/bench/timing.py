@@ -30,16 +30,17 @@ class Timer:
 
 def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max_rounds=2000):
     """Median seconds per thunk. Warm-up first (plans, compiled kernels, allocator), then
-    rounds that run every thunk once each (interleaved, so load from other processes hits all
-    engines alike), in an order shuffled each round (seeded: the same orders every run): a
-    call's speed depends on the call before it (the caches and branch predictors it leaves),
-    and a fixed order gave each engine the same neighbour every round, which moved ratios at
-    small sizes by up to 25% (docs/performance.md). At least ``repeats`` rounds (fewer, but at
-    least 3, when a round is so slow that ``repeats`` rounds would exceed ``budget`` seconds),
-    more until ``min_time`` passed."""
+    rounds that run every thunk (interleaved, so load from other processes hits all engines
+    alike) in an order shuffled each round (seeded: the same orders every run), each one call
+    untimed then one timed: a call's speed depends on the call before it (the caches, branch
+    predictors and allocator free lists it leaves), so each engine is timed after a call of its
+    own, as in a loop that repeats it, not after whichever engine happened to run before (a
+    fixed order had moved ratios by 10-60%: docs/performance.md, "How the benchmark times").
+    At least ``repeats`` rounds (fewer, but at least 3, when a round is so slow that
+    ``repeats`` rounds would exceed ``budget`` seconds), more until ``min_time`` passed."""
     per_round = 0.0
     for _ in range(warmup):
-        per_round = sum(timer(fn) for fn in thunks.values())
+        per_round = 2 * sum(timer(fn) for fn in thunks.values())
     rounds = repeats
     if per_round * repeats > budget:
         rounds = max(3, min(repeats, int(budget / max(per_round, 1e-9))))
@@ -51,6 +52,7 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
     while r < rounds or (time.perf_counter() - start < min_time and r < max_rounds):
         shuffle(order)
         for k in order:
+            thunks[k]()
             times[k].append(timer(thunks[k]))
         r += 1
     return ({k: statistics.median(v) for k, v in times.items()},
