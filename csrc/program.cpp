@@ -165,10 +165,19 @@ bool Program::loop_pointers(const Region& r, std::vector<char*>& ptrs) const {
 
 bool Program::streams(const Region& r) const {
   if (stream_kernel.load(std::memory_order_acquire) == nullptr) return false;
+  // The loop stores whole lines (kStreamLine bytes) from the start of each row (split > 0) or
+  // of each chunk of elements (run() cuts them at multiples of 64 elements), so each output
+  // must start on a line and (rows) its rows be whole lines.
+  const int sk = split.load(std::memory_order_acquire);
+  int64_t per = 1;
+  for (int d = sk; d < r.ndim; ++d) per *= r.shape[d];
   bool any = false;
   for (const StoreRec& S : r.stores) {
     if (S.mode != MODE_ASSIGN) continue;
-    if (r.numel * dtype_itemsize(S.dtype) < kJitStreamBytes) return false;
+    const int64_t isz = dtype_itemsize(S.dtype);
+    if (r.numel * isz < kJitStreamBytes || reinterpret_cast<uintptr_t>(S.ptr) % kStreamLine != 0 ||
+        (sk > 0 && per * isz % kStreamLine != 0))
+      return false;
     any = true;
   }
   return any;

@@ -61,7 +61,7 @@ struct Program {
   bool loop_pointers(const Region& r, std::vector<char*>& ptrs) const;
   // Whether a run of bound region r should write through stream_kernel: there is one, and each
   // of r's elementwise stores is at least kJitStreamBytes (then it would not stay in the caches
-  // for whatever reads it next).
+  // for whatever reads it next) and starts on a cache line (with rows: of whole lines).
   bool streams(const Region& r) const;
   Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,
           std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,

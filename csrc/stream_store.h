@@ -32,6 +32,29 @@ inline void stream_run(T* p, const T* v, int64_t n) {
   for (; i < n; ++i) p[i] = v[i];
 }
 
+// Bytes of one streamed piece of a compiled loop (fg_kernel_stream): a cache line.
+constexpr int kStreamLine = 64;
+
+// p[0..kStreamLine / sizeof(T)) = v[...], one cache line streamed from registers; p must be
+// 32-byte aligned. In a compiled loop v is a local array the line's values were just computed
+// into, which the compiler keeps in registers (a buffer in memory measured no faster than
+// plain stores: docs/performance.md, "Streaming stores").
+template <class T>
+inline void stream_line(T* p, const T* v) {
+#ifdef __AVX__
+  if constexpr (std::is_same<T, float>::value) {
+    _mm256_stream_ps(p, _mm256_loadu_ps(v));
+    _mm256_stream_ps(p + 8, _mm256_loadu_ps(v + 8));
+    return;
+  } else if constexpr (std::is_same<T, double>::value) {
+    _mm256_stream_pd(p, _mm256_loadu_pd(v));
+    _mm256_stream_pd(p + 4, _mm256_loadu_pd(v + 4));
+    return;
+  }
+#endif
+  for (int i = 0; i < kStreamLine / int(sizeof(T)); ++i) p[i] = v[i];
+}
+
 inline void stream_fence() {
 #ifdef __AVX__
   _mm_sfence();

@@ -240,23 +240,23 @@ def test_row_sums_and_row_groups(shape, dtype, compute):
 
 
 def _unaligned(shape, dtype):
-    """An empty contiguous tensor whose data starts one element past a 64-byte boundary (the
-    streaming stores' plain head and tail run)."""
+    """An empty contiguous tensor whose data starts one element past a 64-byte boundary."""
     return torch.empty(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
 
 
 @pytest.mark.parametrize("dtype,compute", COMPUTE)
-@pytest.mark.parametrize("shape,split", [((4099,), 0), ((37, 100), 1), ((5, 2500), 1),
-                                         ((6, 7, 33), 2)])
+@pytest.mark.parametrize("shape,split", [((4099,), 0), ((37, 96), 1), ((5, 2560), 1),
+                                         ((6, 7, 32), 2)])
 def test_streaming_variant(shape, split, dtype, compute):
     # out = (exp(x - m) * y, x + y): x and y contiguous, m one value per row (or one value);
-    # plus, over rows, t = rowsum(x), the sum of a loaded row (added after the columns). Rows
-    # shorter and longer than a piece, outputs not aligned: against the interpreter and torch.
+    # plus, over rows, t = rowsum(x), the sum of a loaded row (added after the columns); the
+    # last elements of a loop over elements are not a whole line. Against the interpreter and
+    # torch, on one and two threads (whose chunks start on lines).
     gen = torch.Generator().manual_seed(21)
     rows = shape[:split]
     x, y = rand(shape, gen, dtype=dtype), rand(shape, gen, dtype=dtype)
     m = rand(rows + (1,) * (len(shape) - split), gen, dtype=dtype)
-    outs = [_unaligned(shape, dtype), _unaligned(shape, dtype)]
+    outs = [torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)]
     r = Region(shape)
     xr, yr = r.load(x), r.load(y)
     r.store(outs[0], r.op("mul", r.op("exp", r.op("sub", xr, r.load(m))), yr))
@@ -272,14 +272,39 @@ def test_streaming_variant(shape, split, dtype, compute):
     plain, fast = _programs(r, compute, 3, len(outs), split, streaming=True)
     for nthreads in (1, 2):
         a = [torch.full_like(o, float("nan")) for o in outs]
-        b = [_unaligned(o.shape, dtype).fill_(float("nan")) if k < 2 else torch.full_like(o, float("nan"))
-             for k, o in enumerate(outs)]
+        b = [torch.full_like(o, float("nan")) for o in outs]
         plain.run(ins, a, nthreads)
         assert fast.run(ins, b, nthreads)
         loose = 1e-12 if dtype == torch.float64 else 2e-5
         for got, interp, ref in zip(b, a, want):
             torch.testing.assert_close(got.double(), ref, rtol=loose, atol=loose)
             torch.testing.assert_close(got, interp, rtol=loose, atol=loose)
+
+
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+def test_streaming_only_into_whole_lines(dtype, compute):
+    # 8 MiB outputs, so that a run takes the streaming variant where it can: an output that
+    # does not start on a cache line (a view one element in) takes the plain loop (streaming
+    # stores there would fault), and so does rows that are not whole lines
+    gen = torch.Generator().manual_seed(23)
+    n = (8 << 20) // (4 if dtype == torch.float32 else 8)
+    for shape, split in (((n,), 0), ((n // 1001 + 1, 1001), 1), ((n // 1024, 1024), 1)):
+        x, y = rand(shape, gen, dtype=dtype), rand(shape, gen, dtype=dtype)
+        r = Region(shape)
+        out = torch.empty(shape, dtype=dtype)
+        r.store(out, r.op("mul", r.load(x), r.load(y)))
+        desc, consts = r.pack()
+        p = C_Program(desc, consts, compute, [0, 1], [0], 2, 1)
+        got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(split), compute,
+                                            math.prod(shape[split:]) if split else None, [0],
+                                            False, p.load_dtypes()))
+        assert (got[2] != 0) == (shape[-1] != 1001)  # (rows of 1001: not whole lines)
+        p.set_kernel(got[1], got[0], split, False, got[2])
+        assert p.streaming == (got[2] != 0)
+        for o in (torch.empty(shape, dtype=dtype), _unaligned(shape, dtype)):
+            o.fill_(float("nan"))
+            assert p.run([x, y], [o], 2)
+            assert torch.equal(o, x * y)
 
 
 def test_which_loops_have_a_streaming_variant():

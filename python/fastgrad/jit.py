@@ -47,9 +47,8 @@ _VEC_REPORT = {"GNU": ["-fopt-info-vec-optimized"], "Clang": ["-Rpass=loop-vecto
 _LOOP = "  for (int64_t i = begin; i < end; ++i) {"  # (the loop that must vectorise)
 _LOOP2 = "    for (int64_t j = 0; j < {}; ++j) {{"
 _LANES = 16  # double lanes of a row sum (seg_sum's, csrc/vm_cpu_reduce.h)
-_PIECE = 1024  # elements a streaming loop computes into its L1 buffer before streaming them out
-_STREAM_LOOPS = ("    for (int64_t i = i0; i < i1; ++i) {",  # (fg_kernel_stream's: must vectorise)
-                 "      for (int64_t j = j0; j < j1; ++j) {")
+_LINE = 64  # bytes a streaming loop computes, then stores (fg::kStreamLine, stream_store.h)
+_STREAM_LOOP = "for (int64_t l = 0; l < "  # (fg_kernel_stream's loops: must vectorise)
 
 
 def _fold(a, t, dst, tail):
@@ -167,24 +166,36 @@ def source(region, kinds, compute, inner=None, modes=None, columns=False, dtypes
         return f"{'T' if inner else 'S'}{k}[{ix}] = {value};"
 
     body = statements(region, t, lambda a: read[kinds[a]].format(a), store)
-    # The loop also comes as fg_kernel_stream, which computes a piece of its elementwise outputs
-    # into a buffer in L1, then streams it out (stream_store.h): for outputs larger than the
-    # caches that nothing reads soon (csrc/program.cpp decides). Not for loops adding row sums
-    # as they go, nor over elements reading fewer than two arrays, where streaming measured
-    # slower on this project's 2-core VM (docs/performance.md, "Streaming stores").
+    # The loop also comes as fg_kernel_stream, which writes its elementwise outputs a cache line
+    # at a time with streaming stores (stream_store.h): each line's values are computed into a
+    # local array the compiler keeps in registers, then stored from there. For outputs larger
+    # than the caches that nothing reads soon (csrc/program.cpp decides, and checks the lines
+    # are aligned). Not for loops adding row sums as they go, over rows whose length is not a
+    # whole number of lines, nor over elements reading fewer than two arrays, where streaming
+    # measured slower on this project's 2-core VM (docs/performance.md, "Streaming stores").
     streamed = [k for k, mode in enumerate(modes) if not mode]
     stream = None
+    w = _LINE // (4 if compute == 0 else 8)  # elements per line
     if streamed and not lanes:
         body_s = statements(region, t, lambda a: read[kinds[a]].format(a),
-                            lambda k, v: None if modes[k] else f"B{k}[{ix} - {ix}0] = {v};")
-        piece = min(inner or _PIECE, _PIECE)
-        bufs = [f"  alignas(64) {t} B{k}[{piece}];" for k in streamed]
-        if inner and any("] = " in line for line in body_s):
-            stream = [*bufs, "  for (int64_t r = begin; r < end; ++r) {", *row,
-                      *_pieces("j", "0", str(inner), piece, body_s, "T", streamed, "    "),
+                            lambda k, v: None if modes[k] else f"B{k}[l] = {v};")
+        bufs = [f"alignas(64) {t} B{k}[{w}];" for k in streamed]
+
+        def lines(ix, out, ind):
+            # (unroll 1: unrolled first, GCC vectorises the line's statements without the
+            # transcendentals' vector variants; as a loop, with them)
+            return ["#pragma GCC unroll 1", f"{ind}for (int64_t l = 0; l < {w}; ++l) {{",
+                    f"{ind}  const int64_t {ix} = {ix}0 + l;", *[f"{ind}  {x}" for x in body_s],
+                    f"{ind}}}", *[f"{ind}fg::stream_line({out}{k} + {ix}0, B{k});" for k in streamed]]
+        if inner and inner % w == 0 and any("] = " in x for x in body_s):
+            stream = ["  for (int64_t r = begin; r < end; ++r) {", *row,
+                      f"    for (int64_t j0 = 0; j0 < {inner}; j0 += {w}) {{",
+                      *["      " + x for x in bufs], *lines("j", "T", "      "), "    }",
                       *after, "  }"]
         elif not inner and kinds.count("c") >= 2:
-            stream = [*bufs, *_pieces("i", "begin", "end", piece, body_s, "S", streamed, "  ")]
+            stream = ["  int64_t i0 = begin;", f"  for (; i0 + {w} <= end; i0 += {w}) {{",
+                      *["    " + x for x in bufs], *lines("i", "S", "    "), "  }",
+                      "  for (int64_t i = i0; i < end; ++i) {", *["    " + x for x in body], "  }"]
     if inner and lanes:
         # Sums in 16 double lanes, halved pairwise, then the row's last columns: the
         # interpreter's seg_sum order (csrc/vm_cpu_reduce.h). The values are added as they are
@@ -213,17 +224,6 @@ def source(region, kinds, compute, inner=None, modes=None, columns=False, dtypes
     else:
         loop = [_LOOP, *["    " + line for line in body], "  }"]
     return _kernel(head, loop, stream=stream)
-
-
-def _pieces(ix, begin, end, piece, body, out, streamed, ind):
-    """Lines of a loop over ``ix`` in [begin, end), ``piece`` at a time: ``body`` writes store
-    k's values to buffer Bk, then each piece is streamed to ``out``k."""
-    return [f"{ind}for (int64_t {ix}0 = {begin}; {ix}0 < {end}; {ix}0 += {piece}) {{",
-            f"{ind}  const int64_t {ix}1 = {end} - {ix}0 < {piece} ? {end} : {ix}0 + {piece};",
-            f"{ind}  for (int64_t {ix} = {ix}0; {ix} < {ix}1; ++{ix}) {{",
-            *[f"{ind}    {line}" for line in body], f"{ind}  }}",
-            *[f"{ind}  fg::stream_run({out}{k} + {ix}0, B{k}, {ix}1 - {ix}0);" for k in streamed],
-            f"{ind}}}"]
 
 
 def _load_lines(kinds, t, inner, compute, dtypes=None):
@@ -486,7 +486,7 @@ def _compile_into(d, path, scalar, nostream, src):
         # (no loop line: only sums of loaded rows, nothing to vectorise)
         vectorised = _vectorised(lines, report, lambda line: line == _LOOP or line.startswith(
             "    for (int64_t j = 0; j < "))
-        stream_ok = _vectorised(lines, report, lambda line: line in _STREAM_LOOPS)
+        stream_ok = _vectorised(lines, report, lambda line: line.lstrip().startswith(_STREAM_LOOP))
         for ok, marker in ((vectorised, scalar), (stream_ok, nostream)):
             if not ok:
                 open(marker, "w").close()
