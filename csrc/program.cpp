@@ -175,7 +175,7 @@ bool Program::streams(const Region& r) const {
   for (const StoreRec& S : r.stores) {
     if (S.mode != MODE_ASSIGN) continue;
     const int64_t isz = dtype_itemsize(S.dtype);
-    if (r.numel * isz < kJitStreamBytes || reinterpret_cast<uintptr_t>(S.ptr) % kStreamLine != 0 ||
+    if (r.numel * isz < kStreamMinBytes || reinterpret_cast<uintptr_t>(S.ptr) % kStreamLine != 0 ||
         (sk > 0 && per * isz % kStreamLine != 0))
       return false;
     any = true;

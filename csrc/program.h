@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "stream_store.h"
 #include "vm.h"
 
 namespace fg {
@@ -18,8 +19,6 @@ namespace fg {
 // Longest row a compiled loop sums (a longer one stays with the interpreter, which can also
 // split a row between threads).
 constexpr int64_t kJitMaxRowSum = 4096;
-// Outputs of at least this many bytes are written with streaming stores (Program::streams).
-constexpr int64_t kJitStreamBytes = 8 * 1024 * 1024;
 
 struct Program {
   Region region;                   // parsed, not normalised; region.consts points into consts
@@ -36,9 +35,9 @@ struct Program {
   // applied) then store data pointers.
   using Kernel = void (*)(char* const* ptrs, int64_t begin, int64_t end);
   std::atomic<Kernel> kernel{nullptr};  // set under the GIL, read by runs without it
-  // The same loop writing its contiguous (non-sum) outputs with streaming stores
-  // (stream_store.h), or null; a run takes it for outputs larger than the caches that nothing
-  // it runs with reads (streams()).
+  // The same loop writing its elementwise outputs with streaming stores (stream_store.h), or
+  // null; a run takes it where streams() says, a row group only for a member whose outputs no
+  // later member reads (run_group_loops).
   std::atomic<Kernel> stream_kernel{nullptr};
   std::atomic<int> split{0};
   // Whether a loop with this split can compute the region: no iota, no predicate, every record
@@ -60,7 +59,7 @@ struct Program {
   // another store (then only the interpreter is exact).
   bool loop_pointers(const Region& r, std::vector<char*>& ptrs) const;
   // Whether a run of bound region r should write through stream_kernel: there is one, and each
-  // of r's elementwise stores is at least kJitStreamBytes (then it would not stay in the caches
+  // of r's elementwise stores is at least kStreamMinBytes (then it would not stay in the caches
   // for whatever reads it next) and starts on a cache line (with rows: of whole lines).
   bool streams(const Region& r) const;
   Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,

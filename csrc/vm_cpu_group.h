@@ -16,8 +16,9 @@
 // hardware prefetcher follows), and each row of a reduction is reduced by
 // one thread in one order: results do not depend on the thread count.
 //
-// On top of the interleaving: a large output that no later member reads is
-// written with streaming stores (plan_streaming_stores), and later members
+// On top of the interleaving: a large output (stream_store.h, kStreamMinBytes)
+// that no later member reads is written with streaming stores
+// (plan_streaming_stores), and later members
 // get the block lengths of data in cache.
 //
 // Internal to the CPU VM: included only by vm_cpu.cpp, after Worker and
@@ -106,7 +107,7 @@ void plan_streaming_stores(const std::vector<Region>& rs, std::vector<GroupMembe
     const Region& r = rs[m];
     for (size_t k = 0; k < r.stores.size(); ++k) {
       const StoreRec& S = r.stores[k];
-      if (S.mode != MODE_ASSIGN || double(r.numel) * dtype_itemsize(S.dtype) < double(kStreamStoreBytes)) continue;
+      if (S.mode != MODE_ASSIGN || double(r.numel) * dtype_itemsize(S.dtype) < double(kStreamMinBytes)) continue;
       const Extent e = extent_of(r, S.ptr, S.dtype, 0, S.stride, nullptr);
       bool read_later = false;
       for (size_t m2 = m + 1; m2 < rs.size(); ++m2)

@@ -42,9 +42,6 @@ constexpr int64_t kGroupMaxSliceBytes = 4 * kGroupChunkBytes;
 constexpr int64_t kBcastMinRun = 16;
 // Row groups hand out consecutive rows in about this many spans per thread.
 constexpr int64_t kGroupSpansPerThread = 8;
-// Row groups write an output of at least this many bytes that the group
-// does not read again with streaming stores (larger than the caches).
-constexpr int64_t kStreamStoreBytes = 8 * 1024 * 1024;
 
 // Ops that cost tens of cycles per element (libm / libmvec calls).
 inline bool is_heavy(int64_t op) {

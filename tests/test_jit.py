@@ -346,7 +346,7 @@ def test_which_loops_have_a_streaming_variant():
     ("sin_exp", lambda x: torch.sin(x) * torch.exp(x), (1 << 21,), torch.float32),  # elements
 ])
 def test_large_outputs_stream(name, fn, shape, dtype, gen):
-    # 8 MiB outputs (csrc/program.h kJitStreamBytes): the compiled plan writes them with
+    # 8 MiB outputs (csrc/stream_store.h kStreamMinBytes): the compiled plan writes them with
     # streaming stores; the values must be torch's
     x = rand(shape, gen, dtype=dtype).requires_grad_()
     y = fn(x)
