@@ -316,6 +316,28 @@ def test_create_graph_records_one_node(device, name, gen):
                 none_is_zero=True)
 
 
+def test_block_takes_a_tensor_bound_twice_once(gen):
+    """softplus(x) * sigmoid(x): sigmoid's result is both MulBackward0's saved `other` and
+    SigmoidBackward0's saved result (two IR nodes). The block takes it as one input, so the
+    call reads x, softplus(x) and sigmoid(x) once each; both orders and a backward to x
+    through the block match PyTorch."""
+    fn = lambda x: torch.nn.functional.softplus(x) * torch.sigmoid(x)  # noqa: E731
+    x = (rand((6, 5), gen) * 4).requires_grad_(True)
+    y = fn(x)
+    go = rand(tuple(y.shape), gen)
+    report = fastgrad.explain(y, x, go, create_graph=True)
+    assert report.all_native and report.bytes_read == 4 * x.numel() * x.element_size(), \
+        str(report)  # go too
+    g = FAST_GRAD(y, x, go, create_graph=True)[0]
+    ref = TORCH_GRAD(y, x, go, create_graph=True)[0]
+    assert_same(g, ref, what="first order")
+    assert len(g.grad_fn.saved_tensors) == 4, [tuple(t.shape) for t in g.grad_fn.saved_tensors]
+    v = rand(tuple(g.shape), gen)
+    want = TORCH_GRAD(ref, x, v, retain_graph=True)[0]
+    assert_same(FAST_GRAD(g, x, v, retain_graph=True)[0], want, what="second order")
+    assert_same(TORCH_GRAD(g, x, v)[0], want, what="torch through the block")
+
+
 def test_second_order_loads_the_saved_products(gen):
     """u_xx through a block lowers the block's IR with its products bound to the results it
     saved: the first call's products are not computed again (a 3-layer MLP: 4 products in

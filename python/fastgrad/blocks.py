@@ -100,12 +100,24 @@ class PlanBlock:
         carries_graph = lambda n: n.known is not None and n.op != "mm" and \
             not n.detached  # noqa: E731
         nodes = ir.topo(requested, stop=carries_graph)
-        self.inputs = [n for n in nodes if n.known is not None]
+        # One input per tensor read as one shape: different nodes can be bound to the same
+        # tensor (softplus(x) * sigmoid(x): MulBackward0's saved `other` is a leaf,
+        # SigmoidBackward0's saved result the sigmoid node), and each input is a pass over
+        # memory. Nodes whose graph the block carries and value-only reads stay apart (one is
+        # differentiated, the other not).
+        self.inputs, number, where = [], {}, {}
+        for n in nodes:
+            if n.known is not None:
+                key = (carries_graph(n), n.known, n.shape, n.dtype)
+                if key not in number:
+                    number[key] = len(self.inputs)
+                    self.inputs.append(n)
+                where[id(n)] = number[key]
         n_in = len(self.inputs)
         self.local_inputs = [ir.leaf(i, n.shape, n.dtype) for i, n in enumerate(self.inputs)]
-        leaves = {id(n): m for n, m in zip(self.inputs, self.local_inputs)
-                  if carries_graph(n)}
-        values = {id(n): i for i, n in enumerate(self.inputs) if not carries_graph(n)}
+        leaves = {i: self.local_inputs[j] for i, j in where.items()
+                  if carries_graph(self.inputs[j])}
+        values = {i: j for i, j in where.items() if not carries_graph(self.inputs[j])}
         results = {id(n) for n in requested}
         made = [n for n in nodes if n.op == "mm" and n.known is None and id(n) not in results]
         self.nout = len(requested)
