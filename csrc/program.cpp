@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 
+#include "region_extents.h"
 #include "stream_store.h"
 
 namespace fg {
@@ -37,21 +38,6 @@ constexpr int64_t kJitGroupChunkBytes = 4 * 1024;
 // at least this many elements and, so that the chunks' rows of doubles stay a quarter of the
 // data's bytes or less, at least 8 rows.
 constexpr int64_t kColumnChunks = 16, kColumnChunkElems = 16384;
-
-// Byte range [lo, hi) a record with these strides can touch.
-struct Span {
-  uintptr_t lo, hi;
-};
-Span span_of(const Region& r, const char* p, int dtype, int64_t offset, const int64_t* st) {
-  const int64_t isz = dtype_itemsize(dtype);
-  int64_t lo = offset, hi = offset;
-  for (int d = 0; d < r.ndim; ++d) {
-    const int64_t reach = st[d] * (r.shape[d] - 1);
-    (reach < 0 ? lo : hi) += reach;
-  }
-  return Span{(uintptr_t)p + uintptr_t(lo * isz), (uintptr_t)p + uintptr_t((hi + 1) * isz)};
-}
-bool overlap(const Span& a, const Span& b) { return a.lo < b.hi && b.lo < a.hi; }
 
 // Whether strides st over dims [d0, d1) of r are row-major contiguous (size-1 dims take any
 // stride) or, with zero, all 0.
@@ -145,21 +131,10 @@ bool Program::loop_pointers(const Region& r, std::vector<char*>& ptrs) const {
   // element (or row): exact only when no store shares memory with a load or another store.
   // The runtime's outputs are fresh tensors; for a caller that passes overlapping buffers the
   // interpreter runs, with its own rules (it is not exact for every overlap either).
-  std::vector<Span> loads, stores;
+  if (!stores_disjoint(r)) return false;
   ptrs.clear();
-  for (const LoadRec& L : r.loads) {
-    loads.push_back(span_of(r, L.ptr, L.dtype, L.offset, L.stride));
-    ptrs.push_back(L.ptr + L.offset * dtype_itemsize(L.dtype));
-  }
-  for (const StoreRec& S : r.stores) {
-    const Span sp = span_of(r, S.ptr, S.dtype, 0, S.stride);
-    for (const Span& o : loads)
-      if (overlap(sp, o)) return false;
-    for (const Span& o : stores)
-      if (overlap(sp, o)) return false;
-    stores.push_back(sp);
-    ptrs.push_back(S.ptr);
-  }
+  for (const LoadRec& L : r.loads) ptrs.push_back(L.ptr + L.offset * dtype_itemsize(L.dtype));
+  for (const StoreRec& S : r.stores) ptrs.push_back(S.ptr);
   return true;
 }
 
@@ -290,15 +265,10 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
   // rows are still in cache for nothing, and plain stores would first read each line).
   for (size_t m = 0; m < nm; ++m) {
     if (!ps[m]->streams(rs[m])) continue;
-    bool read_later = false;
-    for (const StoreRec& S : rs[m].stores) {
-      if (S.mode != MODE_ASSIGN) continue;
-      const Span out = span_of(rs[m], S.ptr, S.dtype, 0, S.stride);
-      for (size_t m2 = m + 1; m2 < nm; ++m2)
-        for (const LoadRec& L : rs[m2].loads)
-          read_later = read_later || overlap(out, span_of(rs[m2], L.ptr, L.dtype, L.offset, L.stride));
-    }
-    if (!read_later) {
+    bool later = false;
+    for (const StoreRec& S : rs[m].stores)
+      later = later || (S.mode == MODE_ASSIGN && read_later(rs, m, S));
+    if (!later) {
       ks[m] = ps[m]->stream_kernel.load(std::memory_order_acquire);
       stream = true;
     }

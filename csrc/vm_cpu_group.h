@@ -34,6 +34,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "region_extents.h"
 #include "vm.h"
 #include "vm_cpu_plan.h"
 #include "vm_cpu_reduce.h"
@@ -108,12 +109,7 @@ void plan_streaming_stores(const std::vector<Region>& rs, std::vector<GroupMembe
     for (size_t k = 0; k < r.stores.size(); ++k) {
       const StoreRec& S = r.stores[k];
       if (S.mode != MODE_ASSIGN || double(r.numel) * dtype_itemsize(S.dtype) < double(kStreamMinBytes)) continue;
-      const Extent e = extent_of(r, S.ptr, S.dtype, 0, S.stride, nullptr);
-      bool read_later = false;
-      for (size_t m2 = m + 1; m2 < rs.size(); ++m2)
-        for (const LoadRec& L : rs[m2].loads)
-          read_later = read_later || overlap(e, extent_of(rs[m2], L.ptr, L.dtype, L.offset, L.stride, &L.preds));
-      if (!read_later) stream_store(ms[m].fp, (int)k);
+      if (!read_later(rs, m, S)) stream_store(ms[m].fp, (int)k);
     }
   }
 }

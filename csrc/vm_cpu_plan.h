@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <utility>
 #include <vector>
+#include "region_extents.h"  // stores_disjoint
 #include "vm.h"
 #include "vm_cpu_tuning.h"
 
@@ -60,52 +61,6 @@ inline int contig_dims(const Region& r, const int64_t* st, int64_t* span) {
   }
   *span = std::max<int64_t>(expect, 1);
   return k == 0 ? -1 : k;
-}
-
-// Byte range [lo, hi) a record may touch (conservative); empty if none.
-struct Extent {
-  uintptr_t lo = 0, hi = 0;
-};
-inline Extent extent_of(const Region& r, const char* ptr, int dtype, int64_t offset, const int64_t* st,
-                        const std::vector<Pred>* preds) {
-  __int128 lo = offset, hi = offset;
-  for (int d = 0; d < r.ndim; ++d) {
-    const __int128 e = (__int128)st[d] * (r.shape[d] - 1);
-    (e < 0 ? lo : hi) += e;
-  }
-  if (preds)
-    for (const Pred& P : *preds) {
-      if (P.len <= 0) return Extent{};  // never valid: touches nothing
-      const __int128 e = (__int128)P.stride * (P.len - 1);
-      (e < 0 ? lo : hi) += e;
-    }
-  const int64_t isz = dtype_itemsize(dtype);
-  Extent x;
-  x.lo = (uintptr_t)((__int128)(uintptr_t)ptr + lo * isz);
-  x.hi = (uintptr_t)((__int128)(uintptr_t)ptr + (hi + 1) * isz);
-  return x;
-}
-inline bool overlap(const Extent& a, const Extent& b) {
-  return a.lo < a.hi && b.lo < b.hi && a.lo < b.hi && b.lo < a.hi;
-}
-
-// True when no store of r may overlap a load or another store.
-bool stores_disjoint(const Region& r) {
-  const size_t nl = r.loads.size(), ns = r.stores.size();
-  std::vector<Extent> le(nl), se(ns);
-  for (size_t i = 0; i < nl; ++i) {
-    const LoadRec& L = r.loads[i];
-    le[i] = extent_of(r, L.ptr, L.dtype, L.offset, L.stride, &L.preds);
-  }
-  for (size_t k = 0; k < ns; ++k) {
-    const StoreRec& S = r.stores[k];
-    se[k] = extent_of(r, S.ptr, S.dtype, 0, S.stride, nullptr);
-    for (size_t i = 0; i < nl; ++i)
-      if (overlap(se[k], le[i])) return false;
-    for (size_t j = 0; j < k; ++j)
-      if (overlap(se[k], se[j])) return false;
-  }
-  return true;
 }
 
 // Which operands of instruction J read register `reg`: bit 0 a, bit 1 b,
