@@ -170,9 +170,8 @@ def source(region, kinds, compute, inner=None, modes=None, columns=False, dtypes
     # at a time with streaming stores (stream_store.h): each line's values are computed into a
     # local array the compiler keeps in registers, then stored from there. For outputs larger
     # than the caches that nothing reads soon (csrc/program.cpp decides, and checks the lines
-    # are aligned). Not for loops adding row sums as they go, over rows whose length is not a
-    # whole number of lines, nor over elements reading fewer than two arrays, where streaming
-    # measured slower on this project's 2-core VM (docs/performance.md, "Streaming stores").
+    # are aligned). Not for loops adding row sums as they go, nor over rows whose length is not
+    # a whole number of lines.
     streamed = [k for k, mode in enumerate(modes) if not mode]
     stream = None
     w = _LINE // (4 if compute == 0 else 8)  # elements per line
@@ -192,7 +191,7 @@ def source(region, kinds, compute, inner=None, modes=None, columns=False, dtypes
                       f"    for (int64_t j0 = 0; j0 < {inner}; j0 += {w}) {{",
                       *["      " + x for x in bufs], *lines("j", "T", "      "), "    }",
                       *after, "  }"]
-        elif not inner and kinds.count("c") >= 2:
+        elif not inner:
             stream = ["  int64_t i0 = begin;", f"  for (; i0 + {w} <= end; i0 += {w}) {{",
                       *["    " + x for x in bufs], *lines("i", "S", "    "), "  }",
                       "  for (int64_t i = i0; i < end; ++i) {", *["    " + x for x in body], "  }"]
