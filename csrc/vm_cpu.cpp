@@ -25,8 +25,9 @@
 //    row) is read once per run by the binary ops that use it, and a product
 //    that only a sum store reads is added up without being written
 //    (plan_direct_reads), each saving a pass over the block;
-//  - a row group (vm_cpu_group.h) writes a large final output with streaming
-//    stores, straight from the instruction that computes it.
+//  - a large output (8 MiB or more) of a program without transcendental ops,
+//    and a row group's large final output (vm_cpu_group.h), are written with
+//    streaming stores, straight from the instruction that computes it.
 //
 // Reductions: normalize_region() puts the reduced dims innermost, so each
 // output element of a reducing store ("row") is a contiguous range of
@@ -428,6 +429,15 @@ void run_typed(const Region& r, int nthreads) {
   if (!regs) throw std::bad_alloc();
   FastPlan fp = make_fast_plan(r, std::is_same<T, float>::value ? DT_F32 : DT_F64);
   fp.prefetch = heavy && streaming;
+  // A large output goes out with streaming stores, as in a row group and a compiled loop: it
+  // would not stay in the caches, and a plain store first reads each line it writes. Not in a
+  // program with transcendental ops: its short blocks, streamed piece by piece, measured slower.
+  for (size_t k = 0; k < r.stores.size() && !heavy; ++k) {
+    const StoreRec& S = r.stores[k];
+    if (S.mode == MODE_ASSIGN && double(r.numel) * dtype_itemsize(S.dtype) >= double(kStreamMinBytes))
+      stream_store(fp, (int)k);
+  }
+  const bool streamed = !fp.stream.empty();
   std::vector<const T*> regp((size_t)nt * nregs, nullptr);
   std::vector<char> done(nt * ns + 1, 0);
   std::vector<RowState> state(nt * ns + 1);
@@ -441,6 +451,12 @@ void run_typed(const Region& r, int nthreads) {
   std::atomic<int64_t> next{0};
   auto body = [&](int tid, int tcount) {
     used[tid] = 1;
+    struct Fence {  // streamed lines are visible to other threads after this
+      bool on;
+      ~Fence() {
+        if (on) stream_fence();
+      }
+    } fence{streamed};
     Worker<T> w{r, fp, block, regs.get() + (size_t)tid * nregs * block, &regp[(size_t)tid * nregs],
                 &done[tid * ns], &state[tid * ns],
                 &partials[tid * ns * 2], &npartials[tid * ns],

@@ -420,6 +420,36 @@ def test_large_sums_multithreaded(nthreads):
     assert out.item() == float((1 << 21) * (1.0 + 2 ** -20))
 
 
+@pytest.mark.parametrize("dtype,compute", COMPUTE)
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_large_outputs(dtype, compute, nthreads):
+    # Outputs of 8 MiB or more (stream_store.h, kStreamMinBytes) are written with streaming
+    # stores: one computed straight into its output, one stored from a register, one starting
+    # an element past a cache line, one a transposed view (plain stores), an odd length (a
+    # partial last line).
+    g = torch.Generator().manual_seed(9)
+    n = (8 << 20) // (4 if dtype == torch.float32 else 8) + 13
+    x = torch.randn(n, dtype=dtype, generator=g)
+    y = torch.randn(n, dtype=dtype, generator=g)
+    outs = [torch.full((n,), math.nan, dtype=dtype), torch.full((n,), math.nan, dtype=dtype),
+            torch.full((n + 1,), math.nan, dtype=dtype)[1:]]
+    r = Region(x.shape)
+    xr, yr = r.load(x), r.load(y)
+    r.store(outs[0], r.op("mul", r.op("add", xr, yr), yr))
+    r.store(outs[1], xr)
+    r.store(outs[2], r.op("sub", xr, yr))
+    r.run(compute, nthreads)
+    xd, yd = x.double(), y.double()
+    for out, ref in zip(outs, [(xd + yd) * yd, xd, xd - yd]):
+        torch.testing.assert_close(out.double(), ref, **tol(dtype))
+    m = x.view(-1)[: (n // 64) * 64].view(64, -1)
+    t = torch.full((m.shape[1], 64), math.nan, dtype=dtype)
+    r = Region(m.shape)
+    r.store(t, r.op("neg", r.load(m)), strides=[1, 64])
+    r.run(compute, nthreads)
+    assert torch.equal(t.t(), -m)
+
+
 def test_zero_dim_and_empty():
     x = torch.tensor(0.25, dtype=torch.float64)
     out = torch.empty((), dtype=torch.float64)
