@@ -102,9 +102,10 @@ class PlanBlock:
         nodes = ir.topo(requested, stop=carries_graph)
         # One input per tensor read as one shape: different nodes can be bound to the same
         # tensor (softplus(x) * sigmoid(x): MulBackward0's saved `other` is a leaf,
-        # SigmoidBackward0's saved result the sigmoid node), and each input is a pass over
-        # memory. Nodes whose graph the block carries and value-only reads stay apart (one is
-        # differentiated, the other not).
+        # SigmoidBackward0's saved result the sigmoid node), and each input is a load in the
+        # block's loops, a tensor the Function saves and a gradient its backward returns. Nodes
+        # whose graph the block carries and value-only reads stay apart (one is differentiated,
+        # the other not).
         self.inputs, number, where = [], {}, {}
         for n in nodes:
             if n.known is not None:
