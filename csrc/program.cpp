@@ -149,9 +149,8 @@ bool Program::streams(const Region& r) const {
   bool any = false;
   for (const StoreRec& S : r.stores) {
     if (S.mode != MODE_ASSIGN) continue;
-    const int64_t isz = dtype_itemsize(S.dtype);
-    if (r.numel * isz < kStreamMinBytes || reinterpret_cast<uintptr_t>(S.ptr) % kStreamLine != 0 ||
-        (sk > 0 && per * isz % kStreamLine != 0))
+    if (!large_output(r, S) || reinterpret_cast<uintptr_t>(S.ptr) % kStreamLine != 0 ||
+        (sk > 0 && per * dtype_itemsize(S.dtype) % kStreamLine != 0))
       return false;
     any = true;
   }

@@ -1,14 +1,16 @@
 // The memory a parsed region's records may touch, for the checks that decide how a region or
 // a row group may run: whether its stores are disjoint from its loads and from each other (a
 // fused loop or a register fast path is exact only then), and whether a row group member's
-// output is read by a later member (then it must not go out with streaming stores). The
-// interpreter (vm_cpu_plan.h, vm_cpu_group.h) and the compiled loops (program.cpp) ask the
-// same questions here.
+// output is read by a later member (then it must not go out with streaming stores), and
+// whether an output is large enough to stream at all. The interpreter (vm_cpu.cpp,
+// vm_cpu_plan.h, vm_cpu_group.h) and the compiled loops (program.cpp) ask the same questions
+// here.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "stream_store.h"  // kStreamMinBytes
 #include "vm.h"
 
 namespace fg {
@@ -62,6 +64,12 @@ inline bool stores_disjoint(const Region& r) {
     stores.push_back(e);
   }
   return true;
+}
+
+// Whether store S of r is an elementwise output of kStreamMinBytes or more: one that would not
+// stay in the caches for whatever reads it next, so streaming stores write it.
+inline bool large_output(const Region& r, const StoreRec& S) {
+  return S.mode == MODE_ASSIGN && double(r.numel) * dtype_itemsize(S.dtype) >= double(kStreamMinBytes);
 }
 
 // Whether a member after rs[m] of a row group may read what store S of rs[m] writes.

@@ -432,11 +432,8 @@ void run_typed(const Region& r, int nthreads) {
   // A large output goes out with streaming stores, as in a row group and a compiled loop: it
   // would not stay in the caches, and a plain store first reads each line it writes. Not in a
   // program with transcendental ops: its short blocks, streamed piece by piece, measured slower.
-  for (size_t k = 0; k < r.stores.size() && !heavy; ++k) {
-    const StoreRec& S = r.stores[k];
-    if (S.mode == MODE_ASSIGN && double(r.numel) * dtype_itemsize(S.dtype) >= double(kStreamMinBytes))
-      stream_store(fp, (int)k);
-  }
+  for (size_t k = 0; k < r.stores.size() && !heavy; ++k)
+    if (large_output(r, r.stores[k])) stream_store(fp, (int)k);
   const bool streamed = !fp.stream.empty();
   std::vector<const T*> regp((size_t)nt * nregs, nullptr);
   std::vector<char> done(nt * ns + 1, 0);

@@ -108,8 +108,7 @@ void plan_streaming_stores(const std::vector<Region>& rs, std::vector<GroupMembe
     const Region& r = rs[m];
     for (size_t k = 0; k < r.stores.size(); ++k) {
       const StoreRec& S = r.stores[k];
-      if (S.mode != MODE_ASSIGN || double(r.numel) * dtype_itemsize(S.dtype) < double(kStreamMinBytes)) continue;
-      if (!read_later(rs, m, S)) stream_store(ms[m].fp, (int)k);
+      if (large_output(r, S) && !read_later(rs, m, S)) stream_store(ms[m].fp, (int)k);
     }
   }
 }
