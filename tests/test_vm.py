@@ -448,6 +448,19 @@ def test_large_outputs(dtype, compute, nthreads):
     r.store(t, r.op("neg", r.load(m)), strides=[1, 64])
     r.run(compute, nthreads)
     assert torch.equal(t.t(), -m)
+    # beside a row sum, whose rows the threads split at fixed points (not at lines)
+    rows = x.view(-1)[: (n // 1001) * 1001].view(-1, 1001)
+    e = torch.full(rows.shape, math.nan, dtype=dtype)
+    s = torch.empty(rows.shape[0], 1, dtype=dtype)
+    r = Region(rows.shape)
+    v = r.op("mul", r.load(rows), r.const(3.0))
+    r.store(e, v)
+    r.store(s, v, mode=SUM)
+    r.run(compute, nthreads)
+    assert torch.equal(e, rows * 3)
+    # (sums of about 1000 values of either sign: an absolute tolerance at their scale)
+    torch.testing.assert_close(s.double(), (rows.double() * 3).sum(1, keepdim=True), rtol=0,
+                               atol=1e-11 if dtype == torch.float64 else 1e-4)
 
 
 def test_zero_dim_and_empty():
