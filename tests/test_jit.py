@@ -522,6 +522,25 @@ def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, tmp_path, gen):
         jit.enable(True)
 
 
+def test_a_failed_compile_keeps_the_compilers_error(monkeypatch, tmp_path):
+    # The compile command asks for the vectorisation report, a line per loop before any error:
+    # the reason keeps the error, not only the report's first lines
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    script = tmp_path / "cc.sh"
+    script.write_text("for i in $(seq 40); do\n"
+                      "  echo \"k.cpp:$i:5: optimized: loop vectorized using 32 byte vectors\" >&2\n"
+                      "done\necho \"k.cpp:41:1: error: the real trouble\" >&2\nexit 1\n")
+    monkeypatch.setattr(jit, "_command", lambda src, out: ["sh", str(script), src, out])
+    monkeypatch.setattr(jit, "_LIBS", {})
+    try:
+        assert jit.kernel_address("// a loop\n") is None
+        st = jit.status()
+        assert not st["enabled"] and "error: the real trouble" in st["reason"], st["reason"]
+        assert "optimized:" not in st["reason"]
+    finally:
+        jit.enable(True)
+
+
 def _compiled_programs(shape):
     return [pk.program.compiled for pl in list(fplan._CACHE.values()) for r in pl.regions
             if tuple(r.shape) == shape for pk in r.packers.values() if pk.program is not None]

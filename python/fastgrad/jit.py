@@ -401,12 +401,23 @@ def kernel_address(src, vector_only=True):
             _LIBS[key] = _load(key, src)
     except Exception as e:  # noqa: BLE001 (a loop is an optimisation: never fail the call)
         _STATE["enabled"] = False
-        err = getattr(e, "stderr", None)
-        _STATE["reason"] = f"{type(e).__name__}: {e}" + (
-            f": {err.decode(errors='replace')[:500]}" if err else "")
+        _STATE["reason"] = f"{type(e).__name__}: {e}" + _compiler_errors(
+            getattr(e, "stderr", None))
         return None
     lib, addr, vectorised, stream = _LIBS[key]
     return (lib, addr, stream or 0) if vectorised or not vector_only else None
+
+
+def _compiler_errors(err, limit=1000):
+    """What a failed compile printed, without the vectorisation report that the command asks
+    for (_VEC_REPORT: a line per loop, which would otherwise fill the reason before the
+    error): its last ``limit`` characters."""
+    if not err:
+        return ""
+    report = ("optimized:", "missed:", "remark:")
+    lines = [ln for ln in err.decode(errors="replace").splitlines()
+             if not any(r in ln for r in report)]
+    return ": " + "\n".join(lines)[-limit:]
 
 
 def _key(src):
