@@ -448,12 +448,7 @@ void run_typed(const Region& r, int nthreads) {
   std::atomic<int64_t> next{0};
   auto body = [&](int tid, int tcount) {
     used[tid] = 1;
-    struct Fence {  // streamed lines are visible to other threads after this
-      bool on;
-      ~Fence() {
-        if (on) stream_fence();
-      }
-    } fence{streamed};
+    StreamFence fence{streamed};
     Worker<T> w{r, fp, block, regs.get() + (size_t)tid * nregs * block, &regp[(size_t)tid * nregs],
                 &done[tid * ns], &state[tid * ns],
                 &partials[tid * ns * 2], &npartials[tid * ns],

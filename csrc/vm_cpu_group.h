@@ -190,9 +190,7 @@ int64_t run_group(std::vector<Region>& rs, const int* computes, uint32_t mask, i
   const int64_t nspan = std::min<int64_t>(int64_t(nt) * kGroupSpansPerThread, nchunks);
   std::atomic<int64_t> next{0};
   auto body = [&](int tid) {
-    struct Fence {  // streamed lines are visible to other threads after this
-      ~Fence() { stream_fence(); }
-    } fence;
+    StreamFence fence;
     for (;;) {
       const int64_t sp = next.fetch_add(1, std::memory_order_relaxed);
       if (sp >= nspan) break;

@@ -371,6 +371,15 @@ inline void store_tile(S* p, int64_t so, int64_t si, int64_t rows, int64_t len, 
   }
 }
 
+// Fences the thread's streaming stores as it leaves the scope (when `on`): other threads
+// see the streamed lines only after it.
+struct StreamFence {
+  bool on = true;
+  ~StreamFence() {
+    if (on) stream_fence();
+  }
+};
+
 // d[i] = f(i) for i < n, written with streaming stores: computed a piece at
 // a time into a buffer that stays in L1, each piece then streamed out.
 template <class T, class F>
