@@ -183,7 +183,7 @@ def source(region, kinds, compute, inner=None, modes=None, columns=False, dtypes
         def lines(ix, out, ind):
             # (unroll 1: unrolled first, GCC vectorises the line's statements without the
             # transcendentals' vector variants; as a loop, with them)
-            return ["#pragma GCC unroll 1", f"{ind}for (int64_t l = 0; l < {w}; ++l) {{",
+            return ["#pragma GCC unroll 1", f"{ind}{_STREAM_LOOP}{w}; ++l) {{",
                     f"{ind}  const int64_t {ix} = {ix}0 + l;", *[f"{ind}  {x}" for x in body_s],
                     f"{ind}}}", *[f"{ind}fg::stream_line({out}{k} + {ix}0, B{k});" for k in streamed]]
         if inner and inner % w == 0 and any("] = " in x for x in body_s):
