@@ -12,6 +12,7 @@
 #include "capture.h"
 #include "floor.h"
 #include "signature_key.h"
+#include "stream_policy.h"
 #include "executor.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
@@ -186,6 +187,7 @@ PYBIND11_MODULE(_C, m) {
                return;
              }
              p.p->split.store(split, std::memory_order_release);
+             p.p->reset_stream_pick();
              p.p->stream_kernel.store(reinterpret_cast<fg::Program::Kernel>(stream_address),
                                       std::memory_order_release);
              p.p->kernel.store(reinterpret_cast<fg::Program::Kernel>(address), std::memory_order_release);
@@ -196,7 +198,7 @@ PYBIND11_MODULE(_C, m) {
            "interpreter again, not while another thread runs it); `keep` is held as long as it is used\n"
            "(its library); `columns`: the loop adds column sums (jit.source), as column_sums(split)\n"
            "must say; `stream_address`: the same loop writing with streaming stores (or 0), taken for\n"
-           "outputs larger than the caches (Program::streams).\n"
+           "outputs larger than the caches (Program::streams) where timing says it is faster.\n"
            "Raises ValueError for a region kernel_fits(split) refuses, a loop of the other\n"
            "kind of sums, or when a loop is set.")
       .def("load_kinds", [](const fg::ProgramHandle& p, int split) -> py::object {
@@ -218,7 +220,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("compiled", [](const fg::ProgramHandle& p) { return p.p->kernel.load() != nullptr; },
            "Whether runs go through a compiled loop.")
       .def_property_readonly("streaming", [](const fg::ProgramHandle& p) { return p.p->stream_kernel.load() != nullptr; },
-           "Whether its compiled loop has a streaming variant (taken for large outputs: Program::streams).");
+           "Whether its compiled loop has a streaming variant (taken for large outputs: Program::streams).")
+      .def_property_readonly("stream_pick", [](const fg::ProgramHandle& p) { return p.p->stream_pick.load(); },
+           "Whether its large-output runs stream: 0 while the first runs of each kind are timed,\n"
+           "1 streaming stores (timed faster here), -1 plain stores (Program::stream_pick).");
 
   m.def("run_program_group", &run_program_group, py::arg("programs"), py::arg("ins"), py::arg("outs"),
         py::arg("chunk_mask"), py::arg("nthreads"),
@@ -320,6 +325,11 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "The C++ compiler this module was built with, its id and whether -march=native was used\n"
      "(what fastgrad.jit compiles loops with).");
+
+  m.def("stream_min_bytes", &fg::stream_min_bytes,
+        "Outputs of at least this many bytes may be written with streaming stores (stream_policy.h).");
+  m.def("set_stream_min_bytes", &fg::set_stream_min_bytes, py::arg("bytes"),
+        "Sets stream_min_bytes; a negative value restores the default.");
 
   m.def("max_ndim", [] { return fg::kMaxNdim; }, "Most iteration dims a region may have.");
 

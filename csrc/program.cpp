@@ -1,6 +1,7 @@
 #include "program.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -175,28 +176,58 @@ bool Program::run(Region& r, int nthreads) const {
     run_columns(k, ptrs, n, per, nthreads);
     return true;
   }
-  const bool stream = streams(r);
+  bool stream = streams(r);
+  int trial = -1;  // the kind this run times (Program::stream_pick), or -1
+  if (stream) {
+    const int pick = stream_pick.load(std::memory_order_acquire);
+    if (pick == 0) trial = next_trial();
+    stream = pick > 0 || trial == 1;
+  }
   if (stream) k = stream_kernel.load(std::memory_order_acquire);
   int nt = 1;
   if (r.numel >= kJitParallelMin)
     nt = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nthreads, r.numel / (kJitParallelMin / 2), n}));
   char* const* pp = ptrs.data();
+  const auto t0 = std::chrono::steady_clock::now();
   if (nt == 1) {
     k(pp, 0, n);
     if (stream) stream_fence();
-    return true;
-  }
-  // About four chunks per thread, the same for any thread count; elements in multiples of 64
-  // (whole cache lines of floats or doubles).
-  int64_t chunk = (n + 4 * nt - 1) / (4 * nt);
-  if (per == 1) chunk = (chunk + 63) & ~int64_t(63);
-  const int64_t nchunks = (n + chunk - 1) / chunk;
+  } else {
+    // About four chunks per thread, the same for any thread count; elements in multiples of 64
+    // (whole cache lines of floats or doubles).
+    int64_t chunk = (n + 4 * nt - 1) / (4 * nt);
+    if (per == 1) chunk = (chunk + 63) & ~int64_t(63);
+    const int64_t nchunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    k(pp, c * chunk, std::min(n, (c + 1) * chunk));
-    if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      k(pp, c * chunk, std::min(n, (c + 1) * chunk));
+      if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
+    }
   }
+  if (trial >= 0)
+    record_trial(trial, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
+                            double(r.numel));
   return true;
+}
+
+int Program::next_trial() const {
+  std::lock_guard<std::mutex> lock(trial_mu_);
+  return trials_[1] <= trials_[0] ? 1 : 0;  // streaming first, then alternately
+}
+
+void Program::record_trial(int kind, double seconds_per_element) const {
+  std::lock_guard<std::mutex> lock(trial_mu_);
+  if (stream_pick.load(std::memory_order_relaxed) != 0) return;  // (decided meanwhile)
+  double& best = best_[kind];
+  best = trials_[kind]++ == 0 ? seconds_per_element : std::min(best, seconds_per_element);
+  if (trials_[0] >= kStreamTrials && trials_[1] >= kStreamTrials)
+    stream_pick.store(best_[1] <= best_[0] ? 1 : -1, std::memory_order_release);
+}
+
+void Program::reset_stream_pick() {
+  std::lock_guard<std::mutex> lock(trial_mu_);
+  trials_[0] = trials_[1] = 0;
+  stream_pick.store(0, std::memory_order_release);
 }
 
 void Program::run_columns(Kernel k, const std::vector<char*>& ptrs, int64_t rows, int64_t cols,

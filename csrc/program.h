@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -58,10 +59,19 @@ struct Program {
   // The loop's data pointers for bound region r, or false when a store overlaps a load or
   // another store (then only the interpreter is exact).
   bool loop_pointers(const Region& r, std::vector<char*>& ptrs) const;
-  // Whether a run of bound region r should write through stream_kernel: there is one, and each
-  // of r's elementwise stores is at least kStreamMinBytes (then it would not stay in the caches
+  // Whether a run of bound region r may write through stream_kernel: there is one, and each
+  // of r's elementwise stores is at least stream_min_bytes() (then it would not stay in the caches
   // for whatever reads it next) and starts on a cache line (with rows: of whole lines).
   bool streams(const Region& r) const;
+  // Whether runs that may stream do: timed on this machine, as the same kind of loop gained
+  // from streaming stores on one CPU and lost on another (a loop calling vector exp between
+  // divisions ran 1.5x slower with them: docs/performance.md). The first kStreamTrials runs of
+  // each kind are timed, alternately, and the faster (least seconds per element) is kept.
+  // 0 while timing, 1 streaming stores, -1 plain stores.
+  static constexpr int kStreamTrials = 3;
+  mutable std::atomic<int> stream_pick{0};
+  // Forget the timings (a new loop was set).
+  void reset_stream_pick();
   Program(const int64_t* desc, int64_t len, const double* consts, int64_t nconsts, int compute,
           std::vector<int64_t> load_src, std::vector<int64_t> store_dst, int64_t nins,
           int64_t nouts);
@@ -78,6 +88,12 @@ struct Program {
   bool run(Region& r, int nthreads) const;
 
  private:
+  // Which kind the next timed run takes (1 streaming, 0 plain), and its time per element.
+  int next_trial() const;
+  void record_trial(int kind, double seconds_per_element) const;
+  mutable std::mutex trial_mu_;
+  mutable int trials_[2] = {0, 0};
+  mutable double best_[2] = {0, 0};
   void run_columns(Kernel k, const std::vector<char*>& ptrs, int64_t rows, int64_t cols, int nthreads) const;
 };
 

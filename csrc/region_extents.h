@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "stream_store.h"  // kStreamMinBytes
+#include "stream_policy.h"  // stream_min_bytes
 #include "vm.h"
 
 namespace fg {
@@ -66,10 +66,10 @@ inline bool stores_disjoint(const Region& r) {
   return true;
 }
 
-// Whether store S of r is an elementwise output of kStreamMinBytes or more: one that would not
+// Whether store S of r is an elementwise output of stream_min_bytes() or more: one that would not
 // stay in the caches for whatever reads it next, so streaming stores write it.
 inline bool large_output(const Region& r, const StoreRec& S) {
-  return S.mode == MODE_ASSIGN && double(r.numel) * dtype_itemsize(S.dtype) >= double(kStreamMinBytes);
+  return S.mode == MODE_ASSIGN && double(r.numel) * dtype_itemsize(S.dtype) >= double(stream_min_bytes());
 }
 
 // Whether a member after rs[m] of a row group may read what store S of rs[m] writes.

@@ -32,11 +32,6 @@ inline void stream_run(T* p, const T* v, int64_t n) {
   for (; i < n; ++i) p[i] = v[i];
 }
 
-// Outputs of at least this many bytes are streamed (the interpreter's row groups, the compiled
-// loops: Program::streams): larger than the caches, they would not stay there for whatever
-// reads them next.
-constexpr int64_t kStreamMinBytes = 8 * 1024 * 1024;
-
 // Bytes of one streamed piece of a compiled loop (fg_kernel_stream): a cache line.
 constexpr int kStreamLine = 64;
 

@@ -16,7 +16,7 @@
 // hardware prefetcher follows), and each row of a reduction is reduced by
 // one thread in one order: results do not depend on the thread count.
 //
-// On top of the interleaving: a large output (stream_store.h, kStreamMinBytes)
+// On top of the interleaving: a large output (stream_policy.h, stream_min_bytes)
 // that no later member reads is written with streaming stores
 // (plan_streaming_stores), and later members
 // get the block lengths of data in cache.

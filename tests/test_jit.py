@@ -307,6 +307,42 @@ def test_streaming_only_into_whole_lines(dtype, compute):
             assert torch.equal(o, x * y)
 
 
+def test_large_output_runs_time_both_stores_then_keep_the_faster():
+    # With outputs large enough to stream (the threshold lowered so a small tensor is), the
+    # first runs alternate between the streaming and the plain loop, timed, and then keep one;
+    # every run's result is exact, whichever kind it took.
+    gen = torch.Generator().manual_seed(24)
+    shape = (4096,)
+    x, y = rand(shape, gen, dtype=torch.float32), rand(shape, gen, dtype=torch.float32)
+    r = Region(shape)
+    out = torch.empty(shape)
+    r.store(out, r.op("mul", r.op("exp", r.load(x)), r.load(y)))
+    desc, consts = r.pack()
+    p = C_Program(desc, consts, 0, [0, 1], [0], 2, 1)
+    got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
+                                        p.load_dtypes()))
+    assert got is not None and got[2] != 0
+    before = _C.stream_min_bytes()
+    _C.set_stream_min_bytes(1024)
+    try:
+        p.set_kernel(got[1], got[0], 0, False, got[2])
+        ref = torch.exp(x.double()) * y.double()
+        for i in range(2 * 3 + 2):
+            if i < 2 * 3:  # (three timed runs of each kind)
+                assert p.stream_pick == 0
+            o = torch.full(shape, float("nan"))
+            assert p.run([x, y], [o], 2)
+            torch.testing.assert_close(o.double(), ref, rtol=1e-6, atol=0)
+        assert p.stream_pick in (1, -1)
+        # a new loop is timed anew
+        p.set_kernel(0, None)
+        p.set_kernel(got[1], got[0], 0, False, got[2])
+        assert p.stream_pick == 0
+    finally:
+        _C.set_stream_min_bytes(-1)
+    assert _C.stream_min_bytes() == before
+
+
 def test_which_loops_have_a_streaming_variant():
     # over elements and over rows; not a loop adding row sums as it computes
     gen = torch.Generator().manual_seed(22)

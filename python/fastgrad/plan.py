@@ -68,11 +68,15 @@ class Region:
                                                 any(m is i for i in self.inputs))} - {"leaf"})
         compiled = any(p.program is not None and p.program.compiled or any(p.cuda_kernels.values())
                        or p.cuda_group for p in self.packers.values())
-        streaming = any(p.program is not None and p.program.streaming for p in self.packers.values())
+        # a loop with a streaming variant: which one its runs with large outputs take
+        picks = {p.program.stream_pick for p in self.packers.values()
+                 if p.program is not None and p.program.streaming}
+        stores = "" if not picks else " (streaming stores for large outputs)" if picks == {1} \
+            else " (plain stores for large outputs: streaming timed slower)" if picks == {-1} \
+            else " (streaming stores for large outputs where timed faster)"
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
-                f"instructions; ops {ops}" + ("; compiled loop" if compiled else "") +
-                (" (streaming stores for large outputs)" if streaming else ""))
+                f"instructions; ops {ops}" + ("; compiled loop" if compiled else "") + stores)
 
 
 class ViewStep:
