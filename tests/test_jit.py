@@ -558,6 +558,18 @@ def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, tmp_path, gen):
         jit.enable(True)
 
 
+@pytest.mark.parametrize("avx512", [False, True])
+def test_loops_take_the_vector_width_of_torchs_kernels(monkeypatch, avx512):
+    # 512-bit vectors exactly where PyTorch's CPU kernels dispatch to AVX-512 (a native
+    # build with GCC or Clang); the flag is part of the command, so of the cache key
+    monkeypatch.setattr(jit, "_torch_uses_avx512", lambda: avx512)
+    info = _C.build_info()
+    cmd = jit._command("k.cpp", "k.so")
+    want = avx512 and info["native"] and info["cxx_id"] in ("GNU", "Clang", "AppleClang")
+    assert ("-mprefer-vector-width=512" in cmd) == want
+    assert cmd[-4:] == ["-o", "k.so", "k.cpp", "-lm"]
+
+
 def test_a_failed_compile_keeps_the_compilers_error(monkeypatch, tmp_path):
     # The compile command asks for the vectorisation report, a line per loop before any error:
     # the reason keeps the error, not only the report's first lines
