@@ -244,6 +244,10 @@ PYBIND11_MODULE(_C, m) {
         "Reference loop: out[i] = cos(x)*exp(x) + sin(x)*exp(x) over n contiguous elements\n"
         "(dtype_code 0 = float32, 1 = float64), OpenMP over nthreads. Raises ValueError on bad\n"
         "arguments. Releases the GIL.");
+  m.def("stream_copy", &fg::stream_copy, py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("nbytes"),
+        py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+        "Copy nbytes (a multiple of 64) between 64-byte aligned buffers with streaming stores\n"
+        "(the benchmark's second copy bandwidth; floor.h).");
 
   m.def("opcodes", [] {
     py::dict d;

@@ -13,4 +13,11 @@ namespace fg {
 // pointer with n > 0. Call without the GIL.
 void hand_fused_sin_exp_grad(uintptr_t x, uintptr_t out, int64_t n, int dtype, int nthreads);
 
+// dst[0, nbytes) = src[0, nbytes) with streaming stores (stream_store.h), OpenMP over nthreads:
+// the benchmark's copy bandwidth is the faster of this and PyTorch's copy_, whose plain stores
+// first read each line they write (a floor measured with them alone was beaten by the
+// streaming loops it is meant to bound). Both pointers 64-byte aligned, nbytes a multiple of 64.
+// Throws std::invalid_argument otherwise or on nthreads < 1. Call without the GIL.
+void stream_copy(uintptr_t src, uintptr_t dst, int64_t nbytes, int nthreads);
+
 }  // namespace fg

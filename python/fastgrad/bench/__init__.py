@@ -17,7 +17,8 @@
    ``_C.hand_fused_sin_exp_grad`` (the floor a fused kernel can reach);
 4. reports the speedup torch/fastgrad and the fraction of the memory floor:
    floor time = (bytes of every input read once + every result written once) / copy bandwidth,
-   the bandwidth of ``dst.copy_(src)`` measured in the same run; fraction = floor / fastgrad.
+   the bandwidth of the faster of ``dst.copy_(src)`` and (CPU) a streaming-store copy
+   (``_C.stream_copy``), measured in the same run; fraction = floor / fastgrad.
 
 Output: a table (stdout), a progress bar (stderr, only on a tty), a JSON file with every number
 and a PNG of speedup against size (matplotlib, skipped with a note when it is missing).

@@ -132,6 +132,9 @@ JSON_DEFINITIONS = {
     "speedup": "times_s.torch / times_s.fastgrad",
     "floor_bytes": "every input (x, grad_outputs, weights) read once + every result "
                    "written once",
+    "copy_bandwidth_Bps": "bytes read + written per second by the faster of dst.copy_(src) and "
+                          "(CPU) a streaming-store copy (_C.stream_copy) of a 64 MB buffer "
+                          "(512 MB on a GPU)",
     "floor_fraction": "floor_bytes / copy_bandwidth_Bps / times_s.fastgrad (above 1 "
                       "when less must move than assumed, e.g. a result returned as an "
                       "expanded view, or a write-only result)",

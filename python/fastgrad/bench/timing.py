@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from .. import _C
+
 
 class Timer:
     """Seconds taken by one call of a thunk: perf_counter on CPU, CUDA events on cuda."""
@@ -60,15 +62,24 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
 
 
 def copy_bandwidth(dtype, device, nbytes=None, repeats=9):
-    """Bytes read + written per second of ``dst.copy_(src)`` on a buffer larger than caches
-    (a GPU's L2 is 50-60 MB on an H100/H200, hence the larger default there)."""
+    """Bytes read + written per second of a copy of a buffer larger than caches (a GPU's L2 is
+    50-60 MB on an H100/H200, hence the larger default there): ``dst.copy_(src)``, and on the
+    CPU also a copy with streaming stores (``_C.stream_copy``), the faster of the two (PyTorch's
+    plain stores read each line before writing it, so fastgrad's streaming loops beat a floor
+    measured with them alone)."""
     if nbytes is None:
         nbytes = (512 << 20) if torch.device(device).type == "cuda" else (64 << 20)
     esize = torch.empty((), dtype=dtype).element_size()
     n = max(nbytes // esize, 1)
     src = torch.rand(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
+    thunks = {"copy": lambda: dst.copy_(src)}
+    stream = getattr(_C, "stream_copy", None)
+    nb = n * esize // 64 * 64
+    if torch.device(device).type == "cpu" and stream is not None and nb > 0 and \
+            src.data_ptr() % 64 == 0 and dst.data_ptr() % 64 == 0:
+        nthreads = torch.get_num_threads()
+        thunks["stream"] = lambda: stream(src.data_ptr(), dst.data_ptr(), nb, nthreads)
     timer = Timer(device)
-    t, _, _ = time_engines({"copy": lambda: dst.copy_(src)}, timer, repeats, warmup=2,
-                           min_time=0.2, budget=5.0)
-    return 2 * n * esize / t["copy"]
+    t, _, _ = time_engines(thunks, timer, repeats, warmup=2, min_time=0.2, budget=5.0)
+    return max(2 * n * esize / t["copy"], 2 * nb / t.get("stream", float("inf")))
