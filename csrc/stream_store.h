@@ -38,7 +38,7 @@ constexpr int kStreamLine = 64;
 // p[0..kStreamLine / sizeof(T)) = v[...], one cache line streamed from registers; p must be
 // 32-byte aligned. In a compiled loop v is a local array the line's values were just computed
 // into, which the compiler keeps in registers (a buffer in memory measured no faster than
-// plain stores: docs/performance.md, "Streaming stores").
+// plain stores: docs/performance-history.md, "Streaming stores in compiled loops").
 template <class T>
 inline void stream_line(T* p, const T* v) {
 #ifdef __AVX__

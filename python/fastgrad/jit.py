@@ -302,8 +302,8 @@ def _command(src, out):
         if _torch_uses_avx512() and info["cxx_id"] in _VEC_REPORT:
             # GCC and Clang keep to 256-bit vectors on AVX-512 CPUs unless told; PyTorch's own
             # kernels run 512-bit ones there, and so do the loops (on a Xeon: logsumexp's VJP
-            # at 4e6 1.5x faster, softmax's at 1e5 and the second-order chains 1.1-1.2x;
-            # docs/performance.md, "Vector width").
+            # at 4e6 1.5x faster, softplus_sigmoid_2nd 1.2x; docs/performance.md, "Vector
+            # width").
             cmd.append("-mprefer-vector-width=512")
     return cmd + ["-o", out, src, "-lm"]
 

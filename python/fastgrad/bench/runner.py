@@ -119,7 +119,7 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
     # torch against fastgrad (and the hand-fused loop) in rounds of their own; torch.func and
     # torch.compile beside torch in rounds after them. In the same rounds, their calls (other
     # code, other allocations) changed torch's and fastgrad's times unequally: 10-25% of the
-    # ratio at 1e3-1e5 (docs/performance.md).
+    # ratio at 1e3-1e5 (docs/performance-history.md).
     others = {k: thunks.pop(k) for k in ("func", "compile") if k in thunks}
     try:
         times, mins, rounds = time_engines(thunks, timer, opts.repeats,
