@@ -82,22 +82,6 @@ def test_hand_fused_when_present():
         bench.compare(thunk(), ref, dtype)
 
 
-def test_stream_copy_copies_and_refuses_unaligned_buffers():
-    # the second copy the bandwidth is measured with: exact over aligned whole lines, on any
-    # thread count, and a ValueError instead of a fault for what it cannot stream
-    gen = torch.Generator().manual_seed(5)
-    src = torch.rand(3 * 4096 + 16, generator=gen)
-    for nthreads in (1, 2):
-        dst = torch.full_like(src, float("nan"))
-        fastgrad._C.stream_copy(src.data_ptr(), dst.data_ptr(), src.numel() * 4, nthreads)
-        assert torch.equal(dst, src)
-    dst = torch.empty_like(src)
-    for args in ((src.data_ptr() + 4, dst.data_ptr(), 64, 1), (src.data_ptr(), dst.data_ptr(), 60, 1),
-                 (src.data_ptr(), dst.data_ptr(), 64, 0)):
-        with pytest.raises(ValueError):
-            fastgrad._C.stream_copy(*args)
-
-
 def test_copy_bandwidth_is_the_faster_copy(monkeypatch):
     # the floor's bandwidth takes whichever copy moved the buffer faster (times given here, as
     # a timing cannot be asserted): the streaming copy on the CPU, torch's when it is faster

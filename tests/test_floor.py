@@ -1,6 +1,7 @@
-"""The hand-fused C++ loop of the benchmark's floor case (csrc/floor.cpp,
-_C.hand_fused_sin_exp_grad): the VJP of (sin(x) * exp(x)).sum() against torch, special values
-included, and its argument checks."""
+"""The benchmark's references in csrc/floor.cpp: the hand-fused C++ loop of the floor case
+(_C.hand_fused_sin_exp_grad), the VJP of (sin(x) * exp(x)).sum() against torch, special values
+included, and its argument checks; the streaming-store copy behind the floor's bandwidth
+(_C.stream_copy)."""
 import math
 
 import pytest
@@ -40,3 +41,19 @@ def test_hand_fused_sin_exp_grad_arguments():
     with pytest.raises(ValueError):
         C.hand_fused_sin_exp_grad(0, out.data_ptr(), 4, 0, 1)
     C.hand_fused_sin_exp_grad(0, 0, 0, 0, 1)  # nothing to do
+
+
+def test_stream_copy_copies_and_refuses_unaligned_buffers():
+    # the second copy the bandwidth is measured with: exact over aligned whole lines, on any
+    # thread count, and a ValueError instead of a fault for what it cannot stream
+    gen = torch.Generator().manual_seed(5)
+    src = torch.rand(3 * 65536 + 16, generator=gen)  # (four chunks of 4096 lines)
+    for nthreads in (1, 2):
+        dst = torch.full_like(src, float("nan"))
+        C.stream_copy(src.data_ptr(), dst.data_ptr(), src.numel() * 4, nthreads)
+        assert torch.equal(dst, src)
+    dst = torch.empty_like(src)
+    for args in ((src.data_ptr() + 4, dst.data_ptr(), 64, 1), (src.data_ptr(), dst.data_ptr(), 60, 1),
+                 (src.data_ptr(), dst.data_ptr(), 64, 0)):
+        with pytest.raises(ValueError):
+            C.stream_copy(*args)

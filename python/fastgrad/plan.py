@@ -18,7 +18,7 @@ Plans are cached by the identity of the interned output nodes: a training loop p
 """
 import torch
 
-from . import ir, rules
+from . import _C, ir, rules
 from .runtime_table import OPCODES
 
 _VIEW_OPS = {"expand", "permute", "reshape", "slice", "embed"}
@@ -62,18 +62,29 @@ class Region:
             return [(sh, dt or torch.get_default_dtype()) for sh, dt in self._out_specs]
         return self._out_specs
 
-    def describe(self):
+    def describe(self, grouped=False):
+        """One line for explain; ``grouped``: it ran as a member of a row group's chunked loops,
+        which stream a large output that no later member reads without timing it
+        (run_group_loops), where a region on its own times both kinds of store."""
         kind = f"reduce over dims {list(self.reduce_dims)}" if self.reduce_dims else "elementwise"
         ops = sorted({n.op for n in ir.topo(self.targets, stop=lambda m: m.known is not None or
                                                 any(m is i for i in self.inputs))} - {"leaf"})
         compiled = any(p.program is not None and p.program.compiled or any(p.cuda_kernels.values())
                        or p.cuda_group for p in self.packers.values())
-        # a loop with a streaming variant: which one its runs with large outputs take
+        # a loop with a streaming variant and outputs large enough to stream
+        # (stream_policy.h): which stores its runs take
+        large = ir.numel(self.shape) * torch.empty((), dtype=self.compute).element_size() >= \
+            _C.stream_min_bytes()
         picks = {p.program.stream_pick for p in self.packers.values()
-                 if p.program is not None and p.program.streaming}
-        stores = "" if not picks else " (streaming stores for large outputs)" if picks == {1} \
-            else " (plain stores for large outputs: streaming timed slower)" if picks == {-1} \
-            else " (streaming stores for large outputs where timed faster)"
+                 if large and p.program is not None and p.program.streaming}
+        if not picks:
+            stores = ""
+        elif picks == {1} or grouped:
+            stores = " (streaming stores for large outputs)"
+        elif picks == {-1}:
+            stores = " (plain stores for large outputs: streaming timed slower)"
+        else:
+            stores = " (streaming stores for large outputs where timed faster)"
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
                 f"instructions; ops {ops}" + ("; compiled loop" if compiled else "") + stores)

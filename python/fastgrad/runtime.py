@@ -214,13 +214,13 @@ def run_group_cuda(group, value, env, dev, stats=None):
                                      "chunks": None})
 
 
-def _count(stats, region, ins, outs, launch=True, indent=""):
+def _count(stats, region, ins, outs, launch=True, indent="", grouped=False):
     n = ir.numel(region.shape)
     stats.launches += launch
     stats.bytes_read += sum(ins[ix].element_size() * min(ins[ix].numel(), n)
                             for ix in {ix for ix, _ in region.loads})
     stats.bytes_written += sum(o.numel() * o.element_size() for o in outs)
-    stats.regions.append(indent + region.describe())
+    stats.regions.append(indent + region.describe(grouped))
 
 
 def _count_matmul(stats, step, a, b, out):
@@ -247,10 +247,10 @@ def run_group(group, value, env, stats=None):
         n = max(n, packer.numel)
         for t, o in zip(r.targets, outs):
             env[id(t)] = o
-        if stats is not None:
-            _count(stats, r, ins, outs, launch=False, indent="  ")
     chunks = _C.run_program_group(progs, ins_all, outs_all, group.mask, _num_threads(n))
     if stats is not None:
+        for r, ins, outs in zip(group.regions, ins_all, outs_all):
+            _count(stats, r, ins, outs, launch=False, indent="  ", grouped=chunks > 0)
         how = f"{chunks} chunks" if chunks else "one region after another (no chunking gain)"
         stats.regions.insert(at, f"{group.describe()}: {how}")
         stats.row_groups.append({"dims": list(group.dims), "regions": len(group.regions),
