@@ -343,6 +343,44 @@ def test_large_output_runs_time_both_stores_then_keep_the_faster():
     assert _C.stream_min_bytes() == before
 
 
+def test_stream_timing_from_several_threads():
+    # Program.run releases the GIL, so threads may time the same program at once: every run
+    # stays exact and the timing still ends in a pick
+    import threading
+    gen = torch.Generator().manual_seed(25)
+    shape = (8192,)
+    x, y = rand(shape, gen, dtype=torch.float32), rand(shape, gen, dtype=torch.float32)
+    r = Region(shape)
+    lx = r.load(x)
+    r.store(torch.empty(shape), r.op("add", r.op("mul", lx, r.load(y)), lx))
+    desc, consts = r.pack()
+    p = C_Program(desc, consts, 0, [0, 1], [0], 2, 1)
+    got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
+                                        p.load_dtypes()))
+    assert got is not None and got[2] != 0
+    want = x * y + x
+    bad = []
+    _C.set_stream_min_bytes(1024)
+    try:
+        p.set_kernel(got[1], got[0], 0, False, got[2])
+
+        def work():
+            for _ in range(10):
+                o = torch.full(shape, float("nan"))
+                p.run([x, y], [o], 1)
+                if not torch.equal(o, want):
+                    bad.append(o)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not bad
+        assert p.stream_pick in (1, -1)
+    finally:
+        _C.set_stream_min_bytes(-1)
+
+
 def test_which_loops_have_a_streaming_variant():
     # over elements and over rows; not a loop adding row sums as it computes
     gen = torch.Generator().manual_seed(22)
