@@ -307,7 +307,29 @@ def test_streaming_only_into_whole_lines(dtype, compute):
             assert torch.equal(o, x * y)
 
 
-def test_large_output_runs_time_both_stores_then_keep_the_faster():
+@pytest.fixture
+def stream_small():
+    """Outputs of 1 KiB or more may stream (stream_policy.h), so that small tensors are timed."""
+    before = _C.stream_min_bytes()
+    _C.set_stream_min_bytes(1024)
+    yield
+    _C.set_stream_min_bytes(-1)
+    assert _C.stream_min_bytes() == before
+
+
+def _timed_loop(r):
+    """(Program of float32 test_vm Region r reading inputs 0, 1 into output 0, its library's
+    (lib, loop, streaming loop)): the loop set with its streaming variant, as the JIT sets it."""
+    desc, consts = r.pack()
+    p = C_Program(desc, consts, 0, [0, 1], [0], 2, 1)
+    got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
+                                        p.load_dtypes()))
+    assert got is not None and got[2] != 0
+    p.set_kernel(got[1], got[0], 0, False, got[2])
+    return p, got
+
+
+def test_large_output_runs_time_both_stores_then_keep_the_faster(stream_small):
     # With outputs large enough to stream (the threshold lowered so a small tensor is), the
     # first runs alternate between the streaming and the plain loop, timed, and then keep one;
     # every run's result is exact, whichever kind it took.
@@ -315,35 +337,23 @@ def test_large_output_runs_time_both_stores_then_keep_the_faster():
     shape = (4096,)
     x, y = rand(shape, gen, dtype=torch.float32), rand(shape, gen, dtype=torch.float32)
     r = Region(shape)
-    out = torch.empty(shape)
-    r.store(out, r.op("mul", r.op("exp", r.load(x)), r.load(y)))
-    desc, consts = r.pack()
-    p = C_Program(desc, consts, 0, [0, 1], [0], 2, 1)
-    got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
-                                        p.load_dtypes()))
-    assert got is not None and got[2] != 0
-    before = _C.stream_min_bytes()
-    _C.set_stream_min_bytes(1024)
-    try:
-        p.set_kernel(got[1], got[0], 0, False, got[2])
-        ref = torch.exp(x.double()) * y.double()
-        for i in range(2 * 3 + 2):
-            if i < 2 * 3:  # (three timed runs of each kind)
-                assert p.stream_pick == 0
-            o = torch.full(shape, float("nan"))
-            assert p.run([x, y], [o], 2)
-            torch.testing.assert_close(o.double(), ref, rtol=1e-6, atol=0)
-        assert p.stream_pick in (1, -1)
-        # a new loop is timed anew
-        p.set_kernel(0, None)
-        p.set_kernel(got[1], got[0], 0, False, got[2])
-        assert p.stream_pick == 0
-    finally:
-        _C.set_stream_min_bytes(-1)
-    assert _C.stream_min_bytes() == before
+    r.store(torch.empty(shape), r.op("mul", r.op("exp", r.load(x)), r.load(y)))
+    p, got = _timed_loop(r)
+    ref = torch.exp(x.double()) * y.double()
+    for i in range(2 * 3 + 2):
+        if i < 2 * 3:  # (three timed runs of each kind)
+            assert p.stream_pick == 0
+        o = torch.full(shape, float("nan"))
+        assert p.run([x, y], [o], 2)
+        torch.testing.assert_close(o.double(), ref, rtol=1e-6, atol=0)
+    assert p.stream_pick in (1, -1)
+    # a new loop is timed anew
+    p.set_kernel(0, None)
+    p.set_kernel(got[1], got[0], 0, False, got[2])
+    assert p.stream_pick == 0
 
 
-def test_stream_timing_from_several_threads():
+def test_stream_timing_from_several_threads(stream_small):
     # Program.run releases the GIL, so threads may time the same program at once: every run
     # stays exact and the timing still ends in a pick
     import threading
@@ -353,32 +363,23 @@ def test_stream_timing_from_several_threads():
     r = Region(shape)
     lx = r.load(x)
     r.store(torch.empty(shape), r.op("add", r.op("mul", lx, r.load(y)), lx))
-    desc, consts = r.pack()
-    p = C_Program(desc, consts, 0, [0, 1], [0], 2, 1)
-    got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
-                                        p.load_dtypes()))
-    assert got is not None and got[2] != 0
+    p, _ = _timed_loop(r)
     want = x * y + x
     bad = []
-    _C.set_stream_min_bytes(1024)
-    try:
-        p.set_kernel(got[1], got[0], 0, False, got[2])
 
-        def work():
-            for _ in range(10):
-                o = torch.full(shape, float("nan"))
-                p.run([x, y], [o], 1)
-                if not torch.equal(o, want):
-                    bad.append(o)
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not bad
-        assert p.stream_pick in (1, -1)
-    finally:
-        _C.set_stream_min_bytes(-1)
+    def work():
+        for _ in range(10):
+            o = torch.full(shape, float("nan"))
+            p.run([x, y], [o], 1)
+            if not torch.equal(o, want):
+                bad.append(o)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    assert p.stream_pick in (1, -1)
 
 
 def test_which_loops_have_a_streaming_variant():
