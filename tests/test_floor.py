@@ -53,7 +53,7 @@ def test_stream_copy_copies_and_refuses_unaligned_buffers():
         C.stream_copy(src.data_ptr(), dst.data_ptr(), src.numel() * 4, nthreads)
         assert torch.equal(dst, src)
     dst = torch.empty_like(src)
-    for args in ((src.data_ptr() + 4, dst.data_ptr(), 64, 1), (src.data_ptr(), dst.data_ptr(), 60, 1),
-                 (src.data_ptr(), dst.data_ptr(), 64, 0)):
+    s, d = src.data_ptr(), dst.data_ptr()
+    for args in ((s + 4, d, 64, 1), (s, d + 4, 64, 1), (s, d, 60, 1), (s, d, 64, 0)):
         with pytest.raises(ValueError):
             C.stream_copy(*args)

@@ -206,7 +206,8 @@ def _on_cuda(tensors):
     return any(t.is_cuda for t in tensors)
 
 
-# see _narrow_product (measured: docs/performance-history.md; inner sizes of 32-256, wider not measured)
+# see _narrow_product (measured: docs/performance-history.md; inner sizes of 32-256, wider not
+# measured)
 NARROW_COLUMNS, NARROW_ROWS, NARROW_INNER = 4, 16384, 256
 
 

@@ -37,7 +37,8 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
     untimed then one timed: a call's speed depends on the call before it (the caches, branch
     predictors and allocator free lists it leaves), so each engine is timed after a call of its
     own, as in a loop that repeats it, not after whichever engine happened to run before (a
-    fixed order had moved ratios by 10-60%: docs/performance-history.md, "How the benchmark times").
+    fixed order had moved ratios by 10-60%: docs/performance-history.md, "How the benchmark
+    times").
     At least ``repeats`` rounds (fewer, but at least 3, when a round is so slow that
     ``repeats`` rounds would exceed ``budget`` seconds), more until ``min_time`` passed."""
     per_round = 0.0
