@@ -614,22 +614,56 @@ def test_loops_take_the_vector_width_of_torchs_kernels(monkeypatch, avx512):
 
 
 def test_a_failed_compile_keeps_the_compilers_error(monkeypatch, tmp_path):
-    # The compile command asks for the vectorisation report, a line per loop before any error:
-    # the reason keeps the error, not only the report's first lines
+    # A source whose compile fails is tried twice, then left to the interpreter; the JIT stays
+    # on for other sources until _MAX_FAILED of them have failed. The compile command asks for
+    # the vectorisation report, a line per loop before any error: the reason keeps the error,
+    # not only the report's first lines.
     monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    runs = tmp_path / "runs"
     script = tmp_path / "cc.sh"
-    script.write_text("for i in $(seq 40); do\n"
+    script.write_text(f"echo run >> {runs}\n"
+                      "for i in $(seq 40); do\n"
                       "  echo \"k.cpp:$i:5: optimized: loop vectorized using 32 byte vectors\" >&2\n"
                       "done\necho \"k.cpp:41:1: error: the real trouble\" >&2\nexit 1\n")
     monkeypatch.setattr(jit, "_command", lambda src, out: ["sh", str(script), src, out])
     monkeypatch.setattr(jit, "_LIBS", {})
+    monkeypatch.setattr(jit, "_STATE", dict(jit._STATE, failed=0, last_failure=None))
     try:
-        assert jit.kernel_address("// a loop\n") is None
-        st = jit.status()
-        assert not st["enabled"] and "error: the real trouble" in st["reason"], st["reason"]
-        assert "optimized:" not in st["reason"]
+        for k in range(jit._MAX_FAILED):
+            assert jit.kernel_address(f"// loop {k}\n") is None
+            st = jit.status()
+            assert st["failed"] == k + 1 and len(runs.read_text().split()) == 2 * (k + 1)
+            assert "error: the real trouble" in st["last_failure"], st["last_failure"]
+            assert "optimized:" not in st["last_failure"]
+            assert st["enabled"] == (k + 1 < jit._MAX_FAILED)
+        assert f"{jit._MAX_FAILED} loops failed to compile" in st["reason"]
+        assert "error: the real trouble" in st["reason"]
+        assert jit.kernel_address("// loop 0\n") is None  # (not compiled again)
+        assert len(runs.read_text().split()) == 2 * jit._MAX_FAILED
     finally:
         jit.enable(True)
+
+
+def test_a_compile_that_fails_once_is_tried_again(monkeypatch, tmp_path):
+    # (a compiler killed for memory, say): the second try's loop is used, nothing counted
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    real = jit._command
+    marker = tmp_path / "failed-once"
+    script = tmp_path / "cc.sh"
+    script.write_text(f'if [ ! -e {marker} ]; then touch {marker}; echo "killed" >&2; exit 137; fi\n'
+                      'exec "$@"\n')
+    monkeypatch.setattr(jit, "_command", lambda src, out: ["sh", str(script), *real(src, out)])
+    monkeypatch.setattr(jit, "_LIBS", {})
+    monkeypatch.setattr(jit, "_STATE", dict(jit._STATE, failed=0, last_failure=None))
+    gen = torch.Generator().manual_seed(26)
+    x, y = rand((1000,), gen, dtype=torch.float32), rand((1000,), gen, dtype=torch.float32)
+    r = Region((1000,))
+    r.store(torch.empty(1000), r.op("mul", r.load(x), r.load(y)))
+    p, _ = _timed_loop(r)
+    assert marker.exists() and jit.status()["failed"] == 0 and jit.status()["enabled"]
+    o = torch.full((1000,), float("nan"))
+    assert p.run([x, y], [o], 1)
+    assert torch.equal(o, x * y)
 
 
 def _compiled_programs(shape):

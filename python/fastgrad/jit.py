@@ -39,7 +39,12 @@ _NAMES = {code: name for name, code in OPCODES.items()}
 _CTYPE = {0: "float", 1: "double"}
 _STORAGE = _C.dtype_storage()  # storage dtype code -> its C++ type (dtype_convert.h)
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
-          "compiled": 0, "loaded": 0, "seconds": 0.0}
+          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None}
+# Sources whose compile may fail (each tried twice) before the JIT turns itself off: one
+# failing source keeps its region with the interpreter and the others compiled (a CI run once
+# lost every loop to one compile that failed for an unknown reason); several point to the
+# compiler or the machine.
+_MAX_FAILED = 3
 _COUNT = threading.Lock()  # compile_all's threads update _STATE (counts, the key's facts)
 _LIBS = {}  # source hash -> (ctypes library, kernel address, whether it was vectorised)
 # How each compiler reports a vectorised loop (at its file:line on stderr); with another
@@ -74,6 +79,7 @@ def enable(on=True):
     _STATE["enabled"] = bool(on)
     if on:
         _STATE["reason"] = None
+        _STATE["failed"] = 0  # (sources that failed stay uncompiled: _LIBS keeps them)
 
 
 def _literal(v, ctype):
@@ -410,19 +416,46 @@ def kernel_address(src, vector_only=True):
     """Compile (or load from the disk cache) ``src``; (the library, the address of its
     fg_kernel, that of its fg_kernel_stream or 0 when it has none or it was not vectorised), or
     None: with ``vector_only``, when the compiler did not vectorise the loop (the interpreter,
-    whose per-instruction loops it does vectorise, is then faster), and when compiling failed
-    (the JIT is then off for the process, status() says why)."""
+    whose per-instruction loops it does vectorise, is then faster), and when it could not be
+    compiled: a compile that failed twice (status()'s "failed", "last_failure"; after
+    _MAX_FAILED such sources the JIT is off for the process) or no compiler or headers to
+    compile with (the JIT is then off at once; status() says why)."""
     try:
         key = _key(src)
         if key not in _LIBS:
-            _LIBS[key] = _load(key, src)
+            _LIBS[key] = _load_or_fail(key, src)
     except Exception as e:  # noqa: BLE001 (a loop is an optimisation: never fail the call)
         _STATE["enabled"] = False
-        _STATE["reason"] = f"{type(e).__name__}: {e}" + _compiler_errors(
-            getattr(e, "stderr", None))
+        _STATE["reason"] = _failure(e)
+        return None
+    if _LIBS[key] is None:  # (failed to compile: its region stays with the interpreter)
         return None
     lib, addr, vectorised, stream = _LIBS[key]
     return (lib, addr, stream or 0) if vectorised or not vector_only else None
+
+
+def _failure(e):
+    """Why compiling failed: the exception, with what the compiler printed."""
+    return f"{type(e).__name__}: {e}" + _compiler_errors(getattr(e, "stderr", None))
+
+
+def _load_or_fail(key, src):
+    """_load, tried once more when the compiler ran and failed (killed for memory, say); None
+    when it failed twice, counted in _STATE (the JIT off after _MAX_FAILED such sources).
+    Anything else (no compiler, no headers) propagates."""
+    for _ in range(2):
+        try:
+            return _load(key, src)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            err = e
+    with _COUNT:
+        _STATE["failed"] += 1
+        _STATE["last_failure"] = _failure(err)
+        if _STATE["failed"] >= _MAX_FAILED:
+            _STATE["enabled"] = False
+            _STATE["reason"] = f"{_STATE['failed']} loops failed to compile; the last: " + \
+                _STATE["last_failure"]
+    return None
 
 
 def _compiler_errors(err, limit=1000):
