@@ -46,7 +46,7 @@ _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
 # compiler or the machine.
 _MAX_FAILED = 3
 _COUNT = threading.Lock()  # compile_all's threads update _STATE (counts, the key's facts)
-_LIBS = {}  # source hash -> (ctypes library, kernel address, whether it was vectorised)
+_LIBS = {}  # source hash -> _load's tuple, or None: it failed to compile (_load_or_fail)
 # How each compiler reports a vectorised loop (at its file:line on stderr); with another
 # compiler the check is skipped and the loop used.
 _VEC_REPORT = {"GNU": ["-fopt-info-vec-optimized"], "Clang": ["-Rpass=loop-vectorize"],
