@@ -73,8 +73,7 @@ class Region:
                        or p.cuda_group for p in self.packers.values())
         # a loop with a streaming variant and outputs large enough to stream
         # (stream_policy.h): which stores its runs take
-        large = ir.numel(self.shape) * torch.empty((), dtype=self.compute).element_size() >= \
-            _C.stream_min_bytes()
+        large = ir.numel(self.shape) * self.compute.itemsize >= _C.stream_min_bytes()
         picks = {p.program.stream_pick for p in self.packers.values()
                  if large and p.program is not None and p.program.streaming}
         if not picks:
