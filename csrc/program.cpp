@@ -194,15 +194,28 @@ bool Program::run(Region& r, int nthreads) const {
     k(pp, 0, n);
     if (stream) stream_fence();
   } else {
-    // About four chunks per thread, the same for any thread count; elements in multiples of 64
-    // (whole cache lines of floats or doubles).
-    int64_t chunk = (n + 4 * nt - 1) / (4 * nt);
-    if (per == 1) chunk = (chunk + 63) & ~int64_t(63);
+    int64_t chunk;
+    if (fixed_ranges(region_bytes(r))) {
+      // One contiguous range per thread, the same in every run (fixed_ranges).
+      chunk = (n + nt - 1) / nt;
+    } else {
+      // About four chunks per thread, the same for any thread count, taken in turn.
+      chunk = (n + 4 * nt - 1) / (4 * nt);
+    }
+    if (per == 1) chunk = (chunk + 63) & ~int64_t(63);  // whole cache lines of floats or doubles
     const int64_t nchunks = (n + chunk - 1) / chunk;
+    if (nchunks <= nt) {
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+      for (int64_t c = 0; c < nchunks; ++c) {
+        k(pp, c * chunk, std::min(n, (c + 1) * chunk));
+        if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
+      }
+    } else {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t c = 0; c < nchunks; ++c) {
-      k(pp, c * chunk, std::min(n, (c + 1) * chunk));
-      if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
+      for (int64_t c = 0; c < nchunks; ++c) {
+        k(pp, c * chunk, std::min(n, (c + 1) * chunk));
+        if (stream) stream_fence();
+      }
     }
   }
   if (trial >= 0)
@@ -287,10 +300,7 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
     if (rows >= 0 && rm != rows) return -1;
     rows = rm;
     numel = std::max(numel, r.numel);
-    int64_t bytes = 0;
-    for (const LoadRec& L : r.loads) bytes += dtype_itemsize(L.dtype);
-    for (const StoreRec& S : r.stores) bytes += dtype_itemsize(S.dtype);
-    row_bytes = std::max(row_bytes, double(r.numel / rows) * double(bytes));
+    row_bytes = std::max(row_bytes, double(r.numel / rows) * double(item_bytes(r)));
   }
   // A member whose large outputs no later member reads streams them (softmax's result: its
   // rows are still in cache for nothing, and plain stores would first read each line).
@@ -318,12 +328,20 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
     if (stream) stream_fence();
   } else {
     // Each thread walks consecutive chunks (one sequential stream per input, which the
-    // hardware prefetcher follows); 8 spans per thread, taken in order as threads free up.
-    const int64_t nspan = std::min<int64_t>(int64_t(nt) * 8, nchunks);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t sp = 0; sp < nspan; ++sp) {
+    // hardware prefetcher follows): one fixed span per thread (fixed_ranges), or 8 spans per
+    // thread taken in order as threads free up.
+    const bool fixed = fixed_ranges(double(rows) * row_bytes);
+    const int64_t nspan = fixed ? nt : std::min<int64_t>(int64_t(nt) * 8, nchunks);
+    auto span = [&](int64_t sp) {
       for (int64_t c = nchunks * sp / nspan, c1 = nchunks * (sp + 1) / nspan; c < c1; ++c) chunk(c);
       if (stream) stream_fence();
+    };
+    if (fixed) {
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+      for (int64_t sp = 0; sp < nspan; ++sp) span(sp);
+    } else {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t sp = 0; sp < nspan; ++sp) span(sp);
     }
   }
   return nchunks;

@@ -66,6 +66,25 @@ inline bool stores_disjoint(const Region& r) {
   return true;
 }
 
+// Bytes r reads and writes per element of its iteration space (a broadcast load counted in
+// full), and in one pass over its elements.
+inline int64_t item_bytes(const Region& r) {
+  int64_t item = 0;
+  for (const LoadRec& L : r.loads) item += dtype_itemsize(L.dtype);
+  for (const StoreRec& S : r.stores) item += dtype_itemsize(S.dtype);
+  return item;
+}
+inline double region_bytes(const Region& r) { return double(r.numel) * double(item_bytes(r)); }
+
+// Whether the threads of a pass over `bytes` each keep one fixed, contiguous part of it, the
+// same in every run, rather than take chunks in turn. Below stream_min_bytes() the data can
+// stay in the caches from one region and one call to the next, and a thread that computes the
+// same part each time finds it in its own core's L2 (on 2 vCPUs of a Xeon, VJPs of 1e5-4e5
+// floats took 5-35% less time so: docs/performance.md, "Threads keep their part of the data").
+// Above it the data come from memory either way, and chunks taken in turn let a thread that
+// gets less CPU (a busy machine) do less of the work.
+inline bool fixed_ranges(double bytes) { return bytes < double(stream_min_bytes()); }
+
 // Whether store S of r is an elementwise output of stream_min_bytes() or more: one that would not
 // stay in the caches for whatever reads it next, so streaming stores write it.
 inline bool large_output(const Region& r, const StoreRec& S) {

@@ -446,6 +446,7 @@ void run_typed(const Region& r, int nthreads) {
   std::vector<char> used(nt, 0);
 
   std::atomic<int64_t> next{0};
+  const bool fixed = fixed_ranges(region_bytes(r));
   auto body = [&](int tid, int tcount) {
     used[tid] = 1;
     StreamFence fence{streamed};
@@ -453,10 +454,10 @@ void run_typed(const Region& r, int nthreads) {
                 &done[tid * ns], &state[tid * ns],
                 &partials[tid * ns * 2], &npartials[tid * ns],
                 r.red_outer ? &oacc[(size_t)tid * ns * r.nout] : nullptr};
-    if (tcount > 1 && !r.has_reduce) {
-      // Elementwise: threads take chunks from a shared counter, so a thread
-      // that gets less CPU (a busy machine) does less of the work. (Which
-      // thread computes an element does not change its value.)
+    if (tcount > 1 && !r.has_reduce && !fixed) {
+      // Elementwise from memory: threads take chunks from a shared counter, so
+      // a thread that gets less CPU (a busy machine) does less of the work.
+      // (Which thread computes an element does not change its value.)
       const int64_t chunk = std::max<int64_t>(block, (r.numel / (tcount * kChunksPerThread)) / block * block);
       for (;;) {
         const int64_t a = next.fetch_add(chunk, std::memory_order_relaxed);
@@ -465,7 +466,8 @@ void run_typed(const Region& r, int nthreads) {
       }
       return;
     }
-    // With reductions a thread's range is fixed (deterministic results).
+    // With reductions a thread's range is fixed (deterministic results), and
+    // from the caches too (fixed_ranges: each thread keeps its part in its L2).
     const int64_t chunk = (r.numel + tcount - 1) / tcount;
     const int64_t a = std::min(r.numel, chunk * tid), b = std::min(r.numel, a + chunk);
     w.run_range(a, b);

@@ -92,14 +92,6 @@ int leading_chunk_dims(const std::vector<Region>& rs, uint32_t mask) {
   return k;
 }
 
-// Bytes a region reads and writes per element of its iteration space.
-inline int64_t item_bytes(const Region& r) {
-  int64_t item = 0;
-  for (const LoadRec& L : r.loads) item += dtype_itemsize(L.dtype);
-  for (const StoreRec& S : r.stores) item += dtype_itemsize(S.dtype);
-  return item;
-}
-
 // A large output that no later member reads goes out with streaming stores:
 // it would not stay in cache anyway, and plain stores would first read each
 // line and evict the rows that the next member is about to read.
@@ -119,11 +111,12 @@ int64_t run_group(std::vector<Region>& rs, const int* computes, uint32_t mask, i
   const int k = nm ? leading_chunk_dims(rs, mask) : 0;
   int64_t rows = 1, max_numel = 0;
   for (int d = 0; d < k; ++d) rows *= rs[0].shape[d];
-  double bytes = 0;
+  double bytes = 0, max_bytes = 0;  // all members', the largest member's
   bool chunked = k > 0 && rows > 1;
   for (size_t m = 0; m < nm; ++m) {
     max_numel = std::max(max_numel, rs[m].numel);
-    bytes += double(rs[m].numel) * double(item_bytes(rs[m]));
+    bytes += region_bytes(rs[m]);
+    max_bytes = std::max(max_bytes, region_bytes(rs[m]));
     chunked = chunked && rs[m].numel > 0;
   }
   // Data that fit in one chunk stay in cache from one pass to the next anyway.
@@ -182,18 +175,20 @@ int64_t run_group(std::vector<Region>& rs, const int* computes, uint32_t mask, i
     }
 
   // Chunk c is rows [c*unit, (c+1)*unit), whatever the thread count, so every
-  // block (and every row a block cuts) is the same. Threads take spans of
-  // consecutive chunks in order from a shared counter: each span is one
-  // sequential stream per input (what the hardware prefetcher follows), and
-  // a thread that gets less CPU (a busy machine) takes fewer spans.
+  // block (and every row a block cuts) is the same. Each thread walks spans of
+  // consecutive chunks, one sequential stream per input (what the hardware
+  // prefetcher follows): from the caches one fixed span per thread
+  // (fixed_ranges), from memory spans taken in order from a shared counter,
+  // so a thread that gets less CPU (a busy machine) takes fewer.
   const int64_t nchunks = (rows + unit - 1) / unit;
-  const int64_t nspan = std::min<int64_t>(int64_t(nt) * kGroupSpansPerThread, nchunks);
+  const bool fixed = nt > 1 && fixed_ranges(max_bytes);
+  const int64_t nspan = fixed ? nt : std::min<int64_t>(int64_t(nt) * kGroupSpansPerThread, nchunks);
   std::atomic<int64_t> next{0};
-  auto body = [&](int tid) {
+  // tcount: the threads OpenMP gave (fewer than nt inside another parallel region)
+  auto body = [&](int tid, int tcount) {
     StreamFence fence;
-    for (;;) {
-      const int64_t sp = next.fetch_add(1, std::memory_order_relaxed);
-      if (sp >= nspan) break;
+    for (int64_t sp = fixed ? tid : next.fetch_add(1, std::memory_order_relaxed); sp < nspan;
+         sp = fixed ? sp + tcount : next.fetch_add(1, std::memory_order_relaxed)) {
       for (int64_t c = nchunks * sp / nspan, c1 = nchunks * (sp + 1) / nspan; c < c1; ++c) {
         const int64_t q = c * unit, q1 = std::min(rows, q + unit);
         for (size_t m = 0; m < nm; ++m) {
@@ -210,11 +205,11 @@ int64_t run_group(std::vector<Region>& rs, const int* computes, uint32_t mask, i
 #ifdef _OPENMP
   if (nt > 1) {
 #pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num());
+    body(omp_get_thread_num(), omp_get_num_threads());
     return nchunks;
   }
 #endif
-  body(0);
+  body(0, 1);
   return nchunks;
 }
 

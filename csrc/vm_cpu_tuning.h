@@ -8,6 +8,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include "region_extents.h"  // region_bytes
 #include "vm.h"
 
 namespace fg {
@@ -62,12 +63,7 @@ inline bool region_heavy(const Region& r) {
 }
 
 // The bytes r reads and writes exceed kStreamBytes (it streams from memory).
-inline bool region_streaming(const Region& r) {
-  int64_t item_bytes = 0;
-  for (const LoadRec& L : r.loads) item_bytes += dtype_itemsize(L.dtype);
-  for (const StoreRec& S : r.stores) item_bytes += dtype_itemsize(S.dtype);
-  return double(r.numel) * double(item_bytes) > kStreamBytes;
-}
+inline bool region_streaming(const Region& r) { return region_bytes(r) > kStreamBytes; }
 
 // Block length (elements) of normalised region r with registers of
 // `reg_size` bytes: programs with a transcendental op are compute-bound, and

@@ -125,6 +125,26 @@ def test_constants_and_single_value_loads(dtype, compute):
         assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())  # no transcendental: exact
 
 
+@pytest.mark.parametrize("min_bytes", [-1, 1024])
+@pytest.mark.parametrize("shape,split", [((70001,), 0), ((1001, 67), 1)])
+def test_threads_compute_every_element_once(shape, split, min_bytes):
+    # From the caches each thread computes one fixed range, the same every run (region_extents.h,
+    # fixed_ranges); with the threshold at 1 KiB the same data pass from memory and threads take
+    # chunks in turn. Every element comes out once, as the interpreter gives it, for any count.
+    gen = torch.Generator().manual_seed(25)
+    x, y = rand(shape, gen, dtype=torch.float32), rand(shape, gen, dtype=torch.float32)
+    r = Region(shape)
+    rx = r.load(x)
+    r.store(torch.empty(shape), r.op("sub", r.op("mul", rx, r.load(y)), rx))
+    _C.set_stream_min_bytes(min_bytes)
+    try:
+        for nthreads in (1, 2, 3):
+            a, b = _run_both(r, 0, [x, y], [torch.empty(shape)], nthreads, split)
+            assert torch.equal(b[0], x * y - x) and torch.equal(a[0], b[0])
+    finally:
+        _C.set_stream_min_bytes(-1)
+
+
 @pytest.mark.parametrize("name", ["sin_cos", "or_select"])
 def test_loops_that_once_stayed_scalar_vectorise(name):
     """kernel_address (vectorised loops only) accepts them: sin and cos of one float (GCC fused

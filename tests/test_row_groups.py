@@ -6,7 +6,11 @@ End to end: fastgrad.grad against torch.autograd.grad on reduce-then-broadcast g
 ``explain`` showing that the group ran chunk by chunk. At the VM: hand-packed groups against
 torch, results that do not depend on the thread count, the fallbacks, and argument errors.
 """
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -168,6 +172,11 @@ def _run_group(regions, compute, mask=1, nthreads=1):
                            mask, nthreads)
 
 
+def _softmax_ref(y, g):
+    yd, gd = y.double(), g.double()
+    return yd * (gd - (gd * yd).sum(-1, keepdim=True))
+
+
 @pytest.mark.parametrize("dtype,compute", [(torch.float64, F64), (torch.float32, F32)])
 @pytest.mark.parametrize("shape,chunked", [((4099, 256), True), ((30000, 7), True),
                                            ((3, 70000), False),  # rows too long to stay in cache
@@ -176,8 +185,7 @@ def test_vm_group_softmax_backward(shape, chunked, dtype, compute):
     gen = torch.Generator().manual_seed(21)
     y = torch.randn(shape, dtype=dtype, generator=gen)
     g = torch.randn(shape, dtype=dtype, generator=gen)
-    yd, gd = y.double(), g.double()
-    ref = yd * (gd - (gd * yd).sum(-1, keepdim=True))
+    ref = _softmax_ref(y, g)
     results = []
     for nthreads in (1, 2, 3):
         regions, s, out = _softmax_group(y, g, compute)
@@ -190,6 +198,47 @@ def test_vm_group_softmax_backward(shape, chunked, dtype, compute):
         assert all(torch.equal(out, results[0]) for out in results[1:])
 
 
+@pytest.mark.parametrize("min_bytes", [-1, 1024])
+def test_vm_group_spans_cover_every_row_whatever_the_threads(min_bytes):
+    # 1000 rows of 256 floats pass from the caches: each thread walks one fixed span of rows
+    # (region_extents.h, fixed_ranges); with the threshold at 1 KiB they pass from memory and
+    # threads take spans in turn. Either way every row is computed once, the same.
+    gen = torch.Generator().manual_seed(23)
+    y, g = torch.randn(1000, 256, generator=gen), torch.randn(1000, 256, generator=gen)
+    C.set_stream_min_bytes(min_bytes)
+    try:
+        results = []
+        for nthreads in (1, 2, 3):
+            regions, s, out = _softmax_group(y, g, F32)
+            out.fill_(float("nan"))
+            assert _run_group(regions, F32, 1, nthreads) > 1
+            torch.testing.assert_close(out.double(), _softmax_ref(y, g), rtol=1e-4, atol=1e-4)
+            results.append(out)
+    finally:
+        C.set_stream_min_bytes(-1)
+    assert all(torch.equal(out, results[0]) for out in results[1:])
+
+
+def test_vm_group_with_fewer_threads_than_asked():
+    # OpenMP may give fewer threads than asked (OMP_THREAD_LIMIT, a parallel region around the
+    # call): the fixed spans of the threads it did not give are computed all the same.
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from test_row_groups import F32, _run_group, _softmax_group, _softmax_ref
+        gen = torch.Generator().manual_seed(24)
+        y, g = torch.randn(1000, 256, generator=gen), torch.randn(1000, 256, generator=gen)
+        regions, s, out = _softmax_group(y, g, F32)
+        out.fill_(float("nan"))
+        assert _run_group(regions, F32, 1, 3) > 1
+        torch.testing.assert_close(out.double(), _softmax_ref(y, g), rtol=1e-4, atol=1e-4)
+    """)
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_vm_group_streams_a_large_output():
     # An output of more than 8 MB that no later region reads is written with streaming stores.
     gen = torch.Generator().manual_seed(22)
@@ -197,7 +246,7 @@ def test_vm_group_streams_a_large_output():
     g = torch.randn(8300, 256, generator=gen)
     regions, s, out = _softmax_group(y, g, F32)
     assert _run_group(regions, F32, 1, 2) > 1
-    ref = y.double() * (g.double() - (g.double() * y.double()).sum(-1, keepdim=True))
+    ref = _softmax_ref(y, g)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
