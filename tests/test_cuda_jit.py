@@ -150,10 +150,15 @@ def test_prune_leaves_files_being_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fg_cuda_ab.cubin.123.456.tmp"]
 
 
-def test_a_compile_error_says_what_nvrtc_said():
+def test_a_compile_error_says_what_nvrtc_said(monkeypatch):
     _nvrtc_or_skip()
-    with pytest.raises(OSError, match="undefined|identifier"):
-        cuda_jit.compile_cubin('extern "C" __global__ void fg_kernel() { nope(); }', "90")
+    src = 'extern "C" __global__ void fg_kernel() { nope(); }'
+    with pytest.raises(cuda_jit.CompileError, match="undefined|identifier"):
+        cuda_jit.compile_cubin(src, "90")
+    # the same source again: the same error, without NVRTC (a library with no functions)
+    monkeypatch.setitem(cuda_jit._LIBS, "nvrtc", types.SimpleNamespace())
+    with pytest.raises(cuda_jit.CompileError, match="undefined|identifier"):
+        cuda_jit.compile_cubin(src, "90")
 
 
 LAYOUTS = [  # (name, shape, load strides, offset, predicates, store mode, store strides,
@@ -374,3 +379,47 @@ def test_a_failing_compiler_leaves_the_interpreter(monkeypatch, gen):
         assert not _region_compiled(y, x, go)
     finally:
         cuda_jit.enable(True)
+
+
+def test_a_rejected_source_leaves_only_its_region_to_the_interpreter(monkeypatch):
+    # NVRTC rejecting one kernel's source (say a codegen bug for one rare op) keeps that region
+    # interpreted and compiling on for the others, each rejected source counted once, until
+    # jit._MAX_FAILED sources failed; a failure of anything else (no NVRTC, the driver) turns
+    # compiling off at once. (No GPU needed: the compiler, the architecture and the driver's
+    # load are stand-ins.)
+    compiled = []
+
+    def compile_cubin(src, arch):
+        if src.startswith("bad"):
+            raise cuda_jit._REJECTED.setdefault(src, cuda_jit.CompileError(f"NVRTC: {src} rejected"))
+        if src == "driver":
+            raise OSError("cuModuleLoadData: CUDA error 999")
+        compiled.append(src)
+        return src, b"\x7fELF"
+
+    monkeypatch.setattr(cuda_jit, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(cuda_jit, "_arch", lambda device: "90")
+    monkeypatch.setattr(cuda_jit, "_function", lambda key, cubin, device: 4096)
+    monkeypatch.setattr(cuda_jit, "_REJECTED", {})
+    monkeypatch.setitem(cuda_jit._STATE, "enabled", True)
+    monkeypatch.setitem(cuda_jit._STATE, "reason", None)
+    monkeypatch.setitem(cuda_jit._STATE, "failed", 0)
+    monkeypatch.setitem(cuda_jit._STATE, "last_failure", None)
+    build = lambda src: cuda_jit._build(lambda: src, 0, [([0], 1)], (1, 1))  # noqa: E731
+    assert isinstance(build("good 1"), cuda_jit.Kernel)
+    for i in range(1, jit._MAX_FAILED):
+        assert build(f"bad {i}") is False
+        assert build(f"bad {i}") is False  # the same source: counted once
+        st = cuda_jit.status()
+        assert st["enabled"] and st["failed"] == i and f"bad {i} rejected" in st["last_failure"]
+        assert isinstance(build(f"good {i + 1}"), cuda_jit.Kernel)
+    assert build(f"bad {jit._MAX_FAILED}") is False
+    st = cuda_jit.status()
+    assert not st["enabled"] and f"{jit._MAX_FAILED} kernels failed" in st["reason"]
+    assert not cuda_jit._compiles([])  # (what kernel_for and group_kernel_for ask first)
+    cuda_jit.enable(True)
+    assert cuda_jit.status()["failed"] == 0
+    assert build("driver") is False
+    st = cuda_jit.status()
+    assert not st["enabled"] and "CUDA error 999" in st["reason"]
+    assert compiled == [f"good {i}" for i in range(1, jit._MAX_FAILED + 1)]

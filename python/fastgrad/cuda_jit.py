@@ -14,8 +14,10 @@ reduction's additions.
 Kernels are cached on disk as CUBIN, keyed by their source, the headers, the NVRTC version and
 the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``, trimmed as
 jit.prune_cache says), and loaded and
-launched through the CUDA driver API (ctypes: no link to libcuda or libnvrtc). Without NVRTC, or
-when a compile or a load fails, the interpreter keeps running every region and ``status()``
+launched through the CUDA driver API (ctypes: no link to libcuda or libnvrtc). A source NVRTC
+rejects leaves its region with the interpreter and is counted (``status()``'s "failed",
+"last_failure"); after jit._MAX_FAILED such sources, or at once without NVRTC or when the driver
+fails, compiling is off for the process, the interpreter runs every region and ``status()``
 says why. ``FASTGRAD_JIT=0`` turns this off with the CPU loops.
 """
 import ctypes
@@ -31,12 +33,18 @@ import torch
 from . import cuda_codegen as codegen, jit
 
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
-          "compiled": 0, "loaded": 0, "seconds": 0.0, "nvrtc": None}
+          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None,
+          "nvrtc": None}
 _LOCK = threading.Lock()
 _HEADERS = ("op_math.h", "float16.h", "hd.h", "dtype_convert.h")
 _LIBS = {}  # "nvrtc" / "cuda" -> ctypes library
 _CUBINS = {}  # cache key -> CUBIN bytes
 _FUNCS = {}  # (cache key, device index) -> CUfunction handle (an int)
+_REJECTED = {}  # cache key -> the CompileError NVRTC gave it (not compiled again)
+
+
+class CompileError(OSError):
+    """NVRTC rejected one kernel's source (its log is in the message)."""
 
 
 def status():
@@ -50,6 +58,7 @@ def enable(on=True):
     _STATE["enabled"] = bool(on)
     if on:
         _STATE["reason"] = None
+        _STATE["failed"] = 0  # (rejected sources stay uncompiled: _REJECTED keeps them)
 
 
 def _off(why):
@@ -134,8 +143,9 @@ def _options(arch):
 
 
 def compile_cubin(src, arch):
-    """CUBIN of ``src`` for ``sm_<arch>`` (from the disk cache when there); raises OSError with
-    NVRTC's log when it does not compile."""
+    """(cache key, CUBIN) of ``src`` for ``sm_<arch>`` (from the disk cache when there); raises
+    CompileError with NVRTC's log when it does not compile (once: the same source then raises
+    that error again without compiling)."""
     lib = _nvrtc()
     headers = _headers()
     key = hashlib.sha256("\0".join(
@@ -144,6 +154,8 @@ def compile_cubin(src, arch):
     cubin = _CUBINS.get(key)
     if cubin is not None:
         return key, cubin
+    if key in _REJECTED:
+        raise _REJECTED[key]
     path = os.path.join(jit._cache_dir(), f"fg_cuda_{key}.cubin")
     try:
         with open(path, "rb") as f:
@@ -171,8 +183,10 @@ def compile_cubin(src, arch):
                 lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
                 log = ctypes.create_string_buffer(size.value)
                 lib.nvrtcGetProgramLog(prog, log)
-                raise OSError(f"NVRTC: {lib.nvrtcGetErrorString(r).decode()}: "
-                              f"{log.value.decode(errors='replace')[:2000]}")
+                e = _REJECTED[key] = CompileError(
+                    f"NVRTC: {lib.nvrtcGetErrorString(r).decode()}: "
+                    f"{log.value.decode(errors='replace')[:2000]}")
+                raise e
             size = ctypes.c_size_t()
             lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
             buf = ctypes.create_string_buffer(size.value)
@@ -304,12 +318,32 @@ def _compiles(regions):
                                          for r in regions for i in r.instrs)
 
 
+def _arch(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
 def _build(make_source, device, parts, grid):
+    """A Kernel, or False: the region stays with the interpreter. A source NVRTC rejects is
+    counted, and compiling goes on for the other regions until jit._MAX_FAILED sources failed
+    (one rejected source, say a codegen bug for a rare op, would otherwise leave every region
+    of the process interpreted, 2-9% of the memory-bandwidth floor on an H200); any other
+    failure (no NVRTC, the driver) turns compiling off at once."""
     try:
         src = make_source()
-        major, minor = torch.cuda.get_device_capability(device)
-        key, cubin = compile_cubin(src, f"{major}{minor}")
+        key, cubin = compile_cubin(src, _arch(device))
         func = _function(key, cubin, device)
+    except CompileError as e:
+        with _LOCK:
+            if getattr(e, "counted", False):  # (the same source again: _REJECTED)
+                return False
+            e.counted = True
+            _STATE["failed"] += 1
+            _STATE["last_failure"] = f"{type(e).__name__}: {e}"
+            if _STATE["failed"] >= jit._MAX_FAILED:
+                _off(f"{_STATE['failed']} kernels failed to compile; the last: "
+                     f"{_STATE['last_failure']}")
+        return False
     except Exception as e:  # noqa: BLE001 (a kernel is an optimisation: never fail the call)
         _off(f"{type(e).__name__}: {e}")
         return False
