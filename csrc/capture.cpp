@@ -53,11 +53,16 @@ struct Spec {
   std::vector<py::object> saved;  // attribute names
   // (_raw_saved_<name>, _saved_<name>) of each saved tensor (mark_freed)
   std::vector<std::pair<py::object, py::object>> raw;
+  // `saved` split: the tensors (those with a raw form) and the other values, which a node
+  // fixes when PyTorch creates it (node_values keeps them); values_fixed turns false for good
+  // if one of the others ever is a tensor (then every attribute is read on each call).
+  std::vector<py::object> saved_tensors, saved_values;
+  bool values_fixed = true;
 };
 // Heap-held and never destroyed: its destructor would run after the interpreter is gone.
 std::unordered_map<PyObject*, Spec>& g_specs = *new std::unordered_map<PyObject*, Spec>();
 
-const Spec& spec_of(py::handle fn, py::handle spec_fn) {
+Spec& spec_of(py::handle fn, py::handle spec_fn) {
   PyObject* cls = reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr()));
   auto it = g_specs.find(cls);
   if (it != g_specs.end()) return it->second;
@@ -71,6 +76,11 @@ const Spec& spec_of(py::handle fn, py::handle spec_fn) {
   for (auto a : py::iter(t[4])) {
     py::tuple names = py::reinterpret_borrow<py::tuple>(a);
     s.raw.emplace_back(names[0], names[1]);
+  }
+  for (const auto& a : s.saved) {
+    bool tensor = false;
+    for (const auto& r : s.raw) tensor = tensor || py_equal(r.second, a);
+    (tensor ? s.saved_tensors : s.saved_values).push_back(a);
   }
   return g_specs.emplace(cls, std::move(s)).first->second;
 }
@@ -216,23 +226,23 @@ bool write_tensor(KeyWriter& w, py::handle t, Binder& bind) {
          w.obj(PyTuple_GET_ITEM(k, 3));
 }
 
+// Whether a saved value is a tensor. torch.Tensor's metaclass makes isinstance a call of its
+// __instancecheck__ (about 500 instructions): the saved values most nodes hold (None, numbers,
+// int tuples, tensors) are told apart by their exact type first.
+bool is_tensor(py::handle v) {
+  PyObject* o = v.ptr();
+  if (Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(g_tensor_cls)) return true;
+  if (o == Py_None || PyLong_CheckExact(o) || PyFloat_CheckExact(o) || PyBool_Check(o) ||
+      PyTuple_CheckExact(o) || PyList_CheckExact(o))
+    return false;
+  const int r = PyObject_IsInstance(o, g_tensor_cls);
+  if (r < 0) throw py::error_already_set();
+  return r;
+}
+
 // A saved value as it enters a signature; false when it cannot be part of a key (unhashable).
 bool write_value(KeyWriter& w, py::handle v, Binder& bind) {
-  PyObject* o = v.ptr();
-  // torch.Tensor's metaclass makes isinstance a call of its __instancecheck__ (about 500
-  // instructions): the saved values most nodes hold (None, numbers, int tuples, tensors) are
-  // told apart by their exact type first
-  int is_tensor;
-  if (Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(g_tensor_cls)) {
-    is_tensor = 1;
-  } else if (o == Py_None || PyLong_CheckExact(o) || PyFloat_CheckExact(o) || PyBool_Check(o) ||
-             PyTuple_CheckExact(o) || PyList_CheckExact(o)) {
-    is_tensor = 0;
-  } else {
-    is_tensor = PyObject_IsInstance(o, g_tensor_cls);
-    if (is_tensor < 0) throw py::error_already_set();
-  }
-  return is_tensor ? write_tensor(w, v, bind) : w.value(v);
+  return is_tensor(v) ? write_tensor(w, v, bind) : w.value(v);
 }
 
 // The length of sequence `seq`, then each item written by `write` (false: not part of a key).
@@ -296,6 +306,36 @@ py::object node_meta(py::handle fn, py::handle md) {
   return std::move(parts);
 }
 
+// The saved values of node fn that are not tensors (spec.saved_values), as key bytes. PyTorch
+// fixes them when it creates the node (only its tensors are freed, or unpacked anew), so they
+// are kept in the node's `metadata` dict `md` with the intern generation that numbered them, as
+// node_meta keeps the input metadata: a node met again (a graph differentiated again, a PINN's
+// second call) reads only its tensors. None: one is not part of a key; a null object: one is a
+// tensor after all (spec.values_fixed is then false and the caller reads every attribute).
+py::object node_values(py::handle fn, py::handle md, Spec& spec) {
+  static PyObject* cache_key = py_intern("fastgrad_signature_values");
+  const int64_t gen = interned_generation();
+  PyObject* hit = PyDict_GetItemWithError(md.ptr(), cache_key);
+  if (!hit && PyErr_Occurred()) throw py::error_already_set();
+  if (hit && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 &&
+      PyLong_AsLongLong(PyTuple_GET_ITEM(hit, 0)) == gen)
+    return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(hit, 1));
+  if (PyErr_Occurred()) throw py::error_already_set();
+  KeyWriter e;
+  for (const auto& a : spec.saved_values) {
+    const py::object v = py_attr(fn, a.ptr());
+    if (is_tensor(v)) {
+      spec.values_fixed = false;
+      return py::object();
+    }
+    if (!e.value(v)) return py::none();
+  }
+  py::bytes part = e.bytes();
+  if (PyDict_SetItem(md.ptr(), cache_key, py::make_tuple(gen, part).ptr()) < 0)
+    throw py::error_already_set();
+  return std::move(part);
+}
+
 }  // namespace
 
 py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
@@ -324,7 +364,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
     // user code runs on the gradient mid-sweep: derive anew each call
     if (!hooks_fn.is_none() && py_truthy(hooks_fn(fn))) return py::make_tuple(py::none(), false);
-    const Spec& spec = spec_of(fn, spec_fn);
+    Spec& spec = spec_of(fn, spec_fn);
     PyObject* nf = g.edges.at(fn.ptr());
     const bool runs = g.runs(fn.ptr());
     // an input or a node the sweep skips; one run through PyTorch's node (only what it
@@ -374,8 +414,18 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
                       [&](py::handle v) { return write_value(w, v, bind); }))
         return none();
     } else {
-      for (const auto& a : spec.saved)
-        if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
+      py::object values;
+      if (spec.values_fixed && !md.is_none()) values = node_values(fn, md, spec);
+      if (values && values.is_none()) return none();
+      if (values) {  // the fixed values, then the tensors
+        w.tag('V');
+        w.raw(values);
+        for (const auto& a : spec.saved_tensors)
+          if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
+      } else {
+        for (const auto& a : spec.saved)
+          if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
+      }
     }
   }
   for (py::handle edges : {out_edges, in_edges}) {
@@ -449,7 +499,7 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
     PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
     if (!v && PyErr_Occurred()) throw py::error_already_set();
     if (v && py_truthy(v)) continue;
-    const Spec& spec = spec_of(fn, spec_fn);
+    Spec& spec = spec_of(fn, spec_fn);
     const Release rel = spec.holds_saved ? release_saved(fn, spec, pack, unpack) : Release::kFreed;
     if (rel == Release::kNothing) continue;  // nothing saved: it may run again, as in PyTorch
     if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();

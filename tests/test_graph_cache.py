@@ -165,6 +165,38 @@ def test_node_metadata_parts_kept_in_the_node_give_the_same_key(gen):
     assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x, retain_graph=True))
 
 
+@pytest.mark.parametrize("alpha", [0.5, -0.0])
+def test_node_saved_values_kept_in_the_node_give_the_same_key(alpha, gen):
+    """A node's saved values that are not tensors (add's alpha, addmm's sizes and strides,
+    sum's dims) are fixed when PyTorch creates the node: the signature keeps their key bytes in
+    ``node.metadata`` and then reads only the node's tensors. A key made from kept values equals
+    one made anew (a new graph of the same structure), also after an intern-table clear; a
+    graph whose values differ gets another key."""
+    from fastgrad import _C, engine
+
+    def graph(a):
+        x = rand((3, 4), gen).requires_grad_(True)
+        lin = torch.nn.Linear(4, 5).double()
+        return torch.add(lin(x), torch.exp(lin(x)), alpha=a).sum(1).sum(), x
+
+    def key(y, x):
+        gos = _C.plain_grads([y], None)
+        return engine._capture([(y.grad_fn, 0)], gos, [x], False).key
+
+    graph_cache.clear()
+    y, x = graph(alpha)
+    first = key(y, x)
+    kept = [n for n in (y.grad_fn, y.grad_fn.next_functions[0][0])
+            if "fastgrad_signature_values" in n.metadata]
+    assert len(kept) == 2  # (the two sums: their input sizes, the dims of one)
+    assert key(y, x) == first == key(*graph(alpha))
+    assert key(*graph(0.25)) != first
+    graph_cache.clear()
+    again = key(y, x)
+    assert again != first and again == key(*graph(alpha)) == key(y, x)
+    assert_same(fastgrad.grad(y, x, retain_graph=True), TORCH_GRAD(y, x, retain_graph=True))
+
+
 def test_explain_on_a_hit_reports_the_nodes(gen):
     graph_cache.clear()
     x = rand((5,), gen).requires_grad_(True)

@@ -17,7 +17,7 @@ import torch
 
 import fastgrad
 from conftest import check_grad, leaf, rand, strided_leaf
-from test_vm import ASSIGN, C, F32, F64, MAX, SUM, Region
+from test_vm import C, F32, F64, MAX, SUM, Region
 
 # ---------------------------------------------------------------------------------------------
 # end to end
