@@ -341,6 +341,36 @@ class PinnResidual(Case):
         return thunk
 
 
+class PinnStep(PinnResidual):
+    """The PINN residual as a training step makes it: the forward u = MLP(x) is built anew in
+    every timed call, then u_x and u_xx as in pinn_residual. The other cases time the
+    differentiation of one graph built beforehand; here fastgrad meets new autograd nodes each
+    call, as in training, and the forward (the same for both engines) is part of the time."""
+
+    name = "pinn_step"
+    note = "PINN step on a 2-32-32-1 tanh MLP: forward, u_x (create_graph), u_xx; a new graph each call"
+
+    def setup(self, n, dtype, device):
+        st = super().setup(n, dtype, device)
+        st.u = None  # (built by each run)
+        return st
+
+    def run(self, st, grad):
+        u = st.model(st.x).sum()
+        ux = grad(u, st.x, create_graph=True)[0]
+        uxx = grad(ux[:, 0].sum(), st.x)[0]
+        return ux.detach(), uxx
+
+    def compiled(self, st):
+        cm = _compile(st.model)
+
+        def thunk():
+            u = cm(st.x).sum()
+            ux = _TORCH(u, st.x, create_graph=True)[0]
+            return ux.detach(), _TORCH(ux[:, 0].sum(), st.x)[0]
+        return thunk
+
+
 def _make_cases():
     sq = SecondOrder("seed_square_2nd", "seed", lambda x: x ** 2, _seed_shape, seed_style=True,
                      note="seed example 3: y = x**2, grad(create_graph) then grad with ones")
@@ -371,6 +401,7 @@ def _make_cases():
                    note="amax along dim 1, random go"),
         WganGp(),
         PinnResidual(),
+        PinnStep(),
     ]
 
 
