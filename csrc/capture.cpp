@@ -275,6 +275,23 @@ bool is_freed(py::handle md, py::handle freed_key) {
   return v && py_truthy(v);
 }
 
+// A key part kept under `name` in a node's metadata dict `md` by keep_part, or a null object
+// when there is none of the current intern generation.
+py::object kept_part(py::handle md, PyObject* name) {
+  PyObject* hit = PyDict_GetItemWithError(md.ptr(), name);
+  if (!hit && PyErr_Occurred()) throw py::error_already_set();
+  if (hit && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 &&
+      PyLong_AsLongLong(PyTuple_GET_ITEM(hit, 0)) == interned_generation())
+    return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(hit, 1));
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return py::object();
+}
+
+void keep_part(py::handle md, PyObject* name, py::handle part) {
+  if (PyDict_SetItem(md.ptr(), name, py::make_tuple(interned_generation(), part).ptr()) < 0)
+    throw py::error_already_set();
+}
+
 // A node's input metadata as key parts, one bytes object per entry (a tuple), or None when
 // one is not part of a key. PyTorch fixes a node's input metadata when it creates the node, so
 // the parts are kept in the node's `metadata` dict (`md`, when it has one), with the intern
@@ -283,14 +300,9 @@ bool is_freed(py::handle md, py::handle freed_key) {
 // forward nodes its first call read (the metadata records were about 15% of such a call).
 py::object node_meta(py::handle fn, py::handle md) {
   static PyObject* cache_key = py_intern("fastgrad_signature_meta");
-  const int64_t gen = interned_generation();
   if (!md.is_none()) {
-    PyObject* hit = PyDict_GetItemWithError(md.ptr(), cache_key);
-    if (!hit && PyErr_Occurred()) throw py::error_already_set();
-    if (hit && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 &&
-        PyLong_AsLongLong(PyTuple_GET_ITEM(hit, 0)) == gen)
-      return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(hit, 1));
-    if (PyErr_Occurred()) throw py::error_already_set();
+    py::object kept = kept_part(md, cache_key);
+    if (kept) return kept;
   }
   const py::object metas = py_fast(py_attr(fn, N.input_metadata), "_input_metadata is not a sequence");
   PyObject* ms = metas.ptr();
@@ -301,8 +313,7 @@ py::object node_meta(py::handle fn, py::handle md) {
     if (!write_meta(e, PySequence_Fast_GET_ITEM(ms, j))) return py::none();
     parts[j] = e.bytes();
   }
-  if (!md.is_none() && PyDict_SetItem(md.ptr(), cache_key, py::make_tuple(gen, parts).ptr()) < 0)
-    throw py::error_already_set();
+  if (!md.is_none()) keep_part(md, cache_key, parts);
   return std::move(parts);
 }
 
@@ -314,13 +325,8 @@ py::object node_meta(py::handle fn, py::handle md) {
 // tensor after all (spec.values_fixed is then false and the caller reads every attribute).
 py::object node_values(py::handle fn, py::handle md, Spec& spec) {
   static PyObject* cache_key = py_intern("fastgrad_signature_values");
-  const int64_t gen = interned_generation();
-  PyObject* hit = PyDict_GetItemWithError(md.ptr(), cache_key);
-  if (!hit && PyErr_Occurred()) throw py::error_already_set();
-  if (hit && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 &&
-      PyLong_AsLongLong(PyTuple_GET_ITEM(hit, 0)) == gen)
-    return py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(hit, 1));
-  if (PyErr_Occurred()) throw py::error_already_set();
+  py::object kept = kept_part(md, cache_key);
+  if (kept) return kept;
   KeyWriter e;
   for (const auto& a : spec.saved_values) {
     const py::object v = py_attr(fn, a.ptr());
@@ -331,8 +337,7 @@ py::object node_values(py::handle fn, py::handle md, Spec& spec) {
     if (!e.value(v)) return py::none();
   }
   py::bytes part = e.bytes();
-  if (PyDict_SetItem(md.ptr(), cache_key, py::make_tuple(gen, part).ptr()) < 0)
-    throw py::error_already_set();
+  keep_part(md, cache_key, part);
   return std::move(part);
 }
 
