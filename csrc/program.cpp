@@ -194,28 +194,23 @@ bool Program::run(Region& r, int nthreads) const {
     k(pp, 0, n);
     if (stream) stream_fence();
   } else {
-    int64_t chunk;
-    if (fixed_ranges(region_bytes(r))) {
-      // One contiguous range per thread, the same in every run (fixed_ranges).
-      chunk = (n + nt - 1) / nt;
-    } else {
-      // About four chunks per thread, the same for any thread count, taken in turn.
-      chunk = (n + 4 * nt - 1) / (4 * nt);
-    }
-    if (per == 1) chunk = (chunk + 63) & ~int64_t(63);  // whole cache lines of floats or doubles
+    // One contiguous range per thread, the same in every run (fixed_ranges), or about four
+    // chunks per thread, the same for any thread count, taken in turn; elements in multiples of
+    // 64 (whole cache lines of floats or doubles).
+    const bool fixed = fixed_ranges(region_bytes(r));
+    int64_t chunk = fixed ? (n + nt - 1) / nt : (n + 4 * nt - 1) / (4 * nt);
+    if (per == 1) chunk = (chunk + 63) & ~int64_t(63);
     const int64_t nchunks = (n + chunk - 1) / chunk;
-    if (nchunks <= nt) {
+    auto part = [&](int64_t c) {
+      k(pp, c * chunk, std::min(n, (c + 1) * chunk));
+      if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
+    };
+    if (fixed) {
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
-      for (int64_t c = 0; c < nchunks; ++c) {
-        k(pp, c * chunk, std::min(n, (c + 1) * chunk));
-        if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
-      }
+      for (int64_t c = 0; c < nchunks; ++c) part(c);
     } else {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t c = 0; c < nchunks; ++c) {
-        k(pp, c * chunk, std::min(n, (c + 1) * chunk));
-        if (stream) stream_fence();
-      }
+      for (int64_t c = 0; c < nchunks; ++c) part(c);
     }
   }
   if (trial >= 0)
