@@ -391,7 +391,8 @@ def test_a_rejected_source_leaves_only_its_region_to_the_interpreter(monkeypatch
 
     def compile_cubin(src, arch):
         if src.startswith("bad"):
-            raise cuda_jit._REJECTED.setdefault(src, cuda_jit.CompileError(f"NVRTC: {src} rejected"))
+            error = cuda_jit.CompileError(f"NVRTC: {src} rejected")
+            raise cuda_jit._REJECTED.setdefault(src, error)  # (one error per source, as there)
         if src == "driver":
             raise OSError("cuModuleLoadData: CUDA error 999")
         compiled.append(src)

@@ -348,7 +348,8 @@ class PinnStep(PinnResidual):
     call, as in training, and the forward (the same for both engines) is part of the time."""
 
     name = "pinn_step"
-    note = "PINN step on a 2-32-32-1 tanh MLP: forward, u_x (create_graph), u_xx; a new graph each call"
+    note = ("PINN step on a 2-32-32-1 tanh MLP: forward, u_x (create_graph), u_xx; "
+            "a new graph each call")
 
     def setup(self, n, dtype, device):
         st = super().setup(n, dtype, device)
