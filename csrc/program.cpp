@@ -28,6 +28,19 @@ Program::Program(const int64_t* desc, int64_t len, const double* c, int64_t ncon
 
 namespace {
 
+// part(i) for each i < n on nt threads: part i on thread i % nt when `fixed` (the same thread
+// in every run: fixed_ranges), otherwise taken in turn as threads free up.
+template <class Part>
+void run_parts(int nt, int64_t n, bool fixed, const Part& part) {
+  if (fixed) {
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int64_t i = 0; i < n; ++i) part(i);
+  } else {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) part(i);
+  }
+}
+
 // Below this many elements a compiled loop runs on the calling thread (as the interpreter's
 // kParallelMin).
 constexpr int64_t kJitParallelMin = 32768;
@@ -205,13 +218,7 @@ bool Program::run(Region& r, int nthreads) const {
       k(pp, c * chunk, std::min(n, (c + 1) * chunk));
       if (stream) stream_fence();  // (streamed lines are seen by other threads after it)
     };
-    if (fixed) {
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-      for (int64_t c = 0; c < nchunks; ++c) part(c);
-    } else {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t c = 0; c < nchunks; ++c) part(c);
-    }
+    run_parts(nt, nchunks, fixed, part);
   }
   if (trial >= 0)
     record_trial(trial, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
@@ -331,13 +338,7 @@ int64_t run_group_loops(const std::vector<const Program*>& ps, std::vector<Regio
       for (int64_t c = nchunks * sp / nspan, c1 = nchunks * (sp + 1) / nspan; c < c1; ++c) chunk(c);
       if (stream) stream_fence();
     };
-    if (fixed) {
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-      for (int64_t sp = 0; sp < nspan; ++sp) span(sp);
-    } else {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t sp = 0; sp < nspan; ++sp) span(sp);
-    }
+    run_parts(nt, nspan, fixed, span);
   }
   return nchunks;
 }
