@@ -265,6 +265,11 @@ unary("batch_norm_eval", lambda x: F.batch_norm(
 binary("batch_norm_affine", lambda x, w: F.batch_norm(
     x, None, None, w, torch.full((4,), 0.5, dtype=x.dtype, device=x.device), training=True),
     shapes=[[(3, 4), (4,)], [(3, 4, 5), (4,)]])
+binary("batch_norm_affine_eval", lambda x, w: F.batch_norm(  # (cuDNN's node on a GPU: rank >= 3)
+    x, torch.linspace(-0.5, 0.5, 4, dtype=x.dtype, device=x.device),
+    torch.linspace(0.5, 2.0, 4, dtype=x.dtype, device=x.device), w,
+    torch.full((4,), 0.5, dtype=x.dtype, device=x.device), training=False),
+    shapes=[[(3, 4, 5), (4,)]])
 binary("layer_norm_affine", lambda x, w: torch.nn.functional.layer_norm(
     x, (4,), w, torch.ones(4, dtype=x.dtype, device=x.device) * 0.5), shapes=[[(3, 4), (4,)]])
 

@@ -314,7 +314,7 @@ def _layer_norm(v):
     return list(outs[:len(v.meta)])  # (PyTorch records the mean and rstd outputs or not)
 
 
-def _batch_norm(v):
+def _batch_norm(v, eps="_saved_eps"):
     x = v.x(0, "_saved_input")
     training = v.raw("_saved_training")
     if x.ndim < 2 or not isinstance(training, bool):
@@ -325,7 +325,7 @@ def _batch_norm(v):
     w = None if v.raw("_saved_weight") is None else v.x(1, "_saved_weight")
     b = v.x(2) if v.edges[2][0] is not None else None  # (the bias's value is never read)
     return [norms.batch_norm(
-        x, w, b, training, float(v.scalar("_saved_eps")),
+        x, w, b, training, float(v.scalar(eps)),
         lambda e: v.known(e, "_saved_result1", True), lambda e: v.known(e, "_saved_result2", True),
         *(None if training else v.tensor(f"_saved_running_{k}") for k in ("mean", "var")))]
 
@@ -539,6 +539,10 @@ LOWER = {
     "StdBackward0": lambda v: _moment(v, True),
     "NativeLayerNormBackward0": _layer_norm,
     "NativeBatchNormBackward0": _batch_norm,
+    # On a GPU with weight and bias, PyTorch runs cuDNN's (MIOpen's) kernel, whose node saves the
+    # same mean and invstd (result1, result2) under another name for eps.
+    "CudnnBatchNormBackward0": lambda v: _batch_norm(v, "_saved_epsilon"),
+    "MiopenBatchNormBackward0": lambda v: _batch_norm(v, "_saved_epsilon"),
     "SoftmaxBackward0": lambda v: _softmax(v, "softmax"),
     "LogSoftmaxBackward0": lambda v: _softmax(v, "log_softmax"),
     "CatBackward0": _cat,
