@@ -11,6 +11,7 @@
 #include "call_args.h"
 #include "capture.h"
 #include "floor.h"
+#include "kernel_launch.h"
 #include "signature_key.h"
 #include "stream_policy.h"
 #include "executor.h"
@@ -336,6 +337,26 @@ PYBIND11_MODULE(_C, m) {
         "Sets stream_min_bytes; a negative value restores the default.");
 
   m.def("max_ndim", [] { return fg::kMaxNdim; }, "Most iteration dims a region may have.");
+
+  m.def("cuda_bind_driver", [](uintptr_t launch, uintptr_t get_current, uintptr_t push, uintptr_t pop) {
+    const fg::DriverCalls before = fg::bind_driver({launch, get_current, push, pop});
+    return py::make_tuple(before.launch, before.get_current, before.push, before.pop);
+  }, py::arg("launch"), py::arg("get_current"), py::arg("push"), py::arg("pop"),
+     "Addresses of cuLaunchKernel, cuCtxGetCurrent, cuCtxPushCurrent_v2, cuCtxPopCurrent_v2\n"
+     "(cuda_jit loads the driver); returns the four set before (kernel_launch.h).");
+  m.def("cuda_launch", [](uintptr_t func, uintptr_t ctx, unsigned grid, unsigned block, uintptr_t stream,
+                          const py::list& params) {
+    const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+    std::vector<uint64_t> vals(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      vals[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(params.ptr(), i));
+      if (PyErr_Occurred()) throw py::error_already_set();
+    }
+    return fg::launch_kernel(func, ctx, grid, block, stream, vals.data(), static_cast<int>(n));
+  }, py::arg("func"), py::arg("ctx"), py::arg("grid"), py::arg("block"), py::arg("stream"), py::arg("params"),
+     "Launch an NVRTC-compiled kernel (cuda_jit.Kernel): grid blocks of block threads on stream,\n"
+     "context ctx current, params the 64-bit parameters. Returns the CUresult (0 = success; -1:\n"
+     "no driver bound). Does not synchronize.");
 
 #ifdef FASTGRAD_WITH_CUDA
   m.def("run_cuda", &run_cuda, py::arg("desc"), py::arg("consts"), py::arg("compute_dtype"), py::arg("device_index"),

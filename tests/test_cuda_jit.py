@@ -7,6 +7,7 @@ compiled kernel against the interpreter (run_cuda) and torch, plans taking over 
 kernels after jit.AFTER runs (explain says so), and regions that do not fit, or a compiler that
 fails, leaving the interpreter running.
 """
+import ctypes
 import struct
 import types
 
@@ -424,3 +425,74 @@ def test_a_rejected_source_leaves_only_its_region_to_the_interpreter(monkeypatch
     st = cuda_jit.status()
     assert not st["enabled"] and "CUDA error 999" in st["reason"]
     assert compiled == [f"good {i}" for i in range(1, jit._MAX_FAILED + 1)]
+
+
+def test_launches_hand_the_driver_the_kernel_its_parameters_and_context(monkeypatch):
+    # Compiled kernels are launched from C++ (csrc/kernel_launch.h) through driver calls whose
+    # addresses cuda_jit binds. A stand-in driver (no GPU needed) sees the kernel, grid, block,
+    # stream and each parameter's value (a region's loads, then its stores, region by region),
+    # the context pushed only when it is not current, and a failing launch raises with the
+    # driver's code.
+    c_uint, c_void_p = ctypes.c_uint, ctypes.c_void_p
+    seen, current, result = [], [None], [0]
+    nparams = [0]
+
+    def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        vals = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64))[0]
+                for i in range(nparams[0])]
+        seen.append(("launch", func, (gx, gy, gz), (bx, by, bz), shared, stream, vals, extra,
+                     current[0]))
+        return result[0]
+
+    def get_current(out):
+        out[0] = current[0]
+        return 0
+
+    def push(ctx):
+        seen.append(("push", ctx))
+        current[0] = ctx
+        return 0
+
+    def pop(out):
+        seen.append(("pop",))
+        current[0] = None
+        return 0
+
+    stand_ins = [  # (kept referenced while bound)
+        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p, *[c_uint] * 7, c_void_p,
+                         ctypes.POINTER(c_void_p), c_void_p)(launch),
+        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(get_current),
+        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p)(push),
+        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(pop)]
+    before = fastgrad._C.cuda_bind_driver(*[ctypes.cast(f, c_void_p).value for f in stand_ins])
+    try:
+        ts = [torch.empty(3) for _ in range(4)]
+        ptrs = [t.data_ptr() for t in ts]
+        k = cuda_jit.Kernel(0x1234, 0, [([1, 0, 1], 2)], 7)
+        k.ctx = 0xC0
+        nparams[0] = 5
+        k.launch(ts[:2], ts[2:], 0x55)
+        assert seen == [("push", 0xC0),
+                        ("launch", 0x1234, (7, 1, 1), (cuda_codegen.BLOCK, 1, 1), 0, 0x55,
+                         [ptrs[1], ptrs[0], ptrs[1], ptrs[2], ptrs[3]], None, 0xC0),
+                        ("pop",)]
+        # a row group's kernel: more parameters than the launcher keeps on its stack
+        seen.clear()
+        current[0] = 0xC0
+        parts = [([0, 1], 1)] * 12
+        g = cuda_jit.Kernel(0x99, 0, parts, 3)
+        g.ctx = 0xC0
+        nparams[0] = 36
+        g.launch_parts([(ts[k % 2:k % 2 + 2], [ts[2 + k % 2]]) for k in range(12)], 0)
+        want = [p for k in range(12) for p in (ptrs[k % 2], ptrs[k % 2 + 1], ptrs[2 + k % 2])]
+        assert seen == [("launch", 0x99, (3, 1, 1), (cuda_codegen.BLOCK, 1, 1), 0, None, want,
+                         None, 0xC0)]  # (a null stream arrives as None)
+        result[0] = 700
+        monkeypatch.setitem(cuda_jit._LIBS, "cuda", types.SimpleNamespace(
+            cuGetErrorString=lambda r, msg: 0))
+        with pytest.raises(OSError, match="cuLaunchKernel: CUDA error 700"):
+            g.launch_parts([(ts[k % 2:k % 2 + 2], [ts[2 + k % 2]]) for k in range(12)], 0)
+        fastgrad._C.cuda_bind_driver(0, 0, 0, 0)
+        assert fastgrad._C.cuda_launch(0x99, 0xC0, 3, 32, 0, ptrs) == -1  # (no driver bound)
+    finally:
+        fastgrad._C.cuda_bind_driver(*before)

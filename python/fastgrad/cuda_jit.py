@@ -13,12 +13,12 @@ reduction's additions.
 
 Kernels are cached on disk as CUBIN, keyed by their source, the headers, the NVRTC version and
 the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``, trimmed as
-jit.prune_cache says), and loaded and
-launched through the CUDA driver API (ctypes: no link to libcuda or libnvrtc). A source NVRTC
-rejects leaves its region with the interpreter and is counted (``status()``'s "failed",
-"last_failure"); after jit._MAX_FAILED such sources, or at once without NVRTC or when the driver
-fails, compiling is off for the process, the interpreter runs every region and ``status()``
-says why. ``FASTGRAD_JIT=0`` turns this off with the CPU loops.
+jit.prune_cache says), loaded through the CUDA driver API (ctypes: no link to libcuda or
+libnvrtc) and launched from C++ (csrc/kernel_launch.h) through the driver calls ctypes found.
+A source NVRTC rejects leaves its region with the interpreter and is counted (``status()``'s
+"failed", "last_failure"); after jit._MAX_FAILED such sources, or at once without NVRTC or when
+the driver fails, compiling is off for the process, the interpreter runs every region and
+``status()`` says why. ``FASTGRAD_JIT=0`` turns this off with the CPU loops.
 """
 import ctypes
 import glob
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from . import cuda_codegen as codegen, jit
+from . import _C, cuda_codegen as codegen, jit
 
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
           "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None,
@@ -119,8 +119,10 @@ def _cuda():
     if lib is None:
         lib = ctypes.CDLL("libcuda.so.1")
         _check_cu(lib.cuInit(0), "cuInit", lib)
-        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        # launches are made from C++ (csrc/kernel_launch.h), through these driver calls
+        _C.cuda_bind_driver(*[ctypes.cast(f, ctypes.c_void_p).value for f in (
+            lib.cuLaunchKernel, lib.cuCtxGetCurrent, lib.cuCtxPushCurrent_v2,
+            lib.cuCtxPopCurrent_v2)])
         _LIBS["cuda"] = lib
     return lib
 
@@ -242,48 +244,29 @@ class Kernel:
 
     def __init__(self, func, device, parts, grid):
         self.func, self.device, self.grid, self.parts = func, device, grid, parts
-        # the kernel's arguments (data pointers) and the array of their addresses that
-        # cuLaunchKernel reads, made once per thread (_args)
-        self._n = sum(len(loads) + nstores for loads, nstores in parts)
-        self._local = threading.local()
-
-    def _args(self):
-        got = getattr(self._local, "args", None)
-        if got is None:
-            vals = (ctypes.c_uint64 * self._n)()
-            base = ctypes.addressof(vals)
-            ptrs = (ctypes.c_void_p * self._n)(*[base + 8 * k for k in range(self._n)])
-            got = self._local.args = (vals, ctypes.cast(ptrs, ctypes.c_void_p), ptrs)
-        return got
+        self.ctx = None  # (the device's primary context, looked up at the first launch)
 
     def launch(self, ins, outs, stream):
         """Run on a region's ``ins`` and ``outs`` (launch_parts for a row group's)."""
-        self.launch_parts(((ins, outs),), stream)
+        (loads, _), = self.parts
+        params = [ins[ix].data_ptr() for ix in loads]
+        params += [o.data_ptr() for o in outs]
+        self._launch(params, stream)
 
     def launch_parts(self, parts, stream):
         """Run on each region's (ins, outs), in the order of ``self.parts``."""
-        vals, params, _ = self._args()
-        k = 0
+        params = []
         for (ins, outs), (loads, _) in zip(parts, self.parts):
-            for ix in loads:
-                vals[k] = ins[ix].data_ptr()
-                k += 1
-            for o in outs:
-                vals[k] = o.data_ptr()
-                k += 1
-        cu = _cuda()
-        ctx = _primary(self.device)
-        cur = ctypes.c_void_p()
-        cu.cuCtxGetCurrent(ctypes.byref(cur))
-        pushed = cur.value != ctx
-        if pushed:
-            _check_cu(cu.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)), "cuCtxPushCurrent")
-        try:
-            _check_cu(cu.cuLaunchKernel(self.func, self.grid, 1, 1, codegen.BLOCK, 1, 1, 0,
-                                        stream, params, None), "cuLaunchKernel")
-        finally:
-            if pushed:
-                cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+            params += [ins[ix].data_ptr() for ix in loads]
+            params += [o.data_ptr() for o in outs]
+        self._launch(params, stream)
+
+    def _launch(self, params, stream):
+        if self.ctx is None:
+            self.ctx = _primary(self.device)
+        r = _C.cuda_launch(self.func, self.ctx, self.grid, codegen.BLOCK, stream, params)
+        if r:
+            _check_cu(r, "cuLaunchKernel")
 
 
 def kernel_for(region, packer, device):
