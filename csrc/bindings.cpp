@@ -232,10 +232,12 @@ PYBIND11_MODULE(_C, m) {
         "Program.run). Returns the number of chunks run. Releases the GIL while computing.");
 
   py::class_<fg::Executor>(m, "Executor",
-      "A plan's CPU run repeated in C++ for tensors of the same layout (csrc/executor.h).")
-      .def(py::init<py::list, py::list, py::list, py::object, py::object, int64_t, py::object, py::object>(),
+      "A plan's run repeated in C++ for tensors of the same layout (csrc/executor.h).")
+      .def(py::init<py::list, py::list, py::list, py::object, py::object, int64_t, py::object, py::object,
+                    py::object>(),
            py::arg("leaves"), py::arg("steps"), py::arg("outputs"), py::arg("empty"), py::arg("num_threads"),
            py::arg("parallel_min"), py::arg("grad_enabled"), py::arg("set_grad_enabled"),
+           py::arg("stream") = py::none(),
            "See csrc/executor.h for the format of leaves, steps and outputs.")
       .def("run", &fg::Executor::run, py::arg("tensors"),
            "The plan's outputs for the call's tensors, or None when a leaf's layout differs.");

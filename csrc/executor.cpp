@@ -1,5 +1,6 @@
 #include "executor.h"
 
+#include "kernel_launch.h"
 #include "py_calls.h"
 
 #include <algorithm>
@@ -12,7 +13,8 @@ namespace {
 struct Names {
   PyObject *data_ptr = py_intern("data_ptr"), *shape = py_intern("shape"), *stride = py_intern("stride"),
            *reshape = py_intern("reshape"), *expand = py_intern("expand"),
-           *dtype = py_intern("dtype"), *t = py_intern("t"), *mm = py_intern("mm");
+           *dtype = py_intern("dtype"), *device = py_intern("device"), *t = py_intern("t"),
+           *mm = py_intern("mm");
 };
 const Names& names() {
   static const Names* n = new Names();  // never destroyed: may outlive the interpreter
@@ -104,24 +106,40 @@ Executor::Part Executor::part_of(py::handle spec) {
     part.in.push_back(slot);
   }
   if ((int64_t)part.in.size() != part.prog->nins) throw py::value_error("Executor: one input slot per Program input");
-  for (auto o : t[2]) {
-    py::tuple spec_o = py::reinterpret_borrow<py::tuple>(o);
-    Alloc a;
-    a.args = py::tuple(spec_o[0]);
-    a.kwargs[names().dtype] = spec_o[1];
-    part.outs.push_back(std::move(a));
-  }
+  for (auto o : t[2]) part.outs.push_back(alloc_of(o));
   if ((int64_t)part.outs.size() != part.prog->nouts) throw py::value_error("Executor: one output spec per Program output");
   nslots_ += part.outs.size();
   return part;
 }
 
+Executor::Part Executor::cuda_part_of(py::handle spec) {
+  py::tuple t = py::reinterpret_borrow<py::tuple>(spec);
+  Part part;
+  for (auto s : t[0]) {
+    const int slot = s.cast<int>();
+    if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: load slot out of range");
+    part.in.push_back(slot);
+  }
+  for (auto o : t[1]) part.outs.push_back(alloc_of(o));
+  nslots_ += part.outs.size();  // (a later part may load them)
+  return part;
+}
+
+Executor::Alloc Executor::alloc_of(py::handle spec) {
+  py::tuple t = py::reinterpret_borrow<py::tuple>(spec);
+  Alloc a;
+  a.args = py::tuple(t[0]);
+  a.kwargs[names().dtype] = t[1];
+  if (t.size() > 2) a.kwargs[names().device] = t[2];
+  return a;
+}
+
 Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object empty,
                    py::object num_threads, int64_t parallel_min, py::object grad_enabled,
-                   py::object set_grad_enabled)
+                   py::object set_grad_enabled, py::object stream)
     : empty_(std::move(empty)), num_threads_(std::move(num_threads)),
       grad_enabled_(std::move(grad_enabled)), set_grad_enabled_(std::move(set_grad_enabled)),
-      parallel_min_(parallel_min) {
+      stream_(std::move(stream)), parallel_min_(parallel_min) {
   for (auto l : leaves) {
     py::tuple t = py::reinterpret_borrow<py::tuple>(l);
     leaves_.push_back(Leaf{t[0].cast<Py_ssize_t>(), py::tuple(t[1]), py::tuple(t[2]),
@@ -157,6 +175,13 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
         st.transposed[i] = tr[i].cast<bool>();
       }
       nslots_ += 1;
+    } else if (st.kind == 4) {
+      py::tuple k(t[1]);
+      if (k.size() != 4) throw py::value_error("Executor: a kernel is (func, ctx, grid, block)");
+      st.launch = Launch{k[0].cast<uintptr_t>(), k[1].cast<uintptr_t>(), k[2].cast<unsigned>(),
+                         k[3].cast<unsigned>()};
+      if (stream_.is_none()) throw py::value_error("Executor: a CUDA step needs stream");
+      for (auto p : t[2]) st.parts.push_back(cuda_part_of(p));
     } else {
       throw py::value_error("Executor: unknown step kind " + std::to_string(st.kind));
     }
@@ -174,6 +199,29 @@ int Executor::threads_for(int64_t numel, int& nthreads) const {
   if (numel < parallel_min_) return 1;
   if (nthreads == 0) nthreads = std::max(1, num_threads_().cast<int>());  // once per run
   return nthreads;
+}
+
+void Executor::launch(const Step& st, std::vector<py::object>& slots, uintptr_t stream) const {
+  const Names& N = names();
+  std::vector<uint64_t> params;
+  auto ptr = [&](py::handle t) {
+    py::object r = py_call(t, N.data_ptr);
+    params.push_back(PyLong_AsUnsignedLongLong(r.ptr()));
+    if (PyErr_Occurred()) throw py::error_already_set();
+  };
+  for (const Part& p : st.parts) {
+    for (int s : p.in) ptr(slots[s]);
+    for (const Alloc& a : p.outs) {
+      PyObject* o = PyObject_Call(empty_.ptr(), a.args.ptr(), a.kwargs.ptr());
+      if (!o) throw py::error_already_set();
+      slots.push_back(py::reinterpret_steal<py::object>(o));
+      ptr(slots.back());
+    }
+  }
+  const Launch& k = st.launch;
+  const int r = launch_kernel(k.func, k.ctx, k.grid, k.block, stream, params.data(),
+                              static_cast<int>(params.size()));
+  if (r) throw std::runtime_error("cuLaunchKernel: CUDA error " + std::to_string(r));
 }
 
 py::object Executor::run(py::handle tensors) const {
@@ -194,7 +242,13 @@ py::object Executor::run(py::handle tensors) const {
   std::optional<GradOff> off;
   if (views_or_products_) off.emplace(grad_enabled_, set_grad_enabled_);
   int nthreads = 0;
+  std::optional<uintptr_t> stream;  // read at the first CUDA step
   for (const Step& st : steps_) {
+    if (st.kind == 4) {
+      if (!stream) stream = stream_().cast<uintptr_t>();
+      launch(st, slots, *stream);
+      continue;
+    }
     if (st.kind == 2) {
       py::object v = slots[st.src];
       for (const auto& [is_expand, shape] : st.chain)

@@ -1,15 +1,19 @@
-"""The C++ repeat of a plan's CPU run (runtime._executor, csrc/executor.h).
+"""The C++ repeat of a plan's run (runtime._executor, csrc/executor.h).
 
 The first call of a graph runs its plan step by step in Python and leaves a _C.Executor on the
-plan; later calls whose bound tensors have the same layouts run through it. Each case here calls
-fastgrad.grad three times on fresh graphs with fresh values, checks every result against
-torch.autograd.grad, and checks that the later calls really ran through an Executor."""
+plan; later calls on the same device whose bound tensors have the same layouts run through it
+(on CUDA once its regions run compiled kernels). Each case here calls fastgrad.grad several
+times on fresh graphs with fresh values, checks every result against torch.autograd.grad, and
+checks that the later calls really ran through an Executor."""
+import ctypes
+
 import pytest
 import torch
 
 import fastgrad
-from fastgrad import _C, plan as fplan
+from fastgrad import _C, jit, plan as fplan
 from conftest import TORCH_GRAD, assert_same, rand, strided_leaf
+from test_vm_cuda import real_gpu
 
 
 class Counting:
@@ -53,15 +57,15 @@ CASES = [  # (name, shapes of the leaves, forward)
 ]
 
 
-def _call(fn, shapes, gen, make_leaf=None):
-    xs = [rand(s, gen) for s in shapes]
+def _call(fn, shapes, gen, make_leaf=None, device="cpu"):
+    xs = [rand(s, gen, device=device) for s in shapes]
     if make_leaf is not None:
         xs = [make_leaf(x) for x in xs]
     else:
         xs = [x.requires_grad_() for x in xs]
     outs = fn(*xs)
-    gos = [None if o.dim() == 0 else rand(tuple(o.shape), gen) for o in outs]
-    gos = [torch.ones((), dtype=torch.float64) if g is None else g for g in gos]
+    gos = [None if o.dim() == 0 else rand(tuple(o.shape), gen, device=device) for o in outs]
+    gos = [torch.ones((), dtype=torch.float64, device=device) if g is None else g for g in gos]
     got = fastgrad.grad(outs, xs, gos, retain_graph=True)
     ref = TORCH_GRAD(outs, xs, gos)
     assert_same(got, ref, rtol=1e-12, atol=1e-12)
@@ -75,6 +79,90 @@ def test_later_calls_run_through_the_executor(name, shapes, fn, gen):
     for _ in range(2):
         _call(fn, shapes, gen)
     assert sum(w.runs - w.declined for w in watched) >= 2
+
+
+@real_gpu
+@pytest.mark.parametrize("name,shapes,fn", CASES, ids=[c[0] for c in CASES])
+def test_later_cuda_calls_run_through_the_executor(name, shapes, fn, gen):
+    # On CUDA the Executor is left once every region (row group) ran a compiled kernel, which
+    # happens after jit.AFTER runs; a plan with a region no kernel fits stays in Python.
+    runs = {id(p): p.runs for p in fplan._CACHE.values()}
+    watched = []
+    for _ in range(jit.AFTER + 3):
+        _call(fn, shapes, gen, device="cuda")
+        watched = _watch()
+    ran = [p for p in fplan._CACHE.values() if p.runs != runs.get(id(p))]
+    if name in ("sin_exp_sum", "tanh_cube", "threads"):  # (elementwise: a kernel fits)
+        assert ran and all(map(_compiled, ran))
+    if all(map(_compiled, ran)):
+        assert sum(w.runs - w.declined for w in watched) >= 1, "no call ran through an Executor"
+
+
+def _compiled(plan):
+    """Whether every region and row group of ``plan`` ran a compiled CUDA kernel."""
+    for step in plan.steps:
+        if isinstance(step, fplan.RowGroup):
+            if not any(step.cuda_kernels.values()):
+                return False
+        elif isinstance(step, fplan.Region):
+            if not any(k for p in step.packers.values() for k in p.cuda_kernels.values()):
+                return False
+    return True
+
+
+def test_a_cuda_step_launches_its_kernel_on_each_run():
+    # A CUDA step of an Executor (kind 4), here over CPU tensors with a stand-in driver (no GPU
+    # needed): each run allocates the parts' targets (a later part may load an earlier one's),
+    # reads the stream once and hands the driver the kernel, grid, block, that stream and the
+    # data pointers of each part's loads, then its targets.
+    c_uint, c_void_p = ctypes.c_uint, ctypes.c_void_p
+    seen, streams, result = [], [], [0]
+
+    def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        vals = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64))[0] for i in range(6)]
+        seen.append((func, gx, bx, stream, vals))
+        return result[0]
+
+    def get_current(out):
+        out[0] = 0xC0
+        return 0
+
+    stand_ins = [
+        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p, *[c_uint] * 7, c_void_p,
+                         ctypes.POINTER(c_void_p), c_void_p)(launch),
+        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(get_current),
+        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p)(lambda ctx: 1),  # (not called: ctx current)
+        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(lambda out: 1)]
+    empty, nt = torch.empty, torch.get_num_threads
+    gm = (torch.is_grad_enabled, torch._C._set_grad_enabled)
+    f64, cpu = torch.float64, torch.device("cpu")
+
+    def stream():
+        streams.append(0x5)
+        return 0x5
+    kernel = (0x1234, 0xC0, 9, 128)
+    parts = [([0, 1, 0], [((3,), f64, cpu)]), ([2], [((3,), f64, cpu)])]
+    leaves = [(0, (3,), (1,), None), (1, (3,), (1,), None)]
+    with pytest.raises(ValueError, match="needs stream"):
+        _C.Executor(leaves, [(4, kernel, parts)], [3], empty, nt, 1, *gm)
+    with pytest.raises(ValueError, match="load slot out of range"):
+        _C.Executor(leaves, [(4, kernel, [([3], [])])], [], empty, nt, 1, *gm, stream)
+    exe = _C.Executor(leaves, [(4, kernel, parts)], [2, 3], empty, nt, 1, *gm, stream)
+    before = _C.cuda_bind_driver(*[ctypes.cast(f, c_void_p).value for f in stand_ins])
+    try:
+        a, b = torch.randn(3, dtype=f64), torch.randn(3, dtype=f64)
+        for k in range(2):
+            o1, o2 = exe.run([a, b])
+            assert o1.shape == o2.shape == (3,) and o1.dtype == f64
+            assert seen[k] == (0x1234, 9, 128, 0x5, [a.data_ptr(), b.data_ptr(), a.data_ptr(),
+                                                     o1.data_ptr(), o1.data_ptr(),
+                                                     o2.data_ptr()])
+        assert streams == [0x5, 0x5]
+        result[0] = 700
+        with pytest.raises(RuntimeError, match="CUDA error 700"):
+            exe.run([a, b])
+    finally:
+        _C.cuda_bind_driver(*before)
 
 
 def test_executor_declines_other_layouts(gen):

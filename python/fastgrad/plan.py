@@ -157,7 +157,9 @@ class Plan:
         # requested: the nodes asked for (the cache key); outputs: the same after decomposition
         self.requested, self.outputs, self.steps = requested, outputs, steps
         self.cuda = None  # planned for a GPU (True) or the CPU (False); None: for either
-        self.executor = None  # runtime: the last CPU run, repeated in C++ (runtime.execute)
+        self.executor = None  # runtime: the last run, repeated in C++ (runtime.execute)
+        self.executor_dev = None  # runtime: the device of that run
+        self.executor_retry = 0  # runtime: the run from which making an Executor is tried
         self.block = None  # runtime: how it runs under create_graph (blocks.Blocked)
         self.runs = 0  # runtime: how many times it ran (jit.AFTER)
         self.jit_pending = True  # runtime: a run since its regions were last offered to jit

@@ -2,14 +2,16 @@
 once per input layout into a ``_C.Program`` on the CPU, packed per call for CUDA), and each
 matrix product through ``torch.mm``.
 
-On the CPU a plan's run leaves a ``_C.Executor`` (csrc/executor.h) that repeats it in C++ on
-later calls whose tensors have the same layouts.
+A plan's run leaves a ``_C.Executor`` (csrc/executor.h) that repeats it in C++ on later calls
+on the same device whose tensors have the same layouts: on the CPU with the run's Programs, on
+CUDA once every region and row group ran a compiled kernel (``CUDA_EXECUTOR``).
 
 With ``create_graph`` the plan runs as one block, an autograd Function (blocks.py).
 
 A ``RowGroup`` runs as one call (``_C.run_program_group``, chunk of rows by chunk of rows) on the
 CPU, and as one compiled kernel (a warp per row) on CUDA.
 """
+import functools
 from array import array
 
 import torch
@@ -18,6 +20,8 @@ from . import _C, blocks, cuda_jit, ir, jit
 from .plan import MatmulStep, Region, RowGroup, ViewStep, get_plan
 from .runtime_table import DTYPE_CODES
 
+CUDA_EXECUTOR = True  # repeat CUDA runs in C++ too (off: every CUDA run goes through Python)
+_EXECUTOR_RETRY = 64  # runs before a CUDA plan that could not be repeated in C++ is tried again
 _COMPUTE = {torch.float32: 0, torch.float64: 1}
 _PARALLEL_MIN = 1 << 15
 _CPU = torch.device("cpu")
@@ -261,10 +265,12 @@ class _NoExecutor(Exception):
     pass
 
 
-def _executor(plan, env, tensors):
-    """A _C.Executor repeating the CPU run of ``plan`` that just put its values in ``env``
-    (csrc/executor.h): the same steps, Programs and output specs, for later calls whose bound
-    tensors have the layouts these had. Raises _NoExecutor where the run is not repeatable."""
+def _executor(plan, env, tensors, dev):
+    """A _C.Executor repeating the run of ``plan`` on ``dev`` that just put its values in
+    ``env`` (csrc/executor.h): the same steps, Programs or compiled CUDA kernels and output
+    specs, for later calls whose bound tensors have the layouts these had. Raises _NoExecutor
+    where the run is not repeatable (on CUDA: while a region has no compiled kernel)."""
+    on_cpu = _on_cpu(dev)
     produced = set()
     for step in plan.steps:
         if isinstance(step, (ViewStep, MatmulStep)):
@@ -305,28 +311,55 @@ def _executor(plan, env, tensors):
         leaf(e)
     steps, nslots = [], len(leaves)
 
-    def part(r):
-        nonlocal nslots
-        ins = [env[id(m)] for m in r.inputs]
-        outs = [env[id(t)] for t in r.targets]
-        packer = r.packers.get(tuple([t.stride() for t in ins]))
-        specs = r.out_specs
+    def packer_of(r):
+        packer = r.packers.get(tuple([env[id(m)].stride() for m in r.inputs]))
         if packer is None or any(dt is None for _, dt in r._out_specs):
             raise _NoExecutor()  # (the default dtype is read per call)
-        spec = (packer.cpu_program(ins, outs), [slots[id(m)] for m in r.inputs],
-                [(tuple(sh) if sh else ((),), dt) for sh, dt in specs])
+        return packer
+
+    def part(r, packer, loads=None):
+        """A region's spec: on the CPU its Program's; on CUDA the input each of the kernel's
+        ``loads`` reads, in the kernel's order."""
+        nonlocal nslots
+        specs = r.out_specs
+        if on_cpu:
+            ins = [env[id(m)] for m in r.inputs]
+            outs = [env[id(t)] for t in r.targets]
+            spec = (packer.cpu_program(ins, outs), [slots[id(m)] for m in r.inputs],
+                    [(tuple(sh) if sh else ((),), dt) for sh, dt in specs])
+        else:
+            spec = ([slots[id(r.inputs[ix])] for ix in loads],
+                    [(tuple(sh) if sh else ((),), dt, dev) for sh, dt in specs])
         for t in r.targets:
             slots[id(t)] = nslots
             nslots += 1
-        return spec, packer.numel
+        return spec
+
+    def launch(kernel):
+        if not kernel:
+            raise _NoExecutor()  # (not compiled yet, or does not fit: the Python path runs it)
+        ctx = kernel.ctx or cuda_jit._primary(kernel.device)
+        return (kernel.func, ctx, kernel.grid, cuda_jit.codegen.BLOCK)
 
     for step in plan.steps:
         if isinstance(step, Region):
-            spec, n = part(step)
-            steps.append((0, spec, n))
+            packer = packer_of(step)
+            if on_cpu:
+                steps.append((0, part(step, packer), packer.numel))
+            else:
+                kernel = packer.cuda_kernels.get(dev.index)
+                k = launch(kernel)
+                steps.append((4, k, [part(step, packer, kernel.parts[0][0])]))
         elif isinstance(step, RowGroup):
-            specs = [part(r) for r in step.regions]
-            steps.append((1, [s for s, _ in specs], step.mask, max(n for _, n in specs)))
+            packers = [packer_of(r) for r in step.regions]
+            if on_cpu:
+                steps.append((1, [part(r, p) for r, p in zip(step.regions, packers)],
+                              step.mask, max(p.numel for p in packers)))
+            else:  # its one kernel (run_group_cuda), each region's loads in the kernel's order
+                kernel = step.cuda_kernels.get((tuple(packers), dev.index))
+                k = launch(kernel)
+                steps.append((4, k, [part(r, p, loads) for r, p, (loads, _) in
+                                     zip(step.regions, packers, kernel.parts)]))
         elif isinstance(step, MatmulStep):
             steps.append((3, tuple(slots[id(m)] for m in step.sources),
                           tuple(tr for _, tr in step.operands)))
@@ -339,7 +372,8 @@ def _executor(plan, env, tensors):
             nslots += 1
     return _C.Executor(leaves, steps, [slots[id(e)] for e in plan.outputs], torch.empty,
                        torch.get_num_threads, _PARALLEL_MIN, torch.is_grad_enabled,
-                       torch._C._set_grad_enabled)
+                       torch._C._set_grad_enabled,
+                       None if on_cpu else functools.partial(_raw_stream, dev.index))
 
 
 def execute(plan, tensors, create_graph, stats=None, device=None):
@@ -354,20 +388,21 @@ def execute(plan, tensors, create_graph, stats=None, device=None):
         return blocks.Blocked.of(plan).run(plan, tensors, stats)
     dev = tensors[0].device if tensors else device or _CPU
     plan.runs += 1
-    # The CPU without stats: repeat the last run in C++ when the layouts allow.
-    repeat = stats is None and _on_cpu(dev)
+    on_cpu = _on_cpu(dev)
+    # Without stats: repeat the last run on this device in C++ when the layouts allow.
+    repeat = stats is None and (on_cpu or CUDA_EXECUTOR)
     exe = plan.executor
-    if repeat and exe is not None:
+    if repeat and exe is not None and plan.executor_dev == dev:
         res = exe.run(tensors)
         if res is not None:
-            if plan.jit_pending and plan.runs >= jit.AFTER:
+            if on_cpu and plan.jit_pending and plan.runs >= jit.AFTER:
                 _compile(plan)
             return res
     made = _Packer.made
     outs = _run_steps(plan, tensors, stats, dev, repeat)
     # a run that met a new layout (made a Program) makes compiling due again (CPU loops; a
     # CUDA region compiles its own kernel, in run_region)
-    if _on_cpu(dev):
+    if on_cpu:
         if _Packer.made != made:
             plan.jit_pending = True
         if plan.jit_pending and plan.runs >= jit.AFTER:
@@ -432,11 +467,15 @@ def _run_steps(plan, tensors, stats, dev, repeat):
                     v = v.reshape(m.shape) if m.op == "reshape" else v.expand(m.shape)
             env[id(step.node)] = v
     outs = [value(e) for e in plan.outputs]
-    if repeat:
+    if repeat and plan.runs >= plan.executor_retry:
         try:
-            plan.executor = _executor(plan, env, tensors)
+            plan.executor, plan.executor_dev = _executor(plan, env, tensors, dev), dev
         except _NoExecutor:
             plan.executor = None
+            if plan.runs >= jit.AFTER and not _on_cpu(dev):
+                # a region whose kernel should be compiled by now has none (it does not fit):
+                # ask again only now and then, not on every call
+                plan.executor_retry = plan.runs + _EXECUTOR_RETRY
     return outs
 
 
