@@ -274,8 +274,8 @@ def _decompose(exprs, cuda):
     """Replace composite primitives whose value is not known by their VM-level definition,
     column sums of a product with a column by a matrix product (_column_product), and on the
     CPU narrow products by row sums (_narrow_product; on a GPU cuBLAS is faster, see
-    docs/performance.md). Also returns whether a product was narrow (the plan then depends on
-    the device)."""
+    docs/performance-history.md, "GPU: the MLP plans by device"). Also returns whether a
+    product was narrow (the plan then depends on the device)."""
     nodes = ir.topo(exprs, stop=lambda n: n.known is not None)
     mapping, narrow = {}, False
     for n in nodes:
