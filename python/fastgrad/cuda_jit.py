@@ -248,10 +248,7 @@ class Kernel:
 
     def launch(self, ins, outs, stream):
         """Run on a region's ``ins`` and ``outs`` (launch_parts for a row group's)."""
-        (loads, _), = self.parts
-        params = [ins[ix].data_ptr() for ix in loads]
-        params += [o.data_ptr() for o in outs]
-        self._launch(params, stream)
+        self.launch_parts(((ins, outs),), stream)
 
     def launch_parts(self, parts, stream):
         """Run on each region's (ins, outs), in the order of ``self.parts``."""
@@ -259,9 +256,6 @@ class Kernel:
         for (ins, outs), (loads, _) in zip(parts, self.parts):
             params += [ins[ix].data_ptr() for ix in loads]
             params += [o.data_ptr() for o in outs]
-        self._launch(params, stream)
-
-    def _launch(self, params, stream):
         if self.ctx is None:
             self.ctx = _primary(self.device)
         r = _C.cuda_launch(self.func, self.ctx, self.grid, codegen.BLOCK, stream, params)
