@@ -4,6 +4,8 @@ Every case of ``python -m fastgrad bench`` goes through the same ``check_case`` 
 runs before timing; the check must also be able to fail, and the CLI must run end to end.
 """
 import json
+import mmap
+import sys
 
 import pytest
 import torch
@@ -80,6 +82,28 @@ def test_hand_fused_when_present():
             assert thunk is None
             continue
         bench.compare(thunk(), ref, dtype)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="counts page faults through getrusage")
+def test_timer_counts_the_page_faults_of_a_call():
+    # Fresh pages cost a call a fault each (a result in memory the allocator just mapped): the
+    # timer counts a call's own, so a row can say its time includes them.
+    timer = bench.Timer("cpu")
+    pages = 2048
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for i in range(pages):
+                m[i * mmap.PAGESIZE] = 1
+
+    timer(touch_fresh_pages)
+    assert timer.faults >= pages
+    timer(lambda: None)
+    assert timer.faults < pages // 8
+    faults = {}
+    bench.time_engines({"fresh": touch_fresh_pages, "none": lambda: None}, timer, 3,
+                       warmup=1, min_time=0, faults=faults)
+    assert faults["fresh"] >= pages and faults["none"] < pages // 8
 
 
 def test_copy_bandwidth_is_the_faster_copy(monkeypatch):

@@ -9,7 +9,7 @@ import time
 import torch
 
 from .cases import CASE_NAMES, CASES, get_case
-from .report import (JSON_DEFINITIONS, Progress, machine_info, plot, table_header,
+from .report import (FAULTS_NOTE, JSON_DEFINITIONS, Progress, machine_info, plot, table_header,
                      table_row, versions, write_json)
 from .runner import HAND_TARGET, bench_one
 from .timing import copy_bandwidth
@@ -145,6 +145,11 @@ def main(argv=None):
         for k, v in r.get("errors", {}).items():
             if k not in ("fastgrad", "timing") and v != "n/a":
                 notes.append(f"{r['case']} {r['size']}: {k}: {v}")
+        pf = r.get("page_faults", {})
+        if any(v >= FAULTS_NOTE for v in pf.values()):
+            notes.append(f"{r['case']} {r['size']}: page faults per call (fresh memory from "
+                         "the allocator; the times include them): " +
+                         ", ".join(f"{k} {v:.0f}" for k, v in pf.items()))
     # group repeated notes (compile's double-backward error appears once per size)
     seen = {}
     for nline in notes:

@@ -122,6 +122,8 @@ def versions():
 
 # What each field of the JSON file means, written into the file itself so that a result
 # read months later explains itself.
+FAULTS_NOTE = 256  # page faults per call (1 MB of 4 KB pages) from which a row says so
+
 JSON_DEFINITIONS = {
     "size": "elements of the input x (MLP cases: batch * hidden width)",
     "times_s": "median seconds of the differentiation only (forward built outside); torch, "
@@ -143,6 +145,10 @@ JSON_DEFINITIONS = {
     "compile": "torch.compile(forward, dynamic=False), then torch.autograd.grad",
     "hand": "_C.hand_fused_sin_exp_grad, output allocated per call",
     "setup_s": "untimed setup + first call of func/compile/hand (compile time is here)",
+    "page_faults": "median minor page faults per timed call, per engine (getrusage): fresh "
+                   "pages the allocator handed out, zeroed by the kernel on first touch; "
+                   f"{FAULTS_NOTE} or more a call are reported after the table, as the time "
+                   "then includes them",
 }
 
 

@@ -121,12 +121,17 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
     # code, other allocations) changed torch's and fastgrad's times unequally: 10-25% of the
     # ratio at 1e3-1e5 (docs/performance-history.md).
     others = {k: thunks.pop(k) for k in ("func", "compile") if k in thunks}
+    faults = {}
     try:
         times, mins, rounds = time_engines(thunks, timer, opts.repeats,
-                                           min_time=opts.min_time, budget=opts.budget)
+                                           min_time=opts.min_time, budget=opts.budget,
+                                           faults=faults)
         if others:
+            f2 = {}
             t2, m2, _ = time_engines(dict(torch=thunks["torch"], **others), timer, opts.repeats,
-                                     min_time=opts.min_time, budget=opts.budget)
+                                     min_time=opts.min_time, budget=opts.budget, faults=f2)
+            f2.pop("torch", None)
+            faults.update(f2)
             row["torch_beside_others_s"] = t2.pop("torch")
             m2.pop("torch")
             times.update(t2)
@@ -137,6 +142,8 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
         return row
     row["rounds"] = rounds
     row["times_s"] = times
+    if faults:
+        row["page_faults"] = faults
     row["min_times_s"] = mins
     tt, tf = times["torch"], times["fastgrad"]
     row["speedup"] = tt / tf

@@ -8,14 +8,29 @@ import torch
 
 from .. import _C
 
+try:
+    import resource
+except ImportError:  # (not on Windows)
+    resource = None
+
+
+def _minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
 
 class Timer:
-    """Seconds taken by one call of a thunk: perf_counter on CPU, CUDA events on cuda."""
+    """Seconds taken by one call of a thunk: perf_counter on CPU, CUDA events on cuda. Also
+    counts the call's minor page faults (``faults``, None where getrusage is missing): fresh
+    pages the allocator handed out, each zeroed by the kernel on first touch. A 16 MB result
+    in fresh 4 KB pages is about 3900 of them, which took 5 ms on the development VM: glibc
+    returns such memory some runs and not others (docs/performance.md, "Page faults")."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
+        self.faults = None
 
     def __call__(self, fn):
+        f0 = _minor_faults()
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -24,13 +39,17 @@ class Timer:
             fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        self.faults = _minor_faults() - f0 if resource else None
+        return dt
 
 
-def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max_rounds=2000):
+def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max_rounds=2000,
+                 faults=None):
     """Median seconds per thunk. Warm-up first (plans, compiled kernels, allocator), then
     rounds that run every thunk (interleaved, so load from other processes hits all engines
     alike) in an order shuffled each round (seeded: the same orders every run), each one call
@@ -40,7 +59,9 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
     fixed order had moved ratios by 10-60%: docs/performance-history.md, "How the benchmark
     times").
     At least ``repeats`` rounds (fewer, but at least 3, when a round is so slow that
-    ``repeats`` rounds would exceed ``budget`` seconds), more until ``min_time`` passed."""
+    ``repeats`` rounds would exceed ``budget`` seconds), more until ``min_time`` passed.
+    ``faults`` (a dict), when given, receives each engine's median page faults per timed call
+    (Timer.faults)."""
     per_round = 0.0
     for _ in range(warmup):
         per_round = 2 * sum(timer(fn) for fn in thunks.values())
@@ -48,6 +69,7 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
     if per_round * repeats > budget:
         rounds = max(3, min(repeats, int(budget / max(per_round, 1e-9))))
     times = {k: [] for k in thunks}
+    flts = {k: [] for k in thunks}
     order = list(thunks)
     shuffle = random.Random(0).shuffle
     start = time.perf_counter()
@@ -57,7 +79,10 @@ def time_engines(thunks, timer, repeats, warmup=2, min_time=0.1, budget=3.0, max
         for k in order:
             thunks[k]()
             times[k].append(timer(thunks[k]))
+            flts[k].append(getattr(timer, "faults", None))  # (a plain callable counts none)
         r += 1
+    if faults is not None and None not in flts[order[0]]:
+        faults.update({k: statistics.median(v) for k, v in flts.items()})
     return ({k: statistics.median(v) for k, v in times.items()},
             {k: min(v) for k, v in times.items()}, r)
 
