@@ -10,6 +10,8 @@ The reference function is captured here at import time so that a test (or the
 library) patching ``torch.autograd.grad`` cannot make the reference recurse.
 """
 
+import contextlib
+import ctypes
 import zlib
 
 import pytest
@@ -363,3 +365,38 @@ def check_native(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=Non
         _assert_report_native(rep, f"level {level}")
         assert len(rep.native) > 0, f"level {level}: no native node reported\n{rep}"
     return reports
+
+
+@contextlib.contextmanager
+def stand_in_driver(launch, get_current, push, pop, nparams):
+    """The CUDA driver calls _C launches kernels through (csrc/kernel_launch.h), replaced by
+    Python functions for the block (no GPU needed), then the ones bound before put back.
+    ``launch(func, grid, block, shared_bytes, stream, values, extra)`` receives the first
+    ``nparams()`` kernel parameters' values (a null stream arrives as None); ``get_current()``
+    returns the current context; ``push(ctx)`` and ``pop()`` make and unmake one current. Each
+    returns a CUresult (0: success)."""
+    c_int, c_uint, c_void_p = ctypes.c_int, ctypes.c_uint, ctypes.c_void_p
+    p_void = ctypes.POINTER(c_void_p)
+
+    def launch_c(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        vals = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64))[0]
+                for i in range(nparams())]
+        return launch(func, (gx, gy, gz), (bx, by, bz), shared, stream, vals, extra)
+
+    def get_current_c(out):
+        out[0] = get_current()
+        return 0
+
+    def pop_c(out):
+        return pop()
+
+    calls = [  # (kept referenced while bound)
+        ctypes.CFUNCTYPE(c_int, c_void_p, *[c_uint] * 7, c_void_p, p_void, c_void_p)(launch_c),
+        ctypes.CFUNCTYPE(c_int, p_void)(get_current_c),
+        ctypes.CFUNCTYPE(c_int, c_void_p)(push),
+        ctypes.CFUNCTYPE(c_int, p_void)(pop_c)]
+    before = fastgrad._C.cuda_bind_driver(*[ctypes.cast(f, c_void_p).value for f in calls])
+    try:
+        yield
+    finally:
+        fastgrad._C.cuda_bind_driver(*before)

@@ -7,7 +7,6 @@ compiled kernel against the interpreter (run_cuda) and torch, plans taking over 
 kernels after jit.AFTER runs (explain says so), and regions that do not fit, or a compiler that
 fails, leaving the interpreter running.
 """
-import ctypes
 import struct
 import types
 
@@ -16,7 +15,7 @@ import torch
 
 import fastgrad
 from fastgrad import cuda_codegen, cuda_jit, jit
-from conftest import TORCH_GRAD, assert_same, rand
+from conftest import TORCH_GRAD, assert_same, rand, stand_in_driver
 import test_vm as V
 from test_vm_cuda import Region, real_gpu
 
@@ -433,39 +432,24 @@ def test_launches_hand_the_driver_the_kernel_its_parameters_and_context(monkeypa
     # stream and each parameter's value (a region's loads, then its stores, region by region),
     # the context pushed only when it is not current, and a failing launch raises with the
     # driver's code.
-    c_uint, c_void_p = ctypes.c_uint, ctypes.c_void_p
     seen, current, result = [], [None], [0]
     nparams = [0]
 
-    def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        vals = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64))[0]
-                for i in range(nparams[0])]
-        seen.append(("launch", func, (gx, gy, gz), (bx, by, bz), shared, stream, vals, extra,
-                     current[0]))
+    def launch(func, grid, block, shared, stream, vals, extra):
+        seen.append(("launch", func, grid, block, shared, stream, vals, extra, current[0]))
         return result[0]
-
-    def get_current(out):
-        out[0] = current[0]
-        return 0
 
     def push(ctx):
         seen.append(("push", ctx))
         current[0] = ctx
         return 0
 
-    def pop(out):
+    def pop():
         seen.append(("pop",))
         current[0] = None
         return 0
 
-    stand_ins = [  # (kept referenced while bound)
-        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p, *[c_uint] * 7, c_void_p,
-                         ctypes.POINTER(c_void_p), c_void_p)(launch),
-        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(get_current),
-        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p)(push),
-        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(pop)]
-    before = fastgrad._C.cuda_bind_driver(*[ctypes.cast(f, c_void_p).value for f in stand_ins])
-    try:
+    with stand_in_driver(launch, lambda: current[0], push, pop, lambda: nparams[0]):
         ts = [torch.empty(3) for _ in range(4)]
         ptrs = [t.data_ptr() for t in ts]
         k = cuda_jit.Kernel(0x1234, 0, [([1, 0, 1], 2)], 7)
@@ -494,5 +478,3 @@ def test_launches_hand_the_driver_the_kernel_its_parameters_and_context(monkeypa
             g.launch_parts([(ts[k % 2:k % 2 + 2], [ts[2 + k % 2]]) for k in range(12)], 0)
         fastgrad._C.cuda_bind_driver(0, 0, 0, 0)
         assert fastgrad._C.cuda_launch(0x99, 0xC0, 3, 32, 0, ptrs) == -1  # (no driver bound)
-    finally:
-        fastgrad._C.cuda_bind_driver(*before)

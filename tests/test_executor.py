@@ -5,14 +5,12 @@ plan; later calls on the same device whose bound tensors have the same layouts r
 (on CUDA once its regions run compiled kernels). Each case here calls fastgrad.grad several
 times on fresh graphs with fresh values, checks every result against torch.autograd.grad, and
 checks that the later calls really ran through an Executor."""
-import ctypes
-
 import pytest
 import torch
 
 import fastgrad
 from fastgrad import _C, jit, plan as fplan
-from conftest import TORCH_GRAD, assert_same, rand, strided_leaf
+from conftest import TORCH_GRAD, assert_same, rand, stand_in_driver, strided_leaf
 from test_vm_cuda import real_gpu
 
 
@@ -115,24 +113,12 @@ def test_a_cuda_step_launches_its_kernel_on_each_run():
     # needed): each run allocates the parts' targets (a later part may load an earlier one's),
     # reads the stream once and hands the driver the kernel, grid, block, that stream and the
     # data pointers of each part's loads, then its targets.
-    c_uint, c_void_p = ctypes.c_uint, ctypes.c_void_p
     seen, streams, result = [], [], [0]
 
-    def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        vals = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_uint64))[0] for i in range(6)]
-        seen.append((func, gx, bx, stream, vals))
+    def launch(func, grid, block, shared, stream, vals, extra):
+        seen.append((func, grid[0], block[0], stream, vals))
         return result[0]
 
-    def get_current(out):
-        out[0] = 0xC0
-        return 0
-
-    stand_ins = [
-        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p, *[c_uint] * 7, c_void_p,
-                         ctypes.POINTER(c_void_p), c_void_p)(launch),
-        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(get_current),
-        ctypes.CFUNCTYPE(ctypes.c_int, c_void_p)(lambda ctx: 1),  # (not called: ctx current)
-        ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(c_void_p))(lambda out: 1)]
     empty, nt = torch.empty, torch.get_num_threads
     gm = (torch.is_grad_enabled, torch._C._set_grad_enabled)
     f64, cpu = torch.float64, torch.device("cpu")
@@ -148,8 +134,8 @@ def test_a_cuda_step_launches_its_kernel_on_each_run():
     with pytest.raises(ValueError, match="load slot out of range"):
         _C.Executor(leaves, [(4, kernel, [([3], [])])], [], empty, nt, 1, *gm, stream)
     exe = _C.Executor(leaves, [(4, kernel, parts)], [2, 3], empty, nt, 1, *gm, stream)
-    before = _C.cuda_bind_driver(*[ctypes.cast(f, c_void_p).value for f in stand_ins])
-    try:
+    # (the context is current: push and pop are never called)
+    with stand_in_driver(launch, lambda: 0xC0, lambda ctx: 1, lambda: 1, lambda: 6):
         a, b = torch.randn(3, dtype=f64), torch.randn(3, dtype=f64)
         for k in range(2):
             o1, o2 = exe.run([a, b])
@@ -161,8 +147,6 @@ def test_a_cuda_step_launches_its_kernel_on_each_run():
         result[0] = 700
         with pytest.raises(RuntimeError, match="CUDA error 700"):
             exe.run([a, b])
-    finally:
-        _C.cuda_bind_driver(*before)
 
 
 def test_executor_declines_other_layouts(gen):
