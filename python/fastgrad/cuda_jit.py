@@ -246,6 +246,12 @@ class Kernel:
         self.func, self.device, self.grid, self.parts = func, device, grid, parts
         self.ctx = None  # (the device's primary context, looked up at the first launch)
 
+    def context(self):
+        """The device's primary context, which the kernel is launched in."""
+        if self.ctx is None:
+            self.ctx = _primary(self.device)
+        return self.ctx
+
     def launch(self, ins, outs, stream):
         """Run on a region's ``ins`` and ``outs`` (launch_parts for a row group's)."""
         self.launch_parts(((ins, outs),), stream)
@@ -256,9 +262,7 @@ class Kernel:
         for (ins, outs), (loads, _) in zip(parts, self.parts):
             params += [ins[ix].data_ptr() for ix in loads]
             params += [o.data_ptr() for o in outs]
-        if self.ctx is None:
-            self.ctx = _primary(self.device)
-        r = _C.cuda_launch(self.func, self.ctx, self.grid, codegen.BLOCK, stream, params)
+        r = _C.cuda_launch(self.func, self.context(), self.grid, codegen.BLOCK, stream, params)
         if r:
             _check_cu(r, "cuLaunchKernel")
 

@@ -321,15 +321,15 @@ def _executor(plan, env, tensors, dev):
         """A region's spec: on the CPU its Program's; on CUDA the input each of the kernel's
         ``loads`` reads, in the kernel's order."""
         nonlocal nslots
-        specs = r.out_specs
+        # torch.empty's arguments for each target (with the device off the CPU)
+        allocs = [(tuple(sh) if sh else ((),), dt) + (() if on_cpu else (dev,))
+                  for sh, dt in r.out_specs]
         if on_cpu:
             ins = [env[id(m)] for m in r.inputs]
             outs = [env[id(t)] for t in r.targets]
-            spec = (packer.cpu_program(ins, outs), [slots[id(m)] for m in r.inputs],
-                    [(tuple(sh) if sh else ((),), dt) for sh, dt in specs])
+            spec = (packer.cpu_program(ins, outs), [slots[id(m)] for m in r.inputs], allocs)
         else:
-            spec = ([slots[id(r.inputs[ix])] for ix in loads],
-                    [(tuple(sh) if sh else ((),), dt, dev) for sh, dt in specs])
+            spec = ([slots[id(r.inputs[ix])] for ix in loads], allocs)
         for t in r.targets:
             slots[id(t)] = nslots
             nslots += 1
@@ -338,8 +338,7 @@ def _executor(plan, env, tensors, dev):
     def launch(kernel):
         if not kernel:
             raise _NoExecutor()  # (not compiled yet, or does not fit: the Python path runs it)
-        ctx = kernel.ctx or cuda_jit._primary(kernel.device)
-        return (kernel.func, ctx, kernel.grid, cuda_jit.codegen.BLOCK)
+        return (kernel.func, kernel.context(), kernel.grid, cuda_jit.codegen.BLOCK)
 
     for step in plan.steps:
         if isinstance(step, Region):
