@@ -95,16 +95,19 @@ int64_t run_program_group(const std::vector<const ProgramHandle*>& programs,
   return chunks >= 0 ? chunks : run_group_cpu(regions, comp, chunk_mask, nthreads);
 }
 
+int Executor::slot_of(py::handle s, const char* what) const {
+  const int slot = s.cast<int>();
+  if (slot < 0 || (size_t)slot >= nslots_)
+    throw py::value_error(std::string("Executor: ") + what + " out of range");
+  return slot;
+}
+
 Executor::Part Executor::part_of(py::handle spec) {
   py::tuple t = py::reinterpret_borrow<py::tuple>(spec);
   Part part;
   part.program = py::reinterpret_borrow<py::object>(t[0]);
   part.prog = &part.program.cast<const ProgramHandle&>();
-  for (auto s : t[1]) {
-    const int slot = s.cast<int>();
-    if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: input slot out of range");
-    part.in.push_back(slot);
-  }
+  for (auto s : t[1]) part.in.push_back(slot_of(s, "input slot"));
   if ((int64_t)part.in.size() != part.prog->nins) throw py::value_error("Executor: one input slot per Program input");
   for (auto o : t[2]) part.outs.push_back(alloc_of(o));
   if ((int64_t)part.outs.size() != part.prog->nouts) throw py::value_error("Executor: one output spec per Program output");
@@ -115,11 +118,7 @@ Executor::Part Executor::part_of(py::handle spec) {
 Executor::Part Executor::cuda_part_of(py::handle spec) {
   py::tuple t = py::reinterpret_borrow<py::tuple>(spec);
   Part part;
-  for (auto s : t[0]) {
-    const int slot = s.cast<int>();
-    if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: load slot out of range");
-    part.in.push_back(slot);
-  }
+  for (auto s : t[0]) part.in.push_back(slot_of(s, "load slot"));
   for (auto o : t[1]) part.outs.push_back(alloc_of(o));
   nslots_ += part.outs.size();  // (a later part may load them)
   return part;
@@ -158,8 +157,7 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
       st.mask = t[2].cast<uint32_t>();
       st.numel = t[3].cast<int64_t>();
     } else if (st.kind == 2) {
-      st.src = t[1].cast<int>();
-      if (st.src < 0 || (size_t)st.src >= nslots_) throw py::value_error("Executor: view source out of range");
+      st.src = slot_of(t[1], "view source");
       for (auto c : t[2]) {
         py::tuple ct = py::reinterpret_borrow<py::tuple>(c);
         st.chain.emplace_back(ct[0].cast<bool>(), py::tuple(ct[1]));
@@ -169,9 +167,7 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
       py::tuple src(t[1]), tr(t[2]);
       if (src.size() != 2 || tr.size() != 2) throw py::value_error("Executor: a product takes two operands");
       for (int i = 0; i < 2; ++i) {
-        const int slot = src[i].cast<int>();
-        if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: product operand out of range");
-        st.operands[i] = slot;
+        st.operands[i] = slot_of(src[i], "product operand");
         st.transposed[i] = tr[i].cast<bool>();
       }
       nslots_ += 1;
@@ -188,11 +184,7 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
     views_or_products_ = views_or_products_ || st.kind == 2 || st.kind == 3;
     steps_.push_back(std::move(st));
   }
-  for (auto o : outputs) {
-    const int slot = o.cast<int>();
-    if (slot < 0 || (size_t)slot >= nslots_) throw py::value_error("Executor: output slot out of range");
-    outputs_.push_back(slot);
-  }
+  for (auto o : outputs) outputs_.push_back(slot_of(o, "output slot"));
 }
 
 int Executor::threads_for(int64_t numel, int& nthreads) const {

@@ -99,6 +99,8 @@ class Executor {
   size_t nslots_ = 0;
   bool views_or_products_ = false;  // some step is a view or a product (grad mode off)
 
+  // s as a slot number that steps so far have filled (ValueError "<what> out of range" if not).
+  int slot_of(py::handle s, const char* what) const;
   Part part_of(py::handle spec);
   Part cuda_part_of(py::handle spec);
   Alloc alloc_of(py::handle spec);
