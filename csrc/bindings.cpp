@@ -289,6 +289,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<>())
       .def_readonly("tensors", &fg::Binder::tensors)
       .def_readonly("device", &fg::Binder::device)
+      .def_readonly("keys", &fg::Binder::keys,
+                    "identity key (Binder::index) -> number, of every tensor bound so far")
       .def("index", [](fg::Binder& b, py::handle t) -> py::tuple {
         py::object key;
         Py_ssize_t n = b.index(t, &key);

@@ -209,9 +209,16 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
 
 namespace {
 
-// A tensor as it enters a signature: (number, shape, strides, dtype, requires_grad), or a
-// tag alone for one the compiled path cannot read (Binder::index).
-bool write_tensor(KeyWriter& w, py::handle t, Binder& bind) {
+using Positions = std::unordered_map<PyObject*, Py_ssize_t>;  // node -> place in the order
+
+// A tensor as it enters a signature: (number, shape, strides, dtype, requires_grad, the place
+// of the node that made it in the order and its output number, or -1 for a tensor made
+// outside the walk), or a tag alone for one the compiled path cannot read (Binder::index).
+// The producer is part of the key because the sweep ties a saved tensor to the forward
+// expression of the node that made it (engine._link_saved; which also needs the tensor
+// unchanged since: engine._still_bound checks that of the tensors an entry tied, so that the
+// key need not read every tensor's version).
+bool write_tensor(KeyWriter& w, py::handle t, Binder& bind, const Positions& pos) {
   py::object key;
   const Py_ssize_t n = bind.index(t, &key);
   if (n < 0) {
@@ -222,6 +229,16 @@ bool write_tensor(KeyWriter& w, py::handle t, Binder& bind) {
   w.tag('r');
   w.i64(n);
   w.tag(PyTuple_GET_ITEM(k, 4) == Py_True ? 'g' : 'c');
+  PyObject* producer = PyTuple_GET_ITEM(k, 5);
+  auto at = producer == Py_None ? pos.end()
+                                : pos.find(static_cast<PyObject*>(PyLong_AsVoidPtr(producer)));
+  if (PyErr_Occurred()) throw py::error_already_set();
+  if (at == pos.end()) {
+    w.i64(-1);
+  } else {
+    w.i64(at->second);
+    w.int_of(PyTuple_GET_ITEM(k, 6));
+  }
   return w.ints(PyTuple_GET_ITEM(k, 1)) && w.ints(PyTuple_GET_ITEM(k, 2)) &&
          w.obj(PyTuple_GET_ITEM(k, 3));
 }
@@ -241,8 +258,8 @@ bool is_tensor(py::handle v) {
 }
 
 // A saved value as it enters a signature; false when it cannot be part of a key (unhashable).
-bool write_value(KeyWriter& w, py::handle v, Binder& bind) {
-  return is_tensor(v) ? write_tensor(w, v, bind) : w.value(v);
+bool write_value(KeyWriter& w, py::handle v, Binder& bind, const Positions& pos) {
+  return is_tensor(v) ? write_tensor(w, v, bind, pos) : w.value(v);
 }
 
 // The length of sequence `seq`, then each item written by `write` (false: not part of a key).
@@ -346,9 +363,16 @@ py::object node_values(py::handle fn, py::handle md, Spec& spec) {
 py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
                     py::handle in_edges, Binder& bind, bool create_graph,
                     py::handle spec_fn, py::handle hooks_fn, py::handle freed_key) {
-  std::unordered_map<PyObject*, Py_ssize_t> pos;
+  Positions pos;
   Py_ssize_t norder = PyList_GET_SIZE(g.order.ptr());
   for (Py_ssize_t i = 0; i < norder; ++i) pos[PyList_GET_ITEM(g.order.ptr(), i)] = i;
+  // a leaf input is made by its AccumulateGrad node (write_tensor)
+  for (auto item : g.leaf_nodes) {
+    auto at = pos.find(item.second.ptr());
+    if (at == pos.end()) continue;
+    pos[static_cast<PyObject*>(PyLong_AsVoidPtr(item.first.ptr()))] = at->second;
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
   auto position = [&](py::handle n) {
     auto it = pos.find(n.ptr());
     return it == pos.end() ? Py_ssize_t(-1) : it->second;
@@ -361,7 +385,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
   for (auto gt : py::iter(grad_tensors)) {
     if (gt.is_none()) {
       w.tag('n');
-    } else if (!write_tensor(w, gt, bind)) {
+    } else if (!write_tensor(w, gt, bind, pos)) {
       return none();
     }
   }
@@ -416,7 +440,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     if (spec.region) {
       if (!w.obj(py_attr(fn, N.region))) return none();
       if (!write_each(w, py_attr(fn, N.saved_tensors), "saved_tensors is not a sequence",
-                      [&](py::handle v) { return write_value(w, v, bind); }))
+                      [&](py::handle v) { return write_value(w, v, bind, pos); }))
         return none();
     } else {
       py::object values;
@@ -426,10 +450,10 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
         w.tag('V');
         w.raw(values);
         for (const auto& a : spec.saved_tensors)
-          if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
+          if (!write_value(w, py_attr(fn, a.ptr()), bind, pos)) return none();
       } else {
         for (const auto& a : spec.saved)
-          if (!write_value(w, py_attr(fn, a.ptr()), bind)) return none();
+          if (!write_value(w, py_attr(fn, a.ptr()), bind, pos)) return none();
       }
     }
   }

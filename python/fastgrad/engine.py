@@ -10,7 +10,7 @@ the sweep as bound tensors.
 import torch
 
 from . import _C, graph_cache, hooks, ir, lowering, rules
-from .plan import Unplannable, clear_plan_cache, get_plan
+from .plan import Unplannable, clear_plan_cache, get_plan, recomputable
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
 
@@ -104,8 +104,10 @@ def _slots(outs):
     return found
 
 
-def _lower_vjp(fn, gs, bind):
-    """Cotangents (IR) of fn's inputs from those of its outputs, via the IR rules."""
+def _lower_vjp(fn, gs, bind, forwards=None):
+    """Cotangents (IR) of fn's inputs from those of its outputs, via the IR rules; with
+    ``forwards`` (a dict), the node's outputs as IR over the values PyTorch saved go into
+    ``forwards[id(fn)]`` (for _link_saved)."""
     outs = lowering.lower(fn, bind, freed_message)
     slots = _slots(outs)
     edges = fn.next_functions
@@ -117,6 +119,8 @@ def _lower_vjp(fn, gs, bind):
     # Slots stand for the node's inputs only while deriving; put their saved values back.
     mapping = {id(s): s.args[0] for s in slots.values() if s.args}
     grads = ir.substitute(grads, mapping)
+    if forwards is not None and fn.name() in lowering.FAITHFUL:
+        forwards[id(fn)] = (outs, slots, edges)
     for i, g in enumerate(grads):
         if g is None or edges[i][0] is None:
             continue
@@ -274,10 +278,12 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if exprs is None:
         native_before, fallback_before = len(trace.native), len(trace.fallback)
         tape = []
+        tied = []
         exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
-                       bind, trace, tape)
+                       bind, trace, tape, graph.leaf_nodes, tied)
         entry = graph_cache.store(key, exprs, trace.native[native_before:],
-                                  trace.fallback[fallback_before:], tape, len(bind.tensors))
+                                  trace.fallback[fallback_before:], tape, len(bind.tensors),
+                                  tied)
     if not allow_unused and None in exprs:
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     if entry is not None and entry.plan is None and None not in exprs:
@@ -308,13 +314,20 @@ def _refuse_unpack(packed):
 def _still_bound(entry, cap, create_graph, stats):
     """Whether the cached ``entry``'s IR holds for this call: its fallback nodes, replayed
     (binding their results), give results laid out as the first time, and the call has bound
-    as many tensors as the first one. (A saved tensor that unpacks as a new tensor each time,
-    as under saved-tensor hooks, is bound anew by lowering: the first call's IR then reads a
-    leaf that the signature alone does not bind.)"""
+    as many tensors as the first one, and the tensors its IR ties to the expressions that
+    made them are unchanged since (version 0; _link_saved). (A saved tensor that unpacks as a
+    new tensor each time, as under saved-tensor hooks, is bound anew by lowering: the first
+    call's IR then reads a leaf that the signature alone does not bind.)"""
     g = cap.graph
     if entry.tape and not _replay(entry.tape, g.order, g.needed, cap.bind, create_graph, stats):
         return False
-    return len(cap.bind.tensors) == entry.nbound
+    tensors = cap.bind.tensors
+    if len(tensors) != entry.nbound:
+        return False
+    for k in entry.tied:
+        if tensors[k]._version != 0:
+            return False
+    return True
 
 
 def _refuse_freed(grads):
@@ -370,14 +383,15 @@ def _records(bind, res):
 
 
 def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph, bind, trace,
-           tape=None):
+           tape=None, leaf_nodes=None, tied=None):
     """The reverse sweep: IR of the gradients flowing into ``in_edges`` (None where none).
 
     Each fallback node call is appended to ``tape`` as (position in order, the IR of its
     incoming cotangents, the leaf records of its results), so a later call with the same
-    signature can replay it."""
+    signature can replay it; the numbers of the tensors whose values the IR ties to their
+    producers (_link_saved) go into ``tied``."""
     input_ids = {id(n) for n, _ in in_edges}
-    cot = {}
+    cot, forwards = {}, {}
 
     def accumulate(node, k, g):
         key = (id(node), k)
@@ -403,7 +417,7 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
         if all(g is None for g in gs):
             continue
         try:
-            grads = _lower_vjp(fn, gs, bind)
+            grads = _lower_vjp(fn, gs, bind, forwards)
             trace.native.append(fn.name())
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
@@ -417,4 +431,84 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
                 continue
             meta = m._input_metadata[k]
             accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
-    return [answers.get((id(n), k)) for n, k in in_edges]
+    return _link_saved([answers.get((id(n), k)) for n, k in in_edges], bind, forwards, order,
+                       leaf_nodes, tied if tied is not None else [])
+
+
+def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
+    """``exprs`` with each saved tensor bound to the forward expression of the node that made
+    it, where that is elementwise work on values the plan can read (plan.recomputable): sin(x)
+    for MulBackward0's saved ``self`` = sin(x), exp(x) for its ``other``. The value is still
+    loaded, unless the plan computes it again (plan.RECOMPUTE).
+
+    ``forwards``: id(node) -> (its outputs as IR over its input slots, the slots, its edges),
+    for each node the sweep lowered whose forward is PyTorch's (lowering.FAITHFUL). A node's
+    forward expression reads what it saved where it saved it (PyTorch's version check vouches
+    that it is what the node read), and otherwise the bound tensor made by the node at the
+    input edge's end (a leaf input is its AccumulateGrad node's); producers come after
+    consumers in ``order``. A tensor is tied only while its version is 0: changed in place
+    since it was made, it no longer holds its producer's value. The signature records the
+    node that made each bound tensor (csrc/capture.cpp, write_tensor), and the numbers of the
+    tensors whose version 0 the IR relies on go into ``tied`` (_still_bound checks them
+    before a cached sweep is used again)."""
+    made, number = {}, {}  # tensor number <-> (id of the node that made it, output number)
+    leaf_nodes = leaf_nodes or {}
+    for key, k in bind.keys.items():
+        node = leaf_nodes.get(key[5])
+        made[k] = (id(node) if node is not None else key[5], key[6])
+        number.setdefault(made[k], k)
+    tensors, fwd, linked = bind.tensors, {}, {}
+
+    def bound(k):
+        """The IR of bound tensor k: tied to its producer's expression where that can be."""
+        if k not in linked:
+            if k not in made:  # (not bound through the binder: nothing to tie)
+                return None
+            t, e = tensors[k], None
+            outs = fwd.get(made[k][0])
+            if outs is not None and made[k][1] < len(outs) and t._version == 0:
+                e = outs[made[k][1]]
+            shape = tuple(t.shape)
+            if e is not None and e.shape == shape and e.dtype == t.dtype and \
+                    recomputable(ir.with_known(e, k)):
+                linked[k] = ir.with_known(e, k)
+                tied.append(k)
+            else:
+                linked[k] = ir.leaf(k, shape, t.dtype)
+        return linked[k]
+
+    for fn in reversed(order):  # (producers first)
+        rec = forwards.get(id(fn))
+        if rec is None:
+            continue
+        outs, slots, edges = rec
+        mapping = {}
+        for i, s in slots.items():
+            base = s.args[0] if s.args else None
+            if base is not None:
+                b = bound(base.known) if base.op == "leaf" else None
+                mapping[id(s)] = base if b is None else b
+                continue
+            # An input the node did not save: the tensor along its edge where that is bound
+            # and unchanged since it was made (so what the node read). Not the producer's
+            # expression of an unbound one: nothing tells whether it changed in place before
+            # the node read it.
+            m, j = edges[i] if i < len(edges) else (None, 0)
+            k = number.get((id(m), j)) if m is not None else None
+            if k is not None and tensors[k]._version == 0:
+                mapping[id(s)] = bound(k)
+                tied.append(k)
+        fwd[id(fn)] = ir.substitute(outs, mapping)
+    # Every node bound to a tied tensor is replaced: a leaf, and a node lowering bound itself
+    # (ExpBackward0's exp of its input, which it did not save, bound to its saved result), so
+    # that one node stands for the tensor (a plan computing it again then loads it nowhere).
+    # Not products nor detached nodes, which a create_graph block treats apart (blocks.py).
+    mapping = {}
+    for n in ir.topo(exprs, stop=lambda m: m.known is not None):
+        if n.known is None or n.op == "mm" or n.detached or n.known not in made:
+            continue
+        b = bound(n.known)
+        if b is not None and b.op != "leaf" and b is not n and b.shape == n.shape and \
+                b.dtype == n.dtype:
+            mapping[id(n)] = b
+    return ir.substitute(exprs, mapping) if mapping else exprs

@@ -21,14 +21,16 @@ _ENTRIES = {}
 class Entry:
     """What the first sweep of a graph produced: the gradients' IR, the node names for explain,
     the tape of fallback-node calls (engine._replay) that a hit runs again, how many tensors the
-    first call bound (a hit must bind as many: engine._still_bound), and the plan of the IR (set
-    by engine.run once it is known; None while it is not, or when a gradient is None), which
-    lets engine.hit go straight to it."""
-    __slots__ = ("exprs", "native", "fallback", "tape", "nbound", "plan")
+    first call bound (a hit must bind as many: engine._still_bound), the numbers of the bound
+    tensors the IR ties to the expressions that made them (engine._link_saved: a hit needs
+    them unchanged since they were made, version 0), and the plan of the IR (set by engine.run
+    once it is known; None while it is not, or when a gradient is None), which lets
+    engine.hit go straight to it."""
+    __slots__ = ("exprs", "native", "fallback", "tape", "nbound", "tied", "plan")
 
-    def __init__(self, exprs, native, fallback, tape, nbound):
+    def __init__(self, exprs, native, fallback, tape, nbound, tied=()):
         self.exprs, self.native, self.fallback, self.tape = exprs, native, fallback, tape
-        self.nbound, self.plan = nbound, None
+        self.nbound, self.tied, self.plan = nbound, tied, None
 
 
 def _spec(cls, fn):
@@ -56,8 +58,9 @@ def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
 
     The key holds, per node of the walk, its class, its edges (as positions in the order, or
     the metadata of an edge leaving the walk), its input metadata and, for a node lowering
-    reads, its saved values: a saved tensor as (leaf number, shape, strides, dtype,
-    requires_grad), anything else by value (type and value); a region node also gives its
+    reads, its saved values: a saved tensor as (leaf number, requires_grad, the position and
+    output number of the node in the walk that made it, shape, strides, dtype), anything else
+    by value (type and value); a region node also gives its
     Region. A node run through PyTorch is described without its saved values, nor the
     metadata of its edges leaving the walk (the sweep reads neither; engine._replay checks its
     results). Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the
@@ -74,14 +77,15 @@ def lookup(key):
     return _ENTRIES.get(key) if key is not None else None
 
 
-def store(key, exprs, native, fallback=(), tape=(), nbound=0):
+def store(key, exprs, native, fallback=(), tape=(), nbound=0, tied=()):
     """Remember what a sweep produced for signature ``key``; returns the Entry (None if the
     graph is not cacheable)."""
     if key is None:
         return None
     if len(_ENTRIES) >= _MAX_ENTRIES or _C.interned_count() > _MAX_INTERNED:
         clear()
-    e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape), nbound)
+    e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape), nbound,
+                              tuple(tied))
     return e
 
 

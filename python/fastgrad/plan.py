@@ -297,8 +297,72 @@ def _decompose(exprs, cuda):
     return (ir.substitute(exprs, mapping) if mapping else exprs), narrow
 
 
+# Whether a plan computes again a saved value it could load (_recompute), by device: on the
+# CPU loading was measured faster (the loops are as bound by their vector math as by memory:
+# docs/performance.md, "Why the speedup targets are out of reach here"); on a GPU a first-order
+# chain is bound by the bytes it moves, and computing sin or exp costs next to nothing.
+RECOMPUTE = {"cpu": False, "cuda": True}
+_RECOMPUTE_MAX = 48  # nodes of one saved value's expression computed again, at most
+_ELEMENTWISE = (set(OPCODES) - {"load", "store", "iota"}) | {"cast", "clamp"}
+
+
+def recomputable(n):
+    """Whether known node ``n``'s expression, down to the known values it reads, is elementwise
+    work of n's shape (consts, scalars and broadcasts of loaded values aside) that a region can
+    compute in place of loading n: what the sweep ties a saved tensor to
+    (engine._link_saved) and what _recompute may compute again."""
+    if n.known is None or n.detached or n.op not in _ELEMENTWISE:
+        return False
+    body = ir.topo([with_unknown(n)], stop=lambda m: m.known is not None)
+    if len(body) > _RECOMPUTE_MAX:
+        return False
+    for m in body:
+        if m.known is not None or m.op == "const":
+            continue
+        if m.op in ("expand", "reshape"):
+            if not all(a.known is not None or a.op == "const" for a in m.args):
+                return False
+        elif m.op not in _ELEMENTWISE or m.shape not in (n.shape, ()):
+            return False
+    return True
+
+
+def with_unknown(n):
+    """Known node ``n`` as the expression it stands for (computed, not loaded)."""
+    return ir.node(n.op, n.args, n.attrs, n.shape, n.dtype)
+
+
+def _reads(exprs):
+    """The known nodes a plan of ``exprs`` loads, by (tensor number, shape) as regions load."""
+    return {(m.known, m.shape) for m in ir.topo(exprs, stop=lambda m: m.known is not None)
+            if m.known is not None}
+
+
+def _recompute(exprs):
+    """``exprs`` with saved values computed again where that removes a load: a known node
+    (recomputable) whose expression reads only values the plan loads anyway (x for sin(x)),
+    one at a time until none is left (sin_exp_sum's gradient then reads x alone, not x,
+    sin(x) and exp(x)). The value computed may differ from the saved one in its last bit."""
+    while True:
+        reads = _reads(exprs)
+        for n in ir.topo(exprs, stop=lambda m: m.known is not None):
+            if not recomputable(n):
+                continue
+            body = with_unknown(n)
+            if not _reads([body]) <= reads - {(n.known, n.shape)}:
+                continue
+            tried = ir.substitute(exprs, {id(n): body})
+            if (n.known, n.shape) not in _reads(tried):  # (not loaded elsewhere as well)
+                exprs = tried
+                break
+        else:
+            return exprs
+
+
 def build(requested, cuda=False):
-    exprs, narrow = _decompose(requested, cuda)
+    computed = _recompute(requested)
+    exprs = computed if RECOMPUTE["cuda" if cuda else "cpu"] else requested
+    exprs, narrow = _decompose(exprs, cuda)
     known = lambda n: n.known is not None  # noqa: E731
     nodes = ir.topo(exprs, stop=known)
     for n in nodes:
@@ -374,7 +438,8 @@ def build(requested, cuda=False):
         if isinstance(s, Region):
             _Emitter(s, loadable).run()
     plan = Plan(requested, exprs, _row_groups(steps))
-    plan.cuda = cuda if narrow else None
+    # (planned by device where a product is narrow, or where a saved value may be computed)
+    plan.cuda = cuda if narrow or computed is not requested else None
     return plan
 
 

@@ -1,0 +1,129 @@
+"""Saved tensors tied to the nodes that made them (engine._link_saved), and computed again by
+the plan instead of loaded where plan.RECOMPUTE says so for the device.
+
+Each chain is differentiated with the policy forced on, on every device, against
+torch.autograd.grad in float64; the explain report must show that the plan read only the
+arrays it should (x and the scalar gradient), so a silent fall back to loading fails. The
+in-place cases are where tying would be wrong: a tensor changed after it was made (its
+version is no longer 0) keeps its own value, in a fresh sweep and in a cached one.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import graph_cache, plan
+from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand
+
+F = torch.nn.functional
+
+
+@contextlib.contextmanager
+def recompute(on, device):
+    """plan.RECOMPUTE for ``device`` set to ``on`` (plans and cached sweeps made anew)."""
+    key = torch.device(device).type
+    before = plan.RECOMPUTE[key]
+    plan.RECOMPUTE[key] = on
+    plan.clear_plan_cache()
+    graph_cache.clear()
+    try:
+        yield
+    finally:
+        plan.RECOMPUTE[key] = before
+        plan.clear_plan_cache()
+        graph_cache.clear()
+
+
+# (name, forward of x, how many arrays of x's size the gradient's plan reads with the policy
+# on, and with it off)
+CHAINS = [
+    # x alone: every saved value is computed again from it
+    ("sin_exp", lambda x: torch.sin(x) * torch.exp(x), 1, 3),
+    ("softplus_sigmoid", lambda x: F.softplus(x) * torch.sigmoid(x), 1, 3),
+    ("exp_sin_cos", lambda x: torch.exp(x) * torch.sin(x) * torch.cos(x), 1, 5),
+    # nobody saved sin(x), so exp's input is not known to be sin(x) (it may have changed in
+    # place before exp read it): exp's result is read
+    ("exp_of_sin", lambda x: torch.exp(torch.sin(x)) * torch.cos(x), 2, 3),
+    # tanh and sigmoid save their results only: x's value comes from mul, which saved it
+    ("tanh_sigmoid", lambda x: torch.tanh(x) * x + torch.sigmoid(x) / 3.0, 1, 3),
+    # nobody saved x, so h = x * 1.5 + 0.25 (made twice, read by sin and by cos) is read
+    ("intermediate", lambda x: torch.sin(x * 1.5 + 0.25) * torch.cos(x * 1.5 + 0.25), 2, 4),
+    # ELU's lowered forward is not PyTorch's to the last digit: its saved result stays loaded
+    ("elu_exp", lambda x: F.elu(x) * torch.exp(x), 2, 3),
+]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("name,fn,arrays,loaded", CHAINS, ids=[c[0] for c in CHAINS])
+def test_a_chain_computes_its_saved_values_again(name, fn, arrays, loaded, device, gen):
+    x0 = rand((257,), gen).to(device)
+    for on, want_arrays in ((True, arrays), (False, loaded)):
+        with recompute(on, device):
+            for _ in range(2):  # (a fresh sweep, then the cached one)
+                got, want = (grad(fn(x).sum(), x)
+                             for grad, x in ((FAST_GRAD, x0.clone().requires_grad_()),
+                                             (TORCH_GRAD, x0.clone().requires_grad_())))
+                assert_same(got, want)
+            x = x0.clone().requires_grad_()
+            report = fastgrad.explain(fn(x).sum(), x)
+        assert report.all_native, report
+        # (and a few scalars: the gradient of the sum, wrapped numbers)
+        read = report.bytes_read // (x0.numel() * x0.element_size())
+        assert read == want_arrays, f"policy {on}: {read} arrays read\n{report}"
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_second_order_through_tied_values(device, gen):
+    """create_graph: the block reads the tied tensors as its inputs, the derivative goes on."""
+    x0 = rand((64,), gen).to(device)
+
+    def run(grad):
+        x = x0.clone().requires_grad_()
+        (g,) = grad((torch.sin(x) * torch.exp(x)).sum(), x, create_graph=True)
+        return (g,) + grad((g * g).sum(), x)
+    with recompute(True, device):
+        assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+
+
+def _changed_after_it_was_made(x):
+    """sin(x) changed in place under no_grad after sin made it: mul saves the changed tensor."""
+    y = torch.sin(x)
+    with torch.no_grad():
+        y.add_(0.5)
+    return (y * torch.exp(x)).sum()
+
+
+def _input_changed_after_exp_read_it(x):
+    """exp read h before h changed in place; sin saved h after: exp's result is exp of the old
+    h, and its input edge's value (h now) is not what exp read."""
+    h = x * 1.5
+    e = torch.exp(h)
+    with torch.no_grad():
+        h.add_(0.5)
+    return (e * torch.sin(h)).sum()
+
+
+def _unsaved_input_changed_before_exp_read_it(x):
+    """exp read sin(x) + 1 (changed in place under no_grad, saved by nobody)."""
+    h = torch.sin(x)
+    with torch.no_grad():
+        h.add_(1.0)
+    return (torch.exp(h) * torch.cos(x)).sum()
+
+
+def _unchanged(x):
+    return (torch.sin(x) * torch.exp(x)).sum()
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("changed", [_changed_after_it_was_made, _input_changed_after_exp_read_it,
+                                     _unsaved_input_changed_before_exp_read_it])
+def test_a_tensor_changed_in_place_keeps_its_own_value(changed, device, gen):
+    x0 = rand((33,), gen).to(device)
+    with recompute(True, device):
+        # the same graph unchanged first, so a cached sweep that tied it exists
+        for fn in (_unchanged, changed, changed):
+            got, want = (grad(fn(x), x) for grad, x in ((FAST_GRAD, x0.clone().requires_grad_()),
+                                                        (TORCH_GRAD, x0.clone().requires_grad_())))
+            assert_same(got, want, what=fn.__name__)
