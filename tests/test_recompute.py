@@ -75,15 +75,28 @@ def test_a_chain_computes_its_saved_values_again(name, fn, arrays, loaded, devic
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_second_order_through_tied_values(device, gen):
-    """create_graph: the block reads the tied tensors as its inputs, the derivative goes on."""
+    """create_graph: the block computes sin(x) and exp(x) from x in its forward, but keeps the
+    saved tensors as inputs, so a derivative with respect to one (an intermediate) flows as
+    in PyTorch; neither call of the pipeline reads them."""
     x0 = rand((64,), gen).to(device)
+    size = x0.numel() * x0.element_size()
 
-    def run(grad):
+    def run(grad, reports=None):
         x = x0.clone().requires_grad_()
-        (g,) = grad((torch.sin(x) * torch.exp(x)).sum(), x, create_graph=True)
-        return (g,) + grad((g * g).sum(), x)
+        s, e = torch.sin(x), torch.exp(x)
+        if reports is not None:
+            reports.append(fastgrad.explain((s * e).sum(), x, create_graph=True))
+        (g,) = grad((s * e).sum(), x, create_graph=True)
+        if reports is not None:
+            reports.append(fastgrad.explain((g * g).sum(), x))
+        return (g,) + grad((g * g).sum(), (x, s, e), retain_graph=True) + \
+            TORCH_GRAD(g.sum(), (s, e))
     with recompute(True, device):
-        assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+        reports = []
+        assert_same(run(FAST_GRAD, reports), run(TORCH_GRAD))
+    # (the second call reads g too: (g * g) saved it)
+    for r, arrays in zip(reports, (1, 2)):
+        assert r.all_native and r.bytes_read // size == arrays, r
 
 
 def _changed_after_it_was_made(x):

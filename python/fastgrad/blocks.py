@@ -12,6 +12,7 @@ import threading
 import torch
 
 from . import ir, rules, runtime
+from . import plan as plan_mod
 from .plan import ViewStep, get_plan, view_chain
 
 
@@ -123,7 +124,8 @@ class PlanBlock:
         made = [n for n in nodes if n.op == "mm" and n.known is None and id(n) not in results]
         self.nout = len(requested)
         # what the forward computes: the results, then the products it saves
-        self._forward = ir.substitute(list(requested) + made, leaves,
+        self._forward = ir.substitute(list(requested) + made,
+                                      {**leaves, **self._tied(number, carries_graph)},
                                       lambda n: values.get(id(n)))
         # what is derived: the products bound to the saved tensors after the inputs
         saved = {**values, **{id(n): n_in + j for j, n in enumerate(made)}}
@@ -133,6 +135,31 @@ class PlanBlock:
                           for o in self.local_outputs]
         self.vjps = {}
         self.plan = None
+
+    def _tied(self, number, carries_graph):
+        """id -> local node, for each input that the sweep tied to the expression that made it
+        (engine._link_saved: sin(x), x being an input too): in the forward it is that
+        expression over the local inputs, bound to its own input, so that the block's plan
+        computes it again or loads it as plan.RECOMPUTE says for the device. It stays an
+        input: the derivative flows to it, as in PyTorch (a later grad with respect to sin(x)
+        finds it), and the backward reads it."""
+        known = lambda m: m.known is not None  # noqa: E731
+        tied = {}
+        for j, n in enumerate(self.inputs):
+            if n.op == "leaf" or not carries_graph(n) or not plan_mod.recomputable(n):
+                continue
+            body = plan_mod.with_unknown(n)
+            args = {}
+            for m in ir.topo([body], stop=known):
+                if m.known is None:
+                    continue
+                k = number.get((carries_graph(m), m.known, m.shape, m.dtype))
+                if k is None or not carries_graph(m):
+                    break
+                args[id(m)] = self.local_inputs[k]
+            else:
+                tied[id(n)] = ir.with_known(ir.substitute([body], args)[0], j)
+        return tied
 
     def run(self, ins, device=None):
         """(results, the products to save) on the block's inputs (on ``device`` where there
