@@ -134,7 +134,7 @@ class PlanBlock:
         self.diff_deps = [rules.differentiable_deps(o, lambda m: local.get(id(m)))
                           for o in self.local_outputs]
         self.vjps = {}
-        self.plan = None
+        self.plans = {}  # on a GPU or not -> the forward's plan (plan.get_plan plans by device)
 
     def _tied(self, number, carries_graph):
         """id -> local node, for each input that the sweep tied to the expression that made it
@@ -164,9 +164,10 @@ class PlanBlock:
     def run(self, ins, device=None):
         """(results, the products to save) on the block's inputs (on ``device`` where there
         are none: results that are constants)."""
-        plan = self.plan
-        if plan is None or plan.cuda is not None:  # (planned by device: see plan.get_plan)
-            plan = self.plan = get_plan(self._forward, ins)
+        cuda = ins[0].is_cuda if ins else False  # (get_plan's own test: any on a GPU)
+        plan = self.plans.get(cuda)
+        if plan is None:
+            plan = self.plans[cuda] = get_plan(self._forward, ins)
         outs = runtime.execute(plan, list(ins), False, getattr(_BLOCK_STATS, "stats", None),
                                device)
         return outs[:self.nout], outs[self.nout:]
