@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import _C, graph_cache, hooks, ir, lowering, rules
+from . import _C, graph_cache, hooks, ir, lowering, plan, rules
 from .plan import Unplannable, clear_plan_cache, get_plan, recomputable
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
@@ -431,8 +431,12 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
                 continue
             meta = m._input_metadata[k]
             accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
-    return _link_saved([answers.get((id(n), k)) for n, k in in_edges], bind, forwards, order,
-                       leaf_nodes, tied if tied is not None else [])
+    exprs = [answers.get((id(n), k)) for n, k in in_edges]
+    device = bind.device
+    if not plan.RECOMPUTE.get(device.type if device is not None else "cpu", False):
+        return exprs  # (a tie changes nothing in a plan that loads every saved value)
+    return _link_saved(exprs, bind, forwards, order, leaf_nodes,
+                       tied if tied is not None else [])
 
 
 def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
