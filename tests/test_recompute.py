@@ -140,3 +140,21 @@ def test_a_tensor_changed_in_place_keeps_its_own_value(changed, device, gen):
             got, want = (grad(fn(x), x) for grad, x in ((FAST_GRAD, x0.clone().requires_grad_()),
                                                         (TORCH_GRAD, x0.clone().requires_grad_())))
             assert_same(got, want, what=fn.__name__)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_values_through_saved_tensor_hooks_are_not_tied(create_graph, device, gen):
+    """Under saved-tensor hooks PyTorch computes with what the unpack hook gives back (here a
+    half-precision copy), not with what the producer made: such tensors keep their own value."""
+    x0 = rand((40,), gen).to(device)
+
+    def run(grad):
+        x = x0.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.half(), lambda t: t.double()):
+            y = (torch.sin(x) * torch.exp(x)).sum()
+        (g,) = grad(y, x, create_graph=create_graph)
+        return (g,) + (grad(g.sum(), x) if create_graph else ())
+    with recompute(True, device):
+        for _ in range(2):
+            assert_same(run(FAST_GRAD), run(TORCH_GRAD))

@@ -457,7 +457,10 @@ def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
     before a cached sweep is used again)."""
     made, number = {}, {}  # tensor number <-> (id of the node that made it, output number)
     leaf_nodes = leaf_nodes or {}
+    hooked = lowering.hooked(bind)
     for key, k in bind.keys.items():
+        if k in hooked:  # (its value is what a saved-tensor hook gave back)
+            continue
         node = leaf_nodes.get(key[5])
         made[k] = (id(node) if node is not None else key[5], key[6])
         number.setdefault(made[k], k)
@@ -490,6 +493,8 @@ def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
         for i, s in slots.items():
             base = s.args[0] if s.args else None
             if base is not None:
+                if any(m.known in hooked for m in ir.topo([base])):
+                    break  # (the node computed with the original, not the hook's value)
                 b = bound(base.known) if base.op == "leaf" else None
                 mapping[id(s)] = base if b is None else b
                 continue
@@ -502,7 +507,8 @@ def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
             if k is not None and tensors[k]._version == 0:
                 mapping[id(s)] = bound(k)
                 tied.append(k)
-        fwd[id(fn)] = ir.substitute(outs, mapping)
+        else:
+            fwd[id(fn)] = ir.substitute(outs, mapping)
     # Every node bound to a tied tensor is replaced: a leaf, and a node lowering bound itself
     # (ExpBackward0's exp of its input, which it did not save, bound to its saved result), so
     # that one node stands for the tensor (a plan computing it again then loads it nowhere).

@@ -59,7 +59,11 @@ class NodeView:
         t = self.raw(name)
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
-        return self._bind(t)
+        leaf = self._bind(t)
+        raw = getattr(self.fn, "_raw" + name, None)
+        if raw is not None and getattr(raw, "unpack_hook", None) is not None:
+            hooked(self._bind).add(leaf.known)
+        return leaf
 
     def in_meta(self, i):
         fn, k = self.edges[i]
@@ -87,6 +91,16 @@ class NodeView:
         t = self.tensor(saved)
         return ir.with_known(expr, t.known, detached) if t.shape == expr.shape or \
             ir.numel(t.shape) == ir.numel(expr.shape) else expr
+
+
+def hooked(bind):
+    """The numbers of the tensors ``bind`` read through saved-tensor hooks: the hook's unpacked
+    value (an offloaded or compressed copy, say) is what PyTorch computes with, which need
+    not be what the tensor's producer computed, so engine._link_saved ties none of them."""
+    d = bind.__dict__
+    if "hooked" not in d:
+        d["hooked"] = set()
+    return d["hooked"]
 
 
 def _is_freed(fn):
@@ -252,6 +266,9 @@ def _region(v):
     mapping = {id(leaf): s for leaf, s in zip(region.local_inputs, slots)}
     # a block's IR binds its products to its saved tensors: to this call's numbers
     bound = [s.args[0].known for s in slots] + [v._bind(t).known for t in saved[n:]]
+    if any(getattr(r, "unpack_hook", None) is not None
+           for r in getattr(v.fn, "_raw_saved_tensors", ())):
+        hooked(v._bind).update(bound)
     return ir.substitute(region.local_outputs, mapping,
                          lambda m: None if m.known is None else bound[m.known])
 
