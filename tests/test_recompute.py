@@ -35,6 +35,11 @@ def recompute(on, device):
         graph_cache.clear()
 
 
+def _cos_of_shifted(x, op):
+    s = torch.sin(x)  # (saved by the product: the shift's input is known to be sin(x))
+    return torch.cos(op(s, 2.0)) * s
+
+
 # (name, forward of x, how many arrays of x's size the gradient's plan reads with the policy
 # on, and with it off)
 CHAINS = [
@@ -51,6 +56,11 @@ CHAINS = [
     ("intermediate", lambda x: torch.sin(x * 1.5 + 0.25) * torch.cos(x * 1.5 + 0.25), 2, 4),
     # ELU's lowered forward is not PyTorch's to the last digit: its saved result stays loaded
     ("elu_exp", lambda x: F.elu(x) * torch.exp(x), 2, 3),
+    # 1 - x (RsubBackward1) and the Scalar overloads of add and sub lower without their
+    # scalar, which PyTorch does not save: the results they make stay loaded
+    ("one_minus", lambda x: torch.sin(1 - x) * x, 2, 3),
+    ("add_scalar", lambda x: _cos_of_shifted(x, torch.ops.aten.add.Scalar), 2, 4),
+    ("sub_scalar", lambda x: _cos_of_shifted(x, torch.ops.aten.sub.Scalar), 2, 4),
 ]
 
 
@@ -158,3 +168,21 @@ def test_values_through_saved_tensor_hooks_are_not_tied(create_graph, device, ge
     with recompute(True, device):
         for _ in range(2):
             assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("op", [torch.sinh, torch.cosh, torch.exp, torch.expm1])
+def test_a_value_near_overflow_is_pytorchs(op, device, gen):
+    """Near float64's overflow PyTorch's vectorised sinh and cosh already give inf where the
+    function is still finite: their results are not computed again (not in FAITHFUL)."""
+    x0 = (709.6 + rand((40,), gen).abs() * 0.3).to(device)
+    w0 = rand((40,), gen).to(device)
+
+    def run(grad):
+        # w's gradient is op(x) itself, and x is an input so that op's node is lowered. (x's
+        # own gradient is left out: there PyTorch's cosh(x) * w overflows early too, with the
+        # policy off as well.)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        return grad((op(x) * w).sum(), (x, w))[1]
+    with recompute(True, device):
+        assert_same(run(FAST_GRAD), run(TORCH_GRAD))
