@@ -332,31 +332,59 @@ def with_unknown(n):
     return ir.node(n.op, n.args, n.attrs, n.shape, n.dtype)
 
 
-def _reads(exprs):
-    """The known nodes a plan of ``exprs`` loads, by (tensor number, shape) as regions load."""
-    return {(m.known, m.shape) for m in ir.topo(exprs, stop=lambda m: m.known is not None)
-            if m.known is not None}
-
-
 def _recompute(exprs):
     """``exprs`` with saved values computed again where that removes a load: a known node
-    (recomputable) whose expression reads only values the plan loads anyway (x for sin(x)),
-    one at a time until none is left (sin_exp_sum's gradient then reads x alone, not x,
-    sin(x) and exp(x)). The value computed may differ from the saved one in its last bit."""
-    while True:
-        reads = _reads(exprs)
-        for n in ir.topo(exprs, stop=lambda m: m.known is not None):
-            if not recomputable(n):
-                continue
-            body = with_unknown(n)
-            if not _reads([body]) <= reads - {(n.known, n.shape)}:
-                continue
-            tried = ir.substitute(exprs, {id(n): body})
-            if (n.known, n.shape) not in _reads(tried):  # (not loaded elsewhere as well)
-                exprs = tried
-                break
-        else:
-            return exprs
+    (recomputable), the only one bound to its tensor, whose expression reads only values the
+    plan loads (x for sin(x)): sin_exp_sum's gradient then reads x alone, not x, sin(x) and
+    exp(x). Users are decided before their arguments, each against what is loaded once the
+    values decided before it are computed, so a chain of saved results is computed from its
+    start (each value once). The value computed may differ from the saved one in its last
+    bit."""
+    known = lambda m: m.known is not None  # noqa: E731
+    loads = [m for m in ir.topo(exprs, stop=known) if m.known is not None]
+    count = {}
+    for m in loads:
+        count[(m.known, m.shape)] = count.get((m.known, m.shape), 0) + 1
+    reads, chosen = set(count), set()
+    for n in reversed(loads):
+        key = (n.known, n.shape)
+        if count[key] > 1 or not recomputable(n):
+            continue
+        body = {(m.known, m.shape) for m in ir.topo([with_unknown(n)], stop=known)
+                if m.known is not None}
+        if key not in body and body <= reads:
+            chosen.add(id(n))
+            reads.discard(key)
+    if not chosen:
+        return exprs
+    mapping = {}
+    for n in loads:  # (arguments first: each expression over the others computed)
+        if id(n) in chosen:
+            mapping[id(n)] = ir.substitute([with_unknown(n)], mapping)[0]
+    return ir.substitute(exprs, mapping)
+
+
+# The deepest expression a region computes, in nodes from what it loads (_cut_deep).
+MAX_DEPTH = 128
+
+
+def _cut_deep(nodes, mat, views):
+    """Materialise elementwise nodes (into ``mat``) so that no region computes an expression
+    deeper than MAX_DEPTH nodes from what it loads: the emitter follows an expression by
+    recursion, and a chain of a few hundred ops (PyTorch's engine runs any) would exceed
+    Python's recursion limit. ``nodes``: the plan's nodes, arguments first."""
+    depth = {}  # id -> nodes between it and what a region reading it loads (0: loaded)
+    for n in nodes:
+        if n.known is not None or id(n) in views:
+            depth[id(n)] = 0
+            continue
+        d = 1 + max((depth.get(id(a), 0) for a in n.args), default=0)
+        if id(n) in mat:
+            d = 0
+        elif d >= MAX_DEPTH and n.op in _ELEMENTWISE and n.op != "const":
+            mat[id(n)] = n
+            d = 0
+        depth[id(n)] = d
 
 
 def build(requested, cuda=False):
@@ -398,6 +426,7 @@ def build(requested, cuda=False):
             views[id(e)] = e
     for vid in views:
         mat.pop(vid, None)
+    _cut_deep(nodes, mat, views)
     loadable = lambda n: known(n) or id(n) in mat or id(n) in views  # noqa: E731
 
     # Dependencies between materialised values decide the order and which regions may merge.
