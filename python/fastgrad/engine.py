@@ -116,19 +116,15 @@ def _lower_vjp(fn, gs, bind, forwards=None):
     cots = [None if g is None else ir.cast(g, o.dtype) for g, o in zip(gs, outs)]
     res = dict(zip(map(id, present), rules.vjp(outs, cots, present)))
     grads = [res.get(id(w)) if w is not None else None for w in wrt]
-    # Slots stand for the node's inputs only while deriving; put their saved values back. The
-    # incoming cotangents hold no slot (their own nodes' were put back), so neither this nor
-    # the check below walks into them: on a chain of n nodes each would otherwise walk the
-    # whole cotangent built so far (a first call of a 200-step chain took 10 s).
-    incoming = {id(c): c for c in cots if c is not None}
+    # Slots stand for the node's inputs only while deriving; put their saved values back.
+    # Neither this nor the check below walks the cotangent built so far (ir.Node.based,
+    # .bare): on a chain of n nodes each would walk it again (the first call of a 200-step
+    # chain took 10 s).
     mapping = {id(s): s.args[0] for s in slots.values() if s.args}
-    grads = ir.substitute(grads, {**incoming, **mapping})
+    grads = ir.substitute(grads, mapping, keep=lambda m: not m.based)
     if forwards is not None and fn.name() in lowering.FAITHFUL:
         forwards[id(fn)] = (outs, slots, edges)
-    # (one walk over all of them: they share most of their nodes, a block's thousands)
-    needed = [g for i, g in enumerate(grads) if g is not None and edges[i][0] is not None]
-    if any(n.op == "slot" and not n.args
-           for n in ir.topo(needed, lambda m: m.known is not None or id(m) in incoming)):
+    if any(g is not None and edges[i][0] is not None and g.bare for i, g in enumerate(grads)):
         raise lowering.Unsupported("its derivative needs an input PyTorch did not save")
     return grads
 

@@ -24,7 +24,13 @@ _TABLE = {}
 
 
 class Node:
-    __slots__ = ("op", "args", "attrs", "shape", "dtype", "known", "detached", "__weakref__")
+    # For the sweep (engine._lower_vjp), which puts a node's saved values in place of its slots
+    # and then looks for slots nobody saved: ``based``, the node is or has below it a slot with
+    # a saved value (what the substitution replaces: it walks nothing else, such as the
+    # cotangent built so far); ``bare``, a slot without one is reached from the node other
+    # than through a known node (whose value is loaded).
+    __slots__ = ("op", "args", "attrs", "shape", "dtype", "known", "detached", "based", "bare",
+                 "__weakref__")
 
     def __repr__(self):
         a = ",".join(f"%{id(x) % 10000}" for x in self.args)
@@ -43,6 +49,9 @@ def node(op, args, attrs, shape, dtype, known=None, detached=False):
         n = Node()
         n.op, n.args, n.attrs, n.shape, n.dtype, n.known = op, tuple(args), attrs, shape, dtype, known
         n.detached = detached
+        slot = op == "slot"
+        n.based = slot and bool(n.args) or any(a.based for a in n.args)
+        n.bare = slot and not n.args or known is None and any(a.bare for a in n.args)
         _TABLE[key] = n
     return n
 
@@ -368,12 +377,18 @@ def topo(roots, stop=None):
     return order
 
 
-def substitute(roots, mapping, known=None):
+def substitute(roots, mapping, known=None, keep=None):
     """Rebuild roots with nodes replaced per ``mapping`` (id(node) -> node); with ``known``,
-    each rebuilt node is bound to ``known(node)`` (its tensor number, or None)."""
+    each rebuilt node is bound to ``known(node)`` (its tensor number, or None). Nodes for which
+    ``keep`` is true are kept as they are, without a walk below them."""
     memo = dict(mapping)
-    for n in topo(roots, stop=lambda m: id(m) in mapping):
+    stop = (lambda m: id(m) in mapping) if keep is None else \
+        (lambda m: id(m) in mapping or keep(m))
+    for n in topo(roots, stop=stop):
         if id(n) in memo:
+            continue
+        if keep is not None and keep(n):
+            memo[id(n)] = n
             continue
         args = tuple(memo[id(a)] for a in n.args)
         k = n.known if known is None else known(n)

@@ -277,24 +277,31 @@ def _decompose(exprs, cuda):
     docs/performance-history.md, "GPU: the MLP plans by device"). Also returns whether a
     product was narrow (the plan then depends on the device)."""
     nodes = ir.topo(exprs, stop=lambda n: n.known is not None)
-    mapping, narrow = {}, False
+    # Each node rebuilt over its arguments' replacements once, arguments first (a substitute
+    # per replaced node would walk all below it again: quadratic on a chain of softmaxes).
+    narrow, rebuilt = False, {}
+
+    def over_new_args(n):
+        args = tuple(rebuilt.get(id(a), a) for a in n.args)
+        return n if all(a is b for a, b in zip(args, n.args)) else \
+            ir.node(n.op, args, n.attrs, n.shape, n.dtype, n.known, n.detached)
     for n in nodes:
         if n.known is not None:
             continue
+        m = over_new_args(n)
         if n.op in rules.DECOMPOSE:
-            (m,) = ir.substitute([n], mapping)
-            mapping[id(n)] = ir.substitute([rules.DECOMPOSE[n.op](m)], mapping)[0]
+            m = rules.DECOMPOSE[n.op](m)
         elif n.op == "rsum" and n.args[0].op == "mul":
-            (m,) = ir.substitute([n], mapping)
             product = _column_product(m)
             if product is not None:
-                mapping[id(n)] = product
+                m = product
         elif _is_narrow(n):
             narrow = True
             if not cuda:
-                (m,) = ir.substitute([n], mapping)
-                mapping[id(n)] = _narrow_product(m)
-    return (ir.substitute(exprs, mapping) if mapping else exprs), narrow
+                m = _narrow_product(m)
+        if m is not n:
+            rebuilt[id(n)] = m
+    return (ir.substitute(exprs, rebuilt) if rebuilt else exprs), narrow
 
 
 # Whether a plan computes again a saved value it could load (_recompute), by device: on the
