@@ -12,11 +12,32 @@ from fastgrad import graph_cache, plan
 from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand
 
 
-def _chain(x, steps):
+def _chain(x, steps, step=lambda h: torch.tanh(h) * 0.9 + torch.sin(h) * 0.1):
     h = x
     for _ in range(steps):
-        h = torch.tanh(h) * 0.9 + torch.sin(h) * 0.1
+        h = step(h)
     return h
+
+
+# steps of a chain with a reduction or a view in each (their rules reach past the incoming
+# cotangent: the sweep once walked it all again at every node)
+STEPS = [
+    ("softmax", lambda h: h - 0.1 * torch.softmax(h, -1)),
+    ("norm", lambda h: h / h.norm(dim=-1, keepdim=True) + 0.01 * h),
+    ("mean", lambda h: 0.5 * torch.sin(h) + 0.5 * torch.cos(h) * h.mean()),
+    ("views", lambda h: torch.tanh(h.t().reshape(16, 8).t().reshape(8, 16)) + 0.1 * h),
+]
+
+
+@pytest.mark.parametrize("name,step", STEPS, ids=[s[0] for s in STEPS])
+def test_a_long_chain_of_reductions_and_views_matches(name, step, gen):
+    x0 = rand((8, 16), gen)
+    got, want = (grad(_chain(x, 150, step).sum(), x)
+                 for grad, x in ((FAST_GRAD, x0.clone().requires_grad_()),
+                                 (TORCH_GRAD, x0.clone().requires_grad_())))
+    assert_same(got, want)
+    x = x0.clone().requires_grad_()
+    assert fastgrad.explain(_chain(x, 150, step).sum(), x).all_native
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
