@@ -368,6 +368,24 @@ def check_native(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=Non
 
 
 @contextlib.contextmanager
+def recompute(on, device):
+    """fastgrad.plan.RECOMPUTE for ``device`` set to ``on`` (whether plans compute saved values
+    again instead of loading them), with plans and cached sweeps made anew, and put back."""
+    from fastgrad import graph_cache, plan
+    key = torch.device(device).type
+    before = plan.RECOMPUTE[key]
+    plan.RECOMPUTE[key] = on
+    plan.clear_plan_cache()
+    graph_cache.clear()
+    try:
+        yield
+    finally:
+        plan.RECOMPUTE[key] = before
+        plan.clear_plan_cache()
+        graph_cache.clear()
+
+
+@contextlib.contextmanager
 def stand_in_driver(launch, get_current, push, pop, nparams):
     """The CUDA driver calls _C launches kernels through (csrc/kernel_launch.h), replaced by
     Python functions for the block (no GPU needed), then the ones bound before put back.

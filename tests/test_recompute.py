@@ -7,32 +7,13 @@ arrays it should (x and the scalar gradient), so a silent fall back to loading f
 in-place cases are where tying would be wrong: a tensor changed after it was made (its
 version is no longer 0) keeps its own value, in a fresh sweep and in a cached one.
 """
-import contextlib
-
 import pytest
 import torch
 
 import fastgrad
-from fastgrad import graph_cache, plan
-from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand
+from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand, recompute
 
 F = torch.nn.functional
-
-
-@contextlib.contextmanager
-def recompute(on, device):
-    """plan.RECOMPUTE for ``device`` set to ``on`` (plans and cached sweeps made anew)."""
-    key = torch.device(device).type
-    before = plan.RECOMPUTE[key]
-    plan.RECOMPUTE[key] = on
-    plan.clear_plan_cache()
-    graph_cache.clear()
-    try:
-        yield
-    finally:
-        plan.RECOMPUTE[key] = before
-        plan.clear_plan_cache()
-        graph_cache.clear()
 
 
 def _cos_of_shifted(x, op):
