@@ -308,7 +308,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("acc_cls"), "Walk an autograd graph from out_nodes toward the inputs (engine.run).");
   m.def("signature", &fg::signature, py::arg("graph"), py::arg("out_edges"), py::arg("grad_tensors"),
         py::arg("in_edges"), py::arg("bind"), py::arg("create_graph"), py::arg("spec_fn"),
-        py::arg("hooks_fn"), py::arg("freed_key"),
+        py::arg("hooks_fn"), py::arg("freed_key"), py::arg("tie_policy"),
         "(signature key or None, whether a node to run was freed): see graph_cache.signature.");
   m.def("clear_interned", &fg::clear_interned,
         "Forget the objects signature keys numbered (graph_cache.clear, with those keys).");

@@ -211,14 +211,43 @@ namespace {
 
 using Positions = std::unordered_map<PyObject*, Py_ssize_t>;  // node -> place in the order
 
-// A tensor as it enters a signature: (number, shape, strides, dtype, requires_grad, the place
-// of the node that made it in the order and its output number, or -1 for a tensor made
-// outside the walk), or a tag alone for one the compiled path cannot read (Binder::index).
-// The producer is part of the key because the sweep ties a saved tensor to the forward
-// expression of the node that made it (engine._link_saved; which also needs the tensor
-// unchanged since: engine._still_bound checks that of the tensors an entry tied, so that the
-// key need not read every tensor's version).
-bool write_tensor(KeyWriter& w, py::handle t, Binder& bind, const Positions& pos) {
+// Whether the sweep of this call ties saved tensors to the nodes that made them
+// (engine._link_saved): only on a device whose plans compute saved values again
+// (plan.RECOMPUTE: device type -> on, `policy`), known once the binder has met the call's
+// device.
+struct Ties {
+  Positions& pos;  // the order's nodes; leaf inputs join it when the call ties
+  const Graph& g;
+  py::handle policy;
+  int on = -1;
+  bool operator()(const Binder& b) {
+    if (on < 0 && !b.device.is_none()) {
+      if (!PyDict_Check(policy.ptr())) throw py::type_error("the tie policy is not a dict");
+      PyObject* v = PyDict_GetItemWithError(policy.ptr(), device_type(b.device).ptr());
+      if (!v && PyErr_Occurred()) throw py::error_already_set();
+      on = v && py_truthy(v);
+      if (on) {
+        // a leaf input is made by its AccumulateGrad node
+        for (auto item : g.leaf_nodes) {
+          auto at = pos.find(item.second.ptr());
+          if (at == pos.end()) continue;
+          pos[static_cast<PyObject*>(PyLong_AsVoidPtr(item.first.ptr()))] = at->second;
+          if (PyErr_Occurred()) throw py::error_already_set();
+        }
+      }
+    }
+    return on == 1;
+  }
+};
+
+// A tensor as it enters a signature: (number, shape, strides, dtype, requires_grad) and, in a
+// call that ties saved tensors, the place of the node that made it in the order and its
+// output number (-1: made outside the walk); or a tag alone for one the compiled path cannot
+// read (Binder::index). A tie needs the tensor unchanged since it was made too:
+// engine._still_bound checks that of the tensors an entry tied, so that the key need not read
+// every tensor's version. (A tensor indexed before the call's device is known is a host scalar,
+// made by no node.)
+bool write_tensor(KeyWriter& w, py::handle t, Binder& bind, Ties& ties) {
   py::object key;
   const Py_ssize_t n = bind.index(t, &key);
   if (n < 0) {
@@ -229,15 +258,20 @@ bool write_tensor(KeyWriter& w, py::handle t, Binder& bind, const Positions& pos
   w.tag('r');
   w.i64(n);
   w.tag(PyTuple_GET_ITEM(k, 4) == Py_True ? 'g' : 'c');
-  PyObject* producer = PyTuple_GET_ITEM(k, 5);
-  auto at = producer == Py_None ? pos.end()
-                                : pos.find(static_cast<PyObject*>(PyLong_AsVoidPtr(producer)));
-  if (PyErr_Occurred()) throw py::error_already_set();
-  if (at == pos.end()) {
-    w.i64(-1);
+  if (ties(bind)) {
+    PyObject* producer = PyTuple_GET_ITEM(k, 5);
+    auto at = producer == Py_None
+                  ? ties.pos.end()
+                  : ties.pos.find(static_cast<PyObject*>(PyLong_AsVoidPtr(producer)));
+    if (PyErr_Occurred()) throw py::error_already_set();
+    if (at == ties.pos.end()) {
+      w.i64(-1);
+    } else {
+      w.i64(at->second);
+      w.int_of(PyTuple_GET_ITEM(k, 6));
+    }
   } else {
-    w.i64(at->second);
-    w.int_of(PyTuple_GET_ITEM(k, 6));
+    w.tag('u');  // (untied: a key of another call's policy never matches)
   }
   return w.ints(PyTuple_GET_ITEM(k, 1)) && w.ints(PyTuple_GET_ITEM(k, 2)) &&
          w.obj(PyTuple_GET_ITEM(k, 3));
@@ -258,8 +292,8 @@ bool is_tensor(py::handle v) {
 }
 
 // A saved value as it enters a signature; false when it cannot be part of a key (unhashable).
-bool write_value(KeyWriter& w, py::handle v, Binder& bind, const Positions& pos) {
-  return is_tensor(v) ? write_tensor(w, v, bind, pos) : w.value(v);
+bool write_value(KeyWriter& w, py::handle v, Binder& bind, Ties& ties) {
+  return is_tensor(v) ? write_tensor(w, v, bind, ties) : w.value(v);
 }
 
 // The length of sequence `seq`, then each item written by `write` (false: not part of a key).
@@ -362,21 +396,16 @@ py::object node_values(py::handle fn, py::handle md, Spec& spec) {
 
 py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
                     py::handle in_edges, Binder& bind, bool create_graph,
-                    py::handle spec_fn, py::handle hooks_fn, py::handle freed_key) {
+                    py::handle spec_fn, py::handle hooks_fn, py::handle freed_key,
+                    py::handle tie_policy) {
   Positions pos;
   Py_ssize_t norder = PyList_GET_SIZE(g.order.ptr());
   for (Py_ssize_t i = 0; i < norder; ++i) pos[PyList_GET_ITEM(g.order.ptr(), i)] = i;
-  // a leaf input is made by its AccumulateGrad node (write_tensor)
-  for (auto item : g.leaf_nodes) {
-    auto at = pos.find(item.second.ptr());
-    if (at == pos.end()) continue;
-    pos[static_cast<PyObject*>(PyLong_AsVoidPtr(item.first.ptr()))] = at->second;
-    if (PyErr_Occurred()) throw py::error_already_set();
-  }
   auto position = [&](py::handle n) {
     auto it = pos.find(n.ptr());
     return it == pos.end() ? Py_ssize_t(-1) : it->second;
   };
+  Ties ties{pos, g, tie_policy};
   bool freed = false;
   auto none = [&] { return py::make_tuple(py::none(), freed); };
   KeyWriter w;
@@ -385,7 +414,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
   for (auto gt : py::iter(grad_tensors)) {
     if (gt.is_none()) {
       w.tag('n');
-    } else if (!write_tensor(w, gt, bind, pos)) {
+    } else if (!write_tensor(w, gt, bind, ties)) {
       return none();
     }
   }
@@ -440,7 +469,7 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     if (spec.region) {
       if (!w.obj(py_attr(fn, N.region))) return none();
       if (!write_each(w, py_attr(fn, N.saved_tensors), "saved_tensors is not a sequence",
-                      [&](py::handle v) { return write_value(w, v, bind, pos); }))
+                      [&](py::handle v) { return write_value(w, v, bind, ties); }))
         return none();
     } else {
       py::object values;
@@ -450,10 +479,10 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
         w.tag('V');
         w.raw(values);
         for (const auto& a : spec.saved_tensors)
-          if (!write_value(w, py_attr(fn, a.ptr()), bind, pos)) return none();
+          if (!write_value(w, py_attr(fn, a.ptr()), bind, ties)) return none();
       } else {
         for (const auto& a : spec.saved)
-          if (!write_value(w, py_attr(fn, a.ptr()), bind, pos)) return none();
+          if (!write_value(w, py_attr(fn, a.ptr()), bind, ties)) return none();
       }
     }
   }

@@ -56,10 +56,13 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
 // sweep runs holds saved tensors and was freed by an earlier call). `spec_fn(cls, fn)` gives
 // (lowerable, is a region node, saved attribute names, holds saved tensors, (raw attribute
 // name, attribute name) of each saved tensor) once per class;
-// `hooks_fn(fn)` (None: no hooks anywhere) lists a node's tensor hooks.
+// `hooks_fn(fn)` (None: no hooks anywhere) lists a node's tensor hooks; `tie_policy`
+// (plan.RECOMPUTE: device type -> on) says on which devices a call ties saved tensors to
+// their producers.
 py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
                     py::handle in_edges, Binder& bind, bool create_graph,
-                    py::handle spec_fn, py::handle hooks_fn, py::handle freed_key);
+                    py::handle spec_fn, py::handle hooks_fn, py::handle freed_key,
+                    py::handle tie_policy);
 
 // Marks every node the sweep ran as consumed (retain_graph=False): metadata[freed_key] = True,
 // and frees the saved tensors of those that hold some, as PyTorch's engine does: saved-tensor

@@ -11,7 +11,7 @@ A node fastgrad cannot lower (run through PyTorch's node) is described by its cl
 metadata only: a hit runs it again (engine._replay) and checks that its results are bound like
 the first time, falling back to a fresh sweep if not.
 """
-from . import _C, hooks, lowering
+from . import _C, hooks, lowering, plan
 
 _MAX_ENTRIES = 512
 _MAX_INTERNED = 1 << 16  # objects numbered in keys (saved scalars that change every call add some)
@@ -58,9 +58,10 @@ def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
 
     The key holds, per node of the walk, its class, its edges (as positions in the order, or
     the metadata of an edge leaving the walk), its input metadata and, for a node lowering
-    reads, its saved values: a saved tensor as (leaf number, requires_grad, the position and
-    output number of the node in the walk that made it, shape, strides, dtype), anything else
-    by value (type and value); a region node also gives its
+    reads, its saved values: a saved tensor as (leaf number, requires_grad, shape, strides,
+    dtype and, in a call on a device whose plans compute saved values again (plan.RECOMPUTE:
+    its sweep ties them to their producers), the position and output number of the node in
+    the walk that made it), anything else by value (type and value); a region node also gives its
     Region. A node run through PyTorch is described without its saved values, nor the
     metadata of its edges leaving the walk (the sweep reads neither; engine._replay checks its
     results). Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the
@@ -70,7 +71,7 @@ def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
     cached."""
     hooks_fn = hooks.tensor_hooks if hooks.any_registered() else None
     return _C.signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph, _spec,
-                        hooks_fn, lowering._FREED)
+                        hooks_fn, lowering._FREED, plan.RECOMPUTE)
 
 
 def lookup(key):
@@ -85,7 +86,7 @@ def store(key, exprs, native, fallback=(), tape=(), nbound=0, tied=()):
     if len(_ENTRIES) >= _MAX_ENTRIES or _C.interned_count() > _MAX_INTERNED:
         clear()
     e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape), nbound,
-                              tuple(tied))
+                              tuple(dict.fromkeys(tied)))
     return e
 
 
