@@ -18,6 +18,12 @@ import pytest
 import torch
 
 import fastgrad  # noqa: F401  (a broken import must fail the whole suite)
+from fastgrad import jit
+
+# Tests that check a plan's regions became loops after jit.AFTER runs need them set by then:
+# loops are compiled in the calls that reach it here (tests/test_jit_background.py turns the
+# background compiles on where it tests them).
+jit.BACKGROUND = False
 
 TORCH_GRAD = torch.autograd.grad
 FAST_GRAD = fastgrad.grad

@@ -212,6 +212,23 @@ def test_cli_reports_wrong_result(tmp_path, monkeypatch, capsys):
     assert "WRONG" in capsys.readouterr().out
 
 
+def test_a_wrong_answer_after_warm_up_is_caught(tmp_path, monkeypatch):
+    """The check is repeated on the path the timing runs (after the warm-up calls and the loops
+    they compiled): a result right on the first call and wrong later marks the row WRONG."""
+    right = bench.api.grad
+    calls = [0]
+
+    def wrong_later(outputs, inputs, *args, **kwargs):
+        calls[0] += 1
+        res = right(outputs, inputs, *args, **kwargs)
+        return res if calls[0] == 1 else tuple(None if r is None else r * 1.01 for r in res)
+    monkeypatch.setattr(bench.api, "grad", wrong_later)
+    rc, data = _run_cli(tmp_path, "--cases", "tanh_cube", "--no-func")
+    assert rc == 1
+    assert [r["check"] for r in data["rows"]] == ["WRONG"] * len(data["rows"])
+    assert "warm" in data["rows"][0]["errors"]["fastgrad"]
+
+
 def test_cli_case_selection_and_errors(tmp_path):
     rc, data = _run_cli(tmp_path, "--cases", "sin_exp_sum", "--dtype", "float64")
     assert rc == 0

@@ -19,6 +19,13 @@ the CPU (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``); a process t
 trims the cache to ``FASTGRAD_CACHE_MB`` (default 256), least recently used entries first.
 Without a working compiler the interpreter keeps running the region. ``FASTGRAD_JIT=0`` turns compiling off;
 ``FASTGRAD_JIT_AFTER`` sets after how many runs of a plan its regions are compiled.
+
+Loops found in the disk cache are loaded by the call that reaches ``AFTER``; the others are
+compiled in the background (``BACKGROUND``; ``FASTGRAD_JIT_BACKGROUND=0`` compiles them in that
+call), while the interpreter keeps running their regions: a new graph's first compile took 0.5-1 s
+on a small graph and tens of seconds on deep graphs of many distinct loops, all of it inside
+one call. ``wait()`` returns once the compiles in flight are done (the benchmark waits before
+it times; ``status()["pending"]`` counts them).
 """
 import ctypes
 import hashlib
@@ -35,11 +42,13 @@ from . import _C
 from .runtime_table import ARITY, OPCODES
 
 AFTER = int(os.environ.get("FASTGRAD_JIT_AFTER", "3"))
+BACKGROUND = os.environ.get("FASTGRAD_JIT_BACKGROUND", "1") != "0"
 _NAMES = {code: name for name, code in OPCODES.items()}
 _CTYPE = {0: "float", 1: "double"}
 _STORAGE = _C.dtype_storage()  # storage dtype code -> its C++ type (dtype_convert.h)
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
-          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None}
+          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None,
+          "pending": 0}
 # Sources whose compile may fail (each tried twice) before the JIT turns itself off: one
 # failing source keeps its region with the interpreter and the others compiled (a CI run once
 # lost every loop to one compile that failed for an unknown reason); several point to the
@@ -68,8 +77,9 @@ def _fold(a, t, dst, tail):
 
 def status():
     """Whether compiling is on, why not if it is off, how many loops were compiled (and loaded
-    from the disk cache) in this process, and the seconds spent compiling (summed over compiles
-    that ran side by side)."""
+    from the disk cache) in this process, the seconds spent compiling (summed over compiles
+    that ran side by side), and how many plans' compiles are still running in the background
+    ("pending")."""
     return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"]).items()
             if k not in ("headers", "cpu")}
 
@@ -584,7 +594,9 @@ def _jobs(region, prefer=None):
 def compile_plan(plan):
     """Compile the plan's regions that can run as loops (each program offered once), side by
     side; a row group's members over its rows, so that the group runs through their loops
-    (csrc/program.h, run_group_loops)."""
+    (csrc/program.h, run_group_loops). Loops this process or the disk cache holds are set at
+    once; the others are compiled in the background when ``BACKGROUND`` is on, and set as they
+    are ready (a run reads a Program's loop atomically: csrc/program.h)."""
     from .plan import Region, RowGroup  # (plan imports the runtime table; no cycle at import)
     jobs = []
     for step in plan.steps:
@@ -594,8 +606,76 @@ def compile_plan(plan):
             for r in step.regions:
                 jobs += _jobs(r, prefer=len(step.dims))
     srcs = list(dict.fromkeys(src for *_, src in jobs))
+    if BACKGROUND:
+        try:
+            ready = [src for src in srcs if _cached(src)]
+        except Exception:  # noqa: BLE001 (no headers, say: kernel_address turns the JIT off)
+            ready = srcs
+        if len(ready) < len(srcs):
+            ready_set = set(ready)
+            _set_kernels([j for j in jobs if j[-1] in ready_set], ready)
+            _submit([j for j in jobs if j[-1] not in ready_set],
+                    [src for src in srcs if src not in ready_set])
+            return
+    _set_kernels(jobs, srcs)
+
+
+def _set_kernels(jobs, srcs):
+    """Compile (or load) ``srcs`` and set each job's Program to its loop."""
     got = dict(zip(srcs, compile_all(srcs)))
     for prog, split, columns, src in jobs:
         if got[src] is not None:
             lib, addr, stream = got[src]
             prog.set_kernel(addr, lib, split, columns, stream)
+
+
+def _cached(src):
+    """Whether ``src``'s loop is loaded in this process or compiled in the disk cache."""
+    key = _key(src)
+    return key in _LIBS or os.path.exists(os.path.join(_cache_dir(), f"fg_{key}.so"))
+
+
+_BG = {"pool": None, "futures": []}  # the background compiles (one worker) and their futures
+
+
+def _submit(jobs, srcs):
+    from concurrent.futures import ThreadPoolExecutor
+    with _COUNT:
+        if _BG["pool"] is None:  # (its worker is joined at exit: no compile is cut off mid-write)
+            _BG["pool"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastgrad-jit")
+        _STATE["pending"] += 1
+        _BG["futures"] = [f for f in _BG["futures"] if not f.done()]
+        _BG["futures"].append(_BG["pool"].submit(_background, jobs, srcs))
+
+
+def _background(jobs, srcs):
+    try:
+        _set_kernels(jobs, srcs)
+    except Exception as e:  # noqa: BLE001 (a loop is an optimisation: the interpreter stays)
+        with _COUNT:
+            _STATE["last_failure"] = _failure(e)
+    finally:
+        with _COUNT:
+            _STATE["pending"] -= 1
+
+
+def wait(timeout=None):
+    """Wait until the background compiles started so far are done (their loops set); whether
+    they are, within ``timeout`` seconds (None: no limit)."""
+    from concurrent.futures import wait as wait_all
+    with _COUNT:
+        futures = list(_BG["futures"])
+    return not wait_all(futures, timeout=timeout).not_done
+
+
+def _after_fork():
+    # A child has no worker thread: its compiles in flight never finish there (their regions
+    # keep the interpreter); it starts its own worker when it next compiles.
+    global _COUNT
+    _COUNT = threading.Lock()  # (held, maybe, by a thread the child does not have)
+    _BG["pool"], _BG["futures"] = None, []
+    _STATE["pending"] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
