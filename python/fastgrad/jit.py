@@ -569,7 +569,7 @@ def _compile_into(d, path, scalar, nostream, src):
 
 
 def _jobs(region, prefer=None):
-    """(Program, split, column sums, source) of each of ``region``'s CPU programs (one per
+    """(packer, split, column sums, source) of each of ``region``'s CPU programs (one per
     input layout it ran with) not offered a loop yet that one fits, with split ``prefer`` where
     it fits (a row group's rows); marks them offered."""
     jobs = []
@@ -586,7 +586,7 @@ def _jobs(region, prefer=None):
             inner = math.prod(region.shape[split:]) if split else None
             modes = [mode for _, mode in region.stores]
             columns = bool(split) and prog.column_sums(split)
-            jobs.append((prog, split, columns, source(region, kinds, packer.compute, inner,
+            jobs.append((packer, split, columns, source(region, kinds, packer.compute, inner,
                                                       modes, columns, prog.load_dtypes())))
     return jobs
 
@@ -623,10 +623,10 @@ def compile_plan(plan):
 def _set_kernels(jobs, srcs):
     """Compile (or load) ``srcs`` and set each job's Program to its loop."""
     got = dict(zip(srcs, compile_all(srcs)))
-    for prog, split, columns, src in jobs:
+    for packer, split, columns, src in jobs:
         if got[src] is not None:
             lib, addr, stream = got[src]
-            prog.set_kernel(addr, lib, split, columns, stream)
+            packer.program.set_kernel(addr, lib, split, columns, stream)
 
 
 def _cached(src):
@@ -644,6 +644,8 @@ def _submit(jobs, srcs):
         if _BG["pool"] is None:  # (its worker is joined at exit: no compile is cut off mid-write)
             _BG["pool"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastgrad-jit")
         _STATE["pending"] += 1
+        for packer, *_ in jobs:
+            packer.compiling = True  # (explain: "loop compiling")
         _BG["futures"] = [f for f in _BG["futures"] if not f.done()]
         _BG["futures"].append(_BG["pool"].submit(_background, jobs, srcs))
 
@@ -657,6 +659,8 @@ def _background(jobs, srcs):
     finally:
         with _COUNT:
             _STATE["pending"] -= 1
+            for packer, *_ in jobs:
+                packer.compiling = False
 
 
 def wait(timeout=None):

@@ -84,9 +84,11 @@ class Region:
             stores = " (plain stores for large outputs: streaming timed slower)"
         else:
             stores = " (streaming stores for large outputs where timed faster)"
+        compiling = not compiled and any(p.compiling for p in self.packers.values())
         return (f"region {kind} over {list(self.shape)} ({self.compute}): "
                 f"{len(self.inputs)} loads, {len(self.targets)} stores, {len(self.instrs)} "
-                f"instructions; ops {ops}" + ("; compiled loop" if compiled else "") + stores)
+                f"instructions; ops {ops}" + ("; compiled loop" if compiled else "") +
+                ("; loop compiling in the background" if compiling else "") + stores)
 
 
 class ViewStep:

@@ -91,6 +91,7 @@ class _Packer:
         self.compute, self.numel = _COMPUTE[region.compute], ir.numel(shape)
         self.program = None
         self.jit_tried = False  # jit.compile_plan offered its Program a loop
+        self.compiling = False  # its loop is being compiled in the background (jit._submit)
         # CUDA, per device index (a plan serves every device): runs so far, then the compiled
         # kernel (cuda_jit.Kernel) or False (interpreted); the devices where a row group's
         # kernel runs this region (explain)
