@@ -3,7 +3,12 @@ the disk cache holds and leaves the others to a worker thread; until they are se
 interpreter runs their regions, with torch's results, and once jit.wait() returns they run as
 loops, with torch's results too. A compile that fails there leaves the interpreter running."""
 import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -137,3 +142,82 @@ def test_a_forked_child_does_not_wait_for_the_parents_compiles(background, held,
         child.join(timeout=60)
     held.set()
     assert jit.wait(timeout=300)
+
+
+def test_the_worker_ends_when_the_queue_is_empty(background, gen):
+    fn = lambda x: torch.tanh(x) * 2.25 - torch.sin(x)  # noqa: E731
+    for _ in range(jit.AFTER):
+        _call(fn, (2017,), gen, 1)
+    assert jit.wait(timeout=300)
+    deadline = time.monotonic() + 30
+    while any(t.name == "fastgrad-jit" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the worker outlived its queue"
+        time.sleep(0.01)
+
+
+def test_compiles_queued_when_compiling_is_turned_off_set_no_loop(background, held, gen):
+    fn = lambda x: torch.exp(x) * 0.625 + torch.cos(x)  # noqa: E731
+    try:
+        for _ in range(jit.AFTER):
+            _call(fn, (2027,), gen, 1)
+        jit.enable(False)
+        held.set()
+        assert jit.wait(timeout=300)
+        got, ref, report = _call(fn, (2027,), gen, 1)
+        assert_same(got, ref, rtol=1e-12, atol=1e-12)
+        assert "compiled loop" not in report and "compiling" not in report, report
+    finally:
+        jit.enable(True)
+
+
+_EXIT_SCRIPT = """
+import sys, threading, time, torch, fastgrad
+from fastgrad import jit
+assert jit.BACKGROUND
+
+def check(k):  # a loop of its own per k (k + 1 steps)
+    x = torch.rand(1000, dtype=torch.float64, requires_grad=True)
+    y = x
+    for _ in range(k + 1):
+        y = torch.sin(torch.tanh(y)) + y
+    (want,) = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
+    for _ in range(jit.AFTER + 1):
+        (g,) = fastgrad.grad(y, x, torch.ones_like(y), retain_graph=True)
+        torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+MODE = sys.argv[1]
+if MODE == "queue":  # plans queued at exit: only the compile in flight is finished
+    for k in range(int(sys.argv[2])):
+        check(k)
+    print("queued", jit.status()["pending"])
+else:  # a thread of the user's reaching jit.AFTER once the interpreter is exiting
+    def late():
+        time.sleep(1.0)
+        check(99)
+        print("late ok", jit.status()["pending"], flush=True)
+    threading.Thread(target=late).start()
+"""
+
+
+def _exit_run(tmp_path, *args):
+    env = dict(os.environ, FASTGRAD_CACHE_DIR=str(tmp_path / "cache"), FASTGRAD_JIT_BACKGROUND="1")
+    script = tmp_path / "exit_script.py"
+    script.write_text(textwrap.dedent(_EXIT_SCRIPT))
+    done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    loops = [f for f in os.listdir(tmp_path / "cache") if f.endswith(".so")] \
+        if (tmp_path / "cache").exists() else []
+    return done.stdout, loops
+
+
+def test_exit_finishes_the_compile_in_flight_and_drops_the_queue(tmp_path):
+    out, loops = _exit_run(tmp_path, "queue", "8")
+    assert out.startswith("queued ") and int(out.split()[1]) >= 2, out  # (still queued)
+    assert len(loops) < 8, loops  # (without the exit hook, all 8 were compiled at exit)
+
+
+def test_a_plan_that_reaches_after_during_exit_keeps_the_interpreter(tmp_path):
+    out, loops = _exit_run(tmp_path, "late")
+    assert out.strip() == "late ok 0", out
+    assert loops == []

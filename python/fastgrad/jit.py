@@ -24,8 +24,10 @@ Loops found in the disk cache are loaded by the call that reaches ``AFTER``; the
 compiled in the background (``BACKGROUND``; ``FASTGRAD_JIT_BACKGROUND=0`` compiles them in that
 call), while the interpreter keeps running their regions: a new graph's first compile took 0.5-1 s
 on a small graph and tens of seconds on deep graphs of many distinct loops, all of it inside
-one call. ``wait()`` returns once the compiles in flight are done (the benchmark waits before
-it times; ``status()["pending"]`` counts them).
+one call. One worker thread takes the plans' batches in turn and ends when none is left; at
+interpreter exit it finishes the compile it is in and drops the rest. ``wait()`` returns once
+the compiles queued so far are done (the benchmark waits before it times;
+``status()["pending"]`` counts the batches).
 """
 import ctypes
 import hashlib
@@ -493,18 +495,23 @@ def _key(src):
                                      " ".join(_command("S", "O"))]).encode()).hexdigest()[:32]
 
 
-def compile_all(srcs):
-    """kernel_address for each of ``srcs``, the compiles running side by side (one compiler
-    process per core: a plan's regions cost one compile's time per core, not one each)."""
+def compile_all(srcs, address=None):
+    """kernel_address (or ``address``) for each of ``srcs``, the compiles running side by side
+    (one compiler process per core: a plan's regions cost one compile's time per core, not one
+    each); one after another where threads can no longer be started (interpreter exit)."""
     from concurrent.futures import ThreadPoolExecutor
+    address = address or kernel_address
     srcs = list(srcs)
     if not srcs:
         return []
     workers = min(len(srcs), os.cpu_count() or 1)
-    if workers <= 1:
-        return [kernel_address(src) for src in srcs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # (subprocess waits without the GIL)
-        return list(pool.map(kernel_address, srcs))
+    if workers > 1:
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # (subprocess waits without
+                return list(pool.map(address, srcs))                # the GIL)
+        except RuntimeError:  # (cannot schedule new futures after interpreter shutdown)
+            pass
+    return [address(src) for src in srcs]
 
 
 def _load(key, src):
@@ -620,11 +627,16 @@ def compile_plan(plan):
     _set_kernels(jobs, srcs)
 
 
-def _set_kernels(jobs, srcs):
-    """Compile (or load) ``srcs`` and set each job's Program to its loop."""
-    got = dict(zip(srcs, compile_all(srcs)))
+def _set_kernels(jobs, srcs, background=False):
+    """Compile (or load) ``srcs`` and set each job's Program to its loop. In the background,
+    each compile first checks that compiling is still on (enable(False), too many failures)
+    and that the interpreter is not exiting, and no loop is set once compiling is off."""
+    def address(src):
+        return None if background and (_BG["stop"] or not _STATE["enabled"]) else \
+            kernel_address(src)
+    got = dict(zip(srcs, compile_all(srcs, address)))
     for packer, split, columns, src in jobs:
-        if got[src] is not None:
+        if got[src] is not None and (not background or _STATE["enabled"]):
             lib, addr, stream = got[src]
             packer.program.set_kernel(addr, lib, split, columns, stream)
 
@@ -635,49 +647,95 @@ def _cached(src):
     return key in _LIBS or os.path.exists(os.path.join(_cache_dir(), f"fg_{key}.so"))
 
 
-_BG = {"pool": None, "futures": []}  # the background compiles (one worker) and their futures
+# The background compiles: batches (a plan's jobs and sources) queued for one worker thread,
+# which runs while there are batches and then ends (a process that forks later has no thread of
+# ours); "stop" is set at interpreter exit (_at_exit), after which queued batches are dropped.
+_BG = {"queue": [], "worker": None, "stop": False, "hooked": False}
+_IDLE = threading.Condition(_COUNT)  # notified when a batch is done (wait)
 
 
 def _submit(jobs, srcs):
-    from concurrent.futures import ThreadPoolExecutor
     with _COUNT:
-        if _BG["pool"] is None:  # (its worker is joined at exit: no compile is cut off mid-write)
-            _BG["pool"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastgrad-jit")
-        _STATE["pending"] += 1
+        if _BG["stop"]:
+            return  # (interpreter exit: the interpreter keeps these regions)
         for packer, *_ in jobs:
             packer.compiling = True  # (explain: "loop compiling")
-        _BG["futures"] = [f for f in _BG["futures"] if not f.done()]
-        _BG["futures"].append(_BG["pool"].submit(_background, jobs, srcs))
+        _BG["queue"].append((jobs, srcs))
+        _STATE["pending"] += 1
+        if _BG["worker"] is not None:
+            return
+        # (without the exit hook, Python 3.8: a daemon, which exit does not wait for)
+        worker = threading.Thread(target=_work, name="fastgrad-jit",
+                                  daemon=not hasattr(threading, "_register_atexit"))
+        try:
+            if not _BG["hooked"] and hasattr(threading, "_register_atexit"):
+                # runs before Python joins its threads at exit, so that the worker finishes
+                # the compile it is in and takes no other
+                threading._register_atexit(_at_exit)
+                _BG["hooked"] = True
+            worker.start()
+        except RuntimeError:  # (interpreter exit began: no new thread, no compile)
+            _drop_queue()
+            return
+        _BG["worker"] = worker
 
 
-def _background(jobs, srcs):
-    try:
-        _set_kernels(jobs, srcs)
-    except Exception as e:  # noqa: BLE001 (a loop is an optimisation: the interpreter stays)
+def _work():
+    while True:
         with _COUNT:
-            _STATE["last_failure"] = _failure(e)
-    finally:
-        with _COUNT:
-            _STATE["pending"] -= 1
-            for packer, *_ in jobs:
-                packer.compiling = False
+            if not _BG["queue"] or _BG["stop"]:
+                _drop_queue()
+                _BG["worker"] = None
+                return
+            jobs, srcs = _BG["queue"].pop(0)
+        try:
+            _set_kernels(jobs, srcs, background=True)
+        except Exception as e:  # noqa: BLE001 (a loop is an optimisation: the interpreter stays)
+            with _COUNT:
+                _STATE["enabled"] = False
+                _STATE["reason"] = _STATE["last_failure"] = "background compile: " + _failure(e)
+        finally:
+            with _COUNT:
+                _done(jobs)
+
+
+def _done(jobs):
+    """A batch is over, its loops set or not (under _COUNT)."""
+    for packer, *_ in jobs:
+        packer.compiling = False
+    _STATE["pending"] -= 1
+    _IDLE.notify_all()
+
+
+def _drop_queue():
+    """Forget the queued batches (under _COUNT): their regions stay with the interpreter."""
+    while _BG["queue"]:
+        _done(_BG["queue"].pop()[0])
+
+
+def _at_exit():
+    with _COUNT:
+        _BG["stop"] = True
+        _drop_queue()
 
 
 def wait(timeout=None):
     """Wait until the background compiles started so far are done (their loops set); whether
     they are, within ``timeout`` seconds (None: no limit)."""
-    from concurrent.futures import wait as wait_all
     with _COUNT:
-        futures = list(_BG["futures"])
-    return not wait_all(futures, timeout=timeout).not_done
+        return _IDLE.wait_for(lambda: _STATE["pending"] == 0, timeout=timeout)
 
 
 def _after_fork():
     # A child has no worker thread: its compiles in flight never finish there (their regions
     # keep the interpreter); it starts its own worker when it next compiles.
-    global _COUNT
+    global _COUNT, _IDLE
     _COUNT = threading.Lock()  # (held, maybe, by a thread the child does not have)
-    _BG["pool"], _BG["futures"] = None, []
+    _IDLE = threading.Condition(_COUNT)
+    for jobs, _ in _BG["queue"]:
+        for packer, *_ in jobs:
+            packer.compiling = False
+    _BG["queue"], _BG["worker"] = [], None
     _STATE["pending"] = 0
 
 
