@@ -121,9 +121,11 @@ def test_a_failed_background_compile_leaves_the_interpreter(background, monkeypa
         jit.enable(True)
 
 
-def _child(queue):
-    # In a child forked while a compile is held: nothing in flight is its own to wait for.
-    queue.put((jit.wait(timeout=5), jit.status()["pending"]))
+def _child(queue, fn, gen):
+    # In a child forked while a compile is held: nothing in flight is its own to wait for, and
+    # its regions are not said to be compiling.
+    _, _, report = _call(fn, (2011,), gen, 1)
+    queue.put((jit.wait(timeout=5), jit.status()["pending"], "compiling" in report))
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
@@ -134,10 +136,10 @@ def test_a_forked_child_does_not_wait_for_the_parents_compiles(background, held,
     assert jit.status()["pending"] == 1
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_child, args=(queue,))
+    child = ctx.Process(target=_child, args=(queue, fn, gen))
     child.start()
     try:
-        assert queue.get(timeout=60) == (True, 0)
+        assert queue.get(timeout=60) == (True, 0, False)
     finally:
         child.join(timeout=60)
     held.set()

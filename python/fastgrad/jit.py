@@ -650,7 +650,7 @@ def _cached(src):
 # The background compiles: batches (a plan's jobs and sources) queued for one worker thread,
 # which runs while there are batches and then ends (a process that forks later has no thread of
 # ours); "stop" is set at interpreter exit (_at_exit), after which queued batches are dropped.
-_BG = {"queue": [], "worker": None, "stop": False, "hooked": False}
+_BG = {"queue": [], "worker": None, "stop": False, "hooked": False, "current": None}
 _IDLE = threading.Condition(_COUNT)  # notified when a batch is done (wait)
 
 
@@ -687,7 +687,7 @@ def _work():
                 _drop_queue()
                 _BG["worker"] = None
                 return
-            jobs, srcs = _BG["queue"].pop(0)
+            jobs, srcs = _BG["current"] = _BG["queue"].pop(0)
         try:
             _set_kernels(jobs, srcs, background=True)
         except Exception as e:  # noqa: BLE001 (a loop is an optimisation: the interpreter stays)
@@ -696,6 +696,7 @@ def _work():
                 _STATE["reason"] = _STATE["last_failure"] = "background compile: " + _failure(e)
         finally:
             with _COUNT:
+                _BG["current"] = None
                 _done(jobs)
 
 
@@ -732,10 +733,10 @@ def _after_fork():
     global _COUNT, _IDLE
     _COUNT = threading.Lock()  # (held, maybe, by a thread the child does not have)
     _IDLE = threading.Condition(_COUNT)
-    for jobs, _ in _BG["queue"]:
+    for jobs, _ in _BG["queue"] + ([_BG["current"]] if _BG["current"] else []):
         for packer, *_ in jobs:
             packer.compiling = False
-    _BG["queue"], _BG["worker"] = [], None
+    _BG["queue"], _BG["worker"], _BG["current"] = [], None, None
     _STATE["pending"] = 0
 
 
