@@ -170,6 +170,70 @@ def test_compiles_queued_when_compiling_is_turned_off_set_no_loop(background, he
         assert "compiled loop" not in report and "compiling" not in report, report
     finally:
         jit.enable(True)
+    # turned on again: the plan's next run offers the regions again
+    _call(fn, (2027,), gen, 1)
+    assert jit.wait(timeout=300)
+    got, ref, report = _call(fn, (2027,), gen, 1)
+    assert_same(got, ref, rtol=1e-12, atol=1e-12)
+    assert "compiled loop" in report, report
+
+
+def test_wait_waits_for_the_compiles_queued_before_it(background, monkeypatch, gen):
+    gate = threading.Semaphore(0)  # one compile per release
+    real = jit._compile_into
+
+    def compile_into(*args):
+        assert gate.acquire(timeout=300)
+        return real(*args)
+    monkeypatch.setattr(jit, "_compile_into", compile_into)
+    first = lambda x: torch.sin(x) * torch.tanh(x) + 0.375  # noqa: E731
+    second = lambda x: torch.cos(x) * torch.tanh(x) - 0.375  # noqa: E731
+    for _ in range(jit.AFTER):
+        _call(first, (2039,), gen, 1)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(jit.wait(timeout=120)))
+    waiter.start()
+    for _ in range(jit.AFTER):  # queued after the wait began: not waited for
+        _call(second, (2039,), gen, 1)
+    assert jit.status()["pending"] == 2
+    gate.release()
+    waiter.join(timeout=150)
+    assert got == [True] and jit.status()["pending"] == 1
+    for _ in range(8):
+        gate.release()
+    assert jit.wait(timeout=300) and jit.status()["pending"] == 0
+
+
+class _Escape(BaseException):
+    """Not an Exception (as pytest.fail's and pytest.skip's are not)."""
+
+
+def test_a_compile_raising_a_base_exception_keeps_the_worker_going(background, monkeypatch,
+                                                                    gen):
+    real = jit._compile_into
+
+    def escape(*args):
+        raise _Escape("from the compiler")
+    monkeypatch.setattr(jit, "_compile_into", escape)
+    fn = lambda x: torch.exp(x) * torch.sin(x) + 0.875  # noqa: E731
+    try:
+        for _ in range(jit.AFTER):
+            _call(fn, (2053,), gen, 1)
+        assert jit.wait(timeout=300) and jit.status()["pending"] == 0
+        assert "background compile" in jit.status()["reason"] and not jit.status()["enabled"]
+        got, ref, report = _call(fn, (2053,), gen, 1)
+        assert_same(got, ref, rtol=1e-12, atol=1e-12)
+        assert "compiled loop" not in report, report
+    finally:
+        jit.enable(True)
+    monkeypatch.setattr(jit, "_compile_into", real)
+    other = lambda x: torch.exp(x) * torch.cos(x) - 0.875  # noqa: E731
+    for _ in range(jit.AFTER):
+        _call(other, (2053,), gen, 1)
+    assert jit.wait(timeout=300)
+    got, ref, report = _call(other, (2053,), gen, 1)
+    assert_same(got, ref, rtol=1e-12, atol=1e-12)
+    assert "compiled loop" in report, report
 
 
 _EXIT_SCRIPT = """

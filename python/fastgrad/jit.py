@@ -49,8 +49,7 @@ _NAMES = {code: name for name, code in OPCODES.items()}
 _CTYPE = {0: "float", 1: "double"}
 _STORAGE = _C.dtype_storage()  # storage dtype code -> its C++ type (dtype_convert.h)
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
-          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None,
-          "pending": 0}
+          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None}
 # Sources whose compile may fail (each tried twice) before the JIT turns itself off: one
 # failing source keeps its region with the interpreter and the others compiled (a CI run once
 # lost every loop to one compile that failed for an unknown reason); several point to the
@@ -82,7 +81,8 @@ def status():
     from the disk cache) in this process, the seconds spent compiling (summed over compiles
     that ran side by side), and how many plans' compiles are still running in the background
     ("pending")."""
-    return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"]).items()
+    return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"],
+                                  pending=_pending()).items()
             if k not in ("headers", "cpu")}
 
 
@@ -460,6 +460,8 @@ def _load_or_fail(key, src):
             return _load(key, src)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             err = e
+        if _BG["stop"]:  # (interpreter exit: not a second compile)
+            break
     with _COUNT:
         _STATE["failed"] += 1
         _STATE["last_failure"] = _failure(err)
@@ -621,24 +623,33 @@ def compile_plan(plan):
         if len(ready) < len(srcs):
             ready_set = set(ready)
             _set_kernels([j for j in jobs if j[-1] in ready_set], ready)
-            _submit([j for j in jobs if j[-1] not in ready_set],
+            _submit(plan, [j for j in jobs if j[-1] not in ready_set],
                     [src for src in srcs if src not in ready_set])
             return
     _set_kernels(jobs, srcs)
 
 
-def _set_kernels(jobs, srcs, background=False):
-    """Compile (or load) ``srcs`` and set each job's Program to its loop. In the background,
-    each compile first checks that compiling is still on (enable(False), too many failures)
-    and that the interpreter is not exiting, and no loop is set once compiling is off."""
+def _set_kernels(jobs, srcs, plan=None):
+    """Compile (or load) ``srcs`` and set each job's Program to its loop. In the background
+    (for ``plan``), each compile first checks that compiling is still on (enable(False), too
+    many failures) and that the interpreter is not exiting; no loop is set once compiling is
+    off, and the jobs it skipped are offered again by the plan's next run (once it is on)."""
+    skipped = set()
+
     def address(src):
-        return None if background and (_BG["stop"] or not _STATE["enabled"]) else \
-            kernel_address(src)
+        if plan is not None and (_BG["stop"] or not _STATE["enabled"]):
+            skipped.add(src)
+            return None
+        return kernel_address(src)
     got = dict(zip(srcs, compile_all(srcs, address)))
+    off = plan is not None and not _STATE["enabled"]
     for packer, split, columns, src in jobs:
-        if got[src] is not None and (not background or _STATE["enabled"]):
+        if got[src] is not None and not off:
             lib, addr, stream = got[src]
             packer.program.set_kernel(addr, lib, split, columns, stream)
+        elif off or src in skipped:
+            packer.jit_tried = False
+            plan.jit_pending = True
 
 
 def _cached(src):
@@ -647,30 +658,38 @@ def _cached(src):
     return key in _LIBS or os.path.exists(os.path.join(_cache_dir(), f"fg_{key}.so"))
 
 
-# The background compiles: batches (a plan's jobs and sources) queued for one worker thread,
+# The background compiles: batches (a plan, its jobs and sources) queued for one worker thread,
 # which runs while there are batches and then ends (a process that forks later has no thread of
 # ours); "stop" is set at interpreter exit (_at_exit), after which queued batches are dropped.
-_BG = {"queue": [], "worker": None, "stop": False, "hooked": False, "current": None}
-_IDLE = threading.Condition(_COUNT)  # notified when a batch is done (wait)
+# "submitted" and "finished" count batches (a dropped one is finished): wait() waits for those
+# submitted before it was called, not for a queue that other threads keep filling.
+_BG = {"queue": [], "worker": None, "stop": False, "hooked": False, "current": None,
+       "submitted": 0, "finished": 0}
+_IDLE = threading.Condition(_COUNT)  # notified when a batch is finished (wait)
 
 
-def _submit(jobs, srcs):
+def _pending():
+    return _BG["submitted"] - _BG["finished"]
+
+
+def _submit(plan, jobs, srcs):
     with _COUNT:
         if _BG["stop"]:
             return  # (interpreter exit: the interpreter keeps these regions)
         for packer, *_ in jobs:
             packer.compiling = True  # (explain: "loop compiling")
-        _BG["queue"].append((jobs, srcs))
-        _STATE["pending"] += 1
+        _BG["queue"].append((plan, jobs, srcs))
+        _BG["submitted"] += 1
         if _BG["worker"] is not None:
             return
-        # (without the exit hook, Python 3.8: a daemon, which exit does not wait for)
-        worker = threading.Thread(target=_work, name="fastgrad-jit",
-                                  daemon=not hasattr(threading, "_register_atexit"))
+        worker = threading.Thread(target=_work, name="fastgrad-jit")
         try:
-            if not _BG["hooked"] and hasattr(threading, "_register_atexit"):
+            if not _BG["hooked"]:
                 # runs before Python joins its threads at exit, so that the worker finishes
-                # the compile it is in and takes no other
+                # the compile it is in and takes no other; and before concurrent.futures'
+                # own hook (registered on its import: these run last registered first), which
+                # would otherwise let compile_all's pool run every source it was given
+                __import__("concurrent.futures.thread")
                 threading._register_atexit(_at_exit)
                 _BG["hooked"] = True
             worker.start()
@@ -681,37 +700,44 @@ def _submit(jobs, srcs):
 
 
 def _work():
-    while True:
+    me = threading.current_thread()
+    try:
+        while True:
+            with _COUNT:
+                if not _BG["queue"] or _BG["stop"]:
+                    return
+                batch = _BG["current"] = _BG["queue"].pop(0)
+            plan, jobs, srcs = batch
+            try:
+                _set_kernels(jobs, srcs, plan)
+            except BaseException as e:  # noqa: BLE001 (a loop is an optimisation: the
+                with _COUNT:             # interpreter stays; a test's pytest.fail too)
+                    _STATE["enabled"] = False
+                    _STATE["reason"] = _STATE["last_failure"] = \
+                        "background compile: " + _failure(e)
+            finally:
+                with _COUNT:
+                    _BG["current"] = None
+                    _done(jobs)
+    finally:
         with _COUNT:
-            if not _BG["queue"] or _BG["stop"]:
+            if _BG["worker"] is me:
                 _drop_queue()
                 _BG["worker"] = None
-                return
-            jobs, srcs = _BG["current"] = _BG["queue"].pop(0)
-        try:
-            _set_kernels(jobs, srcs, background=True)
-        except Exception as e:  # noqa: BLE001 (a loop is an optimisation: the interpreter stays)
-            with _COUNT:
-                _STATE["enabled"] = False
-                _STATE["reason"] = _STATE["last_failure"] = "background compile: " + _failure(e)
-        finally:
-            with _COUNT:
-                _BG["current"] = None
-                _done(jobs)
 
 
 def _done(jobs):
-    """A batch is over, its loops set or not (under _COUNT)."""
+    """A batch is finished, its loops set or not (under _COUNT)."""
     for packer, *_ in jobs:
         packer.compiling = False
-    _STATE["pending"] -= 1
+    _BG["finished"] += 1
     _IDLE.notify_all()
 
 
 def _drop_queue():
     """Forget the queued batches (under _COUNT): their regions stay with the interpreter."""
     while _BG["queue"]:
-        _done(_BG["queue"].pop()[0])
+        _done(_BG["queue"].pop()[1])
 
 
 def _at_exit():
@@ -721,10 +747,11 @@ def _at_exit():
 
 
 def wait(timeout=None):
-    """Wait until the background compiles started so far are done (their loops set); whether
-    they are, within ``timeout`` seconds (None: no limit)."""
+    """Wait until the background compiles queued before this call are done (their loops set);
+    whether they are, within ``timeout`` seconds (None: no limit)."""
     with _COUNT:
-        return _IDLE.wait_for(lambda: _STATE["pending"] == 0, timeout=timeout)
+        target = _BG["submitted"]
+        return _IDLE.wait_for(lambda: _BG["finished"] >= target, timeout=timeout)
 
 
 def _after_fork():
@@ -733,11 +760,11 @@ def _after_fork():
     global _COUNT, _IDLE
     _COUNT = threading.Lock()  # (held, maybe, by a thread the child does not have)
     _IDLE = threading.Condition(_COUNT)
-    for jobs, _ in _BG["queue"] + ([_BG["current"]] if _BG["current"] else []):
+    for _, jobs, _ in _BG["queue"] + ([_BG["current"]] if _BG["current"] else []):
         for packer, *_ in jobs:
             packer.compiling = False
     _BG["queue"], _BG["worker"], _BG["current"] = [], None, None
-    _STATE["pending"] = 0
+    _BG["finished"] = _BG["submitted"]
 
 
 if hasattr(os, "register_at_fork"):

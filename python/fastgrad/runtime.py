@@ -412,10 +412,12 @@ def execute(plan, tensors, create_graph, stats=None, device=None):
 
 def _compile(plan):
     """Compile the plan's regions into loops (jit.py) once it has run jit.AFTER times; after a
-    run, so that its CPU regions hold their Programs."""
+    run, so that its CPU regions hold their Programs. While compiling is off the plan stays
+    due (offered once it is on again); the flag is cleared first, so that a background compile
+    that skips its jobs (jit._set_kernels) can make the plan due again."""
     if jit._STATE["enabled"]:
+        plan.jit_pending = False
         jit.compile_plan(plan)
-    plan.jit_pending = False
 
 
 def bound(tensors, n):
