@@ -79,8 +79,8 @@ def _fold(a, t, dst, tail):
 def status():
     """Whether compiling is on, why not if it is off, how many loops were compiled (and loaded
     from the disk cache) in this process, the seconds spent compiling (summed over compiles
-    that ran side by side), and how many plans' compiles are still running in the background
-    ("pending")."""
+    that ran side by side), and how many plans' compiles are still queued or running in the
+    background ("pending")."""
     return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"],
                                   pending=_pending()).items()
             if k not in ("headers", "cpu")}
