@@ -362,6 +362,20 @@ def test_grad_outputs_length_mismatch_same_behaviour(gen):
         assert_same(build(FAST_GRAD), ref)
 
 
+@pytest.mark.parametrize("scalar", [False, True])
+def test_error_fewer_grad_outputs_than_outputs(gen, scalar):
+    """PyTorch's engine raises "got 2 tensors and 1 gradients"; fastgrad once dropped the
+    output without a gradient, on a fresh graph and on one seen before."""
+    x0, v = rand((3, 4), gen), rand(() if scalar else (3, 4), gen)
+    x = x0.clone().requires_grad_(True)
+    y = torch.exp(x)
+    outs = [y.sum(), torch.sin(x).sum()] if scalar else [y, y * 2]
+    for _ in range(2):  # (the second call meets a graph seen before)
+        assert_same_error(lambda: TORCH_GRAD(outs, x, grad_outputs=[v], retain_graph=True),
+                          lambda: FAST_GRAD(outs, x, grad_outputs=[v], retain_graph=True))
+        FAST_GRAD(outs, x, grad_outputs=[v, v], retain_graph=True)
+
+
 def test_error_input_does_not_require_grad(gen):
     setup = _setup_xy(gen)
     z = rand((2,), gen)

@@ -175,6 +175,8 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
     if gos is None:
         gos = _make_grads(outs, _to_tuple(grad_outputs, len(outs)),
                           is_grads_batched=is_grads_batched)
+        if len(gos) != len(outs):  # (fewer grad_outputs than outputs: PyTorch's engine raises)
+            return torch_grad("fewer grad_outputs than outputs")
     if retain_graph is None:
         retain_graph = create_graph
     try:
