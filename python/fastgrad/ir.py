@@ -85,6 +85,23 @@ def promote(*dts):
     return out
 
 
+_CATEGORY = {torch.bool: 0, torch.int32: 1, torch.int64: 1}  # (the rest: floating, 2)
+
+
+def result_dtype(args):
+    """The dtype of an elementwise op on nodes ``args``, by PyTorch's rule (result_type): a
+    0-d operand (a Python number PyTorch saved as a 0-d float64 or int64 tensor: the 0.5 of
+    ``0.5 * x``) does not widen the dtype of operands with dimensions unless it is of a higher
+    category (integer, then floating). ``0.5 * x`` of a float32 x is computed in float32 with
+    0.5 rounded to float, as PyTorch computes it: promoting it to float64 had made regions
+    compute in float64 and not run as compiled loops."""
+    dims = promote(*(a.dtype for a in args if a.shape != ()))
+    zero = promote(*(a.dtype for a in args if a.shape == ()))
+    if dims is None or (zero is not None and _CATEGORY.get(zero, 2) > _CATEGORY.get(dims, 2)):
+        return zero
+    return dims
+
+
 def float_dtype(*dts):
     d = promote(*dts)
     return d if d is not None and d.is_floating_point else torch.get_default_dtype()
@@ -171,7 +188,7 @@ def ew(op, *args, dtype=None):
     shape = broadcast(*(a.shape for a in args))
     if dtype is None:
         # Predicates (gt, eq, ...) yield 0/1 in the compute type, so one dtype rule serves all.
-        dtype = promote(*(a.dtype for a in args))
+        dtype = result_dtype(args)
     return node(op, args, (), shape, dtype)
 
 
@@ -186,7 +203,7 @@ def add(a, b):
         elif is_const(a.args[1], 0.0) and is_const(b.args[2], 0.0):
             fused = where(a.args[0], b.args[1], a.args[2])
         if fused is not None and fused.shape == broadcast(a.shape, b.shape) and \
-                fused.dtype == promote(a.dtype, b.dtype):
+                fused.dtype == result_dtype((a, b)):
             return fused
     return ew("add", a, b)
 

@@ -739,11 +739,14 @@ class _Emitter:
 
     def run(self):
         r = self.r
-        # Decide the compute type first: float64 if anything in the region is float64.
+        # Decide the compute type first: float64 if anything in the region is float64, but for
+        # a single value it loads (a Python number PyTorch saved as a 0-d float64 tensor, which
+        # an op on float32 tensors reads as a float: ir.result_dtype).
         for t in r.targets:
             body = t.args if t.op in _REDUCE_MODE else [t]
             for m in ir.topo(list(body), stop=lambda m: self.loadable(m)):
-                if m.dtype == torch.float64:
+                if m.dtype == torch.float64 and not (m.shape == () and self.loadable(m) and
+                                                     all(m is not b for b in body)):
                     r.compute = torch.float64
         ident = tuple(("d", i, 1, 0) for i in range(len(r.shape)))
         for ti, t in enumerate(r.targets):
