@@ -42,7 +42,14 @@ LOSSES = [
 ]
 
 
-def _network(seed):
+_JOINS = {
+    "cat": lambda x, t: torch.cat([x, t], 1),
+    "cat_t_first": lambda x, t: torch.cat([t, x], 1),
+    "stack": lambda x, t: torch.stack([x[:, 0], t[:, 0]], 1),
+}
+
+
+def _network(seed, join=_JOINS["cat"]):
     r = random.Random(seed)
     torch.manual_seed(seed)
     width, d_in, layers = r.choice([3, 5, 8]), 2, []
@@ -57,7 +64,7 @@ def _network(seed):
     loss = r.choice(LOSSES)
 
     def f(x, t):
-        h = torch.cat([x, t], 1)
+        h = join(x, t)
         for layer in layers:
             h = layer(h)
         return loss(h)
@@ -83,4 +90,27 @@ def test_random_network(seed):
                                    msg=lambda m: f"seed {seed}, {name}: {m}")
     xx, tt = x.clone().requires_grad_(), t.clone().requires_grad_()
     report = fastgrad.explain(f(xx, tt), (xx, tt), create_graph=True)
+    assert report.all_native, report
+
+
+@pytest.mark.parametrize("join", sorted(_JOINS))
+@pytest.mark.parametrize("seed", range(0, 60, 6))
+def test_an_input_joined_to_one_that_needs_no_gradient(seed, join):
+    """A PINN whose t needs no gradient: PyTorch records no size for it in the cat's node, so
+    fastgrad infers it (the output's size left by the other part), natively, at second order."""
+    f = _network(seed, _JOINS[join])
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    t = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    res = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_()
+        (gx,) = G(f(x, t), x, create_graph=True)
+        (h,) = G((gx * gx).sum() + gx.sum(), x)
+        res.append((gx.detach(), h))
+    for name, w, v in zip(("u_x", "second"), *res):
+        torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-11, equal_nan=True,
+                                   msg=lambda m: f"seed {seed}, {name}: {m}")
+    x = x0.clone().requires_grad_()
+    report = fastgrad.explain(f(x, t), x, create_graph=True)
     assert report.all_native, report

@@ -357,11 +357,29 @@ def _masked_fill(v, tensor_value):
 def _cat(v, stack=False):
     out_shape, dt = v.out_shape(), v.out_dtype()
     d = _signed(v.scalar("_saved_dim")) % max(len(out_shape), 1)
+    # PyTorch records no size for an input without an edge (a PINN's `cat([x, t], 1)` with a
+    # t that needs no gradient): stacked, it has the others' shape; concatenated, one such
+    # input takes what the others leave of the output. It is a bare slot, never read: its
+    # derivative is not wanted, and no other input's reads it (engine._vjp refuses a
+    # derivative that reads a bare slot).
+    known = [v.in_meta(i) for i in range(len(v.edges))]
+    missing = [i for i, m in enumerate(known) if m is None]
+    if missing and not stack:
+        if len(missing) > 1:
+            raise Unsupported("concatenated tensors without a gradient edge, more than one")
+        if any(len(m[0]) != len(out_shape) for m in known if m is not None):
+            raise Unsupported("cat of tensors of other ranks")
+        rest = out_shape[d] - sum(m[0][d] for m in known if m is not None)
+        if rest < 0:
+            raise Unsupported("cat sizes")
     parts = []
     for i in range(len(v.edges)):
-        if v.in_meta(i) is None:  # (PyTorch records no size for an input without an edge)
-            raise Unsupported("a concatenated tensor without a gradient edge")
-        p = v.x(i)
+        if known[i] is not None:
+            p = v.x(i)
+        elif stack:
+            p = ir.slot(i, None, out_shape[:d] + out_shape[d + 1:], dt)
+        else:
+            p = ir.slot(i, None, out_shape[:d] + (rest,) + out_shape[d + 1:], dt)
         parts.append(reshape(p, p.shape[:d] + (1,) + p.shape[d:]) if stack else p)
     if any(p.ndim != len(out_shape) for p in parts):
         raise Unsupported("cat of tensors of other ranks")
