@@ -79,6 +79,16 @@ class NodeView:
         if meta is None:
             if base is not None:
                 meta = (base.shape, base.dtype)
+                out = self.out_dtype()
+                if base.shape == () and out in (torch.float32, torch.float64) and \
+                        base.dtype.is_floating_point and ir.promote(base.dtype, out) != out:
+                    # A 0-d value wider than the result (the 0.5 of `0.5 * s` for a float32
+                    # s, which PyTorch saves as a 0-d float64 "wrapped number"): PyTorch
+                    # computed with it converted to the result's dtype, and so does its
+                    # backward, so fastgrad reads it so too (a float64 value would make the
+                    # whole derivative compute in float64).
+                    base = ir.cast(base, out)
+                    meta = ((), out)
             else:  # a constant operand nobody saved: it only broadcasts against the output
                 meta = (self.out_shape(), self.out_dtype())
         if base is not None and base.shape != meta[0]:
