@@ -373,6 +373,32 @@ def _recompute(exprs):
     return ir.substitute(exprs, mapping)
 
 
+# An elementwise value a region would compute again for each element it is broadcast to is
+# materialised once it costs at least this many nodes (_materialise_broadcast).
+BROADCAST_COST = 8
+
+
+def _materialise_broadcast(nodes, mat, views):
+    """Materialise (into ``mat``) an elementwise expression that an expand broadcasts to at
+    least twice its elements, when computing it costs BROADCAST_COST nodes or more: a region
+    would otherwise compute it once per broadcast element (a pair energy's derivative with
+    respect to the distance, over (N, N), read by the (N, N, 3) displacements: three times,
+    in each of the two reductions over atoms), where PyTorch computes it once."""
+    stop = lambda m: m.known is not None or id(m) in mat or id(m) in views  # noqa: E731
+    for n in nodes:
+        if n.op != "expand" or n.known is not None:
+            continue
+        src = n.args[0]
+        while src.op == "reshape" and trivial_reshape(src.args[0].shape, src.shape):
+            src = src.args[0]
+        if stop(src) or src.op not in _ELEMENTWISE or \
+                ir.numel(n.shape) < 2 * max(ir.numel(src.shape), 1):
+            continue
+        cost = sum(1 for m in ir.topo([src], stop=stop) if not stop(m) and m.op != "const")
+        if cost >= BROADCAST_COST:
+            mat[id(src)] = src
+
+
 # The deepest expression a region computes, in nodes from what it loads (_cut_deep).
 MAX_DEPTH = 128
 
@@ -435,6 +461,7 @@ def build(requested, cuda=False):
             views[id(e)] = e
     for vid in views:
         mat.pop(vid, None)
+    _materialise_broadcast(nodes, mat, views)
     _cut_deep(nodes, mat, views)
     loadable = lambda n: known(n) or id(n) in mat or id(n) in views  # noqa: E731
 
