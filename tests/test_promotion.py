@@ -52,3 +52,25 @@ def test_python_numbers_keep_float32_regions(monkeypatch, gen, name, fn, wrt):
     regions = [line for line in report.splitlines() if "region" in line and "[257, 64]" in line]
     assert regions and all("(torch.float32)" in r and "compiled loop" in r for r in regions), \
         report
+
+
+# float32 leaves whose graph computes in float64 (x.double()): the gradient's expression is
+# float64 up to its cast back to float32, and must be computed so, as PyTorch computes it
+WIDENED = [
+    ("sin_of_scaled_double", lambda x: (x.double() * 1e3).sin()),
+    ("exp_mix", lambda x: torch.exp(x.double() * 3) * x.double()),
+    ("sum_of_double", lambda x: (x.double() * 1e4).cos().sum()),
+]
+
+
+@pytest.mark.parametrize("name,fn", WIDENED, ids=[c[0] for c in WIDENED])
+def test_a_float64_computation_of_float32_leaves_is_computed_in_float64(gen, name, fn):
+    x0 = rand((301,), gen).float()
+    for _ in range(2):  # (the second call meets a graph seen before)
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        go = None if y.dim() == 0 else rand(tuple(y.shape), gen)
+        got = fastgrad.grad(y, x, go, retain_graph=True)
+        assert_same(got, TORCH_GRAD(y, x, go, retain_graph=True), rtol=1e-6, atol=1e-5)
+    report = str(fastgrad.explain(y, x, go))
+    assert "(torch.float64)" in report, report

@@ -769,9 +769,13 @@ class _Emitter:
         # Decide the compute type first: float64 if anything in the region is float64, but for
         # a single value it loads (a Python number PyTorch saved as a 0-d float64 tensor, which
         # an op on float32 tensors reads as a float: ir.result_dtype).
+        # (The walk goes below a target, which is loadable itself: a float32 target that casts
+        # a float64 expression, the gradient of x.double()'s uses for a float32 x, is computed
+        # in float64, as PyTorch computes it.)
         for t in r.targets:
             body = t.args if t.op in _REDUCE_MODE else [t]
-            for m in ir.topo(list(body), stop=lambda m: self.loadable(m)):
+            for m in ir.topo(list(body), stop=lambda m: self.loadable(m) and
+                             all(m is not b for b in body)):
                 if m.dtype == torch.float64 and not (m.shape == () and self.loadable(m) and
                                                      all(m is not b for b in body)):
                     r.compute = torch.float64
