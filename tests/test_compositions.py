@@ -114,3 +114,30 @@ def test_an_input_joined_to_one_that_needs_no_gradient(seed, join):
     x = x0.clone().requires_grad_()
     report = fastgrad.explain(f(x, t), x, create_graph=True)
     assert report.all_native, report
+
+
+MIXED_ACTIVATIONS = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", sorted(MIXED_ACTIVATIONS))
+def test_first_derivative_by_torch_then_fastgrad(act, dtype):
+    """u_x from torch.autograd.grad (a library's, say), u_xx and u_xxx from fastgrad: u_x's graph
+    holds the nodes PyTorch records for an activation's backward (TanhBackwardBackward0), which
+    lower to PyTorch's own kernel formula and run natively."""
+    torch.manual_seed(len(act) + (dtype == torch.float32))
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), MIXED_ACTIVATIONS[act](),
+                              torch.nn.Linear(8, 8), MIXED_ACTIVATIONS[act](),
+                              torch.nn.Linear(8, 1)).to(dtype)
+    x = torch.randn(9, 2, dtype=dtype, requires_grad=True)
+    (ux,) = TORCH_GRAD(net(x).sum(), x, create_graph=True)
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    res = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        (uxx,) = G(ux[:, 0].sum(), x, create_graph=True)
+        (uxxx,) = G(uxx[:, 1].sum(), x, retain_graph=True)
+        res.append((uxx.detach(), uxxx))
+    for name, w, v in zip(("u_xx", "u_xxx"), *res):
+        torch.testing.assert_close(v, w, **tol, msg=lambda m: f"{act} {name}: {m}")
+    report = fastgrad.explain(ux[:, 0].sum(), x, create_graph=True)
+    assert report.all_native, report

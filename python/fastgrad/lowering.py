@@ -485,6 +485,17 @@ def _unary_known(op):
     return lambda v: [v.known(ew(op, v.x(0)), "_saved_result")]
 
 
+def _act_backward(formula):
+    """The node PyTorch records for an activation's backward run under create_graph
+    (TanhBackwardBackward0: ``tanh_backward(grad_output, output)``), when its first derivative
+    came from torch.autograd.grad and fastgrad takes the next: PyTorch's own kernel formula
+    over the saved grad_output and output, in float32 for half types as PyTorch computes it."""
+    def lower(v):
+        g, y = v.x(0, "_saved_grad_output"), v.x(1, "_saved_output")
+        return [ir.cast(formula(act.up(g), act.up(y)), v.out_dtype())]
+    return lower
+
+
 LOWER = {
     "AddBackward0": lambda v: [add(v.x(0), mul(v.x(1), float(v.scalar("_saved_alpha"))))],
     "AddBackward1": lambda v: [v.x(0)],  # tensor + scalar
@@ -518,6 +529,8 @@ LOWER = {
     "AtanhBackward0": _unary("atanh", "_saved_self"),
     "TanhBackward0": _unary_known("tanh"),
     "SigmoidBackward0": _unary_known("sigmoid"),
+    "TanhBackwardBackward0": _act_backward(lambda g, y: mul(g, sub(1.0, mul(y, y)))),
+    "SigmoidBackwardBackward0": _act_backward(lambda g, y: mul(mul(g, sub(1.0, y)), y)),
     "SoftplusBackward0": _softplus,
     "LeakyReluBackward0": lambda v: [act.leaky_relu(v.x(0, "_saved_self"),
                                                     float(v.scalar("_saved_negative_slope")))],
