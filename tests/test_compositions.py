@@ -116,7 +116,8 @@ def test_an_input_joined_to_one_that_needs_no_gradient(seed, join):
     assert report.all_native, report
 
 
-MIXED_ACTIVATIONS = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
+MIXED_ACTIVATIONS = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid,
+                     "softplus": lambda: torch.nn.Softplus(beta=2.0, threshold=3.0)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -140,4 +141,27 @@ def test_first_derivative_by_torch_then_fastgrad(act, dtype):
     for name, w, v in zip(("u_xx", "u_xxx"), *res):
         torch.testing.assert_close(v, w, **tol, msg=lambda m: f"{act} {name}: {m}")
     report = fastgrad.explain(ux[:, 0].sum(), x, create_graph=True)
+    assert report.all_native, report
+
+
+def test_softplus_backward_node_across_its_threshold():
+    """SoftplusBackwardBackward0 on both sides of beta*x = threshold, at it, and where exp of
+    the discarded branch would overflow."""
+    x0 = torch.cat([torch.linspace(-4, 4, 33, dtype=torch.float64),
+                    torch.tensor([1.5, 60.0, 400.0, -400.0], dtype=torch.float64)])
+    res = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_()
+        y = torch.nn.functional.softplus(x * 1.25, beta=2.0, threshold=3.0) * x
+        (g,) = TORCH_GRAD(y.sum(), x, create_graph=True)
+        (h,) = G((g * g).sum(), x, create_graph=True)
+        (k,) = G(h.sum(), x, retain_graph=True)
+        res.append((h.detach(), k))
+    for name, w, v in zip(("second", "third"), *res):
+        torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-11, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    x = x0.clone().requires_grad_()
+    (g,) = TORCH_GRAD((torch.nn.functional.softplus(x * 1.25, beta=2.0, threshold=3.0) * x).sum(),
+                      x, create_graph=True)
+    report = fastgrad.explain((g * g).sum(), x, create_graph=True)
     assert report.all_native, report
