@@ -34,15 +34,28 @@ def opmath(f):
     return wrapped
 
 
-@opmath
-def softplus(x, beta, threshold):
-    """x where x*beta > threshold, else log1p(exp(x*beta))/beta. The exp's argument is capped at
-    the threshold so the branch `where` discards cannot overflow to inf, whose zero cotangent
-    would otherwise turn into NaN (0 * inf) in the derivative."""
+def _softplus_exp(x, beta, threshold):
+    """(x*beta > threshold, exp(x*beta)) with the exp's argument capped at the threshold, so
+    that the branch `where` discards cannot overflow to inf, whose zero cotangent would
+    otherwise turn into NaN (0 * inf) in the derivative."""
     bx = mul(x, beta)
     over = ew("gt", bx, threshold)
-    soft = div(ew("log1p", ew("exp", where(over, threshold, bx))), beta)
-    return where(over, x, soft)
+    return over, ew("exp", where(over, threshold, bx))
+
+
+@opmath
+def softplus(x, beta, threshold):
+    """x where x*beta > threshold, else log1p(exp(x*beta))/beta (_softplus_exp)."""
+    over, z = _softplus_exp(x, beta, threshold)
+    return where(over, x, div(ew("log1p", z), beta))
+
+
+def softplus_backward(g, x, beta, threshold):
+    """PyTorch's softplus_backward kernel: g where x*beta > threshold, else g * z / (z + 1),
+    z = exp(x*beta) (_softplus_exp); in float32 for half types, rounded once."""
+    over, z = _softplus_exp(up(x), beta, threshold)
+    ug = up(g)
+    return ir.cast(where(over, ug, div(mul(ug, z), add(z, 1.0))), x.dtype)
 
 
 @opmath

@@ -496,19 +496,6 @@ def _act_backward(formula):
     return lower
 
 
-def _softplus_backward(v):
-    """softplus_backward(grad_output, x, beta, threshold), as PyTorch's kernel: grad_output
-    where x*beta > threshold, else grad_output * z / (z + 1), z = exp(x*beta) (its argument
-    capped at the threshold, as act.softplus caps it, so the discarded branch cannot overflow
-    and turn a zero cotangent into NaN)."""
-    g, x = act.up(v.x(0, "_saved_grad_output")), act.up(v.x(1, "_saved_self"))
-    beta, th = float(v.scalar("_saved_beta")), float(v.scalar("_saved_threshold"))
-    bx = mul(x, beta)
-    over = ew("gt", bx, th)
-    z = ew("exp", ir.where(over, th, bx))
-    return ir.cast(ir.where(over, g, div(mul(g, z), add(z, 1.0))), v.out_dtype())
-
-
 LOWER = {
     "AddBackward0": lambda v: [add(v.x(0), mul(v.x(1), float(v.scalar("_saved_alpha"))))],
     "AddBackward1": lambda v: [v.x(0)],  # tensor + scalar
@@ -543,7 +530,9 @@ LOWER = {
     "TanhBackward0": _unary_known("tanh"),
     "SigmoidBackward0": _unary_known("sigmoid"),
     "TanhBackwardBackward0": _act_backward(lambda g, y: mul(g, sub(1.0, mul(y, y)))),
-    "SoftplusBackwardBackward0": lambda v: [_softplus_backward(v)],
+    "SoftplusBackwardBackward0": lambda v: [ir.cast(act.softplus_backward(
+        v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"), float(v.scalar("_saved_beta")),
+        float(v.scalar("_saved_threshold"))), v.out_dtype())],
     "SigmoidBackwardBackward0": _act_backward(lambda g, y: mul(mul(g, sub(1.0, y)), y)),
     "SoftplusBackward0": _softplus,
     "LeakyReluBackward0": lambda v: [act.leaky_relu(v.x(0, "_saved_self"),

@@ -774,10 +774,9 @@ class _Emitter:
         # in float64, as PyTorch computes it.)
         for t in r.targets:
             body = t.args if t.op in _REDUCE_MODE else [t]
-            for m in ir.topo(list(body), stop=lambda m: self.loadable(m) and
-                             all(m is not b for b in body)):
-                if m.dtype == torch.float64 and not (m.shape == () and self.loadable(m) and
-                                                     all(m is not b for b in body)):
+            loaded = lambda m: self.loadable(m) and all(m is not b for b in body)  # noqa: E731
+            for m in ir.topo(list(body), stop=loaded):
+                if m.dtype == torch.float64 and not (m.shape == () and loaded(m)):
                     r.compute = torch.float64
         ident = tuple(("d", i, 1, 0) for i in range(len(r.shape)))
         for ti, t in enumerate(r.targets):
