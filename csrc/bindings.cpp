@@ -303,7 +303,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("order", &fg::Graph::order)
       .def_readonly("needed", &fg::Graph::needed)
       .def_readonly("leaf_nodes", &fg::Graph::leaf_nodes)
-      .def_readonly("nexts", &fg::Graph::nexts);
+      .def_readonly("nexts", &fg::Graph::nexts)
+      .def_readonly("structure", &fg::Graph::structure);
   m.def("collect", &fg::collect, py::arg("out_nodes"), py::arg("input_ids"), py::arg("leaf_ids"),
         py::arg("acc_cls"), "Walk an autograd graph from out_nodes toward the inputs (engine.run).");
   m.def("signature", &fg::signature, py::arg("graph"), py::arg("out_edges"), py::arg("grad_tensors"),

@@ -202,8 +202,14 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
       }
     }
   }
+  uint64_t h = 0x9e3779b97f4a7c15ull;
   for (auto it = post.rbegin(); it != post.rend(); ++it)
-    if (g.need[*it]) g.order.append(py::handle(*it));
+    if (g.need[*it]) {
+      g.order.append(py::handle(*it));
+      h = (h ^ reinterpret_cast<uintptr_t>(Py_TYPE(*it))) * 0x100000001b3ull;
+      h ^= h >> 29;
+    }
+  g.structure = h;
   return g;
 }
 

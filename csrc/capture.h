@@ -7,6 +7,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <unordered_map>
 #include <vector>
 
@@ -40,6 +41,9 @@ struct Graph {
   py::dict leaf_nodes;  // id(leaf tensor) -> its AccumulateGrad node
   py::dict nexts;       // id(node) -> node.next_functions
   py::list roots;       // the output nodes (alive while their addresses are keys below)
+  // A hash of the classes of `order`'s nodes, in order: graphs that differ only in shapes or
+  // saved values share it (churn.py keys its records on it; a collision only misleads them).
+  uint64_t structure = 0;
   // The same facts keyed by the node objects (alive while `nexts` holds them).
   std::unordered_map<PyObject*, bool> need;
   std::unordered_map<PyObject*, PyObject*> edges;  // node -> next_functions tuple

@@ -18,12 +18,16 @@ import pytest
 import torch
 
 import fastgrad  # noqa: F401  (a broken import must fail the whole suite)
-from fastgrad import jit
+from fastgrad import churn, jit
 
 # Tests that check a plan's regions became loops after jit.AFTER runs need them set by then:
 # loops are compiled in the calls that reach it here (tests/test_jit_background.py turns the
 # background compiles on where it tests them).
 jit.BACKGROUND = False
+# Table-driven tests build graphs of one structure over many shapes, one call each: the pattern
+# that fastgrad.churn hands to PyTorch. Off here, so that every test checks fastgrad's own path;
+# tests/test_churn.py turns it on where it tests it.
+churn.MISSES = 0
 
 # PyTorch's first float64 torch.sin of a process was once seen off by 7e-9 at one element (one
 # process in three or five; later calls right), which made the engine that ran first disagree

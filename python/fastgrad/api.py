@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch.autograd import graph as _graph
 
-from . import _C, engine, runtime
+from . import _C, churn, engine, runtime
 from .plan import Unplannable
 
 _torch_grad = torch.autograd.grad
@@ -106,7 +106,11 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
     cap = None
     if only_inputs and not is_grads_batched and not materialize_grads:
-        res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph)
+        try:
+            res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph)
+        except churn.Routed:  # (straight to PyTorch: _grad's checks would only cost time)
+            return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                               only_inputs, allow_unused, is_grads_batched, materialize_grads)
         if res is not None:
             return res
     return _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
@@ -127,6 +131,8 @@ def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
     try:
         res, cap = engine.hit(out_edges, gos, in_edges, create_graph,
                               create_graph if retain_graph is None else retain_graph)
+    except churn.Routed:
+        raise
     except Unplannable:  # (_grad hands such a call to PyTorch)
         return None, None
     return (None, cap) if res is None else (tuple(res), None)

@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import _C, graph_cache, hooks, ir, lowering, plan, rules
+from . import _C, churn, graph_cache, hooks, ir, lowering, plan, rules
 from .plan import Unplannable, clear_plan_cache, get_plan, recomputable
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
@@ -194,11 +194,15 @@ class Capture:
     freed, and whether ``hit`` found the cached entry stale for it (a replayed node's results
     changed, or the call bound other tensors than the first). A declined hit hands it to
     ``run``, so a call is walked, signed and replayed once."""
-    __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale")
+    __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale",
+                 "churn", "counted")
 
-    def __init__(self, grad_tensors, bind, graph, in_edges, key, freed):
+    def __init__(self, grad_tensors, bind, graph, in_edges, key, freed, rec):
         self.grad_tensors, self.bind, self.graph = grad_tensors, bind, graph
         self.in_edges, self.key, self.freed, self.stale = in_edges, key, freed, False
+        # the churn.Record of the graph's structure (None: none yet), and whether the call
+        # was counted in it (_route)
+        self.churn, self.counted = rec, False
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
@@ -216,9 +220,27 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
         in_edges = [e if type(e) is tuple else
                     ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
                     for e in in_edges]
+    rec = None
+    if churn.MISSES:
+        rec = churn.find(graph.structure, len(out_edges), len(in_edges), create_graph)
+        if rec is not None and rec.skip():
+            raise churn.Routed(churn.REASON)
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
-    return Capture(grad_tensors, bind, graph, in_edges, key, freed)
+    return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec)
+
+
+def _route(cap, nout, nin, create_graph):
+    """For a call whose signature is not cached: raises churn.Routed when its graph changes
+    from call to call and is small enough that PyTorch's engine costs less than planning it;
+    else returns its structure's churn.Record (a call counts once: ``cap.counted``)."""
+    if cap.counted:
+        return cap.churn
+    rec = cap.churn or churn.record(cap.graph.structure, nout, nin, create_graph)
+    cap.churn, cap.counted = rec, True
+    if churn.route(rec, cap.key, cap.bind.tensors, cap.bind.device):
+        raise churn.Routed(churn.REASON)
+    return rec
 
 
 def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
@@ -232,12 +254,16 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
     much as the region itself."""
     cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
     entry = graph_cache.lookup(cap.key)
+    if entry is None and cap.key is not None and churn.MISSES:
+        _route(cap, len(out_edges), len(in_edges), create_graph)
     if entry is None or cap.freed or entry.plan is None:
         return None, cap
     graph = cap.graph
     if not _still_bound(entry, cap, create_graph, None):
         cap.stale = True
         return None, cap
+    if entry.churn is not None:
+        entry.churn.hit()
     results = execute(entry.plan, cap.bind.tensors, create_graph)
     if not retain_graph:
         _mark_freed(graph)
@@ -263,7 +289,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     bind, graph, in_edges, key, freed = cap.bind, cap.graph, cap.in_edges, cap.key, cap.freed
     order, needed, nexts = graph.order, graph.needed, graph.nexts
     entry = graph_cache.lookup(key)
-    exprs = None
+    exprs = rec = None
     if entry is not None:
         if freed:
             raise RuntimeError(freed_message())
@@ -271,10 +297,14 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)
+            if entry.churn is not None:
+                entry.churn.hit()
         else:  # bound otherwise than last time: derive anew
             bind = _Binder()
             key, _ = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                            create_graph)
+    elif key is not None and churn.MISSES:
+        rec = _route(cap, len(out_edges), len(in_edges), create_graph)
     if exprs is None:
         native_before, fallback_before = len(trace.native), len(trace.fallback)
         tape = []
@@ -283,7 +313,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
                        bind, trace, tape, graph.leaf_nodes, tied)
         entry = graph_cache.store(key, exprs, trace.native[native_before:],
                                   trace.fallback[fallback_before:], tape, len(bind.tensors),
-                                  tied)
+                                  tied, rec)
     if not allow_unused and None in exprs:
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     if entry is not None and entry.plan is None and None not in exprs:

@@ -25,12 +25,13 @@ class Entry:
     tensors the IR ties to the expressions that made them (engine._link_saved: a hit needs
     them unchanged since they were made, version 0), and the plan of the IR (set by engine.run
     once it is known; None while it is not, or when a gradient is None), which lets
-    engine.hit go straight to it."""
-    __slots__ = ("exprs", "native", "fallback", "tape", "nbound", "tied", "plan")
+    engine.hit go straight to it, and the churn.Record of its graph's structure (None: not
+    kept), which a hit tells."""
+    __slots__ = ("exprs", "native", "fallback", "tape", "nbound", "tied", "plan", "churn")
 
-    def __init__(self, exprs, native, fallback, tape, nbound, tied=()):
+    def __init__(self, exprs, native, fallback, tape, nbound, tied=(), churn=None):
         self.exprs, self.native, self.fallback, self.tape = exprs, native, fallback, tape
-        self.nbound, self.tied, self.plan = nbound, tied, None
+        self.nbound, self.tied, self.plan, self.churn = nbound, tied, None, churn
 
 
 def _spec(cls, fn):
@@ -78,7 +79,7 @@ def lookup(key):
     return _ENTRIES.get(key) if key is not None else None
 
 
-def store(key, exprs, native, fallback=(), tape=(), nbound=0, tied=()):
+def store(key, exprs, native, fallback=(), tape=(), nbound=0, tied=(), churn=None):
     """Remember what a sweep produced for signature ``key``; returns the Entry (None if the
     graph is not cacheable)."""
     if key is None:
@@ -86,7 +87,7 @@ def store(key, exprs, native, fallback=(), tape=(), nbound=0, tied=()):
     if len(_ENTRIES) >= _MAX_ENTRIES or _C.interned_count() > _MAX_INTERNED:
         clear()
     e = _ENTRIES[key] = Entry(exprs, tuple(native), tuple(fallback), tuple(tape), nbound,
-                              tuple(dict.fromkeys(tied)))
+                              tuple(dict.fromkeys(tied)), churn)
     return e
 
 

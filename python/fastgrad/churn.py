@@ -1,0 +1,117 @@
+"""Graphs whose signature changes from call to call: when planning anew costs more than it saves.
+
+Everything fastgrad derives is cached by the graph's exact signature (graph_cache): its nodes,
+and the shapes, strides and saved values they hold. A loop that builds the same nodes over new
+shapes each call (collocation points resampled in a varying number, a neighbour list, molecules
+of different sizes) misses every time, and each miss walks, lowers, derives and plans the graph
+anew and runs the plan in the interpreter: on this project's development VM 1.8 ms for the
+second-order pipeline of ``tanh(x)**3`` and 4.9 ms for a PINN step on a 2-32-32-1 MLP, where
+PyTorch's engine took 0.1 and 0.25-0.5 ms (docs/performance.md, "Shapes that change every
+call").
+
+So the engine keeps, per *structure* (the classes of the walk's nodes in order, the numbers of
+outputs and inputs, create_graph), whether its recent calls found their signature cached. When
+``MISSES`` of the last ``WINDOW`` calls of a structure did not, the structure churns, and a call
+with a signature never seen is handed to PyTorch's ``torch.autograd.grad`` whole, as fastgrad
+hands it any call it does not plan (results and errors are then PyTorch's; ``explain`` names
+the reason), unless the call is large: no bound tensor of ``ROUTE_NUMEL[device type]`` elements
+or more, where fused passes repay the planning. A signature that comes back is planned on its
+second sight, so shapes that cycle through a few values, or settle, end up cached; hits then
+clear the record.
+"""
+import os
+
+from .plan import Unplannable
+
+# misses among a structure's last WINDOW signed calls from which it churns; 0 turns routing off
+MISSES = int(os.environ.get("FASTGRAD_CHURN_MISSES", "4"))
+WINDOW = 8
+# A churning structure whose signed calls keep bringing new signatures signs one call in up to
+# PROBE (k after k such calls in a row; every call after a hit or a signature seen before); the
+# others go to PyTorch unsigned: signing a graph cost 20-60 us, a third of PyTorch's call on
+# small graphs.
+PROBE = 8
+# Calls whose largest bound tensor has fewer elements are routed (per device type). CPU: the
+# break-even measured on the development VM lay between 5e5 elements (an elementwise chain's
+# second order) and 3e6 (a PINN step's [N, 32] activations); see docs/performance.md. CUDA: an
+# estimate (not measured): below it PyTorch's kernels take less time than planning.
+ROUTE_NUMEL = {"cpu": 1 << 21, "cuda": 1 << 26}
+REASON = ("its graph's shapes or saved values change from call to call, and planning a graph "
+          "this small anew costs more than PyTorch's engine (fastgrad.churn)")
+_SEEN = 64  # signatures a churning structure remembers having routed (for their second sight)
+_MAX_RECORDS = 1024
+_MASK = (1 << WINDOW) - 1
+_RECORDS = {}
+
+
+class Record:
+    """One structure's recent signed calls: ``recent``, a bit per call (1: its signature was
+    not cached), newest lowest; ``seen``, the signatures routed once (insertion ordered);
+    ``fresh``, the signed calls in a row routed with a signature never seen; ``wait``, the
+    calls left to route unsigned before the next signed one."""
+    __slots__ = ("recent", "seen", "fresh", "wait")
+
+    def __init__(self):
+        self.recent, self.seen, self.fresh, self.wait = 0, {}, 0, 0
+
+    def hit(self):
+        self.recent = (self.recent << 1) & _MASK
+        self.fresh = self.wait = 0
+
+    def churns(self):
+        return MISSES > 0 and bin(self.recent).count("1") >= MISSES
+
+    def skip(self):
+        """Whether this call goes to PyTorch unsigned (a churning structure between probes)."""
+        if self.wait > 0 and self.churns():
+            self.wait -= 1
+            return True
+        return False
+
+
+def find(structure, nout, nin, create_graph):
+    """The Record of a structure (``structure``: _C.Graph.structure, the classes of the walk's
+    nodes), or None."""
+    return _RECORDS.get((structure, nout, nin, create_graph))
+
+
+def record(structure, nout, nin, create_graph):
+    """The Record of a structure, made if there is none."""
+    k = (structure, nout, nin, create_graph)
+    r = _RECORDS.get(k)
+    if r is None:
+        if len(_RECORDS) >= _MAX_RECORDS:
+            _RECORDS.clear()
+        r = _RECORDS[k] = Record()
+    return r
+
+
+def route(rec, key, tensors, device):
+    """Whether a signed call whose signature ``key`` is not cached goes to PyTorch (False:
+    plan it); counts the miss in ``rec``. ``tensors``: what the call bound; ``device``: its
+    device (None: not known, the CPU)."""
+    churning = rec.churns()
+    rec.recent = ((rec.recent << 1) | 1) & _MASK
+    if not churning:
+        return False
+    if rec.seen.pop(key, False):
+        rec.fresh = 0
+        return False  # second sight: it recurs, plan it (and sign the next call)
+    limit = ROUTE_NUMEL.get(getattr(device, "type", "cpu"), 0)
+    if any(t.numel() >= limit for t in tensors):
+        return False
+    if len(rec.seen) >= _SEEN:
+        del rec.seen[next(iter(rec.seen))]
+    rec.seen[key] = True
+    rec.fresh += 1
+    rec.wait = min(rec.fresh, PROBE) - 1
+    return True
+
+
+class Routed(Unplannable):
+    """A call handed to PyTorch because of ``route`` (engine._route raises it)."""
+
+
+def clear():
+    """Forget every structure's record."""
+    _RECORDS.clear()

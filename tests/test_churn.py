@@ -1,0 +1,197 @@
+"""fastgrad.churn: graphs whose signature changes every call go to PyTorch, others are planned.
+
+Each test checks both what ran (PyTorch's engine, counted through api._torch_grad, or fastgrad's
+plan: explain's report) and that every result equals torch.autograd.grad's in float64."""
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import api, churn, engine, graph_cache, plan
+
+from conftest import TORCH_GRAD, assert_same
+
+GRAPHS = {
+    # name: forward from x, create_graph pipeline (second order) or first order
+    "pinn": (2, lambda x, net: net(x).sum()),
+    "tanh_cube": (1, lambda x, net: (torch.tanh(x) ** 3).sum()),
+}
+
+
+@pytest.fixture
+def routing(monkeypatch):
+    """Routing on (the suite turns it off), fresh records and caches; counts the calls handed
+    to PyTorch's torch.autograd.grad by api.py."""
+    monkeypatch.setattr(churn, "MISSES", 4)
+    churn.clear()
+    graph_cache.clear()
+    plan.clear_plan_cache()
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return TORCH_GRAD(*a, **k)
+
+    monkeypatch.setattr(api, "_torch_grad", counting)
+    yield calls
+    churn.clear()
+
+
+def _net(gen):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+                               ).double()
+
+
+def _points(n, gen):
+    return torch.rand(n, 2, generator=gen, dtype=torch.float64) * 2 - 1
+
+
+def _step(grad, name, x0, net):
+    """The graph's pipeline with ``grad``: u_x (create_graph) and u_xx of u_x[:, 0] for the
+    second-order graphs, the gradient for the first-order ones; fresh leaves."""
+    order, f = GRAPHS[name]
+    x = x0.clone().requires_grad_(True)
+    u = f(x, net)
+    g = grad(u, x, create_graph=order > 1)[0]
+    if order == 1:
+        return (g,)
+    return g.detach(), grad(g[:, 0].sum(), x)[0]
+
+
+def _check(name, n, gen, net):
+    x0 = _points(n, gen)
+    ref = _step(TORCH_GRAD, name, x0, net)
+    got = _step(fastgrad.grad, name, x0, net)
+    assert_same(got, ref, what=f"{name} n={n}", rtol=1e-10, atol=1e-12)
+
+
+def _explain(name, n, gen, net):
+    """explain's report of the graph's first call at n points."""
+    order, f = GRAPHS[name]
+    x = _points(n, gen).requires_grad_(True)
+    return fastgrad.explain(f(x, net), x, create_graph=order > 1)
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_shapes_new_every_call_go_to_pytorch_after_the_first_misses(routing, name, gen):
+    net = _net(gen)
+    order = GRAPHS[name][0]
+    for i in range(churn.MISSES):
+        _check(name, 40 + i, gen, net)
+    # the first calls of each structure were planned: PyTorch ran only the references
+    assert len(routing) == 0
+    for i in range(20):
+        _check(name, 60 + i, gen, net)
+    # every later call of the first structure went to PyTorch (for second order, whose second
+    # call then differentiates PyTorch's graph, a new structure: its first misses are planned)
+    assert len(routing) >= 20 * order - churn.MISSES
+    rep = _explain(name, 200, gen, net)
+    assert not rep.all_native
+    assert rep.fallback == [("<whole call>", churn.REASON)]
+
+
+def test_a_graph_whose_shape_settles_is_planned_again(routing, gen):
+    net = _net(gen)
+    for i in range(12):
+        _check("pinn", 40 + i, gen, net)
+    assert routing, "the structure should churn by now"
+    # one shape from now on: within a few probes its signature is seen twice, planned, hit
+    for _ in range(4 * churn.PROBE):
+        _check("pinn", 500, gen, net)
+    before = len(routing)
+    for _ in range(2 * churn.PROBE):
+        _check("pinn", 500, gen, net)
+    assert len(routing) == before
+    rep = _explain("pinn", 500, gen, net)
+    assert rep.all_native, str(rep)
+
+
+def test_shapes_that_cycle_end_up_planned(routing, gen):
+    net = _net(gen)
+    sizes = [30 + 7 * k for k in range(6)]
+    for _ in range(12):
+        for n in sizes:
+            _check("tanh_cube", n, gen, net)
+    before = len(routing)
+    for n in sizes * 3:
+        _check("tanh_cube", n, gen, net)
+    assert len(routing) == before
+
+
+def test_a_cached_graph_with_a_new_shape_now_and_then_is_never_routed(routing, gen):
+    net = _net(gen)
+    for i in range(40):
+        n = 100 if i % 5 else 100 + i  # a new shape one call in five
+        _check("pinn", n, gen, net)
+    assert len(routing) == 0
+
+
+def test_large_calls_are_planned_even_when_shapes_churn(routing, monkeypatch, gen):
+    monkeypatch.setitem(churn.ROUTE_NUMEL, "cpu", 64)  # every call here binds a larger tensor
+    net = _net(gen)
+    for i in range(16):
+        _check("pinn", 40 + i, gen, net)
+    assert len(routing) == 0
+    assert _explain("pinn", 90, gen, net).all_native
+
+
+def test_routing_off(routing, monkeypatch, gen):
+    monkeypatch.setattr(churn, "MISSES", 0)
+    net = _net(gen)
+    for i in range(16):
+        _check("tanh_cube", 40 + i, gen, net)
+    assert len(routing) == 0
+
+
+def test_a_routed_call_raises_pytorchs_errors(routing, gen):
+    net = _net(gen)
+    for i in range(12):
+        _check("tanh_cube", 40 + i, gen, net)
+    assert routing
+    x = _points(77, gen).requires_grad_(True)
+    y = (torch.tanh(x) ** 3).sum()
+    fastgrad.grad(y, x)  # (routed: PyTorch's engine frees the graph)
+    with pytest.raises(RuntimeError) as fe:
+        fastgrad.grad(y, x)
+    x = _points(78, gen).requires_grad_(True)
+    y = (torch.tanh(x) ** 3).sum()
+    TORCH_GRAD(y, x)
+    with pytest.raises(RuntimeError) as te:
+        TORCH_GRAD(y, x)
+    assert str(fe.value) == str(te.value)
+
+
+def test_structure_ignores_shapes_and_tells_classes_apart():
+    def graph(f, n):
+        x = torch.rand(n, requires_grad=True)
+        out = f(x)
+        return engine._collect([out.grad_fn], set(), {id(x)}).structure
+
+    assert graph(lambda x: x.sin().sum(), 5) == graph(lambda x: x.sin().sum(), 9)
+    assert graph(lambda x: x.sin().sum(), 5) != graph(lambda x: x.cos().sum(), 5)
+    assert graph(lambda x: x.sin().exp().sum(), 5) != graph(lambda x: x.exp().sin().sum(), 5)
+
+
+def test_records_count_signed_calls_only(routing):
+    r = churn.Record()
+    # the first MISSES misses are planned; from then on a new signature is routed
+    assert [churn.route(r, object(), [], None) for _ in range(churn.WINDOW)] == \
+        [False] * churn.MISSES + [True] * (churn.WINDOW - churn.MISSES)
+    assert r.churns()
+    # the k-th new signature routed in a row lets k - 1 calls (at most PROBE - 1) go unsigned
+    fresh = churn.WINDOW - churn.MISSES
+    assert r.fresh == fresh
+    assert [r.skip() for _ in range(fresh)] == [True] * (fresh - 1) + [False]
+    for _ in range(churn.PROBE):
+        assert churn.route(r, object(), [], None)
+    assert [r.skip() for _ in range(churn.PROBE)] == [True] * (churn.PROBE - 1) + [False]
+    key = object()
+    assert churn.route(r, key, [], None)
+    r.hit()
+    assert not r.skip()  # after a hit the next call is signed too
+    assert not churn.route(r, key, [], None)  # a routed signature seen again is planned
+    assert not churn.route(r, object(), [torch.zeros(churn.ROUTE_NUMEL["cpu"])], None)
+    for _ in range(churn.WINDOW - churn.MISSES + 1):
+        r.hit()
+    assert not r.churns()
+
