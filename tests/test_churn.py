@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import api, churn, engine, graph_cache, plan
+from fastgrad import api, churn, engine, graph_cache, jit, plan
 
 from conftest import TORCH_GRAD, assert_same
 
@@ -195,3 +195,27 @@ def test_records_count_signed_calls_only(routing):
         r.hit()
     assert not r.churns()
 
+
+@pytest.mark.skipif(not jit.status()["enabled"], reason="FASTGRAD_JIT=0")
+def test_a_churning_graph_too_large_to_route_compiles_its_loops_at_once(routing, monkeypatch,
+                                                                        gen):
+    # planned anew for every shape, it never runs jit.AFTER times: its loops are compiled on
+    # the first run of the plan made while it churns, and serve the shapes after it
+    monkeypatch.setitem(churn.ROUTE_NUMEL, "cpu", 64)
+    c = 1.5 + float(torch.rand((), generator=gen))  # (a literal in the loop: a new source)
+    fn = lambda x: ((torch.sin(x) + 2) ** c).sum()  # noqa: E731  (x * c would load c)
+
+    def explain(n):
+        x = _points(n, gen).requires_grad_(True)
+        return str(fastgrad.explain(fn(x), x))
+
+    # (the call that makes MISSES misses already churns)
+    before = [explain(40 + i) for i in range(churn.MISSES - 1)]
+    assert not any("compiled loop" in r for r in before), before
+    after = [explain(50 + i) for i in range(3)]
+    assert all("compiled loop" in r for r in after), after
+    assert len(routing) == 0
+    for i in range(3):
+        x0 = _points(60 + i, gen)
+        x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        assert_same(fastgrad.grad(fn(x), x), TORCH_GRAD(fn(xr), xr), rtol=1e-12, atol=1e-12)

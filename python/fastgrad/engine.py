@@ -318,6 +318,11 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     if entry is not None and entry.plan is None and None not in exprs:
         entry.plan = get_plan(exprs, bind.tensors)  # (what materialize looks up next)
+        if rec is not None and rec.churns():
+            # planned for a graph whose shapes keep changing: it may never run jit.AFTER
+            # times, but its loops serve the next shapes too (jit.adopt)
+            for r in entry.plan.regions:
+                r.eager = True
     results = materialize(exprs, bind.tensors, create_graph, trace.stats)
     if not retain_graph:  # as PyTorch frees what its engine ran, not the captured inputs
         _mark_freed(graph)

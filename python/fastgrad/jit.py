@@ -581,23 +581,27 @@ def _jobs(region, prefer=None):
     """(packer, split, column sums, source) of each of ``region``'s CPU programs (one per
     input layout it ran with) not offered a loop yet that one fits, with split ``prefer`` where
     it fits (a row group's rows); marks them offered."""
-    jobs = []
-    for packer in list(region.packers.values()):
-        prog = packer.program
-        if prog is None or packer.jit_tried or prog.compiled:
-            continue
-        packer.jit_tried = True
-        nd = len(region.shape)
-        split = prefer if prefer is not None and prog.kernel_fits(prefer) else next(
-            (k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
-        if split is not None:
-            kinds = prog.load_kinds(split)
-            inner = math.prod(region.shape[split:]) if split else None
-            modes = [mode for _, mode in region.stores]
-            columns = bool(split) and prog.column_sums(split)
-            jobs.append((packer, split, columns, source(region, kinds, packer.compute, inner,
-                                                      modes, columns, prog.load_dtypes())))
-    return jobs
+    jobs = [_job(region, packer, prefer) for packer in list(region.packers.values())]
+    return [job for job in jobs if job is not None]
+
+
+def _job(region, packer, prefer=None):
+    """_jobs' job of one packer (None: no Program, offered already, or no loop fits)."""
+    prog = packer.program
+    if prog is None or packer.jit_tried or prog.compiled:
+        return None
+    packer.jit_tried = True
+    nd = len(region.shape)
+    split = prefer if prefer is not None and prog.kernel_fits(prefer) else next(
+        (k for k in range(max(nd, 1)) if prog.kernel_fits(k)), None)
+    if split is None:
+        return None
+    kinds = prog.load_kinds(split)
+    inner = math.prod(region.shape[split:]) if split else None
+    modes = [mode for _, mode in region.stores]
+    columns = bool(split) and prog.column_sums(split)
+    return (packer, split, columns, source(region, kinds, packer.compute, inner, modes, columns,
+                                           prog.load_dtypes()))
 
 
 def compile_plan(plan):
@@ -606,14 +610,11 @@ def compile_plan(plan):
     (csrc/program.h, run_group_loops). Loops this process or the disk cache holds are set at
     once; the others are compiled in the background when ``BACKGROUND`` is on, and set as they
     are ready (a run reads a Program's loop atomically: csrc/program.h)."""
-    from .plan import Region, RowGroup  # (plan imports the runtime table; no cycle at import)
-    jobs = []
-    for step in plan.steps:
-        if isinstance(step, Region):
-            jobs += _jobs(step)
-        elif isinstance(step, RowGroup):
-            for r in step.regions:
-                jobs += _jobs(r, prefer=len(step.dims))
+    _compile_jobs(plan, _plan_jobs(plan))
+
+
+def _compile_jobs(plan, jobs):
+    """compile_plan's work for ``jobs`` of ``plan``."""
     srcs = list(dict.fromkeys(src for *_, src in jobs))
     if BACKGROUND:
         try:
@@ -627,6 +628,56 @@ def compile_plan(plan):
                     [src for src in srcs if src not in ready_set])
             return
     _set_kernels(jobs, srcs)
+
+
+def _plan_jobs(plan):
+    """_jobs of every region of ``plan`` (a row group's members over its rows)."""
+    from .plan import Region, RowGroup  # (plan imports the runtime table; no cycle at import)
+    jobs = []
+    for step in plan.steps:
+        if isinstance(step, Region):
+            jobs += _jobs(step)
+        elif isinstance(step, RowGroup):
+            for r in step.regions:
+                jobs += _jobs(r, prefer=len(step.dims))
+    return jobs
+
+
+def adopt(region, packer, prefer=None):
+    """Before a new Program's first run (``packer.program``, of ``region``; ``prefer``: its
+    row group's rows): set the loop this process has loaded for its source, and compile it
+    at once for a region planned for a graph whose shapes keep changing (``region.eager``,
+    set by engine.run from churn.py), without waiting for the plan's AFTER runs: such a graph
+    is a new plan each time, which never reaches AFTER, but its loops' sources hold no row
+    count, so one loop serves every shape. Other Programs are offered to compile_plan at AFTER
+    as before."""
+    if not _STATE["enabled"] or packer.jit_tried:
+        return
+    try:
+        job = _job(region, packer, prefer)
+        if job is None:
+            return
+        loaded = _key(job[-1]) in _LIBS
+    except Exception:  # noqa: BLE001 (no headers, say: compile_plan reports it at AFTER)
+        packer.jit_tried = False
+        return
+    if loaded:
+        _set_kernels([job], [job[-1]])
+    elif region.eager:
+        _compile_jobs(_NO_PLAN, [job])
+    else:
+        packer.jit_tried = False
+
+
+class _NoPlan:
+    """What a background compile of adopt's is for: no plan to make due again."""
+    jit_pending = False
+
+    def __setattr__(self, name, value):
+        pass
+
+
+_NO_PLAN = _NoPlan()
 
 
 def _set_kernels(jobs, srcs, plan=None):

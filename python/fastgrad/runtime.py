@@ -99,13 +99,17 @@ class _Packer:
 
     made = 0  # Programs made so far, all packers (execute: a run that made one compiles)
 
-    def cpu_program(self, ins, outs):
-        """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers."""
+    def cpu_program(self, ins, outs, region=None, prefer=None):
+        """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers.
+        A new one of ``region`` (in a row group over ``prefer`` dims) gets a loop compiled
+        for another shape where there is one (jit.adopt)."""
         if self.program is None:
             _Packer.made += 1
             self.program = _C.Program(self.pack(ins, outs), self.consts, self.compute,
                                       [ix for _, ix in self.load_slots],
                                       [ti for _, ti in self.store_slots], len(ins), len(outs))
+            if region is not None:
+                jit.adopt(region, self, prefer)
         return self.program
 
     def pack(self, ins, outs):
@@ -157,7 +161,7 @@ def run_region(region, ins, dev=None):
     on_cpu = _on_cpu(dev)
     outs, packer = _prepare(region, ins, dev, on_cpu)
     if on_cpu:
-        packer.cpu_program(ins, outs).run(ins, outs, _num_threads(packer.numel))
+        packer.cpu_program(ins, outs, region).run(ins, outs, _num_threads(packer.numel))
         return outs
     _launch_cuda(region, packer, ins, outs, dev.index)
     return outs
@@ -246,7 +250,7 @@ def run_group(group, value, env, stats=None):
     for r in group.regions:
         ins = [value(m) for m in r.inputs]
         outs, packer = _prepare(r, ins, _CPU, True)
-        progs.append(packer.cpu_program(ins, outs))
+        progs.append(packer.cpu_program(ins, outs, r, len(group.dims)))
         ins_all.append(ins)
         outs_all.append(outs)
         n = max(n, packer.numel)
