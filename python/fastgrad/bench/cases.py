@@ -58,7 +58,9 @@ class Case:
     torch.autograd.grad or fastgrad.grad; it returns a tuple of tensors (what is checked).
     ``func(st)`` / ``compiled(st)`` return a thunk computing the same results with torch.func /
     a torch.compile'd forward (or None where that does not apply); they may raise, the error is
-    then recorded as the result. ``tol`` scales the check's tolerances.
+    then recorded as the result. ``tol`` scales the check's tolerances. ``rewind(st)`` makes
+    the next call repeat the first one (for a case whose calls differ from each other), so
+    that what is compared was computed from the same inputs.
     """
 
     name = ""
@@ -78,6 +80,9 @@ class Case:
 
     def compiled(self, st):
         return None
+
+    def rewind(self, st):
+        pass
 
     def describe(self):
         return self.note
@@ -372,6 +377,62 @@ class PinnStep(PinnResidual):
         return thunk
 
 
+class PinnResample(PinnStep):
+    """The PINN step with its collocation points drawn anew each call, in a number that
+    changes: every call's graph has shapes the calls before it did not have (a cycle through
+    b + 1 counts, b/2 + 1 to 3b/2 + 1 rows, b = n / 32; at 1e3 the 32 counts recur, so there
+    the plans of earlier calls are reused). Planned anew each call, fastgrad took 10x PyTorch's
+    time; fastgrad.churn hands such calls to PyTorch."""
+
+    name = "pinn_resample"
+    note = ("PINN step with a varying number of resampled points: forward, u_x (create_graph), "
+            "u_xx; new shapes each call")
+
+    def setup(self, n, dtype, device):
+        st = super().setup(n, dtype, device)
+        b = st.x.shape[0]
+        st.pool = _rand((2 * b + 2, 2), dtype, device, n, salt=5, lo=-1.0, hi=1.0)
+        # a stride prime to the cycle's length visits every count once per cycle
+        st.stride = next(s for s in (7919, 7907, 7901) if math.gcd(s, b + 1) == 1)
+        st.calls = 0
+        return st
+
+    def rewind(self, st):
+        st.calls = 0
+
+    def _points(self, st):
+        b = st.x.shape[0]
+        m = b // 2 + 1 + (st.calls * st.stride) % (b + 1)
+        st.calls += 1
+        return _leaf(st.pool[:m])
+
+    def run(self, st, grad):
+        x = self._points(st)
+        u = st.model(x).sum()
+        ux = grad(u, x, create_graph=True)[0]
+        uxx = grad(ux[:, 0].sum(), x)[0]
+        return ux.detach(), uxx
+
+    def func(self, st):
+        model = st.model
+        pd = {k: v.detach() for k, v in model.named_parameters()}
+
+        def u_sum(x_):
+            return torch.func.functional_call(model, pd, (x_,)).sum()
+
+        def ux0(x_):
+            ux = torch.func.grad(u_sum)(x_)
+            return ux[:, 0].sum(), ux
+
+        def thunk():
+            uxx, ux = torch.func.grad(ux0, has_aux=True)(self._points(st).detach())
+            return ux, uxx
+        return thunk
+
+    def compiled(self, st):
+        return None  # (compiled for static shapes, it would compile again every call)
+
+
 def _make_cases():
     sq = SecondOrder("seed_square_2nd", "seed", lambda x: x ** 2, _seed_shape, seed_style=True,
                      note="seed example 3: y = x**2, grad(create_graph) then grad with ones")
@@ -403,6 +464,7 @@ def _make_cases():
         WganGp(),
         PinnResidual(),
         PinnStep(),
+        PinnResample(),
     ]
 
 

@@ -69,6 +69,7 @@ def check_case(case, n, dtype=torch.float32, device="cpu", grad=None):
     grad = api.grad if grad is None else grad
     st = case.setup(n, dtype, device)
     ref = tuple(case.run(st, _TORCH))
+    case.rewind(st)
     got = tuple(case.run(st, grad))
     _sync(device)
     compare(got, ref, dtype, case.tol, what=f"{case.name} fastgrad vs torch")

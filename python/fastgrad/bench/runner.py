@@ -77,6 +77,7 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
         for _ in range(jit.AFTER):
             case.run(st, api.grad)
         jit.wait()  # (loops compiled in the background: the timed calls run through them)
+        case.rewind(st)
         got = tuple(case.run(st, api.grad))
         _sync(device)
         compare(got, ref, dtype, case.tol, what=f"{case.name} fastgrad (warm) vs torch")
@@ -117,6 +118,7 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
             if thunk is None:
                 row["errors"][name] = "n/a"
                 continue
+            case.rewind(st)
             got = thunk()  # also the compile warm-up: compile time is never timed
             _sync(device)
         except Exception as e:  # noqa: BLE001
