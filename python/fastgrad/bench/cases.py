@@ -380,9 +380,11 @@ class PinnStep(PinnResidual):
 class PinnResample(PinnStep):
     """The PINN step with its collocation points drawn anew each call, in a number that
     changes: every call's graph has shapes the calls before it did not have (a cycle through
-    b + 1 counts, b/2 + 1 to 3b/2 + 1 rows, b = n / 32; at 1e3 the 32 counts recur, so there
-    the plans of earlier calls are reused). Planned anew each call, fastgrad took 10x PyTorch's
-    time; fastgrad.churn hands such calls to PyTorch."""
+    b + 1 counts, b/2 + 1 to 3b/2 + 1 rows, b = n / 32; at 1e3 there are only 32 counts, so
+    calls meet counts again, and the timing mixes first sights with plans cached by earlier
+    calls). Planned anew each call, fastgrad took 4-14x PyTorch's time at 1e3 and 1e5;
+    fastgrad.churn hands such calls to PyTorch (docs/performance.md, "Shapes that change every
+    call")."""
 
     name = "pinn_resample"
     note = ("PINN step with a varying number of resampled points: forward, u_x (create_graph), "
