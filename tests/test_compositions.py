@@ -117,7 +117,12 @@ def test_an_input_joined_to_one_that_needs_no_gradient(seed, join):
 
 
 MIXED_ACTIVATIONS = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid,
-                     "softplus": lambda: torch.nn.Softplus(beta=2.0, threshold=3.0)}
+                     "softplus": lambda: torch.nn.Softplus(beta=2.0, threshold=3.0),
+                     "gelu": torch.nn.GELU, "gelu_tanh": lambda: torch.nn.GELU("tanh"),
+                     "relu": torch.nn.ReLU, "leaky_relu": lambda: torch.nn.LeakyReLU(0.2),
+                     "elu": lambda: torch.nn.ELU(0.7), "selu": torch.nn.SELU,
+                     "celu": lambda: torch.nn.CELU(1.3), "hardtanh": torch.nn.Hardtanh,
+                     "relu6": torch.nn.ReLU6, "hardswish": torch.nn.Hardswish}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -142,6 +147,69 @@ def test_first_derivative_by_torch_then_fastgrad(act, dtype):
         torch.testing.assert_close(v, w, **tol, msg=lambda m: f"{act} {name}: {m}")
     report = fastgrad.explain(ux[:, 0].sum(), x, create_graph=True)
     assert report.all_native, report
+
+
+_FAR = [7.5, -30.0, 30.0, float("inf"), -float("inf"), float("nan")]
+# activation -> (it, the points where its backward's formula changes (kinks, bounds), the far
+# and special values tested). Left out, where PyTorch gives NaN or not depending on how it
+# computed, not on the math: gelu_tanh far out (its double backward's formula turns NaN at
+# |x| = 37.5 at third order), elu's family at +inf (PyTorch multiplies the zero derivative of the
+# positive side by inf), hardtanh's at NaN (its vectorised loop gives 0, its scalar loop the
+# gradient: which one runs depends on the element's position), and hardswish at NaN (the same)
+# and +-inf (PyTorch multiplies a zero by inf, or not, depending on the side).
+BACKWARD_NODES = {
+    "gelu": (F.gelu, [], _FAR),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), [], [7.5, float("nan")]),
+    "relu": (F.relu, [0.0], _FAR),
+    "leaky_relu": (lambda x: F.leaky_relu(x, 0.2), [0.0], _FAR),
+    "elu": (lambda x: F.elu(x, 0.7), [0.0], [v for v in _FAR if v != float("inf")]),
+    "selu": (F.selu, [0.0], [v for v in _FAR if v != float("inf")]),
+    "celu": (lambda x: F.celu(x, 1.3), [0.0], [v for v in _FAR if v != float("inf")]),
+    # in place: PyTorch's backward reads the output (is_result); the in-place node itself
+    # (EluBackward1, CeluBackward1) falls back
+    "selu_": (lambda x: F.selu(x, inplace=True), [0.0], [v for v in _FAR if v != float("inf")]),
+    "celu_": (lambda x: F.celu(x, 1.3, inplace=True), [0.0],
+              [v for v in _FAR if v != float("inf")]),
+    "hardtanh": (lambda x: F.hardtanh(x, -0.5, 1.0), [-0.5, 1.0], _FAR[:-1]),
+    "relu6": (F.relu6, [0.0, 4.8], _FAR[:-1]),
+    "hardswish": (F.hardswish, [-3.0, 3.0], _FAR[:3]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("act", sorted(BACKWARD_NODES))
+def test_activation_backward_nodes_at_kinks_and_special_values(act, dtype):
+    """The node PyTorch records for an activation's backward (GeluBackwardBackward0, ...),
+    differentiated twice more by fastgrad, at its kinks, far out, at +-inf and NaN (half types
+    computed in float32 and rounded once, as PyTorch's kernels do)."""
+    f, kinks, far = BACKWARD_NODES[act]
+    g = torch.Generator().manual_seed(len(act))
+    # (the kinks divided by the forward's 1.25, so that its input lands on them)
+    x0 = torch.cat([torch.randn(40, generator=g, dtype=torch.float64) * 3,
+                    torch.tensor([k / 1.25 for k in kinks] + far, dtype=torch.float64)]).to(dtype)
+    res = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_()
+        (gx,) = TORCH_GRAD((f(x * 1.25) * x).sum(), x, create_graph=True)
+        (h,) = G((gx * gx).sum(), x, create_graph=True)
+        (k,) = G((h * h).sum(), x, retain_graph=True)
+        res.append((h.detach(), k))
+    # (float32 and bfloat16: PyTorch rounds after every op of the formulas, fastgrad once per
+    # fused region, so the errors of the third order scale with its largest values)
+    rtol, atol = {torch.float64: (1e-9, 1e-11), torch.float32: (5e-5, 1e-5),
+                  torch.bfloat16: (3e-2, 3e-2)}[dtype]
+    for name, w, v in zip(("second", "third"), *res):
+        finite = w[torch.isfinite(w)].abs().float()
+        scale = max(1.0, float(finite.max())) if finite.numel() else 1.0
+        torch.testing.assert_close(v, w, rtol=rtol, atol=atol * scale, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    x = x0.clone().requires_grad_()
+    (gx,) = TORCH_GRAD((f(x * 1.25) * x).sum(), x, create_graph=True)
+    report = fastgrad.explain((gx * gx).sum(), x, create_graph=True)
+    assert any(n.endswith("BackwardBackward0") for n in report.native), report
+    in_place = [n for n, why in report.fallback if n in ("EluBackward1", "CeluBackward1")]
+    assert len(report.fallback) == len(in_place) == act.endswith("_"), report
 
 
 def test_softplus_backward_node_across_its_threshold():

@@ -10,6 +10,11 @@ opcode of its own except gelu's erf.
 
 PyTorch computes these activations for float16 / bfloat16 in float32 and rounds once, so each
 one is wrapped in ``opmath``: the IR casts up, computes, and casts back.
+
+The ``*_backward`` functions, each beside its activation, are PyTorch's kernels for the
+activation's backward, which PyTorch records as a node of its own under create_graph
+(LeakyReluBackwardBackward0 and the like) when a first derivative comes from
+torch.autograd.grad; fastgrad's own first derivatives never build them.
 """
 import math
 
@@ -64,6 +69,19 @@ def leaky_relu(x, slope):
     return ir.tie_grad(where(ew("gt", x, 0.0), x, mul(x, slope)), x)
 
 
+def leaky_relu_backward(g, x, slope):
+    """x > 0 ? g : g * slope, in float32 for half types; tied to x (see threshold_backward)."""
+    ug = up(g)
+    return ir.tie(ir.cast(where(ew("gt", up(x), 0.0), ug, mul(ug, slope)), g.dtype), x)
+
+
+def threshold_backward(g, x, threshold):
+    """x <= threshold ? 0 : g (relu's backward, with threshold 0; NaN passes g). x is read only
+    in the mask, and PyTorch's derivative with respect to it is zeros, not absent: the result
+    is tied to it (ir.tie)."""
+    return ir.tie(where(ew("le", x, threshold), 0.0, g), x)
+
+
 def prelu(x, weight):
     """x > 0 ? x : weight * x, the weight a tensor broadcast against x (PyTorch saves it shaped
     so), tied to x as leaky_relu."""
@@ -87,10 +105,43 @@ def elu(x, alpha, scale, input_scale):
     return where(neg_side, add(mul(e, alpha * scale), kink), mul(x, scale))
 
 
+def elu_backward(g, x, alpha, scale, input_scale, is_result):
+    """PyTorch's elu_backward kernel over ``x``, the input or (``is_result``) the output:
+    x <= 0 ? g * input_scale * alpha*scale * exp(x * input_scale) (from the output:
+    g * input_scale * (x + alpha*scale)) : g * scale, in float32 for half types; exp sees only
+    x <= 0, so the discarded branch never overflows."""
+    ug, ux = up(g), up(x)
+    neg_side = ew("le", ux, 0.0)
+    if is_result:
+        neg_d = mul(add(ux, alpha * scale), input_scale)
+    else:
+        neg_d = mul(ew("exp", mul(where(neg_side, ux, 0.0), input_scale)),
+                    input_scale * alpha * scale)
+    return ir.cast(where(neg_side, mul(ug, neg_d), mul(ug, scale)), g.dtype)
+
+
 @opmath
 def gelu(x):
     """x * Phi(x) = x/2 * (1 + erf(x / sqrt(2)))."""
     return mul(mul(x, 0.5), add(ew("erf", mul(x, math.sqrt(0.5))), 1.0))
+
+
+def gelu_backward(g, x, approximate):
+    """PyTorch's gelu_backward kernel, in float32 for half types: g * (Phi(x) + x * phi(x));
+    with approximate 'tanh', of the tanh form (as the kernel computes it: 0.5 * (1 + t) +
+    0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 * x^2), t the tanh of its inner)."""
+    ug, ux = up(g), up(x)
+    if approximate == "none":
+        cdf = mul(add(ew("erf", mul(ux, math.sqrt(0.5))), 1.0), 0.5)
+        pdf = mul(ew("exp", mul(mul(ux, ux), -0.5)), 1.0 / math.sqrt(2.0 * math.pi))
+        d = add(cdf, mul(ux, pdf))
+    else:
+        beta, kappa = math.sqrt(2.0 / math.pi), 0.044715
+        x2 = mul(ux, ux)
+        t = ew("tanh", mul(add(ux, mul(mul(x2, ux), kappa)), beta))
+        inner_d = mul(add(mul(x2, 3.0 * kappa), 1.0), beta)
+        d = add(mul(add(t, 1.0), 0.5), mul(mul(mul(ux, 0.5), sub(1.0, mul(t, t))), inner_d))
+    return ir.cast(mul(ug, d), g.dtype)
 
 
 @opmath
@@ -134,6 +185,12 @@ def hardtanh(x, lo, hi):
     return ir.tie_grad(where(ew("or", low, high), where(low, lo, hi), x), x)
 
 
+def hardtanh_backward(g, x, lo, hi):
+    """PyTorch's hardtanh_backward kernel: x <= lo or x >= hi ? 0 : g (NaN passes g); tied
+    to x (see threshold_backward)."""
+    return ir.tie(where(ew("or", ew("le", x, lo), ew("ge", x, hi)), 0.0, g), x)
+
+
 @opmath
 def hardswish(x):
     """x * clamp(x + 3, 0, 6) / 6, by branch so that each branch's derivative is PyTorch's:
@@ -145,3 +202,14 @@ def hardswish(x):
     mid = div(mul(xm, add(xm, 3.0)), 6.0)
     top = div(mul(x, 6.0), 6.0)
     return where(low, mul(x, 0.0), where(high, top, mid))
+
+
+def hardswish_backward(g, x):
+    """PyTorch's hardswish_backward kernel: x <= -3 ? 0 : x >= 3 ? g : g * (x/3 + 1/2), in
+    float32 for half types (NaN takes g, as its scalar loop does; its vectorised loop gives
+    NaN). The middle branch reads x only strictly inside (-3, 3)."""
+    ug, ux = up(g), up(x)
+    low, high = ew("le", ux, -3.0), ew("ge", ux, 3.0)
+    xm = where(ew("or", low, high), 0.0, ux)
+    mid = mul(ug, add(div(xm, 3.0), 0.5))
+    return ir.cast(where(low, 0.0, where(ew("lt", ux, 3.0), mid, ug)), g.dtype)

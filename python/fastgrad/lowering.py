@@ -305,6 +305,22 @@ def _gelu(v):
     return [(act.gelu if how == "none" else act.gelu_tanh)(v.x(0, "_saved_self"))]
 
 
+def _gelu_backward(v):
+    how = v.raw("_saved_approximate")
+    if how not in ("none", "tanh"):
+        raise Unsupported(f"gelu approximate={how!r}")
+    return [act.gelu_backward(v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"), how)]
+
+
+def _elu_backward(v):
+    is_result = v.raw("_saved_is_result")
+    if not isinstance(is_result, bool):
+        raise Unsupported(f"_saved_is_result is {type(is_result).__name__}")
+    return [act.elu_backward(v.x(0, "_saved_grad_output"), v.x(1, "_saved_self_or_result"),
+                             *(float(v.scalar(f"_saved_{k}")) for k in
+                               ("alpha", "scale", "input_scale")), is_result)]
+
+
 def _reduce_dims(v, x):
     if x.ndim == 0:
         raise Unsupported("a norm or moment of a 0-d tensor")
@@ -534,6 +550,17 @@ LOWER = {
         v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"), float(v.scalar("_saved_beta")),
         float(v.scalar("_saved_threshold"))), v.out_dtype())],
     "SigmoidBackwardBackward0": _act_backward(lambda g, y: mul(mul(g, sub(1.0, y)), y)),
+    "GeluBackwardBackward0": _gelu_backward,
+    "EluBackwardBackward0": _elu_backward,
+    "ThresholdBackwardBackward0": lambda v: [act.threshold_backward(
+        v.x(0), v.x(1, "_saved_self"), float(v.scalar("_saved_threshold")))],
+    "LeakyReluBackwardBackward0": lambda v: [act.leaky_relu_backward(
+        v.x(0), v.x(1, "_saved_self"), float(v.scalar("_saved_negative_slope")))],
+    "HardswishBackwardBackward0": lambda v: [act.hardswish_backward(
+        v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"))],
+    "HardtanhBackwardBackward0": lambda v: [act.hardtanh_backward(
+        v.x(0), v.x(1, "_saved_self"), float(v.scalar("_saved_min_val")),
+        float(v.scalar("_saved_max_val")))],
     "SoftplusBackward0": _softplus,
     "LeakyReluBackward0": lambda v: [act.leaky_relu(v.x(0, "_saved_self"),
                                                     float(v.scalar("_saved_negative_slope")))],
