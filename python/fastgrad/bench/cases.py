@@ -293,6 +293,23 @@ class WganGp(Case):
         return thunk
 
 
+def _pinn_func(model, points):
+    """A thunk computing the PINN's u_x and u_xx with torch.func, over ``points()``."""
+    pd = {k: v.detach() for k, v in model.named_parameters()}
+
+    def u_sum(x_):
+        return torch.func.functional_call(model, pd, (x_,)).sum()
+
+    def ux0(x_):
+        ux = torch.func.grad(u_sum)(x_)
+        return ux[:, 0].sum(), ux
+
+    def thunk():
+        uxx, ux = torch.func.grad(ux0, has_aux=True)(points())
+        return ux, uxx
+    return thunk
+
+
 class PinnResidual(Case):
     """Physics-informed residual terms of u = MLP(x), x of shape (N, 2) (say (x, t)):
     u_x = grad(u.sum(), x, create_graph=True), u_xx = grad(u_x[:, 0].sum(), x)."""
@@ -320,21 +337,8 @@ class PinnResidual(Case):
         return ux, uxx
 
     def func(self, st):
-        model = st.model
-        pd = {k: v.detach() for k, v in model.named_parameters()}
         x = st.x.detach()
-
-        def u_sum(x_):
-            return torch.func.functional_call(model, pd, (x_,)).sum()
-
-        def ux0(x_):
-            ux = torch.func.grad(u_sum)(x_)
-            return ux[:, 0].sum(), ux
-
-        def thunk():
-            uxx, ux = torch.func.grad(ux0, has_aux=True)(x)
-            return ux, uxx
-        return thunk
+        return _pinn_func(st.model, lambda: x)
 
     def compiled(self, st):
         cm = _compile(st.model)
@@ -416,20 +420,7 @@ class PinnResample(PinnStep):
         return ux.detach(), uxx
 
     def func(self, st):
-        model = st.model
-        pd = {k: v.detach() for k, v in model.named_parameters()}
-
-        def u_sum(x_):
-            return torch.func.functional_call(model, pd, (x_,)).sum()
-
-        def ux0(x_):
-            ux = torch.func.grad(u_sum)(x_)
-            return ux[:, 0].sum(), ux
-
-        def thunk():
-            uxx, ux = torch.func.grad(ux0, has_aux=True)(self._points(st).detach())
-            return ux, uxx
-        return thunk
+        return _pinn_func(st.model, lambda: self._points(st).detach())
 
     def compiled(self, st):
         return None  # (compiled for static shapes, it would compile again every call)
