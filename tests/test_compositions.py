@@ -191,7 +191,7 @@ def test_activation_backward_nodes_at_kinks_and_special_values(act, dtype):
     res = []
     for G in (TORCH_GRAD, fastgrad.grad):
         x = x0.clone().requires_grad_()
-        (gx,) = TORCH_GRAD((f(x * 1.25) * x).sum(), x, create_graph=True)
+        (gx,) = TORCH_GRAD((f(x * 1.25) * (x + 1.0)).sum(), x, create_graph=True)
         (h,) = G((gx * gx).sum(), x, create_graph=True)
         (k,) = G((h * h).sum(), x, retain_graph=True)
         res.append((h.detach(), k))
@@ -205,11 +205,46 @@ def test_activation_backward_nodes_at_kinks_and_special_values(act, dtype):
         torch.testing.assert_close(v, w, rtol=rtol, atol=atol * scale, equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
     x = x0.clone().requires_grad_()
-    (gx,) = TORCH_GRAD((f(x * 1.25) * x).sum(), x, create_graph=True)
+    (gx,) = TORCH_GRAD((f(x * 1.25) * (x + 1.0)).sum(), x, create_graph=True)
     report = fastgrad.explain((gx * gx).sum(), x, create_graph=True)
     assert any(n.endswith("BackwardBackward0") for n in report.native), report
     in_place = [n for n, why in report.fallback if n in ("EluBackward1", "CeluBackward1")]
     assert len(report.fallback) == len(in_place) == act.endswith("_"), report
+
+
+@pytest.mark.parametrize("act", sorted(BACKWARD_NODES))
+def test_activation_backward_nodes_along_the_grad_output(act):
+    """The derivative along the grad_output's path of an activation's backward node (w's
+    gradient of u_x = f'(x) * w), then once more with respect to x: PyTorch's kernels are
+    differentiable in x even where they read it only in a mask (zeros, which require grad)."""
+    f = BACKWARD_NODES[act][0]
+    g = torch.Generator().manual_seed(len(act))
+    x0, w0 = (torch.randn(23, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    res = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (gx,) = TORCH_GRAD((f(x * 1.5) * w).sum(), x, create_graph=True)  # (x * 1.5: f_)
+        # (gx.sum(): the cotangent reaching w has no other path back to x than the kernel's)
+        (hw,) = G(gx.sum(), w, create_graph=True)
+        (k,) = G((hw * hw).sum(), x)
+        res.append((hw.requires_grad, hw.detach(), k))
+    assert res[0][0] == res[1][0]
+    for w_, v in zip(res[0][1:], res[1][1:]):
+        torch.testing.assert_close(v, w_, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("act", ["hardtanh", "relu6", "hardswish"])
+def test_activation_backward_nodes_at_nan_in_pytorchs_scalar_loop(act):
+    """At NaN PyTorch's vectorised and scalar loops disagree for these kernels; one element
+    takes the scalar loop, whose values fastgrad gives: NaN passes the grad_output."""
+    f = BACKWARD_NODES[act][0]
+    res = []
+    for G in (TORCH_GRAD, fastgrad.grad):
+        x = torch.tensor([float("nan")], dtype=torch.float64, requires_grad=True)
+        w = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+        (gx,) = TORCH_GRAD((f(x) * w).sum(), x, create_graph=True)
+        res.append(G(gx.sum(), w)[0])
+    torch.testing.assert_close(res[1], res[0], equal_nan=True)
 
 
 def test_softplus_backward_node_across_its_threshold():

@@ -69,17 +69,23 @@ def leaky_relu(x, slope):
     return ir.tie_grad(where(ew("gt", x, 0.0), x, mul(x, slope)), x)
 
 
+def _masked(value, x):
+    """``value``, a grad_output masked (or scaled piecewise) by ``x``, which PyTorch's kernel
+    reads only in the mask: PyTorch's derivative with respect to x is zeros, not absent, both
+    the value's (ir.tie) and that of the cotangent it passes to the grad_output (ir.tie_grad),
+    so that both require grad under create_graph as PyTorch's do."""
+    return ir.tie(ir.tie_grad(value, x), x)
+
+
 def leaky_relu_backward(g, x, slope):
-    """x > 0 ? g : g * slope, in float32 for half types; tied to x (see threshold_backward)."""
+    """x > 0 ? g : g * slope, in float32 for half types (_masked)."""
     ug = up(g)
-    return ir.tie(ir.cast(where(ew("gt", up(x), 0.0), ug, mul(ug, slope)), g.dtype), x)
+    return _masked(ir.cast(where(ew("gt", up(x), 0.0), ug, mul(ug, slope)), g.dtype), x)
 
 
 def threshold_backward(g, x, threshold):
-    """x <= threshold ? 0 : g (relu's backward, with threshold 0; NaN passes g). x is read only
-    in the mask, and PyTorch's derivative with respect to it is zeros, not absent: the result
-    is tied to it (ir.tie)."""
-    return ir.tie(where(ew("le", x, threshold), 0.0, g), x)
+    """x <= threshold ? 0 : g (relu's backward, with threshold 0; NaN passes g; _masked)."""
+    return _masked(where(ew("le", x, threshold), 0.0, g), x)
 
 
 def prelu(x, weight):
@@ -108,16 +114,16 @@ def elu(x, alpha, scale, input_scale):
 def elu_backward(g, x, alpha, scale, input_scale, is_result):
     """PyTorch's elu_backward kernel over ``x``, the input or (``is_result``) the output:
     x <= 0 ? g * input_scale * alpha*scale * exp(x * input_scale) (from the output:
-    g * input_scale * (x + alpha*scale)) : g * scale, in float32 for half types; exp sees only
-    x <= 0, so the discarded branch never overflows."""
+    g * input_scale * (x + alpha*scale)) : g * scale, in float32 for half types."""
     ug, ux = up(g), up(x)
-    neg_side = ew("le", ux, 0.0)
+    # x enters the negative side only below 0: at 0 PyTorch's derivative with respect to x is
+    # 0 (its double backward masks with x < 0), and a discarded +inf makes no 0 * inf
+    xn = where(ew("lt", ux, 0.0), ux, 0.0)
     if is_result:
-        neg_d = mul(add(ux, alpha * scale), input_scale)
+        neg_d = mul(add(xn, alpha * scale), input_scale)
     else:
-        neg_d = mul(ew("exp", mul(where(neg_side, ux, 0.0), input_scale)),
-                    input_scale * alpha * scale)
-    return ir.cast(where(neg_side, mul(ug, neg_d), mul(ug, scale)), g.dtype)
+        neg_d = mul(ew("exp", mul(xn, input_scale)), input_scale * alpha * scale)
+    return ir.cast(where(ew("le", ux, 0.0), mul(ug, neg_d), mul(ug, scale)), g.dtype)
 
 
 @opmath
@@ -186,9 +192,9 @@ def hardtanh(x, lo, hi):
 
 
 def hardtanh_backward(g, x, lo, hi):
-    """PyTorch's hardtanh_backward kernel: x <= lo or x >= hi ? 0 : g (NaN passes g); tied
-    to x (see threshold_backward)."""
-    return ir.tie(where(ew("or", ew("le", x, lo), ew("ge", x, hi)), 0.0, g), x)
+    """PyTorch's hardtanh_backward kernel: x <= lo or x >= hi ? 0 : g (NaN passes g;
+    _masked)."""
+    return _masked(where(ew("or", ew("le", x, lo), ew("ge", x, hi)), 0.0, g), x)
 
 
 @opmath
@@ -207,9 +213,9 @@ def hardswish(x):
 def hardswish_backward(g, x):
     """PyTorch's hardswish_backward kernel: x <= -3 ? 0 : x >= 3 ? g : g * (x/3 + 1/2), in
     float32 for half types (NaN takes g, as its scalar loop does; its vectorised loop gives
-    NaN). The middle branch reads x only strictly inside (-3, 3)."""
+    NaN). The middle branch reads x only strictly inside (-3, 3) (not NaN either, whose
+    discarded middle would make the derivative with respect to g NaN)."""
     ug, ux = up(g), up(x)
-    low, high = ew("le", ux, -3.0), ew("ge", ux, 3.0)
-    xm = where(ew("or", low, high), 0.0, ux)
-    mid = mul(ug, add(div(xm, 3.0), 0.5))
-    return ir.cast(where(low, 0.0, where(ew("lt", ux, 3.0), mid, ug)), g.dtype)
+    inside = ew("and", ew("gt", ux, -3.0), ew("lt", ux, 3.0))
+    mid = mul(ug, add(div(where(inside, ux, 0.0), 3.0), 0.5))
+    return ir.cast(where(ew("le", ux, -3.0), 0.0, where(ew("lt", ux, 3.0), mid, ug)), g.dtype)
