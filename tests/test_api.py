@@ -57,6 +57,31 @@ def test_grad_outputs_single_tensor_vs_list(gen):
         assert_same(got, ref)
 
 
+@pytest.mark.parametrize("handed_to_torch", [False, True])
+def test_generator_arguments(gen, handed_to_torch):
+    """outputs, inputs and grad_outputs given as generators (``model.parameters()``), on
+    fastgrad's path and on a call it hands to PyTorch after reading them (here: an input with
+    a tensor hook), which must reach PyTorch with the same tensors."""
+    x0, w0, v = rand((5, 3), gen), rand((3,), gen), rand((5, 3), gen)
+
+    def setup():
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        if handed_to_torch:
+            w.register_hook(lambda g: g * 3)
+        return x, w
+
+    def call(grad, x, w):
+        outs = [torch.sin(x * w), torch.exp(x)]
+        return grad((o for o in outs), (t for t in (x, w)), grad_outputs=(g for g in (v, v)))
+
+    got, ref = _both(setup, call)
+    assert_same(got, ref)
+    if not handed_to_torch:
+        x, w = setup()
+        assert fastgrad.explain((o for o in [torch.sin(x * w)]), (t for t in (x, w)),
+                                grad_outputs=(g for g in [v])).all_native
+
+
 def test_dict_inputs(gen):
     x0, y0 = rand((3, 4), gen), rand((4,), gen)
 

@@ -101,9 +101,19 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
     return results
 
 
+def _settled(arg):
+    """``arg`` as a tuple where it is an iterable to be read once (``model.parameters()``):
+    a call handed to PyTorch after fastgrad read it must pass PyTorch the same tensors."""
+    if arg is None or isinstance(arg, (torch.Tensor, list, tuple)) or _is_edge(arg) or \
+            hasattr(arg, "keys") or not hasattr(arg, "__iter__"):
+        return arg
+    return tuple(arg)
+
+
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
+    outputs, inputs, grad_outputs = _settled(outputs), _settled(inputs), _settled(grad_outputs)
     cap = None
     if only_inputs and not is_grads_batched and not materialize_grads:
         try:
@@ -202,6 +212,6 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
 def explain(outputs, inputs, grad_outputs=None, create_graph=False, allow_unused=None):
     """Run ``grad`` (keeping the graph) and report what ran natively and what fell back."""
     trace = engine.Trace(runtime.Stats())
-    _grad(outputs, inputs, grad_outputs, True, create_graph, True, allow_unused, False, False,
-          trace)
+    _grad(_settled(outputs), _settled(inputs), _settled(grad_outputs), True, create_graph, True,
+          allow_unused, False, False, trace)
     return Report(trace)
