@@ -9,6 +9,7 @@ bound, a -inf), which are planted at random positions.
 import pytest
 import torch
 
+import fastgrad
 from conftest import check_grad, check_native, rand, TORCH_GRAD
 
 NEG_INF = float("-inf")
@@ -388,3 +389,37 @@ def test_prod_with_zeros(zeros, dim, gen):
     fn = (lambda x: torch.prod(torch.sin(x) + 1.5 * x)) if dim is None else \
         (lambda x: torch.prod(torch.sin(x) + 1.5 * x, dim))
     check_grad(fn, [x], gen=gen, orders=2)
+
+
+EMPTY_FNS = {
+    "sin_exp": lambda x: torch.sin(x) * torch.exp(x),
+    "softmax_rows": lambda x: torch.softmax(x, -1),
+    "log_softmax_rows": lambda x: torch.log_softmax(x, -1),
+    "logsumexp_rows": lambda x: torch.logsumexp(x, -1),
+    "sum_rows": lambda x: x.sum(-1),
+    "mean_cols": lambda x: x.mean(0),
+}
+
+
+@pytest.mark.parametrize("shape", [(0, 33), (5, 0), (0, 0)], ids=str)
+@pytest.mark.parametrize("name", sorted(EMPTY_FNS))
+def test_tensors_without_elements(name, shape, gen):
+    """Regions over no elements (a batch of no rows, rows of no columns): their tensors may
+    have no storage, and a sum over an empty dim is zeros; run more than jit.AFTER times, so
+    that compiled loops and the repeated run are offered too."""
+    fn = EMPTY_FNS[name]
+    for _ in range(5):
+        res = []
+        for G in (TORCH_GRAD, fastgrad.grad):
+            x = rand(shape, gen).requires_grad_()
+            y = fn(x)
+            go = torch.ones_like(y)
+            (g,) = G(y, x, go, create_graph=True)
+            # (a linear fn's gradient is a constant, which requires no grad in both engines)
+            (h,) = G((g * g).sum(), x, allow_unused=True) if g.requires_grad else (None,)
+            res.append((g.requires_grad, g.detach(), h))
+        assert res[0][0] == res[1][0]
+        for got, ref in zip(res[1][1:], res[0][1:]):
+            assert (got is None) == (ref is None) or (ref is not None and not ref.any())
+            if got is not None and ref is not None:
+                torch.testing.assert_close(got, ref)

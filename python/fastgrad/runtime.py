@@ -12,6 +12,7 @@ A ``RowGroup`` runs as one call (``_C.run_program_group``, chunk of rows by chun
 CPU, and as one compiled kernel (a warp per row) on CUDA.
 """
 import functools
+import math
 from array import array
 
 import torch
@@ -101,8 +102,8 @@ class _Packer:
 
     def cpu_program(self, ins, outs, region=None, prefer=None):
         """The descriptor parsed once (_C.Program); each run reads the tensors' data pointers.
-        A new one of ``region`` (in a row group over ``prefer`` dims) gets a loop compiled
-        for another shape where there is one (jit.adopt)."""
+        A new one of ``region`` (in a row group over ``prefer`` dims) may get a loop compiled
+        for another shape (jit.adopt)."""
         if self.program is None:
             _Packer.made += 1
             self.program = _C.Program(self.pack(ins, outs), self.consts, self.compute,
@@ -160,10 +161,25 @@ def run_region(region, ins, dev=None):
         dev = ins[0].device if ins else _CPU
     on_cpu = _on_cpu(dev)
     outs, packer = _prepare(region, ins, dev, on_cpu)
+    if packer.numel == 0:
+        return _run_empty(region, outs)
     if on_cpu:
         packer.cpu_program(ins, outs, region).run(ins, outs, _num_threads(packer.numel))
         return outs
     _launch_cuda(region, packer, ins, outs, dev.index)
+    return outs
+
+
+_IDENTITY = {1: 0.0, 2: -math.inf, 3: math.inf}  # of a reduced store, by its mode
+
+
+def _run_empty(region, outs):
+    """A region over no elements: its elementwise targets are empty, its reduced ones (over
+    empty dims) the reduction's identity. Its tensors may have no storage (a null data
+    pointer, which a Program refuses)."""
+    for ti, mode in region.stores:
+        if mode and outs[ti].numel():
+            outs[ti].fill_(_IDENTITY[mode])
     return outs
 
 
@@ -207,7 +223,10 @@ def run_group_cuda(group, value, env, dev, stats=None):
                 for p in packers:
                     p.cuda_group.add(index)
     stream = _raw_stream(index)
-    if kernel:
+    if any(p.numel == 0 for p in packers):
+        for r, (ins, outs) in zip(group.regions, parts):
+            _run_empty(r, outs)
+    elif kernel:
         kernel.launch_parts(parts, stream)
     else:
         for r, packer, (ins, outs) in zip(group.regions, packers, parts):
@@ -247,6 +266,15 @@ def run_group(group, value, env, stats=None):
     if stats is not None:
         stats.launches += 1
         at = len(stats.regions)
+    if any(ir.numel(r.shape) == 0 for r in group.regions):
+        for r in group.regions:  # (nothing to chunk: each on its own, _run_empty)
+            ins = [value(m) for m in r.inputs]
+            outs = run_region(r, ins, _CPU)
+            if stats is not None:
+                _count(stats, r, ins, outs)
+            for t, o in zip(r.targets, outs):
+                env[id(t)] = o
+        return
     for r in group.regions:
         ins = [value(m) for m in r.inputs]
         outs, packer = _prepare(r, ins, _CPU, True)
@@ -318,8 +346,8 @@ def _executor(plan, env, tensors, dev):
 
     def packer_of(r):
         packer = r.packers.get(tuple([env[id(m)].stride() for m in r.inputs]))
-        if packer is None or any(dt is None for _, dt in r._out_specs):
-            raise _NoExecutor()  # (the default dtype is read per call)
+        if packer is None or any(dt is None for _, dt in r._out_specs) or packer.numel == 0:
+            raise _NoExecutor()  # (the default dtype is read per call; _run_empty)
         return packer
 
     def part(r, packer, loads=None):
