@@ -135,6 +135,27 @@ def test_large_calls_are_planned_even_when_shapes_churn(routing, monkeypatch, ge
     assert _explain("pinn", 90, gen, net).all_native
 
 
+def test_a_large_call_of_a_churning_structure_is_never_routed(routing, monkeypatch, gen):
+    # small calls of new shapes make the structure churn; a large one of a fixed shape in
+    # between is signed (and hits its plan) even while the small ones go unsigned
+    monkeypatch.setitem(churn.ROUTE_NUMEL, "cpu", 256)
+    sizes = []
+    real = api._torch_grad
+
+    def recording(outputs, inputs, *a, **k):
+        sizes.append(inputs[0].numel() if isinstance(inputs, tuple) else inputs.numel())
+        return real(outputs, inputs, *a, **k)
+
+    monkeypatch.setattr(api, "_torch_grad", recording)
+    net, n = _net(gen), 0
+    for _ in range(8):
+        for _ in range(5):
+            n += 1
+            _check("tanh_cube", 20 + n % 97, gen, net)  # 2 * (20..116) elements: small
+        _check("tanh_cube", 300, gen, net)  # 600 elements
+    assert sizes and max(sizes) < 256, sizes
+
+
 def test_routing_off(routing, monkeypatch, gen):
     monkeypatch.setattr(churn, "MISSES", 0)
     net = _net(gen)
@@ -175,22 +196,26 @@ def test_structure_ignores_shapes_and_tells_classes_apart():
 def test_records_count_signed_calls_only(routing):
     r = churn.Record()
     # the first MISSES misses are planned; from then on a new signature is routed
-    assert [churn.route(r, object(), [], None) for _ in range(churn.WINDOW)] == \
+    assert [churn.route(r, ("new", k), []) for k in range(churn.WINDOW)] == \
         [False] * churn.MISSES + [True] * (churn.WINDOW - churn.MISSES)
     assert r.churns()
     # the k-th new signature routed in a row lets k - 1 calls (at most PROBE - 1) go unsigned
     fresh = churn.WINDOW - churn.MISSES
     assert r.fresh == fresh
-    assert [r.skip() for _ in range(fresh)] == [True] * (fresh - 1) + [False]
-    for _ in range(churn.PROBE):
-        assert churn.route(r, object(), [], None)
-    assert [r.skip() for _ in range(churn.PROBE)] == [True] * (churn.PROBE - 1) + [False]
-    key = object()
-    assert churn.route(r, key, [], None)
+    assert [r.skip([]) for _ in range(fresh)] == [True] * (fresh - 1) + [False]
+    for k in range(churn.PROBE):
+        assert churn.route(r, ("newer", k), [])
+    assert [r.skip([]) for _ in range(churn.PROBE)] == [True] * (churn.PROBE - 1) + [False]
+    for k in range(churn.PROBE):
+        assert churn.route(r, ("newest", k), [])
+    assert not r.skip([torch.zeros(churn.ROUTE_NUMEL["cpu"])])  # a large input is signed
+    assert r.skip([])
+    key = ("again",)
+    assert churn.route(r, key, [])
     r.hit()
-    assert not r.skip()  # after a hit the next call is signed too
-    assert not churn.route(r, key, [], None)  # a routed signature seen again is planned
-    assert not churn.route(r, object(), [torch.zeros(churn.ROUTE_NUMEL["cpu"])], None)
+    assert not r.skip([])  # after a hit the next call is signed too
+    assert not churn.route(r, key, [])  # a routed signature seen again is planned
+    assert not churn.route(r, ("large",), [torch.zeros(churn.ROUTE_NUMEL["cpu"])])
     for _ in range(churn.WINDOW - churn.MISSES + 1):
         r.hit()
     assert not r.churns()
@@ -200,7 +225,7 @@ def test_records_count_signed_calls_only(routing):
 def test_a_churning_graph_too_large_to_route_compiles_its_loops_at_once(routing, monkeypatch,
                                                                         gen):
     # planned anew for every shape, it never runs jit.AFTER times: its loops are compiled on
-    # the first run of the plan made while it churns, and serve the shapes after it
+    # the first run of the second plan made while it churns, and serve the shapes after it
     monkeypatch.setitem(churn.ROUTE_NUMEL, "cpu", 64)
     c = 1.5 + float(torch.rand((), generator=gen))  # (a literal in the loop: a new source)
     fn = lambda x: ((torch.sin(x) + 2) ** c).sum()  # noqa: E731  (x * c would load c)
@@ -212,10 +237,32 @@ def test_a_churning_graph_too_large_to_route_compiles_its_loops_at_once(routing,
     # (the call that makes MISSES misses already churns)
     before = [explain(40 + i) for i in range(churn.MISSES - 1)]
     assert not any("compiled loop" in r for r in before), before
-    after = [explain(50 + i) for i in range(3)]
-    assert all("compiled loop" in r for r in after), after
+    # the first such plan meets its loop's source, the second compiles it, the next load it
+    after = [explain(50 + i) for i in range(4)]
+    assert ["compiled loop" in r for r in after] == [False, True, True, True], after
     assert len(routing) == 0
     for i in range(3):
         x0 = _points(60 + i, gen)
         x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
         assert_same(fastgrad.grad(fn(x), x), TORCH_GRAD(fn(xr), xr), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not jit.status()["enabled"], reason="FASTGRAD_JIT=0")
+def test_a_churning_graph_whose_rows_change_length_compiles_no_loop_per_call(routing,
+                                                                            monkeypatch, gen):
+    # a row loop's source holds the row length: one that changes every call makes a new
+    # source every call, which must not be compiled each time (only sources met again are)
+    monkeypatch.setitem(churn.ROUTE_NUMEL, "cpu", 64)
+    compiled = []
+    real = jit._compile_jobs
+    monkeypatch.setattr(jit, "_compile_jobs",
+                        lambda plan, jobs: (compiled.extend(j[-1] for j in jobs),
+                                            real(plan, jobs)))
+    for i in range(12):
+        x0 = torch.randn(6, 40 + i, generator=gen, dtype=torch.float64)
+        x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        go = torch.randn(6, 40 + i, generator=gen, dtype=torch.float64)
+        assert_same(fastgrad.grad(torch.log_softmax(x, 1), x, go),
+                    TORCH_GRAD(torch.log_softmax(xr, 1), xr, go), rtol=1e-12, atol=1e-12)
+    assert len(routing) == 0
+    assert len(compiled) <= 2, [src.count("\n") for src in compiled]

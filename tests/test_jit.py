@@ -789,27 +789,3 @@ def test_the_first_compiles_of_a_process_side_by_side(monkeypatch, tmp_path):
             f'(void)e; /* {k} */ }}\n' for k in range(4)]
     got = jit.compile_all(srcs)
     assert len(got) == 4 and len({jit._key(s) for s in srcs}) == 4, jit.status()
-
-
-def test_a_new_shape_gets_the_loop_compiled_for_another_before_its_first_run(gen):
-    # A loop's source holds no row count: a plan for a new shape (a new plan, which has run
-    # no times) takes the loop another shape's plan compiled before running at all (jit.adopt)
-    # and gives torch's values; a loop never compiled is not compiled by a first run.
-    c = 1.5 + float(torch.rand((), generator=gen))  # (a literal in the loop: a new source)
-    fn = lambda x: (torch.sin(x) + 2) ** c  # noqa: E731  (c: a literal, x * c would load it)
-
-    def call(n, explain=False):
-        x = rand((n, 24), gen).requires_grad_()
-        go = rand((n, 24), gen)
-        if explain:
-            return str(fastgrad.explain(fn(x), x, go))
-        xr = x.detach().clone().requires_grad_()
-        assert_same(fastgrad.grad(fn(x), x, go), TORCH_GRAD(fn(xr), xr, go), rtol=1e-12,
-                    atol=1e-12)
-
-    assert "compiled loop" not in call(41, explain=True)  # (its first and only run)
-    assert "compiled loop" not in call(42, explain=True)
-    for _ in range(jit.AFTER):
-        call(43)
-    assert "compiled loop" in call(44, explain=True)
-    call(45)

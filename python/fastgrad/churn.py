@@ -20,6 +20,7 @@ second sight, so shapes that cycle through a few values, or settle, end up cache
 clear the record.
 """
 import os
+import threading
 
 from .plan import Unplannable
 
@@ -38,10 +39,13 @@ PROBE = 8
 ROUTE_NUMEL = {"cpu": 1 << 21, "cuda": 1 << 26}
 REASON = ("its graph's shapes or saved values change from call to call, and planning a graph "
           "this small anew costs more than PyTorch's engine (fastgrad.churn)")
-_SEEN = 64  # signatures a churning structure remembers having routed (for their second sight)
+# signatures (their hashes) a churning structure remembers having routed, for their second
+# sight: more than the shapes of a cycle, or a long cycle would never be seen twice
+_SEEN = 4096
 _MAX_RECORDS = 1024
 _MASK = (1 << WINDOW) - 1
 _RECORDS = {}
+_LOCK = threading.Lock()
 
 
 class Record:
@@ -61,12 +65,21 @@ class Record:
     def churns(self):
         return MISSES > 0 and bin(self.recent).count("1") >= MISSES
 
-    def skip(self):
-        """Whether this call goes to PyTorch unsigned (a churning structure between probes)."""
-        if self.wait > 0 and self.churns():
+    def skip(self, tensors):
+        """Whether this call goes to PyTorch unsigned (a churning structure between probes),
+        ``tensors`` its inputs and grad_outputs that are known before it is signed: one as
+        large as ROUTE_NUMEL makes it signed (and planned, if large, by ``route``)."""
+        if self.wait > 0 and self.churns() and not _large(tensors):
             self.wait -= 1
             return True
         return False
+
+
+def _large(tensors):
+    for t in tensors:
+        if t is not None and t.numel() >= ROUTE_NUMEL.get(t.device.type, 0):
+            return True
+    return False
 
 
 def find(structure, nout, nin, create_graph):
@@ -86,23 +99,23 @@ def record(structure, nout, nin, create_graph):
     return r
 
 
-def route(rec, key, tensors, device):
+def route(rec, key, tensors):
     """Whether a signed call whose signature ``key`` is not cached goes to PyTorch (False:
-    plan it); counts the miss in ``rec``. ``tensors``: what the call bound; ``device``: its
-    device (None: not known, the CPU)."""
+    plan it); counts the miss in ``rec``. ``tensors``: what the call bound."""
     churning = rec.churns()
     rec.recent = ((rec.recent << 1) | 1) & _MASK
     if not churning:
         return False
-    if rec.seen.pop(key, False):
-        rec.fresh = 0
-        return False  # second sight: it recurs, plan it (and sign the next call)
-    limit = ROUTE_NUMEL.get(getattr(device, "type", "cpu"), 0)
-    if any(t.numel() >= limit for t in tensors):
-        return False
-    if len(rec.seen) >= _SEEN:
-        del rec.seen[next(iter(rec.seen))]
-    rec.seen[key] = True
+    h = hash(key)  # (a collision only plans a call)
+    with _LOCK:  # (threads share records)
+        if rec.seen.pop(h, False):
+            rec.fresh = 0
+            return False  # second sight: it recurs, plan it (and sign the next call)
+        if _large(tensors):
+            return False
+        if len(rec.seen) >= _SEEN:
+            del rec.seen[next(iter(rec.seen))]
+        rec.seen[h] = True
     rec.fresh += 1
     rec.wait = min(rec.fresh, PROBE) - 1
     return True

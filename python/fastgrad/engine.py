@@ -215,6 +215,7 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
         else:
             leaf_ids.add(id(e))
     graph = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
+    given = in_edges
     if leaf_ids:
         leaf_nodes = graph.leaf_nodes
         in_edges = [e if type(e) is tuple else
@@ -223,7 +224,8 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
     rec = None
     if churn.MISSES:
         rec = churn.find(graph.structure, len(out_edges), len(in_edges), create_graph)
-        if rec is not None and rec.skip():
+        if rec is not None and rec.skip([e for e in given if type(e) is not tuple] +
+                                        list(grad_tensors)):
             raise churn.Routed(churn.REASON)
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
@@ -238,7 +240,7 @@ def _route(cap, nout, nin, create_graph):
         return cap.churn
     rec = cap.churn or churn.record(cap.graph.structure, nout, nin, create_graph)
     cap.churn, cap.counted = rec, True
-    if churn.route(rec, cap.key, cap.bind.tensors, cap.bind.device):
+    if churn.route(rec, cap.key, cap.bind.tensors):
         raise churn.Routed(churn.REASON)
     return rec
 

@@ -644,26 +644,34 @@ def _plan_jobs(plan):
 
 
 def adopt(region, packer, prefer=None):
-    """Before a new Program's first run (``packer.program``, of ``region``; ``prefer``: its
-    row group's rows): set the loop this process has loaded for its source, and compile it
-    at once for a region planned for a graph whose shapes keep changing (``region.eager``,
-    set by engine.run from churn.py), without waiting for the plan's AFTER runs: such a graph
-    is a new plan each time, which never reaches AFTER, but its loops' sources hold no row
-    count, so one loop serves every shape. Other Programs are offered to compile_plan at AFTER
-    as before."""
-    if not _STATE["enabled"] or packer.jit_tried:
+    """Before the first run of a new Program (``packer.program``) of a region planned for a
+    graph whose shapes keep changing (``region.eager``, set by engine.run from churn.py;
+    ``prefer``: its row group's rows): set the loop this process has loaded for its source, or
+    compile it once a second such Program has met the source. Such a graph is a new plan for
+    each shape, which never runs AFTER times, but a loop's source holds no row count, so one
+    loop serves every number of rows (a row loop's column count and the constants are in the
+    source: a source met once is not compiled, so a row length that changes every call
+    compiles nothing). Other Programs wait for compile_plan at AFTER."""
+    if not region.eager or not _STATE["enabled"] or packer.jit_tried:
         return
     try:
         job = _job(region, packer, prefer)
         if job is None:
             return
-        loaded = _key(job[-1]) in _LIBS
+        key = _key(job[-1])
     except Exception:  # noqa: BLE001 (no headers, say: compile_plan reports it at AFTER)
         packer.jit_tried = False
         return
-    if loaded:
+    if key in _LIBS:
         _set_kernels([job], [job[-1]])
-    elif region.eager:
+        return
+    with _COUNT:
+        met = _EAGER_MET.pop(key, False)
+        if not met:
+            if len(_EAGER_MET) >= _MAX_EAGER_MET:
+                _EAGER_MET.clear()
+            _EAGER_MET[key] = True
+    if met:
         _compile_jobs(_NO_PLAN, [job])
     else:
         packer.jit_tried = False
@@ -709,6 +717,9 @@ def _cached(src):
     return key in _LIBS or os.path.exists(os.path.join(_cache_dir(), f"fg_{key}.so"))
 
 
+# sources of eager regions' Programs met once (adopt compiles one met again)
+_EAGER_MET = {}
+_MAX_EAGER_MET = 1 << 14
 # The background compiles: batches (a plan, its jobs and sources) queued for one worker thread,
 # which runs while there are batches and then ends (a process that forks later has no thread of
 # ours); "stop" is set at interpreter exit (_at_exit), after which queued batches are dropped.
