@@ -297,9 +297,31 @@ bool is_tensor(py::handle v) {
   return r;
 }
 
+// Whether `v` is a list or tuple holding a tensor (IndexBackward0's saved indices).
+bool holds_tensor(py::handle v) {
+  PyObject* o = v.ptr();
+  if (!PyTuple_CheckExact(o) && !PyList_CheckExact(o)) return false;
+  for (auto item : v)
+    if (is_tensor(item)) return true;
+  return false;
+}
+
 // A saved value as it enters a signature; false when it cannot be part of a key (unhashable).
+// A list of tensors (and Nones) is each tensor bound as a saved tensor, in order, as lowering
+// binds them.
 bool write_value(KeyWriter& w, py::handle v, Binder& bind, Ties& ties) {
-  return is_tensor(v) ? write_tensor(w, v, bind, ties) : w.value(v);
+  if (is_tensor(v)) return write_tensor(w, v, bind, ties);
+  if (!holds_tensor(v)) return w.value(v);
+  w.tag('L');
+  w.i64(PyObject_Length(v.ptr()));
+  for (auto item : v) {
+    if (item.is_none()) {
+      w.tag('N');
+    } else if (!is_tensor(item) || !write_tensor(w, item, bind, ties)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // The length of sequence `seq`, then each item written by `write` (false: not part of a key).

@@ -268,3 +268,44 @@ def test_softplus_backward_node_across_its_threshold():
                       x, create_graph=True)
     report = fastgrad.explain((g * g).sum(), x, create_graph=True)
     assert report.all_native, report
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pair_potential_forces_and_force_matching(dtype):
+    """A Lennard-Jones energy over a fixed pair list (rows gathered by index: pos[i] - pos[j]),
+    its forces, and a force-matching loss's gradient (with respect to the potential's
+    parameters and the positions: through the forces' graph), repeated as a training loop
+    repeats it (the calls after the first hit the plan), all native."""
+    g = torch.Generator().manual_seed(7)
+    n = 24
+    pos0 = torch.rand(n, 3, generator=g, dtype=torch.float64).to(dtype) * 3
+    i, j = torch.triu_indices(n, n, 1)
+    i, j = i[::3], j[::3]
+
+    def energy(pos, eps, sig):
+        d = pos[i] - pos[j]
+        r2 = (d * d).sum(-1) + 0.5
+        s6 = (sig * sig / r2) ** 3
+        return (4 * eps * (s6 * s6 - s6)).sum()
+
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for _ in range(4):
+        res = []
+        for G in (TORCH_GRAD, fastgrad.grad):
+            pos = pos0.clone().requires_grad_()
+            eps = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+            sig = torch.tensor(0.9, dtype=dtype, requires_grad=True)
+            (f,) = G(energy(pos, eps, sig), pos, create_graph=True)
+            loss = ((f - 0.1) ** 2).sum()
+            res.append((f.detach(),) + G(loss, [eps, sig, pos]))
+        for w, v in zip(*res):
+            scale = max(1.0, float(w.abs().max()))
+            torch.testing.assert_close(v, w, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    pos = pos0.clone().requires_grad_()
+    eps = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+    sig = torch.tensor(0.9, dtype=dtype, requires_grad=True)
+    report = fastgrad.explain(energy(pos, eps, sig), pos, create_graph=True)
+    assert report.all_native, report
+    (f,) = fastgrad.grad(energy(pos, eps, sig), pos, create_graph=True)
+    report = fastgrad.explain(((f - 0.1) ** 2).sum(), [eps, sig, pos])
+    assert report.all_native, report

@@ -317,6 +317,19 @@ binary("cat", lambda x, y: torch.cat([x, y], 1), shapes=[[(3, 4), (3, 2)]], line
 binary("cat_dim0", lambda x, y: torch.cat([x, y]), shapes=[[(3, 4), (2, 4)]], linear=True)
 unary("cat_self", lambda x: torch.cat([x, torch.sin(x), x], -1), shapes=R2 + R3)
 binary("stack", lambda x, y: torch.stack([x, y], 1), shapes=[[(3, 4), (3, 4)]], linear=True)
+
+# ---------------------------------------------------------------- rows by an index
+# (repeated rows, a negative index, unused rows; gather and scatter steps run by PyTorch)
+_ROWS = torch.tensor([0, 4, 4, 2, -1, 1, 4])
+_NO_ROWS = torch.tensor([], dtype=torch.int64)
+_ROW_SHAPES = [[(5,)], [(5, 3)], [(6, 2, 3)]]
+unary("index_rows", lambda x: x[_ROWS.to(x.device)], shapes=_ROW_SHAPES, linear=True)
+unary("index_no_rows", lambda x: x[_NO_ROWS.to(x.device)], shapes=_ROW_SHAPES[1:2],
+      linear=True)
+unary("index_select_rows", lambda x: x.index_select(0, _ROWS.abs().to(x.device)),
+      shapes=_ROW_SHAPES, linear=True)
+unary("pair_terms", lambda x: torch.sin(x[_ROWS.to(x.device)] - x[_ROWS.flip(0).to(x.device)]),
+      shapes=_ROW_SHAPES[1:])
 unary("split", lambda x: torch.split(x, 3, 1), shapes=[[(3, 8)]], linear=True)
 unary("split_sizes", lambda x: torch.split(x, [1, 3], 1), shapes=R2, linear=True)
 unary("chunk", lambda x: x.chunk(2, 0), shapes=R2 + R3, linear=True)

@@ -52,15 +52,20 @@ class NodeView:
             raise Unsupported(f"{name} is {type(v).__name__}")
         return v
 
-    def tensor(self, name):
-        """A saved tensor, raising PyTorch's own error if fastgrad already freed the graph."""
+    def tensor(self, name, k=None):
+        """A saved tensor (``k``: item k of a saved list of tensors), raising PyTorch's own
+        error if fastgrad already freed the graph."""
         if _is_freed(self.fn):
             raise RuntimeError(self._freed_message())
         t = self.raw(name)
+        raw = getattr(self.fn, "_raw" + name, None)
+        if k is not None:
+            if not isinstance(t, (list, tuple)) or k >= len(t):
+                raise Unsupported(f"{name} is not a list of {k + 1} or more")
+            t, raw = t[k], raw[k] if isinstance(raw, (list, tuple)) and k < len(raw) else None
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
         leaf = self._bind(t)
-        raw = getattr(self.fn, "_raw" + name, None)
         if raw is not None and getattr(raw, "unpack_hook", None) is not None:
             hooked(self._bind).add(leaf.known)
         return leaf
@@ -321,6 +326,27 @@ def _elu_backward(v):
                                ("alpha", "scale", "input_scale")), is_result)]
 
 
+def _rows(v, index):
+    """The node's input 0 (not saved: its derivative needs only the index) at rows ``index``,
+    one 1-d int64 tensor (any other index falls back)."""
+    if index.ndim != 1 or index.dtype != torch.int64:
+        raise Unsupported("an index other than one 1-d int64 tensor")
+    return [ir.gather(v.x(0), index)]
+
+
+def _index(v):
+    indices = v.raw("_saved_indices")
+    if not isinstance(indices, (list, tuple)) or len(indices) != 1:
+        raise Unsupported("an index of more than one dim")
+    return _rows(v, v.tensor("_saved_indices", 0))
+
+
+def _index_select(v):
+    if v.raw("_saved_dim") != 0:
+        raise Unsupported("index_select along a dim other than 0")
+    return _rows(v, v.tensor("_saved_index"))
+
+
 def _reduce_dims(v, x):
     if x.ndim == 0:
         raise Unsupported("a norm or moment of a 0-d tensor")
@@ -550,6 +576,8 @@ LOWER = {
         v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"), float(v.scalar("_saved_beta")),
         float(v.scalar("_saved_threshold"))), v.out_dtype())],
     "SigmoidBackwardBackward0": _act_backward(lambda g, y: mul(mul(g, sub(1.0, y)), y)),
+    "IndexBackward0": _index,
+    "IndexSelectBackward0": _index_select,
     "GeluBackwardBackward0": _gelu_backward,
     "EluBackwardBackward0": _elu_backward,
     "ThresholdBackwardBackward0": lambda v: [act.threshold_backward(

@@ -128,6 +128,34 @@ class MatmulStep:
         return f"matmul {list(a.shape)} x {list(b.shape)} ({self.node.dtype}): torch.mm"
 
 
+class IndexStep:
+    """A gather or scatter of rows (ir.gather, ir.scatter), run by PyTorch's own kernels for
+    ``x[index]`` and its backward (``index_put_`` accumulating into zeros, in index order)
+    between fused regions: the same values as PyTorch's nodes, negative indices included. Its
+    operand is a bound or materialised tensor, its index a bound one."""
+
+    def __init__(self, node):
+        self.node = node
+
+    @property
+    def sources(self):
+        return list(self.node.args)
+
+    def run(self, x, index):
+        if self.node.op == "gather":
+            return x[index]
+        out = x.new_zeros(self.node.shape)
+        return out.index_put_((index,), x, accumulate=True)
+
+    def describe(self):
+        x, index = self.node.args
+        return (f"{self.node.op} of {list(x.shape)} by {index.shape[0]} rows "
+                f"({self.node.dtype}): torch indexing")
+
+
+_INDEX_OPS = ("gather", "scatter")
+
+
 def _matmul_operand(n):
     if n.op == "permute":  # (ir.permute folds a permute of a permute: at most one here)
         return n.args[0], True
@@ -436,6 +464,8 @@ def build(requested, cuda=False):
     # each product's operands, as tensors (the step takes a transpose as a view)
     operands = {id(n): [m for m, _ in map(_matmul_operand, n.args)] for n in nodes
                 if n.op == "mm" and not known(n)}
+    # (a gather's or scatter's operand, as a tensor; its index is bound)
+    operands.update({id(n): [n.args[0]] for n in nodes if n.op in _INDEX_OPS and not known(n)})
     for e in exprs:
         if not known(e):
             mat[id(e)] = e
@@ -450,7 +480,7 @@ def build(requested, cuda=False):
             if not known(n.args[0]):
                 mat[id(n.args[0])] = n.args[0]
             views[id(n)] = n
-        elif n.op == "mm":
+        elif n.op == "mm" or n.op in _INDEX_OPS:
             mat[id(n)] = n
             for m in operands[id(n)]:
                 if not known(m):
@@ -473,7 +503,7 @@ def build(requested, cuda=False):
         body = n.args if (n.op in _REDUCE_MODE or id(n) in views) else [n]
         if n.op == "expand" and id(n) in views:
             body = [view_chain(n)[0]]
-        if n.op == "mm":
+        if n.op == "mm" or n.op in _INDEX_OPS:
             body = operands[id(n)]
         deps = set()
         for m in ir.topo(list(body), stop=lambda m: loadable(m) and m is not n):
@@ -486,6 +516,9 @@ def build(requested, cuda=False):
             continue
         if n.op == "mm":
             steps.append((lvl, MatmulStep(n)))
+            continue
+        if n.op in _INDEX_OPS:
+            steps.append((lvl, IndexStep(n)))
             continue
         if n.op in _REDUCE_MODE:
             x = n.args[0]

@@ -178,6 +178,8 @@ RULES = {
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
     "permute": lambda n, g: [permute(g, _inverse(n.attrs[0]))],
     "mm": lambda n, g: [mm(g, transpose(n.args[1])), mm(transpose(n.args[0]), g)],
+    "gather": lambda n, g: [ir.scatter(g, n.args[1], n.args[0].shape[0]), ZERO],
+    "scatter": lambda n, g: [ir.gather(g, n.args[1]), ZERO],
     "slice": _slice_rule,
     "embed": _embed_rule,
 }
@@ -192,6 +194,8 @@ def differentiable_args(n):
     """Argument positions through which a result depends on grad-requiring inputs."""
     if n.op in _PREDICATES:
         return ()
+    if n.op in ("gather", "scatter"):
+        return (0,)  # (not through the index)
     return range(1, 3) if n.op == "where" else range(len(n.args))
 
 

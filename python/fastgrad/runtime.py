@@ -18,7 +18,7 @@ from array import array
 import torch
 
 from . import _C, blocks, cuda_jit, ir, jit
-from .plan import MatmulStep, Region, RowGroup, ViewStep, get_plan
+from .plan import IndexStep, MatmulStep, Region, RowGroup, ViewStep, get_plan
 from .runtime_table import DTYPE_CODES
 
 CUDA_EXECUTOR = True  # repeat CUDA runs in C++ too (off: every CUDA run goes through Python)
@@ -252,8 +252,12 @@ def _count(stats, region, ins, outs, launch=True, indent="", grouped=False):
 
 
 def _count_matmul(stats, step, a, b, out):
+    _count_step(stats, step, [a, b], out)
+
+
+def _count_step(stats, step, ins, out):
     stats.launches += 1
-    stats.bytes_read += a.numel() * a.element_size() + b.numel() * b.element_size()
+    stats.bytes_read += sum(t.numel() * t.element_size() for t in ins)
     stats.bytes_written += out.numel() * out.element_size()
     stats.regions.append(step.describe())
 
@@ -304,6 +308,8 @@ def _executor(plan, env, tensors, dev):
     specs, for later calls whose bound tensors have the layouts these had. Raises _NoExecutor
     where the run is not repeatable (on CUDA: while a region has no compiled kernel)."""
     on_cpu = _on_cpu(dev)
+    if any(isinstance(step, IndexStep) for step in plan.steps):
+        raise _NoExecutor()  # (no step kind for them in csrc/executor.h: the Python path)
     produced = set()
     for step in plan.steps:
         if isinstance(step, (ViewStep, MatmulStep)):
@@ -491,6 +497,12 @@ def _run_steps(plan, tensors, stats, dev, repeat):
                 v = env[id(step.node)] = torch.mm(a, b)
             if stats is not None:
                 _count_matmul(stats, step, a, b, v)
+        elif isinstance(step, IndexStep):
+            x, index = [value(m) for m in step.sources]
+            with torch.no_grad():
+                v = env[id(step.node)] = step.run(x, index)
+            if stats is not None:
+                _count_step(stats, step, [x], v)
         else:
             v = value(step.source)
             # The views are taken with grad mode off, as PyTorch's engine takes them without
