@@ -330,6 +330,10 @@ unary("index_select_rows", lambda x: x.index_select(0, _ROWS.abs().to(x.device))
       shapes=_ROW_SHAPES, linear=True)
 unary("pair_terms", lambda x: torch.sin(x[_ROWS.to(x.device)] - x[_ROWS.flip(0).to(x.device)]),
       shapes=_ROW_SHAPES[1:])
+binary("index_add_rows", lambda x, s: x.index_add(0, _ROWS.abs().to(x.device), s, alpha=1.5),
+       shapes=[[(5, 3), (7, 3)], [(5,), (7,)]], linear=True)
+binary("index_add_products", lambda x, s: x.index_add(0, _ROWS.abs().to(x.device), s * s) * x,
+       shapes=[[(5, 3), (7, 3)]])
 unary("split", lambda x: torch.split(x, 3, 1), shapes=[[(3, 8)]], linear=True)
 unary("split_sizes", lambda x: torch.split(x, [1, 3], 1), shapes=R2, linear=True)
 unary("chunk", lambda x: x.chunk(2, 0), shapes=R2 + R3, linear=True)

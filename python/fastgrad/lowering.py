@@ -347,6 +347,19 @@ def _index_select(v):
     return _rows(v, v.tensor("_saved_index"))
 
 
+def _index_add(v):
+    """self.index_add(0, index, source, alpha): self plus source (times alpha) added into the
+    rows index (ir.scatter, gather's transpose)."""
+    index = v.tensor("_saved_index")
+    src = v.x(1, "_saved_source")
+    if v.raw("_saved_dim") != 0 or src.ndim < 1 or index.ndim != 1 or \
+            index.dtype != torch.int64:
+        raise Unsupported("index_add other than along dim 0 by a 1-d int64 index")
+    alpha = float(v.scalar("_saved_alpha"))
+    rows = ir.scatter(src if alpha == 1.0 else mul(src, alpha), index, v.out_shape()[0])
+    return [add(v.x(0), rows)]
+
+
 def _reduce_dims(v, x):
     if x.ndim == 0:
         raise Unsupported("a norm or moment of a 0-d tensor")
@@ -578,6 +591,7 @@ LOWER = {
     "SigmoidBackwardBackward0": _act_backward(lambda g, y: mul(mul(g, sub(1.0, y)), y)),
     "IndexBackward0": _index,
     "IndexSelectBackward0": _index_select,
+    "IndexAddBackward0": _index_add,
     "GeluBackwardBackward0": _gelu_backward,
     "EluBackwardBackward0": _elu_backward,
     "ThresholdBackwardBackward0": lambda v: [act.threshold_backward(
