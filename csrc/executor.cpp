@@ -171,6 +171,12 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
         st.transposed[i] = tr[i].cast<bool>();
       }
       nslots_ += 1;
+    } else if (st.kind == 5) {
+      py::tuple src(t[2]);
+      if (src.size() != 2) throw py::value_error("Executor: a call step takes two operands");
+      st.fn = py::reinterpret_borrow<py::object>(t[1]);
+      for (int i = 0; i < 2; ++i) st.operands[i] = slot_of(src[i], "call operand");
+      nslots_ += 1;
     } else if (st.kind == 4) {
       py::tuple k(t[1]);
       if (k.size() != 4) throw py::value_error("Executor: a kernel is (func, ctx, grid, block)");
@@ -181,7 +187,7 @@ Executor::Executor(py::list leaves, py::list steps, py::list outputs, py::object
     } else {
       throw py::value_error("Executor: unknown step kind " + std::to_string(st.kind));
     }
-    views_or_products_ = views_or_products_ || st.kind == 2 || st.kind == 3;
+    views_or_products_ = views_or_products_ || st.kind == 2 || st.kind == 3 || st.kind == 5;
     steps_.push_back(std::move(st));
   }
   for (auto o : outputs) outputs_.push_back(slot_of(o, "output slot"));
@@ -246,6 +252,10 @@ py::object Executor::run(py::handle tensors) const {
       for (const auto& [is_expand, shape] : st.chain)
         v = py_call(v, is_expand ? N.expand : N.reshape, shape.ptr());
       slots.push_back(std::move(v));
+      continue;
+    }
+    if (st.kind == 5) {
+      slots.push_back(st.fn(slots[st.operands[0]], slots[st.operands[1]]));
       continue;
     }
     if (st.kind == 3) {

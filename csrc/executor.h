@@ -46,6 +46,8 @@ class Executor {
   //      PyTorch's engine takes them in a backward without create_graph)
   //   (3, (slot a, slot b), (transpose a, transpose b))  a.mm(b), each operand or its
   //      transpose (a view), with grad mode off
+  //   (5, fn, (slot a, slot b))  fn(a, b) with grad mode off: a step PyTorch runs whose
+  //      arguments are tensors (plan.IndexStep.run: a gather or scatter of rows)
   //   (4, (func, ctx, grid, block), [([load slots], [(shape, dtype, device)]), ...])  one
   //      compiled CUDA kernel (cuda_jit.Kernel) over one region or a row group's regions:
   //      each part's targets allocated, then launched (kernel_launch.h) with each part's
@@ -90,6 +92,7 @@ class Executor {
     int operands[2] = {0, 0};
     bool transposed[2] = {false, false};
     Launch launch;
+    py::object fn;  // kind 5: the step's own run, over the operands' slots
   };
   std::vector<Leaf> leaves_;
   std::vector<Step> steps_;

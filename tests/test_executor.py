@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import _C, jit, plan as fplan
+from fastgrad import _C, graph_cache, jit, plan as fplan
 from conftest import TORCH_GRAD, assert_same, rand, stand_in_driver, strided_leaf
 from test_vm_cuda import real_gpu
 
@@ -37,6 +37,7 @@ def _watch():
     return watched
 
 
+_I, _J = torch.tensor([0, 3, 3, 8, -1, 2]), torch.tensor([1, 1, 4, 0, 5, 7])
 CASES = [  # (name, shapes of the leaves, forward)
     ("sin_exp_sum", [(3000,)], lambda x: ((torch.sin(x) * torch.exp(x)).sum(),)),
     ("tanh_cube", [(50, 70)], lambda x: (torch.tanh(x) ** 3,)),
@@ -52,6 +53,9 @@ CASES = [  # (name, shapes of the leaves, forward)
     ("reshape_between", [(12, 10)], lambda x: ((x.exp().reshape(4, 30) * 2.0).sin(),)),
     # two products: g @ w.t() (a transposed operand, a view) and x.t() @ g
     ("matmul_steps", [(20, 8), (8, 6)], lambda x, w: (torch.tanh(x @ w),)),
+    # gather and scatter steps (plan.IndexStep): pair differences, per-row sums by index_add
+    ("index_steps", [(9, 3)], lambda x: (torch.sin(x[_I] - x[_J]).sum(),
+                                         x.new_zeros(9).index_add(0, _I.abs(), (x[_J] ** 2).sum(1)))),
 ]
 
 
@@ -71,6 +75,8 @@ def _call(fn, shapes, gen, make_leaf=None, device="cpu"):
 
 @pytest.mark.parametrize("name,shapes,fn", CASES, ids=[c[0] for c in CASES])
 def test_later_calls_run_through_the_executor(name, shapes, fn, gen):
+    graph_cache.clear()  # (only this case's plans watched below)
+    fplan.clear_plan_cache()
     _call(fn, shapes, gen)
     watched = _watch()
     assert watched, "the first call left no Executor on its plan"

@@ -359,24 +359,26 @@ def mm(a, b):
     return node("mm", (a, b), (), (a.shape[0], b.shape[1]), a.dtype)
 
 
-def gather(x, index):
-    """Rows ``index`` of ``x`` (``x.index_select(0, index)``, ``x[index]``): ``index`` a bound
-    1-d int64 node. Like mm, not a VM op: a plan runs it as a step through PyTorch
-    (plan.IndexStep), between fused regions."""
-    if index.ndim != 1 or index.dtype != torch.int64 or x.ndim < 1:
-        raise ValueError(f"gather of {x.shape} by {index.shape} {index.dtype}")
-    return node("gather", (x, index), (), (index.shape[0],) + x.shape[1:], x.dtype)
+def gather(x, index, kind):
+    """Rows ``index`` of ``x``: ``index`` a bound 1-d int64 node. ``kind`` names the pair of
+    PyTorch kernels this op and its transpose (scatter) stand for, whose values, errors and
+    half-type sums they keep: "index" (``x[index]`` and ``index_put_`` accumulating: negative
+    indices wrap, sums in the tensor's dtype) or "select" (``index_select`` and
+    ``index_add_``: sums of half types in float). Like mm, not a VM op: a plan runs it as a
+    step through PyTorch (plan.IndexStep), between fused regions."""
+    if index.ndim != 1 or index.dtype != torch.int64 or x.ndim < 1 or \
+            kind not in ("index", "select"):
+        raise ValueError(f"gather of {x.shape} by {index.shape} {index.dtype} ({kind})")
+    return node("gather", (x, index), (kind,), (index.shape[0],) + x.shape[1:], x.dtype)
 
 
-def scatter(g, index, n):
-    """The rows of ``g`` added into ``n`` rows of zeros at rows ``index`` (``index_add``):
-    gather's transpose. A plan step, as gather."""
+def scatter(g, index, n, kind):
+    """The rows of ``g`` added into ``n`` rows of zeros at rows ``index``: gather's
+    transpose (``kind`` as there). A plan step, as gather."""
     if index.ndim != 1 or index.dtype != torch.int64 or g.ndim < 1 or \
-            g.shape[0] != index.shape[0]:
-        raise ValueError(f"scatter of {g.shape} by {index.shape} {index.dtype}")
-    if g.op == "neg":  # (the same values, and the negation fuses where the sum is read)
-        return neg(scatter(g.args[0], index, n))
-    return node("scatter", (g, index), (n,), (n,) + g.shape[1:], g.dtype)
+            g.shape[0] != index.shape[0] or kind not in ("index", "select"):
+        raise ValueError(f"scatter of {g.shape} by {index.shape} {index.dtype} ({kind})")
+    return node("scatter", (g, index), (kind, n), (n,) + g.shape[1:], g.dtype)
 
 
 def transpose(x):

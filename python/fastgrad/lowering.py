@@ -326,37 +326,46 @@ def _elu_backward(v):
                                ("alpha", "scale", "input_scale")), is_result)]
 
 
-def _rows(v, index):
-    """The node's input 0 (not saved: its derivative needs only the index) at rows ``index``,
-    one 1-d int64 tensor (any other index falls back)."""
-    if index.ndim != 1 or index.dtype != torch.int64:
-        raise Unsupported("an index other than one 1-d int64 tensor")
-    return [ir.gather(v.x(0), index)]
+def _index_tensor(v, name, k=None):
+    """The saved index ``name`` (item ``k`` of a saved list) bound, checked before it is
+    bound (a tensor the plans cannot read, a uint8 mask or an index on another device than the
+    call's, would send the whole call to PyTorch): one 1-d int64 tensor on the output's
+    device, else the node falls back."""
+    t = v.raw(name)
+    if k is not None:
+        if not isinstance(t, (list, tuple)) or len(t) != 1:
+            raise Unsupported("an index of more than one dim")
+        t = t[k]
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64 or \
+            t.device != v.meta[0].device:
+        raise Unsupported("an index other than one 1-d int64 tensor on the output's device")
+    return v.tensor(name, k)
 
 
 def _index(v):
-    indices = v.raw("_saved_indices")
-    if not isinstance(indices, (list, tuple)) or len(indices) != 1:
-        raise Unsupported("an index of more than one dim")
-    return _rows(v, v.tensor("_saved_indices", 0))
+    """x[index]: rows of the node's input 0 (not saved: its derivative needs only the index),
+    PyTorch's indexing and index_put_ kernels."""
+    return [ir.gather(v.x(0), _index_tensor(v, "_saved_indices", 0), "index")]
 
 
 def _index_select(v):
     if v.raw("_saved_dim") != 0:
         raise Unsupported("index_select along a dim other than 0")
-    return _rows(v, v.tensor("_saved_index"))
+    return [ir.gather(v.x(0), _index_tensor(v, "_saved_index"), "select")]
 
 
 def _index_add(v):
     """self.index_add(0, index, source, alpha): self plus source (times alpha) added into the
     rows index (ir.scatter, gather's transpose)."""
-    index = v.tensor("_saved_index")
+    if v.raw("_saved_dim") != 0:
+        raise Unsupported("index_add along a dim other than 0")
+    index = _index_tensor(v, "_saved_index")
     src = v.x(1, "_saved_source")
-    if v.raw("_saved_dim") != 0 or src.ndim < 1 or index.ndim != 1 or \
-            index.dtype != torch.int64:
-        raise Unsupported("index_add other than along dim 0 by a 1-d int64 index")
+    if src.ndim < 1:
+        raise Unsupported("index_add of a 0-d source")
     alpha = float(v.scalar("_saved_alpha"))
-    rows = ir.scatter(src if alpha == 1.0 else mul(src, alpha), index, v.out_shape()[0])
+    rows = ir.scatter(src if alpha == 1.0 else mul(src, alpha), index, v.out_shape()[0],
+                      "select")
     return [add(v.x(0), rows)]
 
 

@@ -129,13 +129,15 @@ class MatmulStep:
 
 
 class IndexStep:
-    """A gather or scatter of rows (ir.gather, ir.scatter), run by PyTorch's own kernels for
-    ``x[index]`` and its backward (``index_put_`` accumulating into zeros, in index order)
-    between fused regions: the same values as PyTorch's nodes, negative indices included. Its
+    """A gather or scatter of rows (ir.gather, ir.scatter), run by the PyTorch kernels its
+    node's kind names (``x[index]`` and ``index_put_`` accumulating into zeros, or
+    ``index_select`` and ``index_add_``: those of the node PyTorch recorded and of its
+    backward) between fused regions, so values, errors and half-type sums are PyTorch's. Its
     operand is a bound or materialised tensor, its index a bound one."""
 
     def __init__(self, node):
         self.node = node
+        self.kind = node.attrs[0]
 
     @property
     def sources(self):
@@ -143,14 +145,19 @@ class IndexStep:
 
     def run(self, x, index):
         if self.node.op == "gather":
-            return x[index]
+            return x[index] if self.kind == "index" else x.index_select(0, index)
         out = x.new_zeros(self.node.shape)
-        return out.index_put_((index,), x, accumulate=True)
+        if self.kind == "index":
+            return out.index_put_((index,), x, accumulate=True)
+        return out.index_add_(0, index, x)
 
     def describe(self):
         x, index = self.node.args
+        how = "x[index]" if self.kind == "index" else "index_select"
+        if self.node.op == "scatter":
+            how = "index_put_" if self.kind == "index" else "index_add_"
         return (f"{self.node.op} of {list(x.shape)} by {index.shape[0]} rows "
-                f"({self.node.dtype}): torch indexing")
+                f"({self.node.dtype}): torch {how}")
 
 
 _INDEX_OPS = ("gather", "scatter")

@@ -178,8 +178,8 @@ RULES = {
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
     "permute": lambda n, g: [permute(g, _inverse(n.attrs[0]))],
     "mm": lambda n, g: [mm(g, transpose(n.args[1])), mm(transpose(n.args[0]), g)],
-    "gather": lambda n, g: [ir.scatter(g, n.args[1], n.args[0].shape[0]), ZERO],
-    "scatter": lambda n, g: [ir.gather(g, n.args[1]), ZERO],
+    "gather": lambda n, g: [ir.scatter(g, n.args[1], n.args[0].shape[0], n.attrs[0]), ZERO],
+    "scatter": lambda n, g: [ir.gather(g, n.args[1], n.attrs[0]), ZERO],
     "slice": _slice_rule,
     "embed": _embed_rule,
 }

@@ -308,18 +308,16 @@ def _executor(plan, env, tensors, dev):
     specs, for later calls whose bound tensors have the layouts these had. Raises _NoExecutor
     where the run is not repeatable (on CUDA: while a region has no compiled kernel)."""
     on_cpu = _on_cpu(dev)
-    if any(isinstance(step, IndexStep) for step in plan.steps):
-        raise _NoExecutor()  # (no step kind for them in csrc/executor.h: the Python path)
     produced = set()
     for step in plan.steps:
-        if isinstance(step, (ViewStep, MatmulStep)):
+        if isinstance(step, (ViewStep, MatmulStep, IndexStep)):
             produced.add(id(step.node))
         else:
             for r in step.regions if isinstance(step, RowGroup) else (step,):
                 produced.update(id(t) for t in r.targets)
     slots, leaves = {}, []
     # leaves whose tensor itself is used (a view step's source, a result), not only its data
-    as_tensor = {id(m) for s in plan.steps if isinstance(s, (ViewStep, MatmulStep))
+    as_tensor = {id(m) for s in plan.steps if isinstance(s, (ViewStep, MatmulStep, IndexStep))
                  for m in s.sources}
     as_tensor.update(id(e) for e in plan.outputs)
 
@@ -339,7 +337,7 @@ def _executor(plan, env, tensors, dev):
         leaves.append((n.known, tuple(t.shape), t.stride(), reshape))
 
     for step in plan.steps:
-        if isinstance(step, (ViewStep, MatmulStep)):
+        if isinstance(step, (ViewStep, MatmulStep, IndexStep)):
             for m in step.sources:
                 leaf(m)
         else:
@@ -401,6 +399,10 @@ def _executor(plan, env, tensors, dev):
         elif isinstance(step, MatmulStep):
             steps.append((3, tuple(slots[id(m)] for m in step.sources),
                           tuple(tr for _, tr in step.operands)))
+            slots[id(step.node)] = nslots
+            nslots += 1
+        elif isinstance(step, IndexStep):
+            steps.append((5, step.run, tuple(slots[id(m)] for m in step.sources)))
             slots[id(step.node)] = nslots
             nslots += 1
         else:
