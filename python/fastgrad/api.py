@@ -101,11 +101,14 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
     return results
 
 
+_READ_AGAIN = frozenset([torch.Tensor, tuple, list, type(None)])
+
+
 def _settled(arg):
     """``arg`` as a tuple where it is an iterable to be read once (``model.parameters()``):
     a call handed to PyTorch after fastgrad read it must pass PyTorch the same tensors."""
-    if arg is None or isinstance(arg, (torch.Tensor, list, tuple)) or _is_edge(arg) or \
-            hasattr(arg, "keys") or not hasattr(arg, "__iter__"):
+    if type(arg) in _READ_AGAIN or isinstance(arg, (torch.Tensor, list, tuple)) or \
+            _is_edge(arg) or hasattr(arg, "keys") or not hasattr(arg, "__iter__"):
         return arg
     return tuple(arg)
 

@@ -46,6 +46,9 @@ _MAX_RECORDS = 1024
 _MASK = (1 << WINDOW) - 1
 _RECORDS = {}
 _LOCK = threading.Lock()
+# Records whose next calls go unsigned (wait > 0): while there are none, a call need not look
+# its structure up before it is signed (engine._capture), which a hit would pay on every call.
+_WAITING = [0]
 
 
 class Record:
@@ -60,7 +63,9 @@ class Record:
 
     def hit(self):
         self.recent = (self.recent << 1) & _MASK
-        self.fresh = self.wait = 0
+        self.fresh = 0
+        if self.wait:
+            self._stop_waiting()
 
     def churns(self):
         return MISSES > 0 and bin(self.recent).count("1") >= MISSES
@@ -71,8 +76,21 @@ class Record:
         large as ROUTE_NUMEL makes it signed (and planned, if large, by ``route``)."""
         if self.wait > 0 and self.churns() and not _large(tensors):
             self.wait -= 1
+            if not self.wait:
+                self._stop_waiting()
             return True
         return False
+
+    def _wait(self, n):
+        with _LOCK:
+            if n and not self.wait:
+                _WAITING[0] += 1
+            elif self.wait and not n:
+                _WAITING[0] -= 1
+            self.wait = n
+
+    def _stop_waiting(self):
+        self._wait(0)
 
 
 def _large(tensors):
@@ -94,7 +112,7 @@ def record(structure, nout, nin, create_graph):
     r = _RECORDS.get(k)
     if r is None:
         if len(_RECORDS) >= _MAX_RECORDS:
-            _RECORDS.clear()
+            clear()
         r = _RECORDS[k] = Record()
     return r
 
@@ -117,7 +135,7 @@ def route(rec, key, tensors):
             del rec.seen[next(iter(rec.seen))]
         rec.seen[h] = True
     rec.fresh += 1
-    rec.wait = min(rec.fresh, PROBE) - 1
+    rec._wait(min(rec.fresh, PROBE) - 1)
     return True
 
 
@@ -127,4 +145,6 @@ class Routed(Unplannable):
 
 def clear():
     """Forget every structure's record."""
-    _RECORDS.clear()
+    with _LOCK:
+        _RECORDS.clear()
+        _WAITING[0] = 0

@@ -222,7 +222,7 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
                     ((leaf_nodes[id(e)], 0) if id(e) in leaf_nodes else _leaf_edge(e))
                     for e in in_edges]
     rec = None
-    if churn.MISSES:
+    if churn._WAITING[0] and churn.MISSES:
         rec = churn.find(graph.structure, len(out_edges), len(in_edges), create_graph)
         if rec is not None and rec.skip([e for e in given if type(e) is not tuple] +
                                         list(grad_tensors)):
@@ -264,8 +264,9 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
     if not _still_bound(entry, cap, create_graph, None):
         cap.stale = True
         return None, cap
-    if entry.churn is not None:
-        entry.churn.hit()
+    rec = entry.churn
+    if rec is not None and rec.recent:
+        rec.hit()
     results = execute(entry.plan, cap.bind.tensors, create_graph)
     if not retain_graph:
         _mark_freed(graph)
@@ -299,7 +300,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)
-            if entry.churn is not None:
+            if entry.churn is not None and entry.churn.recent:
                 entry.churn.hit()
         else:  # bound otherwise than last time: derive anew
             bind = _Binder()
