@@ -156,6 +156,26 @@ def test_a_large_call_of_a_churning_structure_is_never_routed(routing, monkeypat
     assert sizes and max(sizes) < 256, sizes
 
 
+def test_a_call_whose_activations_are_large_is_signed_though_its_points_are_few(
+        routing, monkeypatch, gen):
+    # a PINN binds [N, 16] activations for [N, 2] points: between probes, a call is judged by
+    # its points times the ratio its structure's signed calls showed (Record.scale)
+    monkeypatch.setitem(churn.ROUTE_NUMEL, "cpu", 640)  # 40 points' activations
+    rows = []
+    real = api._torch_grad
+
+    def recording(outputs, inputs, *a, **k):
+        rows.append((inputs[0] if isinstance(inputs, tuple) else inputs).shape[0])
+        return real(outputs, inputs, *a, **k)
+
+    monkeypatch.setattr(api, "_torch_grad", recording)
+    net = _net(gen)
+    for k in range(12):
+        for n in (5 + k, 8 + k, 11 + k, 14 + k, 60 + k):  # small ones, then a large one
+            _check("pinn", n, gen, net)
+    assert rows and max(rows) < 40, rows
+
+
 def test_routing_off(routing, monkeypatch, gen):
     monkeypatch.setattr(churn, "MISSES", 0)
     net = _net(gen)

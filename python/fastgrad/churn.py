@@ -55,11 +55,13 @@ class Record:
     """One structure's recent signed calls: ``recent``, a bit per call (1: its signature was
     not cached), newest lowest; ``seen``, the signatures routed once (insertion ordered);
     ``fresh``, the signed calls in a row routed with a signature never seen; ``wait``, the
-    calls left to route unsigned before the next signed one."""
-    __slots__ = ("recent", "seen", "fresh", "wait")
+    calls left to route unsigned before the next signed one; ``scale``, the largest ratio seen
+    of a signed call's largest bound tensor to its largest input or grad_output (a PINN binds
+    [N, 32] activations for [N, 2] points)."""
+    __slots__ = ("recent", "seen", "fresh", "wait", "scale")
 
     def __init__(self):
-        self.recent, self.seen, self.fresh, self.wait = 0, {}, 0, 0
+        self.recent, self.seen, self.fresh, self.wait, self.scale = 0, {}, 0, 0, 1.0
 
     def hit(self):
         self.recent = (self.recent << 1) & _MASK
@@ -70,11 +72,12 @@ class Record:
     def churns(self):
         return MISSES > 0 and bin(self.recent).count("1") >= MISSES
 
-    def skip(self, tensors):
+    def skip(self, given):
         """Whether this call goes to PyTorch unsigned (a churning structure between probes),
-        ``tensors`` its inputs and grad_outputs that are known before it is signed: one as
-        large as ROUTE_NUMEL makes it signed (and planned, if large, by ``route``)."""
-        if self.wait > 0 and self.churns() and not _large(tensors):
+        ``given`` its inputs and grad_outputs (known before it is signed): one that, times
+        ``scale`` (how much larger than these the structure's signed calls bound), reaches
+        ROUTE_NUMEL makes it signed (and planned, if large, by ``route``)."""
+        if self.wait > 0 and self.churns() and not _large(given, self.scale):
             self.wait -= 1
             if not self.wait:
                 self._stop_waiting()
@@ -93,11 +96,16 @@ class Record:
         self._wait(0)
 
 
-def _large(tensors):
+def _large(tensors, scale=1.0):
+    """Whether one of ``tensors``, its size times ``scale``, reaches ROUTE_NUMEL."""
     for t in tensors:
-        if t is not None and t.numel() >= ROUTE_NUMEL.get(t.device.type, 0):
+        if t is not None and t.numel() * scale >= ROUTE_NUMEL.get(t.device.type, 0):
             return True
     return False
+
+
+def _most(tensors):
+    return max((t.numel() for t in tensors if t is not None), default=0)
 
 
 def find(structure, nout, nin, create_graph):
@@ -117,9 +125,13 @@ def record(structure, nout, nin, create_graph):
     return r
 
 
-def route(rec, key, tensors):
+def route(rec, key, tensors, given=()):
     """Whether a signed call whose signature ``key`` is not cached goes to PyTorch (False:
-    plan it); counts the miss in ``rec``. ``tensors``: what the call bound."""
+    plan it); counts the miss in ``rec``. ``tensors``: what the call bound; ``given``: its
+    inputs and grad_outputs (Record.scale)."""
+    most = _most(given)
+    if most:
+        rec.scale = max(rec.scale, _most(tensors) / most)
     churning = rec.churns()
     rec.recent = ((rec.recent << 1) | 1) & _MASK
     if not churning:

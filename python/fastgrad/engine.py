@@ -195,14 +195,14 @@ class Capture:
     changed, or the call bound other tensors than the first). A declined hit hands it to
     ``run``, so a call is walked, signed and replayed once."""
     __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale",
-                 "churn", "counted")
+                 "churn", "counted", "given")
 
     def __init__(self, grad_tensors, bind, graph, in_edges, key, freed, rec):
         self.grad_tensors, self.bind, self.graph = grad_tensors, bind, graph
         self.in_edges, self.key, self.freed, self.stale = in_edges, key, freed, False
-        # the churn.Record of the graph's structure (None: none yet), and whether the call
-        # was counted in it (_route)
-        self.churn, self.counted = rec, False
+        # the churn.Record of the graph's structure (None: none yet), whether the call was
+        # counted in it (_route), and the inputs as the call gave them (leaf tensors, edges)
+        self.churn, self.counted, self.given = rec, False, ()
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
@@ -224,12 +224,19 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
     rec = None
     if churn._WAITING[0] and churn.MISSES:
         rec = churn.find(graph.structure, len(out_edges), len(in_edges), create_graph)
-        if rec is not None and rec.skip([e for e in given if type(e) is not tuple] +
-                                        list(grad_tensors)):
+        if rec is not None and rec.skip(_given(given, grad_tensors)):
             raise churn.Routed(churn.REASON)
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
-    return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec)
+    cap = Capture(grad_tensors, bind, graph, in_edges, key, freed, rec)
+    cap.given = given
+    return cap
+
+
+def _given(in_edges, grad_tensors):
+    """The tensors a call is given (its leaf inputs and grad_outputs): what churn.py knows of
+    its size before it is signed."""
+    return [e for e in in_edges if type(e) is not tuple] + list(grad_tensors)
 
 
 def _route(cap, nout, nin, create_graph):
@@ -240,7 +247,7 @@ def _route(cap, nout, nin, create_graph):
         return cap.churn
     rec = cap.churn or churn.record(cap.graph.structure, nout, nin, create_graph)
     cap.churn, cap.counted = rec, True
-    if churn.route(rec, cap.key, cap.bind.tensors):
+    if churn.route(rec, cap.key, cap.bind.tensors, _given(cap.given, cap.grad_tensors)):
         raise churn.Routed(churn.REASON)
     return rec
 
