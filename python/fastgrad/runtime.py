@@ -223,10 +223,7 @@ def run_group_cuda(group, value, env, dev, stats=None):
                 for p in packers:
                     p.cuda_group.add(index)
     stream = _raw_stream(index)
-    if any(p.numel == 0 for p in packers):
-        for r, (ins, outs) in zip(group.regions, parts):
-            _run_empty(r, outs)
-    elif kernel:
+    if kernel:
         kernel.launch_parts(parts, stream)
     else:
         for r, packer, (ins, outs) in zip(group.regions, packers, parts):
@@ -270,15 +267,6 @@ def run_group(group, value, env, stats=None):
     if stats is not None:
         stats.launches += 1
         at = len(stats.regions)
-    if any(ir.numel(r.shape) == 0 for r in group.regions):
-        for r in group.regions:  # (nothing to chunk: each on its own, _run_empty)
-            ins = [value(m) for m in r.inputs]
-            outs = run_region(r, ins, _CPU)
-            if stats is not None:
-                _count(stats, r, ins, outs)
-            for t, o in zip(r.targets, outs):
-                env[id(t)] = o
-        return
     for r in group.regions:
         ins = [value(m) for m in r.inputs]
         outs, packer = _prepare(r, ins, _CPU, True)
@@ -489,7 +477,10 @@ def _run_steps(plan, tensors, stats, dev, repeat):
         if isinstance(step, Region):
             run(step)
         elif isinstance(step, RowGroup):
-            if _on_cpu(dev):
+            if any(ir.numel(r.shape) == 0 for r in step.regions):
+                for r in step.regions:  # (nothing to chunk: each alone, _run_empty)
+                    run(r)
+            elif _on_cpu(dev):
                 run_group(step, value, env, stats)
             else:
                 run_group_cuda(step, value, env, dev, stats)
