@@ -14,10 +14,12 @@ outputs and inputs, create_graph), whether its recent calls found their signatur
 ``MISSES`` of the last ``WINDOW`` calls of a structure did not, the structure churns, and a call
 with a signature never seen is handed to PyTorch's ``torch.autograd.grad`` whole, as fastgrad
 hands it any call it does not plan (results and errors are then PyTorch's; ``explain`` names
-the reason), unless the call is large: no bound tensor of ``ROUTE_NUMEL[device type]`` elements
-or more, where fused passes repay the planning. A signature that comes back is planned on its
-second sight, so shapes that cycle through a few values, or settle, end up cached; hits then
-clear the record.
+the reason), if it is small: a call that binds a tensor of ``ROUTE_NUMEL[device type]``
+elements or more is planned, its fused passes repaying the planning. A signature that comes
+back is planned on its second sight, so shapes that cycle through a few values, or settle, end
+up cached; hits then clear the record. docs/architecture.md ("Graphs whose signature changes
+every call") has the rest: calls routed without being signed, and the loops of plans made
+while a structure churns.
 """
 import os
 import threading
