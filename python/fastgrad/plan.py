@@ -51,7 +51,7 @@ class Region:
         self.nregs = 0
         self.compute = torch.float32
         self.packers = {}        # runtime: descriptor templates by input strides
-        self.eager = False       # compile its loops at its first run (jit.adopt)
+        self.eager = False       # planned while its graph's shapes churn (jit.adopt)
         self._out_specs = None
 
     @property
