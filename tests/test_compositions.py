@@ -270,12 +270,15 @@ def test_softplus_backward_node_across_its_threshold():
     assert report.all_native, report
 
 
+@pytest.mark.parametrize("forces_by", ["fastgrad", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_pair_potential_forces_and_force_matching(dtype):
+def test_pair_potential_forces_and_force_matching(dtype, forces_by):
     """A Lennard-Jones energy over a fixed pair list (rows gathered by index: pos[i] - pos[j]),
     its forces, and a force-matching loss's gradient (with respect to the potential's
     parameters and the positions: through the forces' graph), repeated as a training loop
-    repeats it (the calls after the first hit the plan), all native."""
+    repeats it (the calls after the first hit the plan), all native; the forces taken by
+    fastgrad, or by torch.autograd.grad (whose graph then holds IndexPutImplBackward0, the
+    accumulating index_put of x[index]'s backward)."""
     g = torch.Generator().manual_seed(7)
     n = 24
     pos0 = torch.rand(n, 3, generator=g, dtype=torch.float64).to(dtype) * 3
@@ -292,10 +295,11 @@ def test_pair_potential_forces_and_force_matching(dtype):
     for _ in range(4):
         res = []
         for G in (TORCH_GRAD, fastgrad.grad):
+            F = G if forces_by == "fastgrad" else TORCH_GRAD
             pos = pos0.clone().requires_grad_()
             eps = torch.tensor(1.0, dtype=dtype, requires_grad=True)
             sig = torch.tensor(0.9, dtype=dtype, requires_grad=True)
-            (f,) = G(energy(pos, eps, sig), pos, create_graph=True)
+            (f,) = F(energy(pos, eps, sig), pos, create_graph=True)
             loss = ((f - 0.1) ** 2).sum()
             res.append((f.detach(),) + G(loss, [eps, sig, pos]))
         for w, v in zip(*res):
@@ -306,6 +310,7 @@ def test_pair_potential_forces_and_force_matching(dtype):
     sig = torch.tensor(0.9, dtype=dtype, requires_grad=True)
     report = fastgrad.explain(energy(pos, eps, sig), pos, create_graph=True)
     assert report.all_native, report
-    (f,) = fastgrad.grad(energy(pos, eps, sig), pos, create_graph=True)
+    F = fastgrad.grad if forces_by == "fastgrad" else TORCH_GRAD
+    (f,) = F(energy(pos, eps, sig), pos, create_graph=True)
     report = fastgrad.explain(((f - 0.1) ** 2).sum(), [eps, sig, pos])
     assert report.all_native, report

@@ -334,6 +334,9 @@ binary("index_add_rows", lambda x, s: x.index_add(0, _ROWS.abs().to(x.device), s
        shapes=[[(5, 3), (7, 3)], [(5,), (7,)]], linear=True)
 binary("index_add_products", lambda x, s: x.index_add(0, _ROWS.abs().to(x.device), s * s) * x,
        shapes=[[(5, 3), (7, 3)]])
+binary("index_put_accumulate",
+       lambda x, s: x.index_put((_ROWS.to(x.device),), s, accumulate=True),
+       shapes=[[(5, 3), (7, 3)], [(5,), (7,)]], linear=True)
 unary("split", lambda x: torch.split(x, 3, 1), shapes=[[(3, 8)]], linear=True)
 unary("split_sizes", lambda x: torch.split(x, [1, 3], 1), shapes=R2, linear=True)
 unary("chunk", lambda x: x.chunk(2, 0), shapes=R2 + R3, linear=True)

@@ -369,6 +369,21 @@ def _index_add(v):
     return [add(v.x(0), rows)]
 
 
+def _index_put(v):
+    """self.index_put((index,), values, accumulate=True): self plus values added into the rows
+    index (ir.scatter of kind "index": PyTorch's index_put_ kernel; the node PyTorch records
+    for x[index]'s backward under create_graph is one). Without accumulate (rows replaced, the
+    last write winning) it falls back."""
+    if v.raw("_saved_accumulate") is not True:
+        raise Unsupported("index_put without accumulate")
+    index = _index_tensor(v, "_saved_indices", 0)
+    values = v.x(1)
+    n = v.out_shape()[0]
+    if values.shape != (index.shape[0],) + tuple(v.out_shape()[1:]):
+        raise Unsupported("index_put of values broadcast to the rows")
+    return [add(v.x(0), ir.scatter(values, index, n, "index"))]
+
+
 def _reduce_dims(v, x):
     if x.ndim == 0:
         raise Unsupported("a norm or moment of a 0-d tensor")
@@ -601,6 +616,8 @@ LOWER = {
     "IndexBackward0": _index,
     "IndexSelectBackward0": _index_select,
     "IndexAddBackward0": _index_add,
+    "IndexPutBackward0": _index_put,
+    "IndexPutImplBackward0": _index_put,
     "GeluBackwardBackward0": _gelu_backward,
     "EluBackwardBackward0": _elu_backward,
     "ThresholdBackwardBackward0": lambda v: [act.threshold_backward(
