@@ -197,12 +197,12 @@ class Capture:
     __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale",
                  "churn", "counted", "given")
 
-    def __init__(self, grad_tensors, bind, graph, in_edges, key, freed, rec):
+    def __init__(self, grad_tensors, bind, graph, in_edges, key, freed, rec, given):
         self.grad_tensors, self.bind, self.graph = grad_tensors, bind, graph
         self.in_edges, self.key, self.freed, self.stale = in_edges, key, freed, False
         # the churn.Record of the graph's structure (None: none yet), whether the call was
         # counted in it (_route), and the inputs as the call gave them (leaf tensors, edges)
-        self.churn, self.counted, self.given = rec, False, ()
+        self.churn, self.counted, self.given = rec, False, given
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
@@ -228,9 +228,7 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
             raise churn.Routed(churn.REASON)
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
-    cap = Capture(grad_tensors, bind, graph, in_edges, key, freed, rec)
-    cap.given = given
-    return cap
+    return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec, given)
 
 
 def _given(in_edges, grad_tensors):

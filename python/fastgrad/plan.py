@@ -161,6 +161,7 @@ class IndexStep:
 
 
 _INDEX_OPS = ("gather", "scatter")
+_STEP_OPS = ("mm",) + _INDEX_OPS  # ops a plan runs as a step of their own, through PyTorch
 
 
 def _matmul_operand(n):
@@ -487,7 +488,7 @@ def build(requested, cuda=False):
             if not known(n.args[0]):
                 mat[id(n.args[0])] = n.args[0]
             views[id(n)] = n
-        elif n.op == "mm" or n.op in _INDEX_OPS:
+        elif n.op in _STEP_OPS:
             mat[id(n)] = n
             for m in operands[id(n)]:
                 if not known(m):
@@ -510,7 +511,7 @@ def build(requested, cuda=False):
         body = n.args if (n.op in _REDUCE_MODE or id(n) in views) else [n]
         if n.op == "expand" and id(n) in views:
             body = [view_chain(n)[0]]
-        if n.op == "mm" or n.op in _INDEX_OPS:
+        if n.op in _STEP_OPS:
             body = operands[id(n)]
         deps = set()
         for m in ir.topo(list(body), stop=lambda m: loadable(m) and m is not n):

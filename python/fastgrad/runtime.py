@@ -248,10 +248,6 @@ def _count(stats, region, ins, outs, launch=True, indent="", grouped=False):
     stats.regions.append(indent + region.describe(grouped))
 
 
-def _count_matmul(stats, step, a, b, out):
-    _count_step(stats, step, [a, b], out)
-
-
 def _count_step(stats, step, ins, out):
     stats.launches += 1
     stats.bytes_read += sum(t.numel() * t.element_size() for t in ins)
@@ -489,7 +485,7 @@ def _run_steps(plan, tensors, stats, dev, repeat):
             with torch.no_grad():  # (create_graph runs a block: plain runs record nothing)
                 v = env[id(step.node)] = torch.mm(a, b)
             if stats is not None:
-                _count_matmul(stats, step, a, b, v)
+                _count_step(stats, step, [a, b], v)
         elif isinstance(step, IndexStep):
             x, index = [value(m) for m in step.sources]
             with torch.no_grad():
