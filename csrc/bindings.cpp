@@ -15,6 +15,7 @@
 #include "signature_key.h"
 #include "stream_policy.h"
 #include "executor.h"
+#include "repeat_call.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
 #include "cuda_info.h"
@@ -323,6 +324,15 @@ PYBIND11_MODULE(_C, m) {
         "The grad_outputs of a call whose outputs and grad_outputs need no checks, or None (api._grad).");
   m.def("call_args_setup", &fg::call_args_setup, py::arg("tensor_cls"), py::arg("parameter_cls"),
         py::arg("ones_like"), "Constants plain_call_args reads (once, at import).");
+  m.def("repeat_call", &fg::repeat_call, py::arg("outputs"), py::arg("inputs"), py::arg("grad_outputs"),
+        py::arg("retain_graph"), py::arg("create_graph"),
+        "(results, None) of a call repeated from its cached plan, (None, walk) for engine.hit to\n"
+        "take on, or None (csrc/repeat_call.h).");
+  m.def("repeat_setup", &fg::repeat_setup, py::arg("entries"), py::arg("binder_cls"), py::arg("acc_cls_fn"),
+        py::arg("spec_fn"), py::arg("freed_key"), py::arg("tie_policy"), py::arg("refuse"), py::arg("pack"),
+        py::arg("unpack"), py::arg("hooks_state"), py::arg("tensor_hooks"),
+        py::arg("churn_waiting"), py::arg("runtime"),
+        py::arg("compile_due"), "What repeat_call reads (once, at import: api.py).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),
         "Constants capture reads (once, at import).");

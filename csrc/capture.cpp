@@ -23,25 +23,6 @@ PyObject* g_tensor_cls = nullptr;    // torch.Tensor
 PyObject* g_cpu_str = nullptr;       // "cpu" (a device type)
 PyObject* g_to_device = nullptr;     // engine._host_scalar_to(t, device)
 
-// torch.device -> its type: the `type` getter builds a new string on every read (about 2,900
-// instructions), and a call's first tensor reads it (the binder's device is not known yet).
-// Devices are few: the dict stays small.
-PyObject* g_device_type_of = nullptr;
-
-py::object device_type(py::handle dev) {
-  if (!g_device_type_of && !(g_device_type_of = PyDict_New())) throw py::error_already_set();
-  PyObject* hit = PyDict_GetItemWithError(g_device_type_of, dev.ptr());
-  if (hit) return py::reinterpret_borrow<py::object>(hit);
-  if (PyErr_Occurred()) throw py::error_already_set();
-  py::object type = py_attr(dev, N.type);
-  if (PyDict_SetItem(g_device_type_of, dev.ptr(), type.ptr()) < 0) throw py::error_already_set();
-  return type;
-}
-
-py::object id_of(py::handle o) {
-  return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
-}
-
 // (shape, dtype, device) of one InputMetadata entry; false: not part of a key.
 bool write_meta(KeyWriter& w, py::handle m) {
   return w.ints(py_attr(m, N.shape)) && w.obj(py_attr(m, N.dtype)) && w.obj(py_attr(m, N.device));
@@ -85,7 +66,23 @@ Spec& spec_of(py::handle fn, py::handle spec_fn) {
   return g_specs.emplace(cls, std::move(s)).first->second;
 }
 
+// torch.device -> its type (device_type)
+PyObject* g_device_type_of = nullptr;
+
 }  // namespace
+
+// The `type` getter builds a new string on every read (about 2,900 instructions), and a call's
+// first tensor reads it (the binder's device is not known yet). Devices are few: the dict stays
+// small.
+py::object device_type(py::handle dev) {
+  if (!g_device_type_of && !(g_device_type_of = PyDict_New())) throw py::error_already_set();
+  PyObject* hit = PyDict_GetItemWithError(g_device_type_of, dev.ptr());
+  if (hit) return py::reinterpret_borrow<py::object>(hit);
+  if (PyErr_Occurred()) throw py::error_already_set();
+  py::object type = py_attr(dev, N.type);
+  if (PyDict_SetItem(g_device_type_of, dev.ptr(), type.ptr()) < 0) throw py::error_already_set();
+  return type;
+}
 
 Py_ssize_t Binder::index(py::handle t, py::object* key) {
   py::object dtype = py_attr(t, N.dtype);
@@ -111,7 +108,7 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
       pending_host.clear();
     }
   }
-  py::object producer = !gf.is_none() ? id_of(gf) : rg ? id_of(t) : py::none();
+  py::object producer = !gf.is_none() ? py_id(gf) : rg ? py_id(t) : py::none();
   py::object onr = !gf.is_none() ? py_attr(t, N.output_nr) : py::int_(0);
   py::tuple k = py::make_tuple(py_call(t, N.data_ptr), py_attr(t, N.shape),
                                py_call(t, N.stride), dtype, py::bool_(rg), producer, onr);
@@ -172,10 +169,10 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
       stack.pop_back();
       if (done) {
         PyObject* nf = g.edges.at(n);
-        bool hit = input_ids.contains(id_of(n));
+        bool hit = input_ids.contains(py_id(n));
         if (!hit && acc_cls.ptr() == reinterpret_cast<PyObject*>(Py_TYPE(n))) {
           py::object var = py_attr(n, N.variable);
-          py::object vid = id_of(var);
+          py::object vid = py_id(var);
           if (leaf_ids.contains(vid)) {
             g.leaf_nodes[vid] = py::handle(n);
             hit = true;
@@ -186,14 +183,14 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
           hit = m != Py_None && g.need.at(m);
         }
         g.need[n] = hit;
-        g.needed[id_of(n)] = py::bool_(hit);
+        g.needed[py_id(n)] = py::bool_(hit);
         post.push_back(n);
         continue;
       }
       if (g.edges.count(n)) continue;
       py::object nfo = py_attr(n, N.next_functions);
       PyObject* nf = tuple_of(nfo);
-      g.nexts[id_of(n)] = nfo;  // holds the tuple (and so the nodes in it) for the call
+      g.nexts[py_id(n)] = nfo;  // holds the tuple (and so the nodes in it) for the call
       g.edges[n] = nf;
       stack.emplace_back(n, true);
       for (Py_ssize_t i = 0, e = PyTuple_GET_SIZE(nf); i < e; ++i) {

@@ -76,6 +76,9 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
 void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
                 py::handle pack, py::handle unpack);
 
+// The type of torch.device `dev` ("cpu", "cuda"), read once per device object.
+py::object device_type(py::handle dev);
+
 // Called once at import: the dtype -> code dict, torch.strided, the device types the compiled
 // path runs on, torch.Tensor, and `to_device(t, device)`, which puts a host scalar (see
 // Binder::index) on a device.

@@ -1,6 +1,6 @@
 // Small CPython calls that raise pybind11's error_already_set on failure, shared by the C++
 // code that reads tensors and autograd nodes through their Python attributes (capture.cpp,
-// call_args.cpp, executor.cpp): no libtorch.
+// call_args.cpp, executor.cpp, repeat_call.cpp): no libtorch.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -34,6 +34,11 @@ inline py::object py_fast(py::handle seq, const char* what) {
   PyObject* r = PySequence_Fast(seq.ptr(), what);
   if (!r) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(r);
+}
+
+// id(o): the object's address as a Python int (the keys the walk's dicts use, as in Python)
+inline py::object py_id(py::handle o) {
+  return py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(o.ptr()));
 }
 
 inline bool py_truthy(py::handle o) {

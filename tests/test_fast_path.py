@@ -11,25 +11,41 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import engine
+from fastgrad import _C, engine
 
 from conftest import TORCH_GRAD, Twice, assert_same, assert_same_error, rand
 
 
 @pytest.fixture
 def hits(monkeypatch):
-    """How many calls engine.hit served (returned results for)."""
-    served = []
-    real = engine.hit
+    """The results of the calls the short path served: _C.repeat_call (csrc/repeat_call.h: a
+    call its cached plan's Executor runs alone) or engine.hit; ``hits.repeated`` those of
+    repeat_call alone."""
+    served = _Served()
+    real_hit, real_repeat = engine.hit, _C.repeat_call
 
     def spy(*args):
-        r = real(*args)
+        r = real_hit(*args)
         if r[0] is not None:
             served.append(r[0])
         return r
 
+    def spy_repeat(*args):
+        r = real_repeat(*args)
+        if r is not None and r[0] is not None:
+            served.append(r[0])
+            served.repeated.append(r[0])
+        return r
+
     monkeypatch.setattr(engine, "hit", spy)
+    monkeypatch.setattr(_C, "repeat_call", spy_repeat)
     return served
+
+
+class _Served(list):
+    def __init__(self):
+        super().__init__()
+        self.repeated = []
 
 
 def _x(gen, shape=(4, 3)):
@@ -60,6 +76,10 @@ HIT_CASES = {
 }
 
 
+# what only engine.hit serves: blocks under create_graph (blocks.py), fallback nodes replayed
+NOT_REPEATED = {"create_graph", "fallback_node", "python_function", "fallback_create_graph"}
+
+
 @pytest.mark.parametrize("name", list(HIT_CASES))
 def test_a_seen_graph_takes_the_short_path(name, gen, hits):
     outs, ins, kw = HIT_CASES[name](gen)
@@ -71,6 +91,25 @@ def test_a_seen_graph_takes_the_short_path(name, gen, hits):
         if kw.get("create_graph"):  # the results stay differentiable, as torch's are
             assert all(r.requires_grad for r in got)
     assert len(hits) >= 2
+    # the second call on has its Executor (made by the first): run from C++ alone
+    assert len(hits.repeated) == (0 if name in NOT_REPEATED else 2)
+
+
+@pytest.mark.parametrize("name", sorted(NOT_REPEATED))
+def test_a_call_repeat_call_walked_is_not_walked_again(name, gen, hits, monkeypatch):
+    """A call _C.repeat_call walks and signs but leaves to engine.hit (create_graph, a fallback
+    node to replay) is taken on from its walk: neither walked nor signed again in Python."""
+    outs, ins, kw = HIT_CASES[name](gen)
+    fastgrad.grad(outs, ins, retain_graph=True, **kw)
+    before = len(hits)  # (an earlier test's twin graph may have made the first call a hit)
+    walks = []
+    for mod, fn in ((engine, "_collect"), (engine.graph_cache, "signature")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, real=real, fn=fn: walks.append(fn) or real(*a))
+    for call in range(2):
+        assert_same(fastgrad.grad(outs, ins, retain_graph=True, **kw),
+                    TORCH_GRAD(outs, ins, retain_graph=True, **kw), f"call {call}")
+    assert walks == [] and len(hits) == before + 2 and hits.repeated == []
 
 
 def test_retain_graph_false_on_the_short_path(gen, hits):
@@ -80,7 +119,7 @@ def test_retain_graph_false_on_the_short_path(gen, hits):
     fastgrad.grad(y0, x)  # fills the cache for this structure
     y = (torch.exp(x) ** 2).sum()
     assert_same(fastgrad.grad(y, x), TORCH_GRAD((torch.exp(x) ** 2).sum(), x))
-    assert len(hits) == 1
+    assert len(hits) == 1 and len(hits.repeated) == 1  # (freed by csrc/repeat_call.cpp)
     x2 = x.detach().clone().requires_grad_(True)
     y2 = (torch.exp(x2) ** 2).sum()
     TORCH_GRAD(y2, x2)
@@ -93,6 +132,16 @@ def _with_hook(g):
     x = _x(g)
     x.register_hook(lambda t: t * 2)
     return torch.sin(x).sum(), x, {}
+
+
+def _with_inner_hook(g):
+    """A hook on an intermediate tensor, its graph's twin cached first without it."""
+    twin = _x(g)
+    fastgrad.grad(torch.sin(twin * 2).sum(), twin)
+    x = _x(g)
+    h = x * 2
+    h.register_hook(lambda t: t * 3)
+    return torch.sin(h).sum(), x, {}
 
 
 def _under_saved_tensor_hooks(g):
@@ -109,6 +158,7 @@ DECLINED_CASES = {
     "unused_input": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
                                              {"allow_unused": True}))(_x(g), _x(g)),
     "input_hook": _with_hook,
+    "inner_hook": _with_inner_hook,
     "materialize_grads": lambda g: (lambda x, y: (torch.sin(x).sum(), (x, y),
                                                   {"materialize_grads": True}))(_x(g), _x(g)),
     "dict_inputs": lambda g: (lambda x: (torch.sin(x).sum(), {"x": x}, {}))(_x(g)),

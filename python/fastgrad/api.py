@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch.autograd import graph as _graph
 
-from . import _C, churn, engine, runtime
+from . import _C, churn, engine, graph_cache, hooks, lowering, plan, runtime
 from .plan import Unplannable
 
 _torch_grad = torch.autograd.grad
@@ -116,11 +116,18 @@ def _settled(arg):
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
+    cap = walk = None
+    if only_inputs and not is_grads_batched and not materialize_grads:
+        # a graph seen before, whose cached plan runs in C++ alone; else what it walked
+        ran = _C.repeat_call(outputs, inputs, grad_outputs, retain_graph, create_graph)
+        if ran is not None:
+            if ran[0] is not None:
+                return ran[0]
+            walk = ran[1]
     outputs, inputs, grad_outputs = _settled(outputs), _settled(inputs), _settled(grad_outputs)
-    cap = None
     if only_inputs and not is_grads_batched and not materialize_grads:
         try:
-            res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph)
+            res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, walk)
         except churn.Routed:  # (straight to PyTorch: _grad's checks would only cost time)
             return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                                only_inputs, allow_unused, is_grads_batched, materialize_grads)
@@ -130,20 +137,20 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
                  allow_unused, is_grads_batched, materialize_grads, None, cap)
 
 
-def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
+def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, walk=None):
     """(results, capture) of a plain call on a graph seen before (engine.hit); results None:
     _grad handles the call, with every check and fallback, and the capture (None for a call
     that is not plain) spares it walking and signing the graph again. Plain: tensors (no
     edges, subclasses or dicts), outputs that have a grad_fn, inputs without tensor hooks,
     grad_outputs that need no checks (all checked in C++: csrc/call_args.h); any other call is
-    left to _grad whole."""
-    args = _C.plain_call_args(outputs, inputs, grad_outputs)
+    left to _grad whole. ``walk``: the walk and signature _C.repeat_call made of the call."""
+    args = _C.plain_call_args(outputs, inputs, grad_outputs) if walk is None else walk[:3]
     if args is None:
         return None, None
     out_edges, gos, in_edges = args
     try:
         res, cap = engine.hit(out_edges, gos, in_edges, create_graph,
-                              create_graph if retain_graph is None else retain_graph)
+                              create_graph if retain_graph is None else retain_graph, walk)
     except churn.Routed:
         raise
     except Unplannable:  # (_grad hands such a call to PyTorch)
@@ -152,6 +159,10 @@ def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph):
 
 
 _C.call_args_setup(torch.Tensor, torch.nn.Parameter, torch.ones_like)
+_C.repeat_setup(graph_cache._ENTRIES, engine._Binder, engine._accumulate_grad_class,
+                graph_cache._spec, lowering._FREED, plan.RECOMPUTE, engine._refuse_freed,
+                engine._drop_saved, engine._refuse_unpack, hooks._STATE, hooks.tensor_hooks,
+                churn._WAITING, runtime, runtime._compile_due)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,

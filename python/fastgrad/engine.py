@@ -250,7 +250,7 @@ def _route(cap, nout, nin, create_graph):
     return rec
 
 
-def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
+def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph, walk=None):
     """(results, capture): the gradients of a graph seen before, run straight from its cached
     plan (after its fallback nodes, replayed), or None when the call needs more than that (a
     graph not seen before, a freed one, a gradient that is None, a fallback node whose results
@@ -258,8 +258,13 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph):
 
     The same walk, signature, replay and plan as ``run`` takes on a hit, without the
     bookkeeping a miss or explain needs: on a graph of a few nodes that bookkeeping cost as
-    much as the region itself."""
-    cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    much as the region itself. ``walk``: the call's walk and signature, made by
+    _C.repeat_call (csrc/repeat_call.h), which declined it."""
+    if walk is None:
+        cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+    else:
+        _, _, given, edges, graph, bind, key, freed = walk
+        cap = Capture(grad_tensors, bind, graph, edges, key, freed, None, given)
     entry = graph_cache.lookup(cap.key)
     if entry is None and cap.key is not None and churn.MISSES:
         _route(cap, len(out_edges), len(in_edges), create_graph)

@@ -419,8 +419,8 @@ def execute(plan, tensors, create_graph, stats=None, device=None):
     if repeat and exe is not None and plan.executor_dev == dev:
         res = exe.run(tensors)
         if res is not None:
-            if on_cpu and plan.jit_pending and plan.runs >= jit.AFTER:
-                _compile(plan)
+            if on_cpu and plan.jit_pending:
+                _compile_due(plan)
             return res
     made = _Packer.made
     outs = _run_steps(plan, tensors, stats, dev, repeat)
@@ -432,6 +432,13 @@ def execute(plan, tensors, create_graph, stats=None, device=None):
         if plan.jit_pending and plan.runs >= jit.AFTER:
             _compile(plan)
     return outs
+
+
+def _compile_due(plan):
+    """After a CPU run repeated by the plan's Executor (here or in csrc/repeat_call.cpp) while
+    its loops are due: compile them once it has run jit.AFTER times."""
+    if plan.runs >= jit.AFTER:
+        _compile(plan)
 
 
 def _compile(plan):
