@@ -331,8 +331,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("repeat_setup", &fg::repeat_setup, py::arg("entries"), py::arg("binder_cls"), py::arg("acc_cls_fn"),
         py::arg("spec_fn"), py::arg("freed_key"), py::arg("tie_policy"), py::arg("refuse"), py::arg("pack"),
         py::arg("unpack"), py::arg("hooks_state"), py::arg("tensor_hooks"),
-        py::arg("churn_waiting"), py::arg("runtime"),
-        py::arg("compile_due"), "What repeat_call reads (once, at import: api.py).");
+        py::arg("churn_waiting"), py::arg("runtime"), "What repeat_call reads (once, at import: api.py).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),
         "Constants capture reads (once, at import).");

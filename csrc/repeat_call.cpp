@@ -14,19 +14,19 @@ namespace {
 // Set by repeat_setup, held for the life of the process (see capture.cpp's Names).
 struct State {
   PyObject *entries, *binder_cls, *acc_cls_fn, *acc_cls, *spec_fn, *freed_key, *tie_policy,
-      *refuse, *pack, *unpack, *hooks_state, *tensor_hooks, *churn_waiting, *runtime,
-      *compile_due;
+      *refuse, *pack, *unpack, *hooks_state, *tensor_hooks, *churn_waiting, *runtime;
 };
 State S{};
 struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
-      *runs, *version, *device, *any, *cuda_executor, *cpu;
+      *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due;
 };
 Names N{};
 
-// Whether the signed call can run from the cached entry's plan through its Executor alone,
-// and then runs it: its results (a list), or a null object (the Python path decides).
-py::object run_cached(const py::object& key, Binder& bind) {
+// Whether the signed call can run from the cached entry's plan through its Executor alone (or,
+// under create_graph, through runtime.execute's block), and then runs it: its results (a list),
+// or a null object (the Python path decides).
+py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
   PyObject* e = PyDict_GetItemWithError(S.entries, key.ptr());
   if (!e) {
     if (PyErr_Occurred()) throw py::error_already_set();
@@ -52,6 +52,8 @@ py::object run_cached(const py::object& key, Binder& bind) {
   }
   const py::object rec = py_attr(entry, N.churn);
   if (!rec.is_none() && py_truthy(py_attr(rec, N.recent))) return py::object();  // (rec.hit())
+  if (create_graph)  // the plan as one autograd Function (blocks.py)
+    return py_attr(S.runtime, N.execute)(plan, bind.tensors, true);
   // runtime.execute's repeat: the Executor of the plan's last run on this device
   const py::object exe = py_attr(plan, N.executor);
   const py::object dev = py_attr(PyList_GET_ITEM(tensors, 0), N.device);
@@ -69,7 +71,7 @@ py::object run_cached(const py::object& key, Binder& bind) {
     throw py::error_already_set();
   }
   Py_DECREF(more);
-  if (on_cpu && py_truthy(py_attr(plan, N.jit_pending))) py::handle(S.compile_due)(plan);
+  if (on_cpu && py_truthy(py_attr(plan, N.jit_pending))) py_attr(S.runtime, N.compile_due)(plan);
   return res;
 }
 
@@ -121,10 +123,10 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   const py::tuple sig = signature(g, out_edges, gos, in_edges, bind, create_graph, S.spec_fn,
                                   hooks_fn, S.freed_key, S.tie_policy);
   const py::object key = sig[0], freed = sig[1];
-  if (!create_graph && !key.is_none() && !py_truthy(freed)) {  // (create_graph: blocks.py)
-    py::object res = run_cached(key, bind);
+  if (!key.is_none() && !py_truthy(freed)) {
+    py::object res = run_cached(key, bind, create_graph);
     if (res) {
-      const bool retain = !retain_graph.is_none() && py_truthy(retain_graph);
+      const bool retain = retain_graph.is_none() ? create_graph : py_truthy(retain_graph);
       if (!retain) mark_freed(g, S.freed_key, S.refuse, S.spec_fn, S.pack, S.unpack);
       PyObject* t = PySequence_Tuple(res.ptr());
       if (!t) throw py::error_already_set();
@@ -146,14 +148,14 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
 void repeat_setup(py::dict entries, py::object binder_cls, py::object acc_cls_fn,
                   py::object spec_fn, py::object freed_key, py::dict tie_policy,
                   py::object refuse, py::object pack, py::object unpack, py::dict hooks_state,
-                  py::object tensor_hooks, py::list churn_waiting, py::object runtime,
-                  py::object compile_due) {
+                  py::object tensor_hooks, py::list churn_waiting, py::object runtime) {
   if (!N.plan)
     N = Names{py_intern("plan"),     py_intern("tape"),         py_intern("nbound"),
               py_intern("tied"),     py_intern("churn"),        py_intern("recent"),
               py_intern("executor"), py_intern("executor_dev"), py_intern("jit_pending"),
               py_intern("runs"),     py_intern("_version"),     py_intern("device"),
-              py_intern("any"),      py_intern("CUDA_EXECUTOR"), py_intern("cpu")};
+              py_intern("any"),      py_intern("CUDA_EXECUTOR"), py_intern("cpu"),
+              py_intern("execute"),  py_intern("_compile_due")};
   if (PyList_GET_SIZE(churn_waiting.ptr()) < 1)
     throw py::value_error("churn_waiting must hold the count of waiting records");
   // (a second setup replaces the first: the old objects are kept, as capture_setup's are)
@@ -161,7 +163,7 @@ void repeat_setup(py::dict entries, py::object binder_cls, py::object acc_cls_fn
             nullptr,                    spec_fn.release().ptr(),    freed_key.release().ptr(),
             tie_policy.release().ptr(), refuse.release().ptr(),     pack.release().ptr(),
             unpack.release().ptr(),     hooks_state.release().ptr(), tensor_hooks.release().ptr(),
-            churn_waiting.release().ptr(), runtime.release().ptr(), compile_due.release().ptr()};
+            churn_waiting.release().ptr(), runtime.release().ptr()};
 }
 
 }  // namespace fg

@@ -76,8 +76,8 @@ HIT_CASES = {
 }
 
 
-# what only engine.hit serves: blocks under create_graph (blocks.py), fallback nodes replayed
-NOT_REPEATED = {"create_graph", "fallback_node", "python_function", "fallback_create_graph"}
+# what only engine.hit serves: graphs with fallback nodes, replayed
+NOT_REPEATED = {"fallback_node", "python_function", "fallback_create_graph"}
 
 
 @pytest.mark.parametrize("name", list(HIT_CASES))
@@ -97,8 +97,8 @@ def test_a_seen_graph_takes_the_short_path(name, gen, hits):
 
 @pytest.mark.parametrize("name", sorted(NOT_REPEATED))
 def test_a_call_repeat_call_walked_is_not_walked_again(name, gen, hits, monkeypatch):
-    """A call _C.repeat_call walks and signs but leaves to engine.hit (create_graph, a fallback
-    node to replay) is taken on from its walk: neither walked nor signed again in Python."""
+    """A call _C.repeat_call walks and signs but leaves to engine.hit (a fallback node to
+    replay) is taken on from its walk: neither walked nor signed again in Python."""
     outs, ins, kw = HIT_CASES[name](gen)
     fastgrad.grad(outs, ins, retain_graph=True, **kw)
     before = len(hits)  # (an earlier test's twin graph may have made the first call a hit)

@@ -162,7 +162,7 @@ _C.call_args_setup(torch.Tensor, torch.nn.Parameter, torch.ones_like)
 _C.repeat_setup(graph_cache._ENTRIES, engine._Binder, engine._accumulate_grad_class,
                 graph_cache._spec, lowering._FREED, plan.RECOMPUTE, engine._refuse_freed,
                 engine._drop_saved, engine._refuse_unpack, hooks._STATE, hooks.tensor_hooks,
-                churn._WAITING, runtime, runtime._compile_due)
+                churn._WAITING, runtime)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
