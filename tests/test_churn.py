@@ -118,6 +118,30 @@ def test_shapes_that_cycle_end_up_planned(routing, gen):
     assert len(routing) == before
 
 
+def test_a_graph_whose_shape_settles_runs_from_cpp_again(routing, monkeypatch, gen):
+    """Once no record sends calls to PyTorch unsigned, a cached call runs from its plan in
+    C++ alone (_C.repeat_call, which leaves every call to Python while one does)."""
+    net = _net(gen)
+    for i in range(12):
+        _check("tanh_cube", 40 + i, gen, net)
+    assert routing, "the structure should churn by now"
+    for _ in range(4 * churn.PROBE):
+        _check("tanh_cube", 64, gen, net)
+    assert churn._WAITING[0] == 0
+    repeated = []
+    real = fastgrad._C.repeat_call
+
+    def spy(*a):
+        r = real(*a)
+        repeated.append(r is not None and r[0] is not None)
+        return r
+
+    monkeypatch.setattr(fastgrad._C, "repeat_call", spy)
+    for _ in range(3):
+        _check("tanh_cube", 64, gen, net)
+    assert repeated == [True] * 3
+
+
 def test_a_cached_graph_with_a_new_shape_now_and_then_is_never_routed(routing, gen):
     net = _net(gen)
     for i in range(40):
@@ -223,9 +247,12 @@ def test_records_count_signed_calls_only(routing):
     fresh = churn.WINDOW - churn.MISSES
     assert r.fresh == fresh
     assert [r.skip([]) for _ in range(fresh)] == [True] * (fresh - 1) + [False]
+    assert churn._WAITING[0] == 0  # (no record waits: calls need not look theirs up)
     for k in range(churn.PROBE):
         assert churn.route(r, ("newer", k), [])
+    assert churn._WAITING[0] == 1
     assert [r.skip([]) for _ in range(churn.PROBE)] == [True] * (churn.PROBE - 1) + [False]
+    assert churn._WAITING[0] == 0
     for k in range(churn.PROBE):
         assert churn.route(r, ("newest", k), [])
     assert not r.skip([torch.zeros(churn.ROUTE_NUMEL["cpu"])])  # a large input is signed

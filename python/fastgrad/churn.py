@@ -80,9 +80,7 @@ class Record:
         ``scale`` (how much larger than these the structure's signed calls bound), reaches
         ROUTE_NUMEL makes it signed (and planned, if large, by ``route``)."""
         if self.wait > 0 and self.churns() and not _large(given, self.scale):
-            self.wait -= 1
-            if not self.wait:
-                self._stop_waiting()
+            self._wait(self.wait - 1)  # (the last one tells _WAITING it stopped)
             return True
         return False
 
