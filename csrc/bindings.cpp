@@ -328,10 +328,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("retain_graph"), py::arg("create_graph"),
         "(results, None) of a call repeated from its cached plan, (None, walk) for engine.hit to\n"
         "take on, or None (csrc/repeat_call.h).");
-  m.def("repeat_setup", &fg::repeat_setup, py::arg("entries"), py::arg("binder_cls"), py::arg("acc_cls_fn"),
-        py::arg("spec_fn"), py::arg("freed_key"), py::arg("tie_policy"), py::arg("refuse"), py::arg("pack"),
-        py::arg("unpack"), py::arg("hooks_state"), py::arg("tensor_hooks"),
-        py::arg("churn_waiting"), py::arg("runtime"), "What repeat_call reads (once, at import: api.py).");
+  m.def("repeat_setup", &fg::repeat_setup, py::arg("engine"), py::arg("graph_cache"), py::arg("runtime"),
+        py::arg("hooks"), py::arg("churn"), py::arg("lowering"), py::arg("plan"),
+        "The modules repeat_call reads (once, at import: api.py).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),
         "Constants capture reads (once, at import).");

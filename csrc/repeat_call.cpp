@@ -11,15 +11,19 @@
 namespace fg {
 namespace {
 
-// Set by repeat_setup, held for the life of the process (see capture.cpp's Names).
-struct State {
-  PyObject *entries, *binder_cls, *acc_cls_fn, *acc_cls, *spec_fn, *freed_key, *tie_policy,
-      *refuse, *pack, *unpack, *hooks_state, *tensor_hooks, *churn_waiting, *runtime;
+// The modules whose objects the Python path reads, set by repeat_setup and held for the life
+// of the process (as capture.cpp's). Their attributes are read on each use, as Python reads
+// them, so that a name rebound or patched (tests do) is seen here too.
+struct Modules {
+  PyObject *engine, *graph_cache, *runtime, *hooks, *churn, *lowering, *plan;
 };
-State S{};
+Modules M{};
+PyObject* g_acc_cls = nullptr;  // engine._accumulate_grad_class(), once
 struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
-      *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due;
+      *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due, *entries,
+      *spec, *freed, *recompute, *state, *tensor_hooks, *waiting, *acc_cls, *leaf_edge, *binder,
+      *refuse_freed, *drop_saved, *refuse_unpack;
 };
 Names N{};
 
@@ -27,12 +31,14 @@ Names N{};
 // under create_graph, through runtime.execute's block), and then runs it: its results (a list),
 // or a null object (the Python path decides).
 py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
-  PyObject* e = PyDict_GetItemWithError(S.entries, key.ptr());
+  const py::object entries = py_attr(M.graph_cache, N.entries);
+  if (!PyDict_Check(entries.ptr())) throw py::type_error("graph_cache._ENTRIES is not a dict");
+  PyObject* e = PyDict_GetItemWithError(entries.ptr(), key.ptr());
   if (!e) {
     if (PyErr_Occurred()) throw py::error_already_set();
     return py::object();  // a miss: engine.run derives it (and tells its churn record)
   }
-  py::handle entry(e);
+  const py::object entry = py::reinterpret_borrow<py::object>(e);
   const py::object plan = py_attr(entry, N.plan);
   if (plan.is_none() || PyObject_Length(py_attr(entry, N.tape).ptr()) != 0) return py::object();
   // engine._still_bound without a tape: as many tensors bound, tied ones unchanged
@@ -53,13 +59,13 @@ py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
   const py::object rec = py_attr(entry, N.churn);
   if (!rec.is_none() && py_truthy(py_attr(rec, N.recent))) return py::object();  // (rec.hit())
   if (create_graph)  // the plan as one autograd Function (blocks.py)
-    return py_attr(S.runtime, N.execute)(plan, bind.tensors, true);
+    return py_attr(M.runtime, N.execute)(plan, bind.tensors, true);
   // runtime.execute's repeat: the Executor of the plan's last run on this device
   const py::object exe = py_attr(plan, N.executor);
   const py::object dev = py_attr(PyList_GET_ITEM(tensors, 0), N.device);
   if (exe.is_none() || !py_equal(py_attr(plan, N.executor_dev), dev)) return py::object();
   const bool on_cpu = py_equal(device_type(dev), py::handle(N.cpu));
-  if (!on_cpu && !py_truthy(py_attr(S.runtime, N.cuda_executor))) return py::object();
+  if (!on_cpu && !py_truthy(py_attr(M.runtime, N.cuda_executor))) return py::object();
   // (a stand-in for the Executor, as tests use, is called through Python)
   py::object res = py::isinstance<Executor>(exe) ? exe.cast<const Executor&>().run(bind.tensors)
                                                  : exe.attr("run")(bind.tensors);
@@ -71,7 +77,7 @@ py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
     throw py::error_already_set();
   }
   Py_DECREF(more);
-  if (on_cpu && py_truthy(py_attr(plan, N.jit_pending))) py_attr(S.runtime, N.compile_due)(plan);
+  if (on_cpu && py_truthy(py_attr(plan, N.jit_pending))) py_attr(M.runtime, N.compile_due)(plan);
   return res;
 }
 
@@ -79,8 +85,9 @@ py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
 
 py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_outputs,
                        py::handle retain_graph, bool create_graph) {
-  if (!S.entries) return py::none();
-  if (py_truthy(PyList_GET_ITEM(S.churn_waiting, 0))) return py::none();
+  if (!M.engine) return py::none();
+  const py::object waiting = py_attr(M.churn, N.waiting);  // (records sending calls unsigned)
+  if (py_truthy(waiting[py::int_(0)])) return py::none();
   const py::object args = plain_call_args(outputs, inputs, grad_outputs);
   if (args.is_none()) return py::none();
   const py::object out_edges = args[py::int_(0)], gos = args[py::int_(1)],
@@ -98,8 +105,8 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   for (auto e : out_edges) out_nodes.append(PyTuple_GET_ITEM(e.ptr(), 0));
   py::handle acc = py::none();
   if (PySet_GET_SIZE(leaf_ids.ptr()) > 0) {
-    if (!S.acc_cls) S.acc_cls = py::handle(S.acc_cls_fn)().release().ptr();
-    acc = S.acc_cls;
+    if (!g_acc_cls) g_acc_cls = py_attr(M.engine, N.acc_cls)().release().ptr();
+    acc = g_acc_cls;
   }
   Graph g = collect(out_nodes, input_ids, leaf_ids, acc);
   py::list in_edges;
@@ -109,32 +116,36 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
       continue;
     }
     PyObject* node = PyDict_GetItemWithError(g.leaf_nodes.ptr(), py_id(e).ptr());
-    if (!node) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      return py::none();  // a leaf the outputs do not reach (engine._leaf_edge)
+    if (node) {
+      in_edges.append(py::make_tuple(py::handle(node), 0));
+    } else if (PyErr_Occurred()) {
+      throw py::error_already_set();
+    } else {  // a leaf the outputs do not reach
+      in_edges.append(py_attr(M.engine, N.leaf_edge)(e));
     }
-    in_edges.append(py::make_tuple(py::handle(node), 0));
   }
   // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
-  PyObject* any_hooks = PyDict_GetItemWithError(S.hooks_state, N.any);
-  if (!any_hooks && PyErr_Occurred()) throw py::error_already_set();
-  const py::handle hooks_fn = any_hooks && py_truthy(any_hooks) ? S.tensor_hooks : Py_None;
+  const py::object any_hooks = py_attr(M.hooks, N.state)[N.any];
+  const py::object hooks_fn = py_truthy(any_hooks) ? py_attr(M.hooks, N.tensor_hooks) : py::none();
+  const py::object spec = py_attr(M.graph_cache, N.spec), freed_key = py_attr(M.lowering, N.freed);
   Binder bind;
-  const py::tuple sig = signature(g, out_edges, gos, in_edges, bind, create_graph, S.spec_fn,
-                                  hooks_fn, S.freed_key, S.tie_policy);
+  const py::tuple sig = signature(g, out_edges, gos, in_edges, bind, create_graph, spec, hooks_fn,
+                                  freed_key, py_attr(M.plan, N.recompute));
   const py::object key = sig[0], freed = sig[1];
   if (!key.is_none() && !py_truthy(freed)) {
     py::object res = run_cached(key, bind, create_graph);
     if (res) {
       const bool retain = retain_graph.is_none() ? create_graph : py_truthy(retain_graph);
-      if (!retain) mark_freed(g, S.freed_key, S.refuse, S.spec_fn, S.pack, S.unpack);
+      if (!retain)
+        mark_freed(g, freed_key, py_attr(M.engine, N.refuse_freed), spec, py_attr(M.engine, N.drop_saved),
+                   py_attr(M.engine, N.refuse_unpack));
       PyObject* t = PySequence_Tuple(res.ptr());
       if (!t) throw py::error_already_set();
       return py::make_tuple(py::reinterpret_steal<py::object>(t), py::none());
     }
   }
   // handed to engine.hit: the binder as the Python class lowering calls
-  py::object binder = py::handle(S.binder_cls)();
+  py::object binder = py_attr(M.engine, N.binder)();
   Binder& b = binder.cast<Binder&>();
   b.tensors = std::move(bind.tensors);
   b.keys = std::move(bind.keys);
@@ -145,25 +156,24 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
                                                    key, freed));
 }
 
-void repeat_setup(py::dict entries, py::object binder_cls, py::object acc_cls_fn,
-                  py::object spec_fn, py::object freed_key, py::dict tie_policy,
-                  py::object refuse, py::object pack, py::object unpack, py::dict hooks_state,
-                  py::object tensor_hooks, py::list churn_waiting, py::object runtime) {
+void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runtime,
+                  py::module_ hooks, py::module_ churn, py::module_ lowering, py::module_ plan) {
   if (!N.plan)
-    N = Names{py_intern("plan"),     py_intern("tape"),         py_intern("nbound"),
-              py_intern("tied"),     py_intern("churn"),        py_intern("recent"),
-              py_intern("executor"), py_intern("executor_dev"), py_intern("jit_pending"),
-              py_intern("runs"),     py_intern("_version"),     py_intern("device"),
-              py_intern("any"),      py_intern("CUDA_EXECUTOR"), py_intern("cpu"),
-              py_intern("execute"),  py_intern("_compile_due")};
-  if (PyList_GET_SIZE(churn_waiting.ptr()) < 1)
-    throw py::value_error("churn_waiting must hold the count of waiting records");
-  // (a second setup replaces the first: the old objects are kept, as capture_setup's are)
-  S = State{entries.release().ptr(),    binder_cls.release().ptr(), acc_cls_fn.release().ptr(),
-            nullptr,                    spec_fn.release().ptr(),    freed_key.release().ptr(),
-            tie_policy.release().ptr(), refuse.release().ptr(),     pack.release().ptr(),
-            unpack.release().ptr(),     hooks_state.release().ptr(), tensor_hooks.release().ptr(),
-            churn_waiting.release().ptr(), runtime.release().ptr()};
+    N = Names{py_intern("plan"),          py_intern("tape"),         py_intern("nbound"),
+              py_intern("tied"),          py_intern("churn"),        py_intern("recent"),
+              py_intern("executor"),      py_intern("executor_dev"), py_intern("jit_pending"),
+              py_intern("runs"),          py_intern("_version"),     py_intern("device"),
+              py_intern("any"),           py_intern("CUDA_EXECUTOR"), py_intern("cpu"),
+              py_intern("execute"),       py_intern("_compile_due"), py_intern("_ENTRIES"),
+              py_intern("_spec"),         py_intern("_FREED"),       py_intern("RECOMPUTE"),
+              py_intern("_STATE"),        py_intern("tensor_hooks"), py_intern("_WAITING"),
+              py_intern("_accumulate_grad_class"), py_intern("_leaf_edge"), py_intern("_Binder"),
+              py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack")};
+  // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
+  M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
+              hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),
+              plan.release().ptr()};
+  g_acc_cls = nullptr;
 }
 
 }  // namespace fg

@@ -18,8 +18,8 @@ namespace py = pybind11;
 //   (None, walk)     it was walked and signed, and engine.hit takes it on from there:
 //                    walk = (out_edges, grad_tensors, given in_edges, in_edges, graph, binder,
 //                    key, freed), what engine._capture makes;
-//   None             not walked: a call that is not plain (call_args.h), a churn record sending
-//                    calls to PyTorch unsigned, or an input its outputs do not reach.
+//   None             not walked: a call that is not plain (call_args.h), or a churn record
+//                    sending calls to PyTorch unsigned.
 // It runs only when the entry's plan needs nothing from Python but its run: no fallback node
 // to replay, no churn record to tell, an Executor for this device and layout (see engine.hit
 // and runtime.execute, which it mirrors); under create_graph the plan runs as one autograd
@@ -27,15 +27,10 @@ namespace py = pybind11;
 py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_outputs,
                        py::handle retain_graph, bool create_graph);
 
-// Called once at import (api.py) with what engine.hit reads: the signature cache
-// (graph_cache._ENTRIES), the binder class (engine._Binder), a function giving the leaf node
-// class, graph_cache._spec, lowering._FREED, plan.RECOMPUTE, engine's three freeing hooks
-// (_refuse_freed, _drop_saved, _refuse_unpack), hooks._STATE and hooks.tensor_hooks,
-// churn._WAITING, and the runtime module (CUDA_EXECUTOR, execute, _compile_due: read on each
-// call, as Python reads them).
-void repeat_setup(py::dict entries, py::object binder_cls, py::object acc_cls_fn,
-                  py::object spec_fn, py::object freed_key, py::dict tie_policy,
-                  py::object refuse, py::object pack, py::object unpack, py::dict hooks_state,
-                  py::object tensor_hooks, py::list churn_waiting, py::object runtime);
+// Called once at import (api.py) with the modules whose objects the Python path reads:
+// engine, graph_cache, runtime, hooks, churn, lowering and plan. repeat_call reads their
+// attributes (_ENTRIES, _Binder, RECOMPUTE, _WAITING, ...) on each use, as Python does.
+void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runtime,
+                  py::module_ hooks, py::module_ churn, py::module_ lowering, py::module_ plan);
 
 }  // namespace fg

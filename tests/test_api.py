@@ -172,6 +172,23 @@ def test_allow_unused_none(gen):
     assert_same(got, ref)
 
 
+@pytest.mark.parametrize("first_call", [True, False])
+def test_calls_made_under_inference_mode(first_call, gen, monkeypatch):
+    """A graph built outside inference mode and differentiated inside it, as torch allows: the
+    leaf nodes' class read there (the process's first call with a leaf input) and an input the
+    outputs do not reach (its edge made there) both need autograd recording back on."""
+    from fastgrad import engine
+    if first_call:
+        monkeypatch.setattr(engine, "_ACCUMULATE_GRAD", [])
+    x, z = rand((5,), gen).requires_grad_(True), rand((3,), gen).requires_grad_(True)
+    y = (torch.sin(x) * x).sum()
+    with torch.inference_mode():
+        for _ in range(3):  # (the later calls hit the cache)
+            got = fastgrad.grad(y, (x, z), allow_unused=True, retain_graph=True)
+            ref = TORCH_GRAD(y, (x, z), allow_unused=True, retain_graph=True)
+            assert_same(got, ref)
+
+
 def test_materialize_grads_zeros(gen):
     setup = _setup_xy(gen)
 

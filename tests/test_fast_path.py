@@ -112,6 +112,35 @@ def test_a_call_repeat_call_walked_is_not_walked_again(name, gen, hits, monkeypa
     assert walks == [] and len(hits) == before + 2 and hits.repeated == []
 
 
+def test_an_unreached_input_is_walked_once(gen, hits, monkeypatch):
+    """An input the outputs do not reach (allow_unused): _C.repeat_call makes its edge, and
+    the call, which the short path cannot serve (its gradient is None), is not walked again."""
+    outs, ins, kw = DECLINED_CASES["unused_input"](gen)
+    fastgrad.grad(outs, ins, retain_graph=True, **kw)
+    walks = []
+    real = engine._collect
+    monkeypatch.setattr(engine, "_collect", lambda *a: walks.append(1) or real(*a))
+    for call in range(2):
+        assert_same(fastgrad.grad(outs, ins, retain_graph=True, **kw),
+                    TORCH_GRAD(outs, ins, retain_graph=True, **kw), f"call {call}",
+                    none_is_zero=False)
+    assert walks == [] and hits == []
+
+
+def test_the_short_path_reads_the_cache_as_python_does(gen, hits, monkeypatch):
+    """_C.repeat_call reads graph_cache._ENTRIES (and the other names it needs) when it runs,
+    as Python does: a cache replaced under it is the one it looks in."""
+    outs, ins, kw = HIT_CASES["tensor_sum"](gen)
+    for _ in range(2):
+        fastgrad.grad(outs, ins, retain_graph=True, **kw)
+    served = len(hits.repeated)  # (1, or 2 where an earlier test cached its twin)
+    assert served >= 1
+    monkeypatch.setattr(engine.graph_cache, "_ENTRIES", {})
+    assert_same(fastgrad.grad(outs, ins, retain_graph=True, **kw),
+                TORCH_GRAD(outs, ins, retain_graph=True, **kw))
+    assert len(hits.repeated) == served and len(engine.graph_cache._ENTRIES) == 1
+
+
 def test_retain_graph_false_on_the_short_path(gen, hits):
     """A hit that frees its graph: the next call on it raises torch's error."""
     x = _x(gen)

@@ -159,10 +159,7 @@ def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, walk=None):
 
 
 _C.call_args_setup(torch.Tensor, torch.nn.Parameter, torch.ones_like)
-_C.repeat_setup(graph_cache._ENTRIES, engine._Binder, engine._accumulate_grad_class,
-                graph_cache._spec, lowering._FREED, plan.RECOMPUTE, engine._refuse_freed,
-                engine._drop_saved, engine._refuse_unpack, hooks._STATE, hooks.tensor_hooks,
-                churn._WAITING, runtime)
+_C.repeat_setup(engine, graph_cache, runtime, hooks, churn, lowering, plan)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
