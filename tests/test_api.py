@@ -440,6 +440,29 @@ def test_error_output_without_grad_fn(gen):
     _err_case(gen, build)
 
 
+@pytest.mark.parametrize("flags", [dict(create_graph=None), dict(create_graph="yes"),
+                                   dict(create_graph=1.0), dict(retain_graph="x"),
+                                   dict(create_graph=1), dict(create_graph=True, retain_graph=0)])
+def test_flags_that_are_not_bools_as_torch_reads_them(flags, gen):
+    """torch reads create_graph and retain_graph as C integers: 0 and 1 pass, None, strings
+    and floats raise its TypeError."""
+    x0 = rand((5,), gen)
+    outcomes = []
+    for grad in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_(True)
+        try:
+            r = grad((torch.sin(x) * x).sum(), x, **flags)
+            outcomes.append((r[0].detach(), r[0].requires_grad))
+        except Exception as e:  # noqa: BLE001
+            outcomes.append((type(e), str(e)))
+    (a, fa), (b, fb) = outcomes
+    if isinstance(a, torch.Tensor):
+        assert_same((b,), (a,))
+        assert fa == fb
+    else:
+        assert (a, fa) == (b, fb)
+
+
 def test_error_empty_inputs(gen):
     setup = _setup_xy(gen)
 

@@ -116,6 +116,11 @@ def _settled(arg):
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
+    if type(create_graph) is not bool or not (retain_graph is None or type(retain_graph) is bool):
+        # PyTorch reads these flags as C integers (0 and 1 pass, None or a string raise its
+        # TypeError): anything but a bool goes to it, for its results or its error
+        return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                           only_inputs, allow_unused, is_grads_batched, materialize_grads)
     cap = walk = None
     if only_inputs and not is_grads_batched and not materialize_grads:
         # a graph seen before, whose cached plan runs in C++ alone; else what it walked
