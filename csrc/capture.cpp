@@ -85,6 +85,19 @@ py::object device_type(py::handle dev) {
 }
 
 Py_ssize_t Binder::index(py::handle t, py::object* key) {
+  auto again = seen.find(t.ptr());
+  if (again != seen.end()) {
+    if (key) *key = again->second.key;
+    return again->second.number;
+  }
+  py::object k;
+  const Py_ssize_t n = number(t, &k);
+  seen.emplace(t.ptr(), Seen{py::reinterpret_borrow<py::object>(t), k, n});
+  if (key) *key = std::move(k);
+  return n;
+}
+
+Py_ssize_t Binder::number(py::handle t, py::object* key) {
   py::object dtype = py_attr(t, N.dtype);
   int has = PyDict_Contains(g_dtype_codes, dtype.ptr());
   if (has < 0) throw py::error_already_set();

@@ -23,6 +23,14 @@ class Binder {
   py::object device = py::none();
   // Numbers of host scalars seen before the call's device was known (see index).
   std::vector<Py_ssize_t> pending_host;
+  // The tensor objects indexed so far, each held (so that its address is not reused while the
+  // binder lives) with its number and identity key: one met again (a tensor saved by several
+  // nodes, a region's input saved by the forward too) skips its attribute reads.
+  struct Seen {
+    py::object tensor, key;  // key: null for a tensor numbered -1
+    Py_ssize_t number;
+  };
+  std::unordered_map<PyObject*, Seen> seen;
 
   // The number of tensor `t` (-1 for a tensor the compiled path cannot read: a dtype, layout or
   // device it does not handle, or another device than the call's); `key` receives the identity
@@ -30,6 +38,8 @@ class Binder {
   // tensor that does not require grad (a wrapped Python number: `x * 2.0` saves one) joins a
   // CUDA call as PyTorch's kernels let it: `tensors` holds its value on the call's device.
   Py_ssize_t index(py::handle t, py::object* key = nullptr);
+  // index for a tensor object not met before in this binder
+  Py_ssize_t number(py::handle t, py::object* key);
   // (number, shape, strides, dtype, requires_grad), or None: how a tensor enters a signature.
   py::object record(py::handle t);
 };

@@ -151,6 +151,7 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   b.keys = std::move(bind.keys);
   b.device = std::move(bind.device);
   b.pending_host = std::move(bind.pending_host);
+  b.seen = std::move(bind.seen);
   py::object graph = py::cast(std::move(g));
   return py::make_tuple(py::none(), py::make_tuple(out_edges, gos, given, in_edges, graph, binder,
                                                    key, freed));
