@@ -92,7 +92,9 @@ Py_ssize_t Binder::index(py::handle t, py::object* key) {
   }
   py::object k;
   const Py_ssize_t n = number(t, &k);
-  seen.emplace(t.ptr(), Seen{py::reinterpret_borrow<py::object>(t), k, n});
+  // (one the compiled path cannot read is not kept: held, it would outlive a fallback to
+  // PyTorch's engine that frees it on the way)
+  if (n >= 0) seen.emplace(t.ptr(), Seen{py::reinterpret_borrow<py::object>(t), k, n});
   if (key) *key = std::move(k);
   return n;
 }

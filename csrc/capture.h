@@ -23,11 +23,11 @@ class Binder {
   py::object device = py::none();
   // Numbers of host scalars seen before the call's device was known (see index).
   std::vector<Py_ssize_t> pending_host;
-  // The tensor objects indexed so far, each held (so that its address is not reused while the
+  // The tensor objects numbered so far, each held (so that its address is not reused while the
   // binder lives) with its number and identity key: one met again (a tensor saved by several
   // nodes, a region's input saved by the forward too) skips its attribute reads.
   struct Seen {
-    py::object tensor, key;  // key: null for a tensor numbered -1
+    py::object tensor, key;
     Py_ssize_t number;
   };
   std::unordered_map<PyObject*, Seen> seen;

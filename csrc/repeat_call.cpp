@@ -23,7 +23,7 @@ struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
       *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due, *entries,
       *spec, *freed, *recompute, *state, *tensor_hooks, *waiting, *acc_cls, *leaf_edge, *binder,
-      *refuse_freed, *drop_saved, *refuse_unpack;
+      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given;
 };
 Names N{};
 
@@ -59,7 +59,7 @@ py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
   const py::object rec = py_attr(entry, N.churn);
   if (!rec.is_none() && py_truthy(py_attr(rec, N.recent))) return py::object();  // (rec.hit())
   if (create_graph)  // the plan as one autograd Function (blocks.py)
-    return py_attr(M.runtime, N.execute)(plan, bind.tensors, true);
+    return py_attr(M.engine, N.execute)(plan, bind.tensors, true);  // (as engine.hit)
   // runtime.execute's repeat: the Executor of the plan's last run on this device
   const py::object exe = py_attr(plan, N.executor);
   const py::object dev = py_attr(PyList_GET_ITEM(tensors, 0), N.device);
@@ -86,8 +86,6 @@ py::object run_cached(const py::object& key, Binder& bind, bool create_graph) {
 py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_outputs,
                        py::handle retain_graph, bool create_graph) {
   if (!M.engine) return py::none();
-  const py::object waiting = py_attr(M.churn, N.waiting);  // (records sending calls unsigned)
-  if (py_truthy(waiting[py::int_(0)])) return py::none();
   const py::object args = plain_call_args(outputs, inputs, grad_outputs);
   if (args.is_none()) return py::none();
   const py::object out_edges = args[py::int_(0)], gos = args[py::int_(1)],
@@ -124,6 +122,16 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
       in_edges.append(py_attr(M.engine, N.leaf_edge)(e));
     }
   }
+  // engine._capture: while some record sends calls to PyTorch unsigned, this structure's may
+  py::object rec = py::none();
+  const py::object waiting = py_attr(M.churn, N.waiting);
+  if (py_truthy(waiting[py::int_(0)]) && py_truthy(py_attr(M.churn, N.misses))) {
+    rec = py_attr(M.churn, N.find)(g.structure, PyObject_Length(out_edges.ptr()),
+                                   PyObject_Length(in_edges.ptr()), create_graph);
+    if (!rec.is_none() &&
+        py_truthy(rec.attr(N.skip)(py_attr(M.engine, N.given)(given, gos))))
+      return py::make_tuple(py::none(), py::none());  // routed (churn.Routed)
+  }
   // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
   const py::object any_hooks = py_attr(M.hooks, N.state)[N.any];
   const py::object hooks_fn = py_truthy(any_hooks) ? py_attr(M.hooks, N.tensor_hooks) : py::none();
@@ -154,7 +162,7 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   b.seen = std::move(bind.seen);
   py::object graph = py::cast(std::move(g));
   return py::make_tuple(py::none(), py::make_tuple(out_edges, gos, given, in_edges, graph, binder,
-                                                   key, freed));
+                                                   key, freed, rec));
 }
 
 void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runtime,
@@ -169,7 +177,9 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("_spec"),         py_intern("_FREED"),       py_intern("RECOMPUTE"),
               py_intern("_STATE"),        py_intern("tensor_hooks"), py_intern("_WAITING"),
               py_intern("_accumulate_grad_class"), py_intern("_leaf_edge"), py_intern("_Binder"),
-              py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack")};
+              py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack"),
+              py_intern("MISSES"),        py_intern("find"),         py_intern("skip"),
+              py_intern("_given")};
   // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
   M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
               hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),

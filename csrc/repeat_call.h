@@ -17,9 +17,9 @@ namespace py = pybind11;
 //   (results, None)  it ran: a tuple of tensors, as torch.autograd.grad returns;
 //   (None, walk)     it was walked and signed, and engine.hit takes it on from there:
 //                    walk = (out_edges, grad_tensors, given in_edges, in_edges, graph, binder,
-//                    key, freed), what engine._capture makes;
-//   None             not walked: a call that is not plain (call_args.h), or a churn record
-//                    sending calls to PyTorch unsigned.
+//                    key, freed, churn record or None), what engine._capture makes;
+//   (None, None)     its structure's churn record sends it to PyTorch unsigned (churn.Routed);
+//   None             not walked: a call that is not plain (call_args.h).
 // It runs only when the entry's plan needs nothing from Python but its run: no fallback node
 // to replay, no churn record to tell, an Executor for this device and layout (see engine.hit
 // and runtime.execute, which it mirrors); under create_graph the plan runs as one autograd

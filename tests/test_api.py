@@ -172,6 +172,36 @@ def test_allow_unused_none(gen):
     assert_same(got, ref)
 
 
+@pytest.mark.parametrize("retain_graph", [None, False])
+def test_create_graph_under_inference_mode(retain_graph, gen):
+    """Nothing is recorded in inference mode: torch's results do not require grad, and
+    create_graph keeps the graph unless retain_graph says otherwise."""
+    x0 = rand((6,), gen)
+    outcomes = []
+    for grad in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_(True)
+        y = (torch.tanh(x) ** 3).sum()
+        with torch.inference_mode():
+            got = [grad(y, x, create_graph=True, retain_graph=retain_graph)[0]
+                   for _ in range(1 if retain_graph is False else 3)]
+        assert all(not g.requires_grad and g.is_inference() for g in got)
+        again = _outcome_of(lambda: grad(y, x))
+        outcomes.append((got[-1], again))
+    (a, a_again), (b, b_again) = outcomes
+    assert_same((b,), (a,))
+    if isinstance(a_again, Exception):
+        assert (type(b_again), str(b_again)) == (type(a_again), str(a_again))
+    else:
+        assert_same(b_again, a_again)
+
+
+def _outcome_of(run):
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
 @pytest.mark.parametrize("first_call", [True, False])
 def test_calls_made_under_inference_mode(first_call, gen, monkeypatch):
     """A graph built outside inference mode and differentiated inside it, as torch allows: the

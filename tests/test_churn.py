@@ -142,6 +142,49 @@ def test_a_graph_whose_shape_settles_runs_from_cpp_again(routing, monkeypatch, g
     assert repeated == [True] * 3
 
 
+def test_a_structure_left_churning_does_not_slow_the_others(routing, monkeypatch, gen):
+    """A structure whose record still sends calls to PyTorch unsigned (its graph abandoned
+    mid-churn) leaves the other graphs' calls to run from C++ (_C.repeat_call looks up the
+    call's own record, as engine._capture does)."""
+    net = _net(gen)
+    x0 = _points(50, gen)
+
+    def other():  # another structure, cached
+        x = x0.clone().requires_grad_(True)
+        assert_same(fastgrad.grad(net(x).sum(), x), TORCH_GRAD(net(x).sum(), x))
+
+    for _ in range(churn.WINDOW + 1):  # (its record's miss bit cleared by hits)
+        other()
+    for i in range(12):
+        _check("tanh_cube", 40 + i, gen, net)
+    assert churn._WAITING[0] > 0, "the churning structure should be waiting"
+    routed = len(routing)
+    repeated = []
+    real = fastgrad._C.repeat_call
+
+    def spy(*a):
+        r = real(*a)
+        repeated.append(r is not None and r[0] is not None)
+        return r
+
+    monkeypatch.setattr(fastgrad._C, "repeat_call", spy)
+    for _ in range(3):
+        other()
+    assert repeated == [True] * 3 and len(routing) == routed
+    _check("tanh_cube", 90, gen, net)  # the churning one's next call still goes to PyTorch
+    assert len(routing) == routed + 1
+
+
+def test_clearing_records_leaves_no_record_waiting(routing):
+    r = churn.record(1, 1, 1, False)
+    r._wait(3)
+    assert churn._WAITING[0] == 1
+    churn.clear()
+    assert churn._WAITING[0] == 0
+    r.hit()  # (a cache entry may still hold it)
+    assert churn._WAITING[0] == 0
+
+
 def test_a_cached_graph_with_a_new_shape_now_and_then_is_never_routed(routing, gen):
     net = _net(gen)
     for i in range(40):

@@ -435,3 +435,19 @@ def test_freeing_under_saved_tensor_hooks_does_not_unpack(gen, monkeypatch):
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
             TORCH_GRAD(y, x)
     assert n["freeing"] == 0 and n["unpack"] > 0
+
+
+def test_the_binder_holds_only_tensors_it_numbers(gen):
+    """A call's binder keeps each tensor it numbered (so a tensor met again skips its reads),
+    but not one the compiled path cannot read (a complex one: the call goes to PyTorch, whose
+    engine frees such saved tensors as it goes, which a reference held here would prevent)."""
+    import weakref
+    from fastgrad import engine
+    b = engine._Binder()
+    z, x = torch.randn(3, dtype=torch.complex64), rand((3,), gen)
+    zr, xr = weakref.ref(z), weakref.ref(x)
+    assert b.index(z) == (None, None)
+    n, key = b.index(x)
+    assert b.index(x) == (n, key) and len(b.tensors) == 1
+    del z, x
+    assert zr() is None and xr() is not None

@@ -121,6 +121,10 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
         # TypeError): anything but a bool goes to it, for its results or its error
         return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                            only_inputs, allow_unused, is_grads_batched, materialize_grads)
+    if create_graph and torch.is_inference_mode_enabled():
+        # nothing is recorded in inference mode: PyTorch's results are plain inference tensors
+        # (create_graph still keeps the graph by default)
+        retain_graph, create_graph = True if retain_graph is None else retain_graph, False
     cap = walk = None
     if only_inputs and not is_grads_batched and not materialize_grads:
         # a graph seen before, whose cached plan runs in C++ alone; else what it walked
@@ -129,6 +133,10 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
             if ran[0] is not None:
                 return ran[0]
             walk = ran[1]
+            if walk is None:  # (churn.Routed: its arguments are plain, nothing to settle)
+                return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                                   only_inputs, allow_unused, is_grads_batched,
+                                   materialize_grads)
     outputs, inputs, grad_outputs = _settled(outputs), _settled(inputs), _settled(grad_outputs)
     if only_inputs and not is_grads_batched and not materialize_grads:
         try:

@@ -156,7 +156,10 @@ class Routed(Unplannable):
 
 
 def clear():
-    """Forget every structure's record."""
+    """Forget every structure's record (a record a cache entry still holds stops waiting, so
+    that its next hit does not count it out of _WAITING again)."""
     with _LOCK:
+        for r in _RECORDS.values():
+            r.wait = 0
         _RECORDS.clear()
         _WAITING[0] = 0

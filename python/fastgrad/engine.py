@@ -264,8 +264,8 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph, walk=None
     if walk is None:
         cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
     else:
-        _, _, given, edges, graph, bind, key, freed = walk
-        cap = Capture(grad_tensors, bind, graph, edges, key, freed, None, given)
+        _, _, given, edges, graph, bind, key, freed, rec = walk
+        cap = Capture(grad_tensors, bind, graph, edges, key, freed, rec, given)
     entry = graph_cache.lookup(cap.key)
     if entry is None and cap.key is not None and churn.MISSES:
         _route(cap, len(out_edges), len(in_edges), create_graph)
