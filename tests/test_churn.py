@@ -90,7 +90,7 @@ def test_shapes_new_every_call_go_to_pytorch_after_the_first_misses(routing, nam
     assert rep.fallback == [("<whole call>", churn.REASON)]
 
 
-def test_a_graph_whose_shape_settles_is_planned_again(routing, gen):
+def test_a_graph_whose_shape_settles_is_planned_again(routing, monkeypatch, gen):
     net = _net(gen)
     for i in range(12):
         _check("pinn", 40 + i, gen, net)
@@ -104,6 +104,11 @@ def test_a_graph_whose_shape_settles_is_planned_again(routing, gen):
     assert len(routing) == before
     rep = _explain("pinn", 500, gen, net)
     assert rep.all_native, str(rep)
+    # no record waits now: both calls of a step run from their plans in C++ again
+    assert churn._WAITING[0] == 0
+    repeated = _repeated(monkeypatch)
+    _check("pinn", 500, gen, net)
+    assert repeated == [True, True]
 
 
 def test_shapes_that_cycle_end_up_planned(routing, gen):
@@ -118,16 +123,8 @@ def test_shapes_that_cycle_end_up_planned(routing, gen):
     assert len(routing) == before
 
 
-def test_a_graph_whose_shape_settles_runs_from_cpp_again(routing, monkeypatch, gen):
-    """Once no record sends calls to PyTorch unsigned, a cached call runs from its plan in
-    C++ alone (_C.repeat_call, which leaves every call to Python while one does)."""
-    net = _net(gen)
-    for i in range(12):
-        _check("tanh_cube", 40 + i, gen, net)
-    assert routing, "the structure should churn by now"
-    for _ in range(4 * churn.PROBE):
-        _check("tanh_cube", 64, gen, net)
-    assert churn._WAITING[0] == 0
+def _repeated(monkeypatch):
+    """From now on, for each call: whether _C.repeat_call ran it (from its plan, in C++)."""
     repeated = []
     real = fastgrad._C.repeat_call
 
@@ -137,9 +134,7 @@ def test_a_graph_whose_shape_settles_runs_from_cpp_again(routing, monkeypatch, g
         return r
 
     monkeypatch.setattr(fastgrad._C, "repeat_call", spy)
-    for _ in range(3):
-        _check("tanh_cube", 64, gen, net)
-    assert repeated == [True] * 3
+    return repeated
 
 
 def test_a_structure_left_churning_does_not_slow_the_others(routing, monkeypatch, gen):
@@ -159,15 +154,7 @@ def test_a_structure_left_churning_does_not_slow_the_others(routing, monkeypatch
         _check("tanh_cube", 40 + i, gen, net)
     assert churn._WAITING[0] > 0, "the churning structure should be waiting"
     routed = len(routing)
-    repeated = []
-    real = fastgrad._C.repeat_call
-
-    def spy(*a):
-        r = real(*a)
-        repeated.append(r is not None and r[0] is not None)
-        return r
-
-    monkeypatch.setattr(fastgrad._C, "repeat_call", spy)
+    repeated = _repeated(monkeypatch)
     for _ in range(3):
         other()
     assert repeated == [True] * 3 and len(routing) == routed
