@@ -101,7 +101,7 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   }
   py::list out_nodes;
   for (auto e : out_edges) out_nodes.append(PyTuple_GET_ITEM(e.ptr(), 0));
-  py::handle acc = py::none();
+  py::handle acc = Py_None;
   if (PySet_GET_SIZE(leaf_ids.ptr()) > 0) {
     if (!g_acc_cls) g_acc_cls = py_attr(M.engine, N.acc_cls)().release().ptr();
     acc = g_acc_cls;
@@ -144,9 +144,9 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
     py::object res = run_cached(key, bind, create_graph);
     if (res) {
       const bool retain = retain_graph.is_none() ? create_graph : py_truthy(retain_graph);
-      if (!retain)
-        mark_freed(g, freed_key, py_attr(M.engine, N.refuse_freed), spec, py_attr(M.engine, N.drop_saved),
-                   py_attr(M.engine, N.refuse_unpack));
+      if (!retain)  // (engine._mark_freed)
+        mark_freed(g, freed_key, py_attr(M.engine, N.refuse_freed), spec,
+                   py_attr(M.engine, N.drop_saved), py_attr(M.engine, N.refuse_unpack));
       PyObject* t = PySequence_Tuple(res.ptr());
       if (!t) throw py::error_already_set();
       return py::make_tuple(py::reinterpret_steal<py::object>(t), py::none());
