@@ -125,22 +125,17 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
         # nothing is recorded in inference mode: PyTorch's results are plain inference tensors
         # (create_graph still keeps the graph by default)
         retain_graph, create_graph = True if retain_graph is None else retain_graph, False
-    cap = walk = None
-    if only_inputs and not is_grads_batched and not materialize_grads:
+    cap = None
+    plain = only_inputs and not is_grads_batched and not materialize_grads
+    if plain:
         # a graph seen before, whose cached plan runs in C++ alone; else what it walked
         ran = _C.repeat_call(outputs, inputs, grad_outputs, retain_graph, create_graph)
-        if ran is not None:
-            if ran[0] is not None:
-                return ran[0]
-            walk = ran[1]
-            if walk is None:  # (churn.Routed: its arguments are plain, nothing to settle)
-                return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
-                                   only_inputs, allow_unused, is_grads_batched,
-                                   materialize_grads)
+        if ran is not None and ran[0] is not None:
+            return ran[0]
     outputs, inputs, grad_outputs = _settled(outputs), _settled(inputs), _settled(grad_outputs)
-    if only_inputs and not is_grads_batched and not materialize_grads:
+    if plain:
         try:
-            res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, walk)
+            res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran)
         except churn.Routed:  # (straight to PyTorch: _grad's checks would only cost time)
             return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                                only_inputs, allow_unused, is_grads_batched, materialize_grads)
@@ -150,14 +145,22 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
                  allow_unused, is_grads_batched, materialize_grads, None, cap)
 
 
-def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, walk=None):
+def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran=None):
     """(results, capture) of a plain call on a graph seen before (engine.hit); results None:
     _grad handles the call, with every check and fallback, and the capture (None for a call
     that is not plain) spares it walking and signing the graph again. Plain: tensors (no
     edges, subclasses or dicts), outputs that have a grad_fn, inputs without tensor hooks,
     grad_outputs that need no checks (all checked in C++: csrc/call_args.h); any other call is
-    left to _grad whole. ``walk``: the walk and signature _C.repeat_call made of the call."""
-    args = _C.plain_call_args(outputs, inputs, grad_outputs) if walk is None else walk[:3]
+    left to _grad whole. ``ran``: what _C.repeat_call said of the call, when it did not run it
+    (csrc/repeat_call.h): its walk and signature, or that its churn record routes it."""
+    walk = None
+    if ran is None:
+        args = _C.plain_call_args(outputs, inputs, grad_outputs)
+    else:
+        walk = ran[1]
+        if walk is None:
+            raise churn.Routed(churn.REASON)
+        args = walk[:3]
     if args is None:
         return None, None
     out_edges, gos, in_edges = args
