@@ -55,7 +55,8 @@ CASES = [  # (name, shapes of the leaves, forward)
     ("matmul_steps", [(20, 8), (8, 6)], lambda x, w: (torch.tanh(x @ w),)),
     # gather and scatter steps (plan.IndexStep): pair differences, per-row sums by index_add
     ("index_steps", [(9, 3)], lambda x: (torch.sin(x[_I] - x[_J]).sum(),
-                                         x.new_zeros(9).index_add(0, _I.abs(), (x[_J] ** 2).sum(1)))),
+                                         x.new_zeros(9).index_add(0, _I.abs().to(x.device),
+                                                                  (x[_J] ** 2).sum(1)))),
 ]
 
 
