@@ -21,6 +21,23 @@ _GradientEdge = getattr(_graph, "GradientEdge", None)
 _get_edge = getattr(_graph, "get_gradient_edge", None)
 
 
+_DICT_INPUTS = []  # [whether the installed torch.autograd.grad takes a dict of inputs], once asked
+
+
+def _torch_takes_dicts():
+    """Newer PyTorch releases take a dict of inputs (and return a dict); older ones raise their
+    own error for it, and then so must fastgrad. Asked once, on a throwaway graph."""
+    if not _DICT_INPUTS:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.zeros((), requires_grad=True)
+            try:
+                _torch_grad(x * 2.0, {"x": x})
+                _DICT_INPUTS.append(True)
+            except (TypeError, RuntimeError):
+                _DICT_INPUTS.append(False)
+    return _DICT_INPUTS[0]
+
+
 def _is_edge(x):
     return _GradientEdge is not None and isinstance(x, _GradientEdge)
 
@@ -197,7 +214,7 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
     keys = None
     if isinstance(inputs, torch.Tensor) or _is_edge(inputs):
         ins = (inputs,)
-    elif type(inputs) is dict:
+    elif type(inputs) is dict and _torch_takes_dicts():
         keys, ins = list(inputs.keys()), tuple(inputs.values())
     else:
         ins = tuple(inputs) if not hasattr(inputs, "keys") else None
