@@ -1,8 +1,9 @@
 """fastgrad: torch.autograd.grad with fused C++ kernels for the VJPs and higher derivatives."""
-from . import _C, hooks
+from . import _C, api, hooks
 from .api import Report, explain, grad
 
-hooks.install()
+if api.NATIVE:  # (on an older torch every call goes to PyTorch, which runs the hooks itself)
+    hooks.install()
 
 __version__ = "0.1.0"
 

@@ -21,6 +21,21 @@ _GradientEdge = getattr(_graph, "GradientEdge", None)
 _get_edge = getattr(_graph, "get_gradient_edge", None)
 
 
+def _graph_readable():
+    """Whether this PyTorch shows what fastgrad reads of a graph: each node's
+    ``_input_metadata`` (the shape, dtype and device of each gradient the node takes), which
+    sets the shape each derived gradient is summed to. Releases before 2.5 do not show it, and
+    nothing else tells an intermediate node's shapes (AddBackward0 saves none), so there every
+    call goes to PyTorch."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.zeros(1, requires_grad=True)
+        return hasattr((x * 2.0).grad_fn, "_input_metadata")
+
+
+NATIVE = _graph_readable()
+NOT_NATIVE_REASON = ("torch %s does not show autograd nodes' _input_metadata (fastgrad runs "
+                     "natively from torch 2.5)" % torch.__version__)
+
 _DICT_INPUTS = []  # [whether the installed torch.autograd.grad takes a dict of inputs], once asked
 
 
@@ -133,9 +148,11 @@ def _settled(arg):
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
-    if type(create_graph) is not bool or not (retain_graph is None or type(retain_graph) is bool):
-        # PyTorch reads these flags as C integers (0 and 1 pass, None or a string raise its
-        # TypeError): anything but a bool goes to it, for its results or its error
+    if not NATIVE or type(create_graph) is not bool or \
+            not (retain_graph is None or type(retain_graph) is bool):
+        # a torch whose graphs fastgrad cannot read runs every call; and PyTorch reads these
+        # flags as C integers (0 and 1 pass, None or a string raise its TypeError): anything
+        # but a bool goes to it, for its results or its error
         return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                            only_inputs, allow_unused, is_grads_batched, materialize_grads)
     if create_graph and torch.is_inference_mode_enabled():
@@ -205,6 +222,8 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
             trace.fallback.append(("<whole call>", reason))
         return _torch_grad(*args)
 
+    if not NATIVE:
+        return torch_grad(NOT_NATIVE_REASON)
     if materialize_grads and allow_unused is False:
         return torch_grad("invalid arguments")
     if allow_unused is None:
