@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastgrad
+from fastgrad import lowering
 from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand, recompute
 
 F = torch.nn.functional
@@ -61,7 +62,11 @@ def test_a_chain_computes_its_saved_values_again(name, fn, arrays, loaded, devic
         assert report.all_native, report
         # (and a few scalars: the gradient of the sum, wrapped numbers)
         read = report.bytes_read // (x0.numel() * x0.element_size())
-        assert read == want_arrays, f"policy {on}: {read} arrays read\n{report}"
+        if on and not lowering.shows_saved_tensor_hooks():
+            # (an older torch: saved outputs may have come through hooks, and stay loaded)
+            assert arrays <= read <= loaded, f"policy on: {read} arrays read\n{report}"
+        else:
+            assert read == want_arrays, f"policy {on}: {read} arrays read\n{report}"
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
@@ -87,7 +92,9 @@ def test_second_order_through_tied_values(device, gen):
         assert_same(run(FAST_GRAD, reports), run(TORCH_GRAD))
     # (the second call reads g too: (g * g) saved it)
     for r, arrays in zip(reports, (1, 2)):
-        assert r.all_native and r.bytes_read // size == arrays, r
+        assert r.all_native, r
+        if lowering.shows_saved_tensor_hooks():  # (else exp's saved result stays loaded)
+            assert r.bytes_read // size == arrays, r
 
 
 def _changed_after_it_was_made(x):
@@ -167,3 +174,23 @@ def test_a_value_near_overflow_is_pytorchs(op, device, gen):
         return grad((op(x) * w).sum(), (x, w))[1]
     with recompute(True, device):
         assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_hooks_told_apart_where_pytorch_does_not_show_them(hooks, gen):
+    """Where a SavedTensor shows no unpack hook (torch 2.5), a saved input counts as unhooked
+    only if it unpacks to the very same tensor twice, and a saved output (unpacked anew each
+    time) always counts as hooked: a hook's value is never replaced by its producer's."""
+    x = rand((5,), gen).requires_grad_()
+    ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.half(), lambda t: t.double()) \
+        if hooks else torch.enable_grad()
+    with ctx:
+        y = torch.sin(x) * torch.exp(x)
+    mul, exp = y.grad_fn, y.grad_fn.next_functions[1][0]
+    old_raw = object()  # (no unpack_hook attribute, as on an older torch)
+    saved_input = mul._saved_self  # sin(x), an input of the product
+    assert lowering._through_hooks(old_raw, saved_input, lambda: mul._saved_self) is hooks
+    saved_output = exp._saved_result
+    assert lowering._through_hooks(old_raw, saved_output, lambda: exp._saved_result) is True
+    if lowering.shows_saved_tensor_hooks():  # (and the newer torch's own answer agrees)
+        assert lowering._through_hooks(mul._raw_saved_self, saved_input, None) is hooks

@@ -66,7 +66,8 @@ class NodeView:
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
         leaf = self._bind(t)
-        if raw is not None and getattr(raw, "unpack_hook", None) is not None:
+        if raw is not None and _through_hooks(raw, t, lambda: self.raw(name) if k is None
+                                              else self.raw(name)[k]):
             hooked(self._bind).add(leaf.known)
         return leaf
 
@@ -116,6 +117,30 @@ def hooked(bind):
     if "hooked" not in d:
         d["hooked"] = set()
     return d["hooked"]
+
+
+_SHOWS_HOOKS = []
+
+
+def shows_saved_tensor_hooks():
+    """Whether this PyTorch shows a saved tensor's unpack hook (where it does not, saved
+    outputs are never tied: _through_hooks)."""
+    if not _SHOWS_HOOKS:
+        with torch.inference_mode(False), torch.enable_grad():
+            y = torch.zeros(1, requires_grad=True).exp()
+            _SHOWS_HOOKS.append(hasattr(y.grad_fn._raw_saved_result, "unpack_hook"))
+    return _SHOWS_HOOKS[0]
+
+
+def _through_hooks(raw, t, again):
+    """Whether saved tensor ``t`` (``raw``: its SavedTensor) may have come through saved-tensor
+    hooks. Newer PyTorch releases show the unpack hook on it. Older ones (2.5) do not: there a
+    tensor counts as hooked unless unpacking it again (``again()``) gives the very same tensor,
+    as PyTorch does only for a saved input without hooks; a saved output is unpacked anew each
+    time, so it counts too (loaded, never computed again)."""
+    if hasattr(raw, "unpack_hook"):
+        return raw.unpack_hook is not None
+    return again() is not t
 
 
 def _is_freed(fn):
@@ -281,8 +306,10 @@ def _region(v):
     mapping = {id(leaf): s for leaf, s in zip(region.local_inputs, slots)}
     # a block's IR binds its products to its saved tensors: to this call's numbers
     bound = [s.args[0].known for s in slots] + [v._bind(t).known for t in saved[n:]]
-    if any(getattr(r, "unpack_hook", None) is not None
-           for r in getattr(v.fn, "_raw_saved_tensors", ())):
+    raws = getattr(v.fn, "_raw_saved_tensors", ())
+    again = [] if not raws or hasattr(raws[0], "unpack_hook") else v.fn.saved_tensors
+    if any(_through_hooks(r, t, lambda i=i: again[i])
+           for i, (r, t) in enumerate(zip(raws, saved))):
         hooked(v._bind).update(bound)
     return ir.substitute(region.local_outputs, mapping,
                          lambda m: None if m.known is None else bound[m.known])
