@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import assert_native
+from conftest import assert_native, hardswish_splits_at_3
 
 F = torch.nn.functional
 SPECIALS = [0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 6.0, 0.5, -0.3, 20.0, -20.0, 20.5, 30.0, -30.0,
@@ -84,7 +84,8 @@ def test_specials(name):
     f = ACTIVATIONS[name]
     ok = _torch_consistent(f, SPECIALS)
     values = [v for v, k in zip(SPECIALS, ok) if k]
-    assert len(values) >= len(SPECIALS) - 1, f"PyTorch disagrees with itself on {SPECIALS}"
+    split = name == "hardswish" and hardswish_splits_at_3()  # (and at 3 on an older torch)
+    assert len(values) >= len(SPECIALS) - 1 - split, f"PyTorch disagrees with itself on {SPECIALS}"
     for x in (torch.tensor(values, dtype=torch.float64),           # one loop
               torch.tensor(values * 4, dtype=torch.float64)):      # long enough for vectors
         want = _grads(torch.autograd.grad, f, x)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import TORCH_GRAD
+from conftest import TORCH_GRAD, hardswish_splits_at_3
 
 F = torch.nn.functional
 
@@ -184,6 +184,8 @@ def test_activation_backward_nodes_at_kinks_and_special_values(act, dtype):
     differentiated twice more by fastgrad, at its kinks, far out, at +-inf and NaN (half types
     computed in float32 and rounded once, as PyTorch's kernels do)."""
     f, kinks, far = BACKWARD_NODES[act]
+    if act == "hardswish" and hardswish_splits_at_3():  # (PyTorch's own loops disagree at 3)
+        kinks = [k for k in kinks if k != 3.0]
     g = torch.Generator().manual_seed(len(act))
     # (the kinks divided by the forward's 1.25, so that its input lands on them)
     x0 = torch.cat([torch.randn(40, generator=g, dtype=torch.float64) * 3,

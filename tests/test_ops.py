@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import check_grad, check_native, rand, requires_device, strided_leaf
+from conftest import (check_grad, check_native, hardswish_splits_at_3, rand, requires_device,
+                      strided_leaf)
 
 
 @dataclass
@@ -489,6 +490,10 @@ def _cases(configs, test):
             if op.dtypes is not None and cfg.dtype not in op.dtypes:
                 continue
             marks = list(op.marks) + requires_device(cfg.device)
+            if op.name == "hardswish" and cfg.dtype in (torch.float16, torch.bfloat16) and \
+                    hardswish_splits_at_3():
+                # (half-type inputs land on 3, where an older PyTorch's loops disagree)
+                marks.append(pytest.mark.skip(reason="torch's hardswish_backward splits at 3"))
             reason = _defect(op, cfg, test)
             if reason is not None:
                 marks.append(pytest.mark.xfail(strict=True, reason=reason))

@@ -197,25 +197,55 @@ def hardtanh_backward(g, x, lo, hi):
     return _masked(where(ew("or", ew("le", x, lo), ew("ge", x, hi)), 0.0, g), x)
 
 
+_HARDSWISH_EDGES = []
+
+
+def _hardswish_edges():
+    """(at -3, at 3): whether PyTorch's hardswish_backward takes the outer branch there (0 and
+    g) rather than the middle one (g * (x/3 + 1/2)). Newer releases take the outer ones; older
+    ones (2.5) the middle one at -3 and, in their vectorised loop, the outer one at 3 (their
+    scalar loop takes the middle one there: large tensors decide). Read once from the kernel."""
+    if not _HARDSWISH_EDGES:
+        x = torch.tensor([-3.0, 3.0] * 64, dtype=torch.float64)
+        r = torch.ops.aten.hardswish_backward(torch.ones_like(x), x)
+        _HARDSWISH_EDGES.append((float(r[0]) == 0.0, float(r[1]) == 1.0))
+    return _HARDSWISH_EDGES[0]
+
+
 @opmath
 def hardswish(x):
     """x * clamp(x + 3, 0, 6) / 6, by branch so that each branch's derivative is PyTorch's:
-    0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 up. (NaN takes the last
-    branch, as PyTorch's scalar loop does; its vectorised loop gives NaN.) The middle branch
-    sees x only inside (-3, 3), so its derivative stays finite where it is discarded (+-inf)."""
-    low, high = ew("le", x, -3.0), ew("ge", x, 3.0)
+    0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 up (at -3 and 3 as the installed
+    PyTorch does: _hardswish_edges). (NaN takes the last branch, as PyTorch's scalar loop does;
+    its vectorised loop gives NaN.) The middle branch sees x only inside its range, so its
+    derivative stays finite where it is discarded (+-inf)."""
+    lo_outer, hi_outer = _hardswish_edges()
+    low, high = ew("le" if lo_outer else "lt", x, -3.0), ew("ge" if hi_outer else "gt", x, 3.0)
     xm = where(ew("or", low, high), 0.0, x)
     mid = div(mul(xm, add(xm, 3.0)), 6.0)
+    if not (lo_outer and hi_outer):
+        # an older kernel takes the middle branch's slope at an edge, where PyTorch's second
+        # derivative (derivatives.yaml: strictly inside) is 0: there, the line through the edge
+        strict = ew("and", ew("gt", x, -3.0), ew("lt", x, 3.0))
+        edge = where(ew("lt", x, 0.0), mul(add(x, 3.0), -0.5), add(mul(sub(x, 3.0), 1.5), 3.0))
+        mid = where(strict, mid, edge)
     top = div(mul(x, 6.0), 6.0)
     return where(low, mul(x, 0.0), where(high, top, mid))
 
 
 def hardswish_backward(g, x):
-    """PyTorch's hardswish_backward kernel: x <= -3 ? 0 : x >= 3 ? g : g * (x/3 + 1/2), in
-    float32 for half types (NaN takes g, as its scalar loop does; its vectorised loop gives
-    NaN). The middle branch reads x only strictly inside (-3, 3) (not NaN either, whose
-    discarded middle would make the derivative with respect to g NaN)."""
+    """PyTorch's hardswish_backward kernel: x <= -3 ? 0 : x >= 3 ? g : g * (x/3 + 1/2) (at -3
+    and 3 as the installed PyTorch does: _hardswish_edges), in float32 for half types (NaN
+    takes g, as its scalar loop does; its vectorised loop gives NaN). The middle branch reads x
+    only inside its range (not NaN either, whose discarded middle would make the derivative
+    with respect to g NaN)."""
+    lo_outer, hi_outer = _hardswish_edges()
     ug, ux = up(g), up(x)
-    inside = ew("and", ew("gt", ux, -3.0), ew("lt", ux, 3.0))
-    mid = mul(ug, add(div(where(inside, ux, 0.0), 3.0), 0.5))
-    return ir.cast(where(ew("le", ux, -3.0), 0.0, where(ew("lt", ux, 3.0), mid, ug)), g.dtype)
+    below_top = ew("lt" if hi_outer else "le", ux, 3.0)
+    strict = ew("and", ew("gt", ux, -3.0), ew("lt", ux, 3.0))
+    # at an edge an older kernel counts in the middle: the edge itself there, a constant
+    # (PyTorch's derivative with respect to x is 0 there)
+    edge = 0.0 if lo_outer and hi_outer else where(ew("lt", ux, 0.0), -3.0, 3.0)
+    mid = mul(ug, add(div(where(strict, ux, edge), 3.0), 0.5))
+    low = ew("le" if lo_outer else "lt", ux, -3.0)
+    return ir.cast(where(low, 0.0, where(below_top, mid, ug)), g.dtype)
