@@ -354,7 +354,14 @@ def check_grad(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=None,
         def grad_outputs(outs):  # noqa: F811
             return tuple(cot.get(("go", i), o) for i, o in enumerate(outs))
 
-    ref = run_chain(TORCH_GRAD, fn, inputs, grad_outputs, orders, cot, prep, wrt, leaf_fn)
+    try:
+        ref = run_chain(TORCH_GRAD, fn, inputs, grad_outputs, orders, cot, prep, wrt, leaf_fn)
+    except RuntimeError as e:
+        # older releases lack some CPU kernels for half types (torch 2.5: mse_loss's for
+        # bfloat16, its backward's for float16): nothing to compare with
+        if "not implemented for" not in str(e):
+            raise
+        pytest.skip(f"torch {torch.__version__}: {e}")
     reports = [] if native else None
     got = run_chain(FAST_GRAD, fn, inputs, grad_outputs, orders, cot, prep, wrt, leaf_fn,
                     explain_levels=reports)
