@@ -66,9 +66,9 @@ class NodeView:
         if not isinstance(t, torch.Tensor):
             raise Unsupported(f"{name} is not a tensor")
         leaf = self._bind(t)
-        if raw is not None and _through_hooks(raw, t, lambda: self.raw(name) if k is None
-                                              else self.raw(name)[k]):
-            hooked(self._bind).add(leaf.known)
+        if raw is not None:
+            _note_hooks(self._bind, leaf.known, raw, t,
+                        lambda: self.raw(name) if k is None else self.raw(name)[k])
         return leaf
 
     def in_meta(self, i):
@@ -116,7 +116,20 @@ def hooked(bind):
     d = bind.__dict__
     if "hooked" not in d:
         d["hooked"] = set()
+    unsure = d.pop("hooks_unsure", None)
+    if unsure:  # (asked only where ties are made: unpacking again costs, and runs hooks)
+        d["hooked"].update(k for k, raw, t, again in unsure if _through_hooks(raw, t, again))
     return d["hooked"]
+
+
+def _note_hooks(bind, k, raw, t, again):
+    """Note bound tensor k (SavedTensor ``raw``, unpacked as ``t``) for hooked(): at once where
+    PyTorch shows the hook, else for hooked() to unpack it again (_through_hooks)."""
+    if hasattr(raw, "unpack_hook"):
+        if raw.unpack_hook is not None:
+            hooked(bind).add(k)
+    else:
+        bind.__dict__.setdefault("hooks_unsure", []).append((k, raw, t, again))
 
 
 _SHOWS_HOOKS = []
@@ -306,11 +319,14 @@ def _region(v):
     mapping = {id(leaf): s for leaf, s in zip(region.local_inputs, slots)}
     # a block's IR binds its products to its saved tensors: to this call's numbers
     bound = [s.args[0].known for s in slots] + [v._bind(t).known for t in saved[n:]]
-    raws = getattr(v.fn, "_raw_saved_tensors", ())
-    again = [] if not raws or hasattr(raws[0], "unpack_hook") else v.fn.saved_tensors
-    if any(_through_hooks(r, t, lambda i=i: again[i])
-           for i, (r, t) in enumerate(zip(raws, saved))):
-        hooked(v._bind).update(bound)
+    again = []  # (saved_tensors unpacked once more, for all of them, if hooked() asks)
+
+    def unpacked(i):
+        if not again:
+            again.append(v.fn.saved_tensors)
+        return again[0][i]
+    for i, (r, t) in enumerate(zip(getattr(v.fn, "_raw_saved_tensors", ()), saved)):
+        _note_hooks(v._bind, bound[i], r, t, lambda i=i: unpacked(i))
     return ir.substitute(region.local_outputs, mapping,
                          lambda m: None if m.known is None else bound[m.known])
 
