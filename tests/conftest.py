@@ -418,17 +418,21 @@ def check_native(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=Non
 @contextlib.contextmanager
 def recompute(on, device):
     """fastgrad.plan.RECOMPUTE for ``device`` set to ``on`` (whether plans compute saved values
-    again instead of loading them), with plans and cached sweeps made anew, and put back."""
-    from fastgrad import graph_cache, plan
+    again instead of loading them), with plans and cached sweeps made anew, and put back; and
+    inside, a process in which no saved-tensor hooks were pushed yet (which stop all ties:
+    fastgrad.hooks), as a test run alone would be."""
+    from fastgrad import graph_cache, hooks, plan
     key = torch.device(device).type
-    before = plan.RECOMPUTE[key]
+    before, hooks_before = plan.RECOMPUTE[key], hooks._STATE["saved"]
     plan.RECOMPUTE[key] = on
+    hooks._STATE["saved"] = False
     plan.clear_plan_cache()
     graph_cache.clear()
     try:
         yield
     finally:
         plan.RECOMPUTE[key] = before
+        hooks._STATE["saved"] = hooks_before or hooks._STATE["saved"]
         plan.clear_plan_cache()
         graph_cache.clear()
 

@@ -7,11 +7,13 @@ arrays it should (x and the scalar gradient), so a silent fall back to loading f
 in-place cases are where tying would be wrong: a tensor changed after it was made (its
 version is no longer 0) keeps its own value, in a fresh sweep and in a cached one.
 """
+import contextlib
+
 import pytest
 import torch
 
 import fastgrad
-from fastgrad import lowering
+from fastgrad import hooks, lowering
 from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand, recompute
 
 F = torch.nn.functional
@@ -151,8 +153,49 @@ def test_values_through_saved_tensor_hooks_are_not_tied(create_graph, device, ge
         x = x0.clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.half(), lambda t: t.double()):
             y = (torch.sin(x) * torch.exp(x)).sum()
+        # (as if the hooks were pushed before fastgrad was imported: each saved tensor's own
+        # check must keep it untied, not the process's note that hooks were used)
+        hooks._STATE["saved"] = False
         (g,) = grad(y, x, create_graph=create_graph)
         return (g,) + (grad(g.sum(), x) if create_graph else ())
+    with recompute(True, device):
+        for _ in range(2):
+            assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_a_sweep_cached_before_hooks_is_not_reused_under_them(device, gen):
+    """A graph built under value-changing hooks has the signature of one built without them
+    (an unpacked value keeps its producer's grad_fn): the sweep cached for the latter, which
+    tied w's saved value s to sin(x), must not serve the former."""
+    x0, w0 = rand((30,), gen).to(device), rand((30,), gen).to(device)
+
+    def run(grad, hooked):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        s = torch.sin(x)
+        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t + 1.0) \
+            if hooked else contextlib.nullcontext()
+        with ctx:
+            y = (s * (w * 1.0)).sum()
+        return grad(y, (x, w))
+    with recompute(True, device):
+        for hooked in (False, False, True, True):
+            assert_same(run(FAST_GRAD, hooked), run(TORCH_GRAD, hooked), what=f"hooks {hooked}")
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_create_graph_keeps_a_hooks_value(device, gen):
+    """create_graph: the block saves the hook's value (sin(x) + 0.25) again, without hooks; the
+    second call must not tie it to sin(x)."""
+    x0 = rand((12,), gen).to(device)
+
+    def run(grad):
+        x = x0.clone().requires_grad_()
+        s = torch.sin(x)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t + 0.25):
+            y = (s * torch.cos(x)).sum()
+        (gx,) = grad(y, x, create_graph=True)
+        return (gx,) + grad((gx * gx).sum(), x)
     with recompute(True, device):
         for _ in range(2):
             assert_same(run(FAST_GRAD), run(TORCH_GRAD))

@@ -484,6 +484,8 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
     device = bind.device
     if not plan.RECOMPUTE.get(device.type if device is not None else "cpu", False):
         return exprs  # (a tie changes nothing in a plan that loads every saved value)
+    if hooks.saved_hooks_used():
+        return exprs  # (a value may be a saved-tensor hook's, not its producer's: hooks.py)
     return _link_saved(exprs, bind, forwards, order, leaf_nodes,
                        tied if tied is not None else [])
 

@@ -10,6 +10,13 @@ removed handle removes the hook here too). The sweep then runs them at the same 
 ``Tensor.retain_grad`` is noted the same way (a weak reference to the tensor): PyTorch adds
 the gradient flowing into such a tensor to its ``.grad`` in ``torch.autograd.grad`` too, after
 the tensor's other hooks.
+
+Saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``, and what is built on them:
+``save_on_cpu``, non-reentrant checkpointing) are only noted: once any are pushed, no sweep ties
+a saved value to its producer again (engine._link_saved), and the sweeps cached before, which
+may have, are dropped. A value unpacked through such a hook keeps its producer's grad_fn, and a
+graph built under hooks looks like one built without them, so neither a cached sweep nor a value
+saved again (a create_graph block saves what it read) could tell.
 """
 import weakref
 
@@ -17,9 +24,10 @@ import torch
 
 _KEY = "fastgrad_tensor_hooks"
 _RETAIN_KEY = "fastgrad_retains_grad"
-_STATE = {"any": False}
+_STATE = {"any": False, "saved": False}
 _orig_register_hook = torch.Tensor.register_hook
 _orig_retain_grad = torch.Tensor.retain_grad
+_orig_push_saved = torch._C._autograd._push_saved_tensors_default_hooks
 
 
 def _register_hook(self, hook):
@@ -49,6 +57,19 @@ def _retain_grad(self):
         _STATE["any"] = True
 
 
+def _push_saved_hooks(*args, **kwargs):
+    if not _STATE["saved"]:
+        _STATE["saved"] = True
+        from . import graph_cache
+        graph_cache.clear()  # (sweeps made before may have tied saved values)
+    return _orig_push_saved(*args, **kwargs)
+
+
+def saved_hooks_used():
+    """Whether saved-tensor hooks were pushed since fastgrad was imported."""
+    return _STATE["saved"]
+
+
 def install():
     if torch.Tensor.register_hook is not _register_hook:
         _register_hook.__doc__ = _orig_register_hook.__doc__
@@ -56,6 +77,8 @@ def install():
     if torch.Tensor.retain_grad is not _retain_grad:
         _retain_grad.__doc__ = _orig_retain_grad.__doc__
         torch.Tensor.retain_grad = _retain_grad
+    if torch._C._autograd._push_saved_tensors_default_hooks is not _push_saved_hooks:
+        torch._C._autograd._push_saved_tensors_default_hooks = _push_saved_hooks
 
 
 def any_registered():
