@@ -204,9 +204,10 @@ def _hardswish_edges():
     """(at -3, at 3): whether PyTorch's hardswish_backward takes the outer branch there (0 and
     g) rather than the middle one (g * (x/3 + 1/2)). Newer releases take the outer ones; older
     ones (2.5) the middle one at -3 and, in their vectorised loop, the outer one at 3 (their
-    scalar loop takes the middle one there: large tensors decide). Read once from the kernel."""
+    scalar loop takes the middle one there: large tensors decide). Read once from the CPU
+    kernel (2.5's CUDA kernel, which takes the middle branch at 3 too, is not read)."""
     if not _HARDSWISH_EDGES:
-        x = torch.tensor([-3.0, 3.0] * 64, dtype=torch.float64)
+        x = torch.tensor([-3.0, 3.0] * 64, dtype=torch.float64, device="cpu")
         r = torch.ops.aten.hardswish_backward(torch.ones_like(x), x)
         _HARDSWISH_EDGES.append((float(r[0]) == 0.0, float(r[1]) == 1.0))
     return _HARDSWISH_EDGES[0]
