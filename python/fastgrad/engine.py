@@ -482,12 +482,14 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
             accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
     exprs = [answers.get((id(n), k)) for n, k in in_edges]
     device = bind.device
-    if not plan.RECOMPUTE.get(device.type if device is not None else "cpu", False):
-        return exprs  # (a tie changes nothing in a plan that loads every saved value)
-    if hooks.saved_hooks_used():
-        return exprs  # (a value may be a saved-tensor hook's, not its producer's: hooks.py)
-    return _link_saved(exprs, bind, forwards, order, leaf_nodes,
-                       tied if tied is not None else [])
+    # (a tie changes nothing in a plan that loads every saved value; and after saved-tensor
+    # hooks a value may be a hook's, not its producer's: hooks.py)
+    if plan.RECOMPUTE.get(device.type if device is not None else "cpu", False) and \
+            not hooks.saved_hooks_used():
+        exprs = _link_saved(exprs, bind, forwards, order, leaf_nodes,
+                            tied if tied is not None else [])
+    lowering.forget_unsure(bind)  # (the checks hooked() did not need hold nodes and tensors)
+    return exprs
 
 
 def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):

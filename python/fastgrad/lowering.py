@@ -122,6 +122,12 @@ def hooked(bind):
     return d["hooked"]
 
 
+def forget_unsure(bind):
+    """Drop the checks hooked() was not asked for (they hold nodes and tensors), at the end of
+    a sweep."""
+    bind.__dict__.pop("hooks_unsure", None)
+
+
 def _note_hooks(bind, k, raw, t, again):
     """Note bound tensor k (SavedTensor ``raw``, unpacked as ``t``) for hooked(): at once where
     PyTorch shows the hook, else for hooked() to unpack it again (_through_hooks)."""
