@@ -217,8 +217,8 @@ def _hardswish_edges():
 def hardswish(x):
     """x * clamp(x + 3, 0, 6) / 6, by branch so that each branch's derivative is PyTorch's:
     0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 up (at -3 and 3 as the installed
-    PyTorch does: _hardswish_edges). (NaN takes the last branch, as PyTorch's scalar loop does;
-    its vectorised loop gives NaN.) The middle branch sees x only inside its range, so its
+    PyTorch does: _hardswish_edges). (At NaN the derivative is NaN, as PyTorch's vectorised
+    loop gives; its scalar loop gives 1.) The middle branch sees x only inside its range, so its
     derivative stays finite where it is discarded (+-inf)."""
     lo_outer, hi_outer = _hardswish_edges()
     low, high = ew("le" if lo_outer else "lt", x, -3.0), ew("ge" if hi_outer else "gt", x, 3.0)
