@@ -219,24 +219,24 @@ def test_a_value_near_overflow_is_pytorchs(op, device, gen):
         assert_same(run(FAST_GRAD), run(TORCH_GRAD))
 
 
-@pytest.mark.parametrize("hooks", [False, True])
-def test_hooks_told_apart_where_pytorch_does_not_show_them(hooks, gen):
+@pytest.mark.parametrize("hooked", [False, True])
+def test_hooks_told_apart_where_pytorch_does_not_show_them(hooked, gen):
     """Where a SavedTensor shows no unpack hook (torch 2.5), a saved input counts as unhooked
     only if it unpacks to the very same tensor twice, and a saved output (unpacked anew each
     time) always counts as hooked: a hook's value is never replaced by its producer's."""
     x = rand((5,), gen).requires_grad_()
     ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.half(), lambda t: t.double()) \
-        if hooks else torch.enable_grad()
+        if hooked else torch.enable_grad()
     with ctx:
         y = torch.sin(x) * torch.exp(x)
     mul, exp = y.grad_fn, y.grad_fn.next_functions[1][0]
     old_raw = object()  # (no unpack_hook attribute, as on an older torch)
     saved_input = mul._saved_self  # sin(x), an input of the product
-    assert lowering._through_hooks(old_raw, saved_input, lambda: mul._saved_self) is hooks
+    assert lowering._through_hooks(old_raw, saved_input, lambda: mul._saved_self) is hooked
     saved_output = exp._saved_result
     assert lowering._through_hooks(old_raw, saved_output, lambda: exp._saved_result) is True
     if lowering.shows_saved_tensor_hooks():  # (and the newer torch's own answer agrees)
-        assert lowering._through_hooks(mul._raw_saved_self, saved_input, None) is hooks
+        assert lowering._through_hooks(mul._raw_saved_self, saved_input, None) is hooked
 
 
 @pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is None,
