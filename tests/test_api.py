@@ -242,6 +242,22 @@ def test_calls_made_under_inference_mode(first_call, gen, monkeypatch):
             assert_same(got, ref)
 
 
+def test_a_freed_graph_differentiated_under_inference_mode(gen, monkeypatch):
+    """A graph freed by the first call, differentiated again inside inference mode: PyTorch's
+    error, whose text fastgrad reads from PyTorch on a throwaway graph the first time it needs
+    it (here, inside inference mode, where nothing would be recorded)."""
+    from fastgrad import engine
+    monkeypatch.setattr(engine, "_FREED_MSG", [])
+
+    def second_call(grad):
+        x = rand((5,), gen).requires_grad_(True)
+        y = (torch.sin(x) * x).sum()
+        grad(y, x)
+        with torch.inference_mode():
+            grad(y, x)
+    assert_same_error(lambda: second_call(TORCH_GRAD), lambda: second_call(FAST_GRAD))
+
+
 def test_materialize_grads_zeros(gen):
     setup = _setup_xy(gen)
 

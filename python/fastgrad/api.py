@@ -27,7 +27,7 @@ def _graph_readable():
     sets the shape each derived gradient is summed to. Releases before 2.5 do not show it, and
     nothing else tells an intermediate node's shapes (AddBackward0 saves none), so there every
     call goes to PyTorch."""
-    with torch.inference_mode(False), torch.enable_grad():
+    with lowering.recording():
         x = torch.zeros(1, requires_grad=True)
         return hasattr((x * 2.0).grad_fn, "_input_metadata")
 
@@ -43,7 +43,7 @@ def _torch_takes_dicts():
     """Newer PyTorch releases take a dict of inputs (and return a dict); older ones raise their
     own error for it, and then so must fastgrad. Asked once, on a throwaway graph."""
     if not _DICT_INPUTS:
-        with torch.inference_mode(False), torch.enable_grad():
+        with lowering.recording():
             x = torch.zeros((), requires_grad=True)
             try:
                 _torch_grad(x * 2.0, {"x": x})

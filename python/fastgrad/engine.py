@@ -34,7 +34,7 @@ _FREED_MSG = []
 def freed_message():
     """PyTorch's own text for a graph used after it was freed (read once from PyTorch)."""
     if not _FREED_MSG:
-        with torch.enable_grad():
+        with lowering.recording():
             x = torch.zeros(1, requires_grad=True)
             y = x.exp()
             _torch_grad(y.sum(), x)
@@ -80,8 +80,7 @@ _ACCUMULATE_GRAD = []  # the class of PyTorch's leaf nodes, read once
 
 def _accumulate_grad_class():
     if not _ACCUMULATE_GRAD:
-        # (under inference mode nothing would be recorded: a call may come from there)
-        with torch.inference_mode(False), torch.enable_grad():
+        with lowering.recording():
             x = torch.zeros(1, requires_grad=True)
             _ACCUMULATE_GRAD.append(type(x.view_as(x).grad_fn.next_functions[0][0]))
     return _ACCUMULATE_GRAD[0]
@@ -388,7 +387,7 @@ def _refuse_freed(grads):
 
 def _leaf_edge(t):
     # A leaf the outputs do not reach: its node is not in the graph (it gets no gradient).
-    with torch.inference_mode(False), torch.enable_grad():
+    with lowering.recording():
         return t.view_as(t).grad_fn.next_functions[0]
 
 

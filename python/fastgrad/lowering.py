@@ -8,6 +8,7 @@ rule that uses it loads it instead of recomputing. The derivative then comes fro
 A node that is not here, or whose saved attributes are not what its entry expects
 (``Unsupported``), runs through PyTorch's own node instead.
 """
+import contextlib
 import math
 
 import torch
@@ -138,6 +139,15 @@ def _note_hooks(bind, k, raw, t, again):
         bind.__dict__.setdefault("hooks_unsure", []).append((k, raw, t, again))
 
 
+@contextlib.contextmanager
+def recording():
+    """PyTorch records a graph here whatever the caller's mode (no_grad, inference_mode): for
+    the throwaway graphs fastgrad builds to read something of PyTorch's, which a call from
+    inside such a mode may be the first to need."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 _SHOWS_HOOKS = []
 
 
@@ -145,7 +155,7 @@ def shows_saved_tensor_hooks():
     """Whether this PyTorch shows a saved tensor's unpack hook (where it does not, saved
     outputs are never tied: _through_hooks)."""
     if not _SHOWS_HOOKS:
-        with torch.inference_mode(False), torch.enable_grad():
+        with recording():
             y = torch.zeros(1, requires_grad=True).exp()
             _SHOWS_HOOKS.append(hasattr(y.grad_fn._raw_saved_result, "unpack_hook"))
     return _SHOWS_HOOKS[0]
