@@ -247,7 +247,7 @@ def test_a_check_left_unasked_holds_nothing_after_the_sweep(on, monkeypatch, gen
     for hooked(); one nobody asked for (RECOMPUTE off) goes at the end of the sweep with what
     it holds: a freed graph lets exp's saved result go as torch does."""
     def as_on_older_torch(bind, k, raw, t, again):
-        bind.__dict__.setdefault("hooks_unsure", []).append((k, object(), t, again))
+        bind.__dict__.setdefault("hooks_pending", []).append((k, object(), t, again))
     monkeypatch.setattr(lowering, "_note_hooks", as_on_older_torch)
     x0, users = rand((6,), gen), torch._C._storage_Use_Count
     with recompute(on, "cpu"):

@@ -487,7 +487,7 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
             not hooks.saved_hooks_used():
         exprs = _link_saved(exprs, bind, forwards, order, leaf_nodes,
                             tied if tied is not None else [])
-    lowering.forget_unsure(bind)  # (the checks hooked() did not need hold nodes and tensors)
+    lowering.forget_pending(bind)  # (the checks hooked() did not need hold nodes and tensors)
     return exprs
 
 

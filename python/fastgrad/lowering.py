@@ -117,26 +117,22 @@ def hooked(bind):
     d = bind.__dict__
     if "hooked" not in d:
         d["hooked"] = set()
-    unsure = d.pop("hooks_unsure", None)
-    if unsure:  # (asked only where ties are made: unpacking again costs, and runs hooks)
-        d["hooked"].update(k for k, raw, t, again in unsure if _through_hooks(raw, t, again))
+    pending = d.pop("hooks_pending", None)
+    if pending:  # (asked only where ties are made: unpacking again costs, and runs hooks)
+        d["hooked"].update(k for k, raw, t, again in pending if _through_hooks(raw, t, again))
     return d["hooked"]
 
 
-def forget_unsure(bind):
+def forget_pending(bind):
     """Drop the checks hooked() was not asked for (they hold nodes and tensors), at the end of
     a sweep."""
-    bind.__dict__.pop("hooks_unsure", None)
+    bind.__dict__.pop("hooks_pending", None)
 
 
 def _note_hooks(bind, k, raw, t, again):
-    """Note bound tensor k (SavedTensor ``raw``, unpacked as ``t``) for hooked(): at once where
-    PyTorch shows the hook, else for hooked() to unpack it again (_through_hooks)."""
-    if hasattr(raw, "unpack_hook"):
-        if raw.unpack_hook is not None:
-            hooked(bind).add(k)
-    else:
-        bind.__dict__.setdefault("hooks_unsure", []).append((k, raw, t, again))
+    """Note bound tensor k (SavedTensor ``raw``, unpacked as ``t``; ``again`` unpacks it once
+    more) for hooked() to check (_through_hooks)."""
+    bind.__dict__.setdefault("hooks_pending", []).append((k, raw, t, again))
 
 
 @contextlib.contextmanager
