@@ -16,6 +16,7 @@
 #include "stream_policy.h"
 #include "executor.h"
 #include "repeat_call.h"
+#include "saved_tensors.h"
 #include "vm.h"
 #ifdef FASTGRAD_WITH_CUDA
 #include "cuda_info.h"
@@ -318,6 +319,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("mark_freed", &fg::mark_freed, py::arg("graph"), py::arg("freed_key"), py::arg("refuse"),
         py::arg("spec_fn"), py::arg("pack"), py::arg("unpack"),
         "Mark the nodes a sweep ran as consumed and free their saved tensors (engine._mark_freed).");
+  m.def("saved_hooks_in", &fg::saved_hooks_in, py::arg("graph"), py::arg("spec_fn"),
+        "Whether a node lowering would read holds a tensor packed by saved-tensor hooks "
+        "(engine._capture).");
   m.def("plain_call_args", &fg::plain_call_args,
         "(out_edges, grad_outputs, in_edges) of a plain call, or None (api._fast).");
   m.def("plain_grads", &fg::plain_grads,

@@ -2,6 +2,7 @@
 // Python code it replaced did; the gain is the interpreter overhead between those reads.
 #include "capture.h"
 
+#include "node_spec.h"
 #include "py_calls.h"
 #include "signature_key.h"
 
@@ -28,20 +29,13 @@ bool write_meta(KeyWriter& w, py::handle m) {
   return w.ints(py_attr(m, N.shape)) && w.obj(py_attr(m, N.dtype)) && w.obj(py_attr(m, N.device));
 }
 
-struct Spec {
-  py::object cls;  // keeps the class alive while its address is a key
-  bool lowerable, region, holds_saved;
-  std::vector<py::object> saved;  // attribute names
-  // (_raw_saved_<name>, _saved_<name>) of each saved tensor (mark_freed)
-  std::vector<std::pair<py::object, py::object>> raw;
-  // `saved` split: the tensors (those with a raw form) and the other values, which a node
-  // fixes when PyTorch creates it (node_values keeps them); values_fixed turns false for good
-  // if one of the others ever is a tensor (then every attribute is read on each call).
-  std::vector<py::object> saved_tensors, saved_values;
-  bool values_fixed = true;
-};
+// torch.device -> its type (device_type)
+PyObject* g_device_type_of = nullptr;
+
 // Heap-held and never destroyed: its destructor would run after the interpreter is gone.
 std::unordered_map<PyObject*, Spec>& g_specs = *new std::unordered_map<PyObject*, Spec>();
+
+}  // namespace
 
 Spec& spec_of(py::handle fn, py::handle spec_fn) {
   PyObject* cls = reinterpret_cast<PyObject*>(Py_TYPE(fn.ptr()));
@@ -65,11 +59,6 @@ Spec& spec_of(py::handle fn, py::handle spec_fn) {
   }
   return g_specs.emplace(cls, std::move(s)).first->second;
 }
-
-// torch.device -> its type (device_type)
-PyObject* g_device_type_of = nullptr;
-
-}  // namespace
 
 // The `type` getter builds a new string on every read (about 2,900 instructions), and a call's
 // first tensor reads it (the binder's device is not known yet). Devices are few: the dict stays
@@ -348,24 +337,6 @@ bool write_each(KeyWriter& w, py::handle seq, const char* what, Write write) {
   return true;
 }
 
-// A node's `metadata` dict, or None (a node without one: as lowering._is_freed, never freed).
-py::object metadata_of(py::handle fn) {
-  PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
-  if (!md) {
-    PyErr_Clear();
-    return py::none();
-  }
-  py::object m = py::reinterpret_steal<py::object>(md);
-  return PyDict_Check(md) ? m : py::object(py::none());
-}
-
-bool is_freed(py::handle md, py::handle freed_key) {
-  if (md.is_none()) return false;
-  PyObject* v = PyDict_GetItemWithError(md.ptr(), freed_key.ptr());
-  if (!v && PyErr_Occurred()) throw py::error_already_set();
-  return v && py_truthy(v);
-}
-
 // A key part kept under `name` in a node's metadata dict `md` by keep_part, or a null object
 // when there is none of the current intern generation.
 py::object kept_part(py::handle md, PyObject* name) {
@@ -433,6 +404,23 @@ py::object node_values(py::handle fn, py::handle md, Spec& spec) {
 }
 
 }  // namespace
+
+py::object metadata_of(py::handle fn) {
+  PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
+  if (!md) {
+    PyErr_Clear();
+    return py::none();
+  }
+  py::object m = py::reinterpret_steal<py::object>(md);
+  return PyDict_Check(md) ? m : py::object(py::none());
+}
+
+bool is_freed(py::handle md, py::handle freed_key) {
+  if (md.is_none()) return false;
+  PyObject* v = PyDict_GetItemWithError(md.ptr(), freed_key.ptr());
+  if (!v && PyErr_Occurred()) throw py::error_already_set();
+  return v && py_truthy(v);
+}
 
 py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensors,
                     py::handle in_edges, Binder& bind, bool create_graph,
@@ -536,77 +524,6 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
     }
   }
   return py::make_tuple(w.bytes(), freed);
-}
-
-namespace {
-
-// Frees what node fn saved, as PyTorch's engine does after running it without retain_graph:
-// each saved tensor gets saved-tensor hooks whose pack drops the tensor (PyTorch releases its
-// reference then) and whose unpack raises PyTorch's freed-graph error, so any later use of the
-// node (by PyTorch's engine, by fastgrad, by `_saved_<name>`) fails as on a freed graph.
-enum class Release { kFreed, kNothing, kFailed };
-// kNothing: every saved tensor of the node is None (nothing to free: PyTorch lets such a node
-// run again). kFailed: a saved tensor cannot take the hooks (it has saved-tensor hooks
-// already); the caller then refuses the node by a pre-hook instead.
-Release release_saved(py::handle fn, const Spec& spec, py::handle pack, py::handle unpack) {
-  static PyObject* register_hooks = py_intern("register_hooks");
-  bool any = false;
-  for (const auto& names : spec.raw) {
-    py::object raw = py_attr(fn, names.first.ptr());
-    std::vector<py::object> items;
-    if (PyTuple_Check(raw.ptr()) || PyList_Check(raw.ptr())) {
-      for (auto it : raw) items.push_back(py::reinterpret_borrow<py::object>(it));
-    } else {
-      items.push_back(raw);
-    }
-    for (const auto& item : items) {
-      PyObject* args[] = {item.ptr(), pack.ptr(), unpack.ptr()};
-      PyObject* r = PyObject_VectorcallMethod(register_hooks, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                              nullptr);
-      if (r) {
-        Py_DECREF(r);
-        any = true;
-        continue;
-      }
-      // PyTorch refuses hooks on a saved value that is None ("... with value None is
-      // forbidden": `self` of `x * 3.0`, an index list's empty slot): nothing to free there.
-      // Its message is the only way to tell: reading the value would run the user's unpack
-      // hook, if any.
-      py::error_already_set err;
-      if (std::string(err.what()).find("None") == std::string::npos) return Release::kFailed;
-    }
-  }
-  return any ? Release::kFreed : Release::kNothing;
-}
-
-}  // namespace
-
-void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
-                py::handle pack, py::handle unpack) {
-  static PyObject* register_prehook = py_intern("register_prehook");
-  for (Py_ssize_t i = 0, n = PyList_GET_SIZE(g.order.ptr()); i < n; ++i) {
-    py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
-    if (!g.runs(fn.ptr())) continue;
-    PyObject* md = PyObject_GetAttr(fn.ptr(), N.metadata);
-    if (!md) {  // a node without metadata cannot be marked (as lowering.mark_freed did)
-      PyErr_Clear();
-      continue;
-    }
-    py::object m = py::reinterpret_steal<py::object>(md);
-    if (!PyDict_Check(md)) continue;
-    PyObject* v = PyDict_GetItemWithError(md, freed_key.ptr());
-    if (!v && PyErr_Occurred()) throw py::error_already_set();
-    if (v && py_truthy(v)) continue;
-    Spec& spec = spec_of(fn, spec_fn);
-    const Release rel = spec.holds_saved ? release_saved(fn, spec, pack, unpack) : Release::kFreed;
-    if (rel == Release::kNothing) continue;  // nothing saved: it may run again, as in PyTorch
-    if (PyDict_SetItem(md, freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
-    if (rel == Release::kFailed) {
-      PyObject* r = PyObject_CallMethodOneArg(fn.ptr(), register_prehook, refuse.ptr());
-      if (!r) throw py::error_already_set();
-      Py_DECREF(r);
-    }
-  }
 }
 
 void capture_setup(py::dict dtype_codes, py::object strided, py::tuple device_types,

@@ -78,14 +78,6 @@ py::tuple signature(const Graph& g, py::handle out_edges, py::handle grad_tensor
                     py::handle spec_fn, py::handle hooks_fn, py::handle freed_key,
                     py::handle tie_policy);
 
-// Marks every node the sweep ran as consumed (retain_graph=False): metadata[freed_key] = True,
-// and frees the saved tensors of those that hold some, as PyTorch's engine does: saved-tensor
-// hooks `pack` (drops the tensor) and `unpack` (raises PyTorch's freed-graph error) on each.
-// A node whose saved tensors cannot take hooks gets `refuse` (a hook raising that error) as a
-// pre-hook instead, so PyTorch's engine refuses it too (see engine._mark_freed).
-void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
-                py::handle pack, py::handle unpack);
-
 // The type of torch.device `dev` ("cpu", "cuda"), read once per device object.
 py::object device_type(py::handle dev);
 

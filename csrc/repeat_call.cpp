@@ -7,6 +7,7 @@
 #include "capture.h"
 #include "executor.h"
 #include "py_calls.h"
+#include "saved_tensors.h"
 
 namespace fg {
 namespace {
@@ -23,7 +24,7 @@ struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
       *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due, *entries,
       *spec, *freed, *recompute, *state, *tensor_hooks, *waiting, *acc_cls, *leaf_edge, *binder,
-      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given;
+      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved;
 };
 Names N{};
 
@@ -132,10 +133,14 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
         py_truthy(rec.attr(N.skip)(py_attr(M.engine, N.given)(given, gos))))
       return py::make_tuple(py::none(), py::none());  // routed (churn.Routed)
   }
-  // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
-  const py::object any_hooks = py_attr(M.hooks, N.state)[N.any];
-  const py::object hooks_fn = py_truthy(any_hooks) ? py_attr(M.hooks, N.tensor_hooks) : py::none();
+  const py::object hook_state = py_attr(M.hooks, N.state);
   const py::object spec = py_attr(M.graph_cache, N.spec), freed_key = py_attr(M.lowering, N.freed);
+  // engine._capture: saved tensors packed by saved-tensor hooks go to PyTorch
+  if (py_truthy(hook_state[N.saved]) && saved_hooks_in(g, spec))
+    return py::make_tuple(py::none(), py::none());
+  // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
+  const py::object hooks_fn =
+      py_truthy(hook_state[N.any]) ? py_attr(M.hooks, N.tensor_hooks) : py::none();
   Binder bind;
   const py::tuple sig = signature(g, out_edges, gos, in_edges, bind, create_graph, spec, hooks_fn,
                                   freed_key, py_attr(M.plan, N.recompute));
@@ -179,7 +184,7 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("_accumulate_grad_class"), py_intern("_leaf_edge"), py_intern("_Binder"),
               py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack"),
               py_intern("MISSES"),        py_intern("find"),         py_intern("skip"),
-              py_intern("_given")};
+              py_intern("_given"),        py_intern("saved")};
   // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
   M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
               hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),

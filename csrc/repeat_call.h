@@ -18,7 +18,9 @@ namespace py = pybind11;
 //   (None, walk)     it was walked and signed, and engine.hit takes it on from there:
 //                    walk = (out_edges, grad_tensors, given in_edges, in_edges, graph, binder,
 //                    key, freed, churn record or None), what engine._capture makes;
-//   (None, None)     its structure's churn record sends it to PyTorch unsigned (churn.Routed);
+//   (None, None)     PyTorch runs it unsigned: its structure's churn record sends it there
+//                    (churn.Routed), or saved-tensor hooks packed a tensor it would read
+//                    (saved_tensors.h);
 //   None             not walked: a call that is not plain (call_args.h).
 // It runs only when the entry's plan needs nothing from Python but its run: no fallback node
 // to replay, no churn record to tell, an Executor for this device and layout (see engine.hit

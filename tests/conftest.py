@@ -82,6 +82,17 @@ def seed_key(nodeid):
     return nodeid.replace("[cuda-", "[cpu-").replace("[cpu-float64-", "[")
 
 
+@pytest.fixture(autouse=True)
+def _no_saved_hooks_yet():
+    """Each test starts in a process in which no saved-tensor hooks were pushed, as when run
+    alone: once some were, fastgrad asks each graph whether they packed a tensor of it, and a
+    torch that does not show a saved tensor's hooks (2.5) sends every graph holding saved
+    tensors to PyTorch (fastgrad.hooks). A test's own graphs are built inside it, so a graph
+    under hooks never meets the flag down."""
+    from fastgrad import hooks
+    hooks._STATE["saved"] = False
+
+
 @pytest.fixture
 def gen(request):
     """A torch.Generator seeded from the test id: reproducible, distinct per test
@@ -418,21 +429,17 @@ def check_native(fn, inputs, grad_outputs="random", orders=1, gen=None, prep=Non
 @contextlib.contextmanager
 def recompute(on, device):
     """fastgrad.plan.RECOMPUTE for ``device`` set to ``on`` (whether plans compute saved values
-    again instead of loading them), with plans and cached sweeps made anew, and put back; and
-    inside, a process in which no saved-tensor hooks were pushed yet (which stop all ties:
-    fastgrad.hooks), as a test run alone would be."""
-    from fastgrad import graph_cache, hooks, plan
+    again instead of loading them), with plans and cached sweeps made anew, and put back."""
+    from fastgrad import graph_cache, plan
     key = torch.device(device).type
-    before, hooks_before = plan.RECOMPUTE[key], hooks._STATE["saved"]
+    before = plan.RECOMPUTE[key]
     plan.RECOMPUTE[key] = on
-    hooks._STATE["saved"] = False
     plan.clear_plan_cache()
     graph_cache.clear()
     try:
         yield
     finally:
         plan.RECOMPUTE[key] = before
-        hooks._STATE["saved"] = hooks_before or hooks._STATE["saved"]
         plan.clear_plan_cache()
         graph_cache.clear()
 

@@ -338,8 +338,14 @@ class _SaveInput(torch.autograd.Function):
 
 
 def _under_hooks(build):
+    """``build()`` under saved-tensor hooks pushed as if before fastgrad was imported (it does
+    not see them then: it runs the graph itself, and must refuse its nodes itself when it
+    frees it; seen, the graph goes to PyTorch whole, test_saved_hooks.py)."""
+    from fastgrad import hooks
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        return build()
+        out = build()
+    hooks._STATE["saved"] = False
+    return out
 
 
 @pytest.mark.parametrize("name", list(FREED_CASES))
@@ -412,7 +418,7 @@ def test_freeing_under_saved_tensor_hooks_does_not_unpack(gen, monkeypatch):
     """A forward run under saved_tensors_hooks: retain_graph=False refuses the nodes (their
     saved tensors belong to the hooks) without calling the unpack hook while freeing; a rerun
     by torch then raises torch's error."""
-    from fastgrad import engine
+    from fastgrad import engine, hooks
     n = {"unpack": 0, "freeing": 0}
     real = engine._mark_freed
 
@@ -431,6 +437,7 @@ def test_freeing_under_saved_tensor_hooks_does_not_unpack(gen, monkeypatch):
         w = rand((3, 4), gen).requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
             y = torch.tanh(torch.nn.functional.linear(x, w)).sum()
+        hooks._STATE["saved"] = False  # (as if pushed before the import: fastgrad runs it)
         fastgrad.grad(y, x)
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
             TORCH_GRAD(y, x)

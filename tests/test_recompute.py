@@ -153,8 +153,8 @@ def test_values_through_saved_tensor_hooks_are_not_tied(create_graph, device, ge
         x = x0.clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.half(), lambda t: t.double()):
             y = (torch.sin(x) * torch.exp(x)).sum()
-        # (as if the hooks were pushed before fastgrad was imported: each saved tensor's own
-        # check must keep it untied, not the process's note that hooks were used)
+        # (as if the hooks were pushed before fastgrad was imported, which it does not see, so
+        # that it runs the graph: each saved tensor's own check must keep it untied)
         hooks._STATE["saved"] = False
         (g,) = grad(y, x, create_graph=create_graph)
         return (g,) + (grad(g.sum(), x) if create_graph else ())

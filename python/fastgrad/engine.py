@@ -205,7 +205,15 @@ class Capture:
         self.churn, self.counted, self.given = rec, False, given
 
 
+SAVED_HOOKS_REASON = ("saved-tensor hooks packed a tensor the graph saved: PyTorch unpacks it "
+                      "once, fastgrad would read it several times")
+
+
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
+    """The call's walk and signature (a Capture); raises Unplannable where saved-tensor hooks
+    (saved_tensors_hooks, save_on_cpu, non-reentrant checkpointing) packed a tensor a lowered
+    node saved (csrc/saved_tensors.h): an unpack hook may work only once, or recompute a
+    checkpointed segment each time, and PyTorch calls it once per backward."""
     bind = _Binder()
     # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
     leaf_ids, input_ids = set(), set()
@@ -226,6 +234,8 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
         rec = churn.find(graph.structure, len(out_edges), len(in_edges), create_graph)
         if rec is not None and rec.skip(_given(given, grad_tensors)):
             raise churn.Routed(churn.REASON)
+    if hooks.saved_hooks_used() and _C.saved_hooks_in(graph, graph_cache._spec):
+        raise Unplannable(SAVED_HOOKS_REASON)
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
     return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec, given)
@@ -481,10 +491,8 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
             accumulate(m, k, ir.cast(ir.sum_to(g, tuple(meta.shape)), meta.dtype))
     exprs = [answers.get((id(n), k)) for n, k in in_edges]
     device = bind.device
-    # (a tie changes nothing in a plan that loads every saved value; and after saved-tensor
-    # hooks a value may be a hook's, not its producer's: hooks.py)
-    if plan.RECOMPUTE.get(device.type if device is not None else "cpu", False) and \
-            not hooks.saved_hooks_used():
+    # (a tie changes nothing in a plan that loads every saved value)
+    if plan.RECOMPUTE.get(device.type if device is not None else "cpu", False):
         exprs = _link_saved(exprs, bind, forwards, order, leaf_nodes,
                             tied if tied is not None else [])
     lowering.forget_pending(bind)  # (the checks hooked() did not need hold nodes and tensors)

@@ -12,11 +12,13 @@ the gradient flowing into such a tensor to its ``.grad`` in ``torch.autograd.gra
 the tensor's other hooks.
 
 Saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``, and what is built on them:
-``save_on_cpu``, non-reentrant checkpointing) are only noted: once any are pushed, no sweep ties
-a saved value to its producer again (engine._link_saved), and the sweeps cached before, which
-may have, are dropped. A value unpacked through such a hook keeps its producer's grad_fn, and a
-graph built under hooks looks like one built without them, so neither a cached sweep nor a value
-saved again (a create_graph block saves what it read) could tell.
+``save_on_cpu``, non-reentrant checkpointing) are only noted: once any were pushed, each call
+asks whether its graph holds a tensor they packed (csrc/saved_tensors.h), and PyTorch runs such a
+call. PyTorch unpacks a saved tensor once per backward, and hooks may count on it (a one-shot
+unpack, a checkpointed segment recomputed on the first unpack), where fastgrad reads saved values
+several times. Asking costs a read per saved tensor, so it waits for the first push; graphs built
+under hooks pushed before fastgrad was imported are not seen (their values are still never tied
+to their producers: lowering.hooked).
 """
 import weakref
 
@@ -58,10 +60,7 @@ def _retain_grad(self):
 
 
 def _push_saved_hooks(*args, **kwargs):
-    if not _STATE["saved"]:
-        _STATE["saved"] = True
-        from . import graph_cache
-        graph_cache.clear()  # (sweeps made before may have tied saved values)
+    _STATE["saved"] = True
     return _orig_push_saved(*args, **kwargs)
 
 
