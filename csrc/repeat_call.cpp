@@ -24,7 +24,7 @@ struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
       *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due, *entries,
       *spec, *freed, *recompute, *state, *tensor_hooks, *waiting, *acc_cls, *leaf_edge, *binder,
-      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved;
+      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved, *node, *node_hooks_in;
 };
 Names N{};
 
@@ -138,6 +138,9 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   // engine._capture: saved tensors packed by saved-tensor hooks go to PyTorch
   if (py_truthy(hook_state[N.saved]) && saved_hooks_in(g, spec))
     return py::make_tuple(py::none(), py::none());
+  // and so do graphs where a node has hooks (hooks.node_hooks_in)
+  if (py_truthy(hook_state[N.node]) && py_truthy(py_attr(M.hooks, N.node_hooks_in)(g.order)))
+    return py::make_tuple(py::none(), py::none());
   // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
   const py::object hooks_fn =
       py_truthy(hook_state[N.any]) ? py_attr(M.hooks, N.tensor_hooks) : py::none();
@@ -184,7 +187,8 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("_accumulate_grad_class"), py_intern("_leaf_edge"), py_intern("_Binder"),
               py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack"),
               py_intern("MISSES"),        py_intern("find"),         py_intern("skip"),
-              py_intern("_given"),        py_intern("saved")};
+              py_intern("_given"),        py_intern("saved"),
+              py_intern("node"),          py_intern("node_hooks_in")};
   // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
   M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
               hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),

@@ -19,8 +19,8 @@ namespace py = pybind11;
 //                    walk = (out_edges, grad_tensors, given in_edges, in_edges, graph, binder,
 //                    key, freed, churn record or None), what engine._capture makes;
 //   (None, None)     PyTorch runs it unsigned: its structure's churn record sends it there
-//                    (churn.Routed), or saved-tensor hooks packed a tensor it would read
-//                    (saved_tensors.h);
+//                    (churn.Routed), saved-tensor hooks packed a tensor it would read
+//                    (saved_tensors.h), or a node has hooks (hooks.node_hooks_in);
 //   None             not walked: a call that is not plain (call_args.h).
 // It runs only when the entry's plan needs nothing from Python but its run: no fallback node
 // to replay, no churn record to tell, an Executor for this device and layout (see engine.hit

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import graph_cache
+from fastgrad import engine, graph_cache, hooks
 
 from conftest import FAST_GRAD, TORCH_GRAD, assert_same, rand
 
@@ -140,3 +140,108 @@ def test_retain_grad_like_torch(name, gen):
             ref, out = ref[0], out[0]
         assert all(r is not None for r in ref)
         assert_same(out, ref)
+
+
+# ---- hooks on nodes (grad_fn.register_prehook / register_hook), which fastgrad cannot list ----
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        return a * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def _module_with_full_hooks(x, calls):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 8), torch.nn.Tanh(),
+                            torch.nn.Linear(8, 1)).to(x.dtype)
+    m[1].register_full_backward_hook(lambda mod, gi, go: (calls.append("post"), (gi[0] * 2,))[1])
+    m[1].register_full_backward_pre_hook(lambda mod, go: (calls.append("pre"), (go[0] * 3,))[1])
+    return m(x).sum()
+
+
+def _scale_pre(calls, factor):
+    return lambda go: (calls.append("pre"), (go[0] * factor,))[1]
+
+
+# name -> (x, calls) -> a scalar output; the hooks note their calls in `calls`
+NODE_HOOK_CASES = {
+    # a pre-hook replacing the gradient into a node fastgrad lowers
+    "prehook_on_lowered_node": lambda x, calls: (lambda e: (
+        e.grad_fn.register_prehook(_scale_pre(calls, 2.0)), (e * torch.sin(x)).sum())[1])(
+        torch.exp(x)),
+    # a hook replacing what a lowered node returns
+    "hook_on_lowered_node": lambda x, calls: (lambda m: (
+        m.grad_fn.register_hook(lambda gi, go: (calls.append("post"), (gi[0] + 1.0, gi[1]))[1]),
+        torch.tanh(m).sum())[1])(torch.sin(x) * torch.cos(x)),
+    # one that only looks
+    "observing_prehook": lambda x, calls: (lambda e: (
+        e.grad_fn.register_prehook(lambda go: calls.append("pre")), (e ** 2).sum())[1])(
+        torch.exp(x)),
+    # removed before the call: nothing left to run
+    "removed_prehook": lambda x, calls: (lambda e: (
+        e.grad_fn.register_prehook(_scale_pre(calls, 5.0)).remove(), (e ** 2).sum())[1])(
+        torch.exp(x)),
+    # a Python Function's node, which fastgrad runs through PyTorch's engine (hooks and all)
+    "hook_on_python_function": lambda x, calls: (lambda t: (
+        t.grad_fn.register_prehook(_scale_pre(calls, 3.0)), torch.sin(t).sum())[1])(
+        _Twice.apply(x)),
+    # module full backward hooks: node hooks on BackwardHookFunctionBackward (Python Functions)
+    "module_full_backward_hooks": _module_with_full_hooks,
+}
+# where fastgrad stays native (the hooked nodes run through PyTorch's engine, or none is left)
+NODE_HOOKS_NATIVE = {"removed_prehook", "hook_on_python_function", "module_full_backward_hooks"}
+
+
+@pytest.mark.parametrize("name", list(NODE_HOOK_CASES))
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_node_hooks_run_as_in_torch(name, create_graph, gen):
+    """Results, and the hooks' calls, as in PyTorch (a pre-hook on ExpBackward0 was not run,
+    and the gradient was silently half PyTorch's); a graph where a node fastgrad lowers or calls
+    directly has hooks goes to PyTorch whole, and explain says so."""
+    x0 = rand((4, 3), gen)
+    for _ in range(2):
+        runs = []
+        for grad in (TORCH_GRAD, FAST_GRAD):
+            calls = []
+            x = x0.clone().requires_grad_(True)
+            y = NODE_HOOK_CASES[name](x, calls)
+            res = grad(y, x, create_graph=create_graph, retain_graph=True)
+            if create_graph:
+                res = res + grad((res[0] * x).sum(), x)
+            runs.append((res, calls))
+        (want, want_calls), (got, got_calls) = runs
+        assert_same(got, want, what=name)
+        assert got_calls == want_calls, (got_calls, want_calls)
+        assert len(want_calls) > 0 or name == "removed_prehook"
+    x = x0.clone().requires_grad_(True)
+    rep = fastgrad.explain(NODE_HOOK_CASES[name](x, []), x, create_graph=create_graph)
+    if name in NODE_HOOKS_NATIVE:
+        assert rep.native and all(w != "<whole call>" for w, _ in rep.fallback), rep
+    else:
+        assert rep.fallback == [("<whole call>", engine.NODE_HOOKS_REASON)], rep
+
+
+def test_a_node_probed_for_hooks_is_left_as_it_was(gen):
+    """Asking a node for its hooks registers nothing on it: its first real hook still finds
+    none, and PyTorch's result is unchanged by the asking."""
+    x = rand((5,), gen).requires_grad_(True)
+    y = torch.exp(x)
+    assert hooks._node_dicts(y.grad_fn) == ()
+    assert hooks._node_dicts(y.grad_fn) == ()
+    y.grad_fn.register_prehook(lambda go: None)
+    (pre,) = hooks._node_dicts(y.grad_fn)
+    assert len(pre) == 1
+    assert_same(TORCH_GRAD(y.sum(), x), torch.exp(x.detach()))
+
+
+def test_tensor_hooks_are_not_counted_as_node_hooks(gen):
+    before = hooks._STATE["node"]
+    x = rand((3,), gen).requires_grad_(True)
+    torch.sin(x).register_hook(lambda g: g)
+    assert hooks._STATE["node"] == before
+    torch.sin(x).grad_fn.register_prehook(lambda go: None)
+    assert hooks._STATE["node"] == before + 1

@@ -207,13 +207,15 @@ class Capture:
 
 SAVED_HOOKS_REASON = ("saved-tensor hooks packed a tensor the graph saved: PyTorch unpacks it "
                       "once, fastgrad would read it several times")
+NODE_HOOKS_REASON = "a node has hooks (grad_fn.register_prehook / register_hook)"
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
     """The call's walk and signature (a Capture); raises Unplannable where saved-tensor hooks
     (saved_tensors_hooks, save_on_cpu, non-reentrant checkpointing) packed a tensor a lowered
     node saved (csrc/saved_tensors.h): an unpack hook may work only once, or recompute a
-    checkpointed segment each time, and PyTorch calls it once per backward."""
+    checkpointed segment each time, and PyTorch calls it once per backward; and where a node
+    has hooks of its own (hooks.node_hooks_in), which PyTorch's engine runs."""
     bind = _Binder()
     # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
     leaf_ids, input_ids = set(), set()
@@ -236,6 +238,8 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
             raise churn.Routed(churn.REASON)
     if hooks.saved_hooks_used() and _C.saved_hooks_in(graph, graph_cache._spec):
         raise Unplannable(SAVED_HOOKS_REASON)
+    if hooks.node_hooks_used() and hooks.node_hooks_in(graph.order):
+        raise Unplannable(NODE_HOOKS_REASON)
     key, freed = graph_cache.signature(graph, out_edges, grad_tensors, in_edges, bind,
                                        create_graph)
     return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec, given)

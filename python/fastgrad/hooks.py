@@ -19,17 +19,27 @@ unpack, a checkpointed segment recomputed on the first unpack), where fastgrad r
 several times. Asking costs a read per saved tensor, so it waits for the first push; graphs built
 under hooks pushed before fastgrad was imported are not seen (their values are still never tied
 to their producers: lowering.hooked).
+
+Hooks on nodes (``grad_fn.register_prehook`` / ``register_hook``, as module full backward hooks
+use) cannot be listed either, and a node called directly or lowered does not run them. Every such
+registration goes through ``torch.autograd.Function._register_hook`` (PyTorch's C++ looks it up
+there), which importing fastgrad wraps to count registrations; once there was one, each call asks
+its graph's nodes (node_hooks_in), and PyTorch runs a graph where one has hooks.
 """
+import threading
 import weakref
 
 import torch
+from torch.autograd import function as _function
 
 _KEY = "fastgrad_tensor_hooks"
 _RETAIN_KEY = "fastgrad_retains_grad"
-_STATE = {"any": False, "saved": False}
+_STATE = {"any": False, "saved": False, "node": 0}  # node: registrations of node hooks
 _orig_register_hook = torch.Tensor.register_hook
 _orig_retain_grad = torch.Tensor.retain_grad
 _orig_push_saved = torch._C._autograd._push_saved_tensors_default_hooks
+_orig_node_hook = _function._HookMixin.__dict__["_register_hook"]  # (a staticmethod)
+_NODE_KEY = "fastgrad_node_hooks"
 
 
 def _register_hook(self, hook):
@@ -69,6 +79,67 @@ def saved_hooks_used():
     return _STATE["saved"]
 
 
+_PROBING = threading.local()  # .found: the hook dict a probed node passed (see _node_dicts)
+
+
+class _Probed(Exception):
+    pass
+
+
+def _register_node_hook(backward_hooks, hook):
+    if getattr(_PROBING, "on", False):
+        _PROBING.found = backward_hooks
+        raise _Probed
+    _STATE["node"] += 1
+    return _orig_node_hook.__func__(backward_hooks, hook)
+
+
+def _node_dicts(fn):
+    """The hook dicts of node fn's Python pre-hooks and hooks that exist. PyTorch passes a
+    node's dict (None before its first hook) to Function._register_hook when a hook is
+    registered; the probe raises there, before PyTorch adds anything to the node."""
+    found = []
+    for register in (fn.register_prehook, fn.register_hook):
+        _PROBING.on, _PROBING.found = True, None
+        try:
+            register(_register_node_hook)
+        except _Probed:
+            pass
+        finally:
+            _PROBING.on = False
+        if _PROBING.found is not None:
+            found.append(_PROBING.found)
+    return tuple(found)
+
+
+def node_hooks_used():
+    """Whether a hook was registered on a node since fastgrad was imported."""
+    return _STATE["node"] > 0
+
+
+def node_hooks_in(order):
+    """Whether a node of ``order`` has Python hooks fastgrad would not run. A Python Function's
+    node is not asked: fastgrad runs it through PyTorch's engine, which runs its hooks. What a
+    node was found to hold is kept in its ``metadata`` with the registration count, so it is
+    asked again only after a later registration; a removed hook empties its dict."""
+    count = _STATE["node"]
+    for fn in order:
+        if not callable(fn):
+            continue
+        try:
+            md = fn.metadata
+        except Exception:  # pragma: no cover - every node has metadata in torch >= 2.0
+            md = None
+        kept = md.get(_NODE_KEY) if md is not None else None
+        if kept is None or kept[0] != count:
+            kept = (count, _node_dicts(fn))
+            if md is not None:
+                md[_NODE_KEY] = kept
+        if any(kept[1]):
+            return True
+    return False
+
+
 def install():
     if torch.Tensor.register_hook is not _register_hook:
         _register_hook.__doc__ = _orig_register_hook.__doc__
@@ -78,6 +149,8 @@ def install():
         torch.Tensor.retain_grad = _retain_grad
     if torch._C._autograd._push_saved_tensors_default_hooks is not _push_saved_hooks:
         torch._C._autograd._push_saved_tensors_default_hooks = _push_saved_hooks
+    if _function._HookMixin.__dict__["_register_hook"] is _orig_node_hook:
+        _function._HookMixin._register_hook = staticmethod(_register_node_hook)
 
 
 def any_registered():
