@@ -6,7 +6,7 @@ import torch
 import fastgrad
 from fastgrad import engine, graph_cache, hooks
 
-from conftest import FAST_GRAD, TORCH_GRAD, assert_same, rand
+from conftest import FAST_GRAD, TORCH_GRAD, Twice, assert_same, rand
 
 
 def _run(grad, x0, hooks, create_graph=False, remove=False):
@@ -144,16 +144,6 @@ def test_retain_grad_like_torch(name, gen):
 
 # ---- hooks on nodes (grad_fn.register_prehook / register_hook), which fastgrad cannot list ----
 
-class _Twice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a):
-        return a * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
 def _module_with_full_hooks(x, calls):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 8), torch.nn.Tanh(),
@@ -188,7 +178,7 @@ NODE_HOOK_CASES = {
     # a Python Function's node, which fastgrad runs through PyTorch's engine (hooks and all)
     "hook_on_python_function": lambda x, calls: (lambda t: (
         t.grad_fn.register_prehook(_scale_pre(calls, 3.0)), torch.sin(t).sum())[1])(
-        _Twice.apply(x)),
+        Twice.apply(x)),
     # module full backward hooks: node hooks on BackwardHookFunctionBackward (Python Functions)
     "module_full_backward_hooks": _module_with_full_hooks,
 }
