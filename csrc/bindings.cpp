@@ -15,6 +15,7 @@
 #include "signature_key.h"
 #include "stream_policy.h"
 #include "executor.h"
+#include "node_hooks.h"
 #include "repeat_call.h"
 #include "saved_tensors.h"
 #include "vm.h"
@@ -322,6 +323,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("saved_hooks_in", &fg::saved_hooks_in, py::arg("graph"), py::arg("spec_fn"),
         "Whether a node lowering would read holds a tensor packed by saved-tensor hooks "
         "(engine._capture).");
+  m.def("node_hooks_in", &fg::node_hooks_in, py::arg("order"), py::arg("probe"), py::arg("count"),
+        "Whether a C++ node of the walk has hooks of its own (hooks.node_hooks_in).");
   m.def("plain_call_args", &fg::plain_call_args,
         "(out_edges, grad_outputs, in_edges) of a plain call, or None (api._fast).");
   m.def("plain_grads", &fg::plain_grads,

@@ -6,6 +6,7 @@
 #include "call_args.h"
 #include "capture.h"
 #include "executor.h"
+#include "node_hooks.h"
 #include "py_calls.h"
 #include "saved_tensors.h"
 
@@ -24,7 +25,7 @@ struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
       *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due, *entries,
       *spec, *freed, *recompute, *state, *tensor_hooks, *waiting, *acc_cls, *leaf_edge, *binder,
-      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved, *node, *node_hooks_in;
+      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved, *node, *node_dicts;
 };
 Names N{};
 
@@ -139,7 +140,8 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   if (py_truthy(hook_state[N.saved]) && saved_hooks_in(g, spec))
     return py::make_tuple(py::none(), py::none());
   // and so do graphs where a node has hooks (hooks.node_hooks_in)
-  if (py_truthy(hook_state[N.node]) && py_truthy(py_attr(M.hooks, N.node_hooks_in)(g.order)))
+  const py::object node_count = hook_state[N.node];
+  if (py_truthy(node_count) && node_hooks_in(g.order, py_attr(M.hooks, N.node_dicts), node_count))
     return py::make_tuple(py::none(), py::none());
   // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
   const py::object hooks_fn =
@@ -188,7 +190,7 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack"),
               py_intern("MISSES"),        py_intern("find"),         py_intern("skip"),
               py_intern("_given"),        py_intern("saved"),
-              py_intern("node"),          py_intern("node_hooks_in")};
+              py_intern("node"),          py_intern("_node_dicts")};
   // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
   M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
               hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),

@@ -32,6 +32,8 @@ import weakref
 import torch
 from torch.autograd import function as _function
 
+from . import _C
+
 _KEY = "fastgrad_tensor_hooks"
 _RETAIN_KEY = "fastgrad_retains_grad"
 _STATE = {"any": False, "saved": False, "node": 0}  # node: registrations of node hooks
@@ -39,7 +41,6 @@ _orig_register_hook = torch.Tensor.register_hook
 _orig_retain_grad = torch.Tensor.retain_grad
 _orig_push_saved = torch._C._autograd._push_saved_tensors_default_hooks
 _orig_node_hook = _function._HookMixin.__dict__["_register_hook"]  # (a staticmethod)
-_NODE_KEY = "fastgrad_node_hooks"
 
 
 def _register_hook(self, hook):
@@ -120,24 +121,10 @@ def node_hooks_used():
 def node_hooks_in(order):
     """Whether a node of ``order`` has Python hooks fastgrad would not run. A Python Function's
     node is not asked: fastgrad runs it through PyTorch's engine, which runs its hooks. What a
-    node was found to hold is kept in its ``metadata`` with the registration count, so it is
-    asked again only after a later registration; a removed hook empties its dict."""
-    count = _STATE["node"]
-    for fn in order:
-        if not callable(fn):
-            continue
-        try:
-            md = fn.metadata
-        except Exception:  # pragma: no cover - every node has metadata in torch >= 2.0
-            md = None
-        kept = md.get(_NODE_KEY) if md is not None else None
-        if kept is None or kept[0] != count:
-            kept = (count, _node_dicts(fn))
-            if md is not None:
-                md[_NODE_KEY] = kept
-        if any(kept[1]):
-            return True
-    return False
+    node was found to hold (_node_dicts) is kept in its ``metadata`` with the registration count,
+    so it is asked again only after a later registration; a removed hook empties its dict.
+    (csrc/node_hooks.cpp; _C.repeat_call asks it too.)"""
+    return _C.node_hooks_in(order, _node_dicts, _STATE["node"])
 
 
 def install():
