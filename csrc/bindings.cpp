@@ -318,7 +318,7 @@ PYBIND11_MODULE(_C, m) {
         "Forget the objects signature keys numbered (graph_cache.clear, with those keys).");
   m.def("interned_count", &fg::interned_count, "How many objects signature keys have numbered.");
   m.def("mark_freed", &fg::mark_freed, py::arg("graph"), py::arg("freed_key"), py::arg("refuse"),
-        py::arg("spec_fn"), py::arg("pack"), py::arg("unpack"),
+        py::arg("spec_fn"), py::arg("register"), py::arg("pack"), py::arg("unpack"),
         "Mark the nodes a sweep ran as consumed and free their saved tensors (engine._mark_freed).");
   m.def("saved_hooks_in", &fg::saved_hooks_in, py::arg("graph"), py::arg("spec_fn"),
         "Whether a node lowering would read holds a tensor packed by saved-tensor hooks "

@@ -25,7 +25,7 @@ struct Names {
   PyObject *plan, *tape, *nbound, *tied, *churn, *recent, *executor, *executor_dev, *jit_pending,
       *runs, *version, *device, *any, *cuda_executor, *cpu, *execute, *compile_due, *entries,
       *spec, *freed, *recompute, *state, *tensor_hooks, *waiting, *acc_cls, *leaf_edge, *binder,
-      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved, *node, *node_dicts;
+      *refuse_freed, *drop_saved, *refuse_unpack, *misses, *find, *skip, *given, *saved, *node, *node_dicts, *live, *saved_register;
 };
 Names N{};
 
@@ -140,8 +140,8 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
   if (py_truthy(hook_state[N.saved]) && saved_hooks_in(g, spec))
     return py::make_tuple(py::none(), py::none());
   // and so do graphs where a node has hooks (hooks.node_hooks_in)
-  const py::object node_count = hook_state[N.node];
-  if (py_truthy(node_count) && node_hooks_in(g.order, py_attr(M.hooks, N.node_dicts), node_count))
+  if (py_truthy(hook_state[N.live]) &&
+      node_hooks_in(g.order, py_attr(M.hooks, N.node_dicts), hook_state[N.node]))
     return py::make_tuple(py::none(), py::none());
   // graph_cache.signature: nodes are looked at for tensor hooks once one was registered
   const py::object hooks_fn =
@@ -156,7 +156,8 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
       const bool retain = retain_graph.is_none() ? create_graph : py_truthy(retain_graph);
       if (!retain)  // (engine._mark_freed)
         mark_freed(g, freed_key, py_attr(M.engine, N.refuse_freed), spec,
-                   py_attr(M.engine, N.drop_saved), py_attr(M.engine, N.refuse_unpack));
+                   py_attr(M.hooks, N.saved_register), py_attr(M.engine, N.drop_saved),
+                   py_attr(M.engine, N.refuse_unpack));
       PyObject* t = PySequence_Tuple(res.ptr());
       if (!t) throw py::error_already_set();
       return py::make_tuple(py::reinterpret_steal<py::object>(t), py::none());
@@ -190,7 +191,8 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack"),
               py_intern("MISSES"),        py_intern("find"),         py_intern("skip"),
               py_intern("_given"),        py_intern("saved"),
-              py_intern("node"),          py_intern("_node_dicts")};
+              py_intern("node"),          py_intern("_node_dicts"),
+              py_intern("live"),          py_intern("_orig_saved_register")};
   // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
   M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
               hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),

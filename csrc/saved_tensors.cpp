@@ -34,13 +34,12 @@ enum class Release { kFreed, kNothing, kFailed };
 // kNothing: every saved tensor of the node is None (nothing to free: PyTorch lets such a node
 // run again). kFailed: a saved tensor cannot take the hooks (it has saved-tensor hooks
 // already); the caller then refuses the node by a pre-hook instead.
-Release release_saved(py::handle fn, const Spec& spec, py::handle pack, py::handle unpack) {
-  static PyObject* register_hooks = py_intern("register_hooks");
+Release release_saved(py::handle fn, const Spec& spec, py::handle reg, py::handle pack,
+                      py::handle unpack) {
   bool any = false;
   const bool all = each_raw_saved(fn, spec, [&](py::handle item) {
     PyObject* args[] = {item.ptr(), pack.ptr(), unpack.ptr()};
-    PyObject* r = PyObject_VectorcallMethod(register_hooks, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                            nullptr);
+    PyObject* r = PyObject_Vectorcall(reg.ptr(), args, 3, nullptr);
     if (r) {
       Py_DECREF(r);
       any = true;
@@ -60,7 +59,7 @@ Release release_saved(py::handle fn, const Spec& spec, py::handle pack, py::hand
 }  // namespace
 
 void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
-                py::handle pack, py::handle unpack) {
+                py::handle reg, py::handle pack, py::handle unpack) {
   static PyObject* register_prehook = py_intern("register_prehook");
   for (Py_ssize_t i = 0, n = PyList_GET_SIZE(g.order.ptr()); i < n; ++i) {
     py::handle fn = PyList_GET_ITEM(g.order.ptr(), i);
@@ -69,7 +68,8 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
     const py::object md = metadata_of(fn);
     if (md.is_none() || is_freed(md, freed_key)) continue;
     Spec& spec = spec_of(fn, spec_fn);
-    const Release rel = spec.holds_saved ? release_saved(fn, spec, pack, unpack) : Release::kFreed;
+    const Release rel =
+        spec.holds_saved ? release_saved(fn, spec, reg, pack, unpack) : Release::kFreed;
     if (rel == Release::kNothing) continue;  // nothing saved: it may run again, as in PyTorch
     if (PyDict_SetItem(md.ptr(), freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
     if (rel == Release::kFailed) {

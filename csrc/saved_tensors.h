@@ -13,11 +13,13 @@ namespace py = pybind11;
 
 // Marks every node the sweep ran as consumed (retain_graph=False): metadata[freed_key] = True,
 // and frees the saved tensors of those that hold some, as PyTorch's engine does: saved-tensor
-// hooks `pack` (drops the tensor) and `unpack` (raises PyTorch's freed-graph error) on each.
+// hooks `pack` (drops the tensor) and `unpack` (raises PyTorch's freed-graph error) on each,
+// given by `reg(saved_tensor, pack, unpack)` (SavedTensor.register_hooks as PyTorch defines it:
+// fastgrad's wrapper notes hooks put on a saved tensor by others, hooks.py).
 // A node whose saved tensors cannot take hooks gets `refuse` (a hook raising that error) as a
 // pre-hook instead, so PyTorch's engine refuses it too (see engine._mark_freed).
 void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::handle spec_fn,
-                py::handle pack, py::handle unpack);
+                py::handle reg, py::handle pack, py::handle unpack);
 
 // Whether a node of the walk whose saved values lowering reads holds a tensor packed by
 // saved-tensor hooks (its SavedTensor's `unpack_hook` set; also a node fastgrad freed, whose

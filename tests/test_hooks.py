@@ -228,6 +228,20 @@ def test_a_node_probed_for_hooks_is_left_as_it_was(gen):
     assert_same(TORCH_GRAD(y.sum(), x), torch.exp(x.detach()))
 
 
+def test_node_hooks_are_asked_for_only_while_a_hooked_node_lives(gen):
+    """A node hook's dict goes with its node (torch.compile registers some on graphs it traces
+    and drops): then calls stop asking nodes for hooks."""
+    import gc
+    live = hooks._STATE["live"]
+    x = rand((3,), gen).requires_grad_(True)
+    y = torch.exp(x)
+    y.grad_fn.register_prehook(lambda go: None)
+    assert hooks._STATE["live"] == live + 1 and hooks.node_hooks_used()
+    del y
+    gc.collect()
+    assert hooks._STATE["live"] == live
+
+
 def test_tensor_hooks_are_not_counted_as_node_hooks(gen):
     before = hooks._STATE["node"]
     x = rand((3,), gen).requires_grad_(True)

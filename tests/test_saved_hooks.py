@@ -37,6 +37,22 @@ def _one_shot(n):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
+def _one_shot_on(t, n):
+    """``t`` (a tensor made by a node that saved its result) with one-shot hooks put on that
+    saved tensor alone (SavedTensor.register_hooks: no context pushed)."""
+    store = {}
+
+    def pack(v):
+        store[0] = v
+        return 0
+
+    def unpack(k):
+        n["unpack"] += 1
+        return store.pop(k)
+    t.grad_fn._raw_saved_result.register_hooks(pack, unpack)
+    return t
+
+
 def _segment(n):
     def seg(x):
         n["forward"] += 1
@@ -53,6 +69,7 @@ SAVED_HOOK_CASES = {
     "non_reentrant_checkpoint": lambda x, n: checkpoint(_segment(n), x, use_reentrant=False).sum(),
     "save_on_cpu": lambda x, n: _under(torch.autograd.graph.save_on_cpu(),
                                        lambda: (torch.sigmoid(x) * torch.cos(x)).sum()),
+    "register_hooks_on_one": lambda x, n: (_one_shot_on(torch.exp(x), n) * torch.sin(x)).sum(),
     "hooks_on_part": lambda x, n: (torch.exp(x) * _under(_one_shot(n), lambda: torch.sin(x) ** 2)).sum(),
 }
 

@@ -358,9 +358,9 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
 
 def _mark_freed(graph):
     """Consume the nodes a call ran with retain_graph=False, as PyTorch's engine does: flag
-    them (lowering._is_freed) and free their saved tensors (csrc/capture.h, mark_freed)."""
-    _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec, _drop_saved,
-                  _refuse_unpack)
+    them (lowering._is_freed) and free their saved tensors (csrc/saved_tensors.h, mark_freed)."""
+    _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec,
+                  hooks._orig_saved_register, _drop_saved, _refuse_unpack)
 
 
 def _drop_saved(t):

@@ -12,7 +12,8 @@ the gradient flowing into such a tensor to its ``.grad`` in ``torch.autograd.gra
 the tensor's other hooks.
 
 Saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``, and what is built on them:
-``save_on_cpu``, non-reentrant checkpointing) are only noted: once any were pushed, each call
+``save_on_cpu``, non-reentrant checkpointing, or put on one saved tensor through its
+``register_hooks``) are only noted: once any were pushed, each call
 asks whether its graph holds a tensor they packed (csrc/saved_tensors.h), and PyTorch runs such a
 call. PyTorch unpacks a saved tensor once per backward, and hooks may count on it (a one-shot
 unpack, a checkpointed segment recomputed on the first unpack), where fastgrad reads saved values
@@ -23,8 +24,9 @@ to their producers: lowering.hooked).
 Hooks on nodes (``grad_fn.register_prehook`` / ``register_hook``, as module full backward hooks
 use) cannot be listed either, and a node called directly or lowered does not run them. Every such
 registration goes through ``torch.autograd.Function._register_hook`` (PyTorch's C++ looks it up
-there), which importing fastgrad wraps to count registrations; once there was one, each call asks
-its graph's nodes (node_hooks_in), and PyTorch runs a graph where one has hooks.
+there), which importing fastgrad wraps to count registrations and the hook dicts they make;
+while one of those is alive, each call asks its graph's nodes (node_hooks_in), and PyTorch runs a
+graph where one has hooks.
 """
 import threading
 import weakref
@@ -36,10 +38,12 @@ from . import _C
 
 _KEY = "fastgrad_tensor_hooks"
 _RETAIN_KEY = "fastgrad_retains_grad"
-_STATE = {"any": False, "saved": False, "node": 0}  # node: registrations of node hooks
+# node: registrations of node hooks so far; live: how many of the hook dicts they made are alive
+_STATE = {"any": False, "saved": False, "node": 0, "live": 0}
 _orig_register_hook = torch.Tensor.register_hook
 _orig_retain_grad = torch.Tensor.retain_grad
 _orig_push_saved = torch._C._autograd._push_saved_tensors_default_hooks
+_orig_saved_register = torch._C._autograd.SavedTensor.register_hooks
 _orig_node_hook = _function._HookMixin.__dict__["_register_hook"]  # (a staticmethod)
 
 
@@ -75,8 +79,15 @@ def _push_saved_hooks(*args, **kwargs):
     return _orig_push_saved(*args, **kwargs)
 
 
+def _register_saved_hooks(self, *args, **kwargs):
+    # (hooks put on one saved tensor: fastgrad's own, which free a graph, pass the original)
+    _STATE["saved"] = True
+    return _orig_saved_register(self, *args, **kwargs)
+
+
 def saved_hooks_used():
-    """Whether saved-tensor hooks were pushed since fastgrad was imported."""
+    """Whether saved-tensor hooks were pushed, or put on a saved tensor
+    (``grad_fn._raw_saved_<name>.register_hooks``), since fastgrad was imported."""
     return _STATE["saved"]
 
 
@@ -92,7 +103,20 @@ def _register_node_hook(backward_hooks, hook):
         _PROBING.found = backward_hooks
         raise _Probed
     _STATE["node"] += 1
-    return _orig_node_hook.__func__(backward_hooks, hook)
+    d, handle = _orig_node_hook.__func__(backward_hooks, hook)
+    if backward_hooks is None:  # (a node's first hook: its dict is new, alive with the node)
+        _STATE["live"] += 1
+        r = weakref.ref(d, _dict_gone)
+        _LIVE[id(r)] = r
+    return d, handle
+
+
+_LIVE = {}  # id -> weak reference to a hook dict made (kept so that its callback runs)
+
+
+def _dict_gone(ref):
+    _STATE["live"] -= 1
+    _LIVE.pop(id(ref), None)
 
 
 def _node_dicts(fn):
@@ -114,8 +138,10 @@ def _node_dicts(fn):
 
 
 def node_hooks_used():
-    """Whether a hook was registered on a node since fastgrad was imported."""
-    return _STATE["node"] > 0
+    """Whether a node hook registered since fastgrad was imported may still be on a node: a
+    hook dict PyTorch made for one is alive (torch.compile registers some while it compiles,
+    which go with the graphs it traced)."""
+    return _STATE["live"] > 0
 
 
 def node_hooks_in(order):
@@ -138,6 +164,9 @@ def install():
         torch._C._autograd._push_saved_tensors_default_hooks = _push_saved_hooks
     if _function._HookMixin.__dict__["_register_hook"] is _orig_node_hook:
         _function._HookMixin._register_hook = staticmethod(_register_node_hook)
+    if torch._C._autograd.SavedTensor.register_hooks is _orig_saved_register:
+        _register_saved_hooks.__doc__ = _orig_saved_register.__doc__
+        torch._C._autograd.SavedTensor.register_hooks = _register_saved_hooks
 
 
 def any_registered():
