@@ -589,6 +589,32 @@ def test_error_inplace_modified_saved_tensor(gen):
     _err_case(gen, build)
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_error_nan_under_anomaly_detection(create_graph, gen):
+    """Under torch.autograd.set_detect_anomaly PyTorch checks each node's results and names
+    the node that made a NaN; fastgrad hands such calls to it (sqrt's derivative at -1 is NaN;
+    a fused plan returned it silently)."""
+    x0 = rand((3, 4), gen)
+    x0[0, 0] = -1.0
+
+    def build(grad):
+        x = x0.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (anomaly mode's own warnings)
+            with torch.autograd.set_detect_anomaly(True):
+                y = (torch.sqrt(x) * torch.exp(x)).sum()
+                return grad(y, x, create_graph=create_graph)
+
+    _err_case(gen, build)
+
+
+def test_explain_under_anomaly_detection(gen):
+    x = rand((3,), gen).requires_grad_(True)
+    with torch.autograd.set_detect_anomaly(True):
+        rep = fastgrad.explain(torch.exp(x).sum(), x)
+    assert rep.fallback == [("<whole call>", fastgrad.api.ANOMALY_REASON)], rep
+
+
 # ------------------------------------------------------------------ warnings & side effects
 
 

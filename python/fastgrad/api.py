@@ -36,6 +36,10 @@ NATIVE = _graph_readable()
 NOT_NATIVE_REASON = ("torch %s does not show autograd nodes' _input_metadata (fastgrad runs "
                      "natively from torch 2.5)" % torch.__version__)
 
+_is_anomaly_enabled = torch.is_anomaly_enabled
+ANOMALY_REASON = ("anomaly detection is on (torch.autograd.set_detect_anomaly): PyTorch checks "
+                  "each node's results for NaN and names the node that made one")
+
 _DICT_INPUTS = []  # [whether the installed torch.autograd.grad takes a dict of inputs], once asked
 
 
@@ -149,10 +153,11 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
          only_inputs=True, allow_unused=None, is_grads_batched=False, materialize_grads=False):
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
     if not NATIVE or type(create_graph) is not bool or \
-            not (retain_graph is None or type(retain_graph) is bool):
-        # a torch whose graphs fastgrad cannot read runs every call; and PyTorch reads these
-        # flags as C integers (0 and 1 pass, None or a string raise its TypeError): anything
-        # but a bool goes to it, for its results or its error
+            not (retain_graph is None or type(retain_graph) is bool) or _is_anomaly_enabled():
+        # a torch whose graphs fastgrad cannot read runs every call; PyTorch reads these flags
+        # as C integers (0 and 1 pass, None or a string raise its TypeError): anything but a
+        # bool goes to it, for its results or its error; and so does a call under anomaly
+        # detection (ANOMALY_REASON)
         return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                            only_inputs, allow_unused, is_grads_batched, materialize_grads)
     if create_graph and torch.is_inference_mode_enabled():
@@ -224,6 +229,8 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
 
     if not NATIVE:
         return torch_grad(NOT_NATIVE_REASON)
+    if _is_anomaly_enabled():
+        return torch_grad(ANOMALY_REASON)
     if materialize_grads and allow_unused is False:
         return torch_grad("invalid arguments")
     if allow_unused is None:
