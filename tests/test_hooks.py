@@ -249,3 +249,29 @@ def test_tensor_hooks_are_not_counted_as_node_hooks(gen):
     assert hooks._STATE["node"] == before
     torch.sin(x).grad_fn.register_prehook(lambda go: None)
     assert hooks._STATE["node"] == before + 1
+
+
+@pytest.mark.parametrize("mode", ["all", "any"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_multi_grad_hooks_like_torch(mode, create_graph, gen):
+    """torch.autograd.graph.register_multi_grad_hook (FSDP uses it) reads the state of
+    PyTorch's engine in its tensor hooks ("expected this hook to be called inside a backward
+    call" was raised under fastgrad): such graphs go to PyTorch, and explain says so."""
+    x0 = rand((4, 3), gen)
+
+    def run(grad):
+        x = x0.clone().requires_grad_(True)
+        a, b = torch.sin(x), torch.exp(x)
+        seen = []
+
+        def fn(gs):
+            seen.append([g.clone() for g in gs if g is not None] if mode == "all" else [gs])
+        torch.autograd.graph.register_multi_grad_hook((a, b), fn, mode=mode)
+        y = (a * b).sum()
+        return grad(y, x, create_graph=create_graph, retain_graph=True), seen, (y, x)
+    (want, want_seen, _), (got, got_seen, (y, x)) = run(TORCH_GRAD), run(FAST_GRAD)
+    assert_same(got, want)
+    assert len(got_seen) == len(want_seen) == 1
+    assert_same(got_seen[0], want_seen[0])
+    rep = fastgrad.explain(y, x)
+    assert rep.fallback == [("<whole call>", engine.TORCH_HOOKS_REASON)], rep

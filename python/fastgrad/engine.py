@@ -208,6 +208,8 @@ class Capture:
 SAVED_HOOKS_REASON = ("saved-tensor hooks packed a tensor the graph saved: PyTorch unpacks it "
                       "once, fastgrad would read it several times")
 NODE_HOOKS_REASON = "a node has hooks (grad_fn.register_prehook / register_hook)"
+TORCH_HOOKS_REASON = ("a tensor hook of PyTorch's own (register_multi_grad_hook) reads the state "
+                      "of PyTorch's engine")
 
 
 def _capture(out_edges, grad_tensors, in_edges, create_graph):
@@ -452,6 +454,8 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
     incoming cotangents, the leaf records of its results), so a later call with the same
     signature can replay it; the numbers of the tensors whose values the IR ties to their
     producers (_link_saved) go into ``tied``."""
+    if hooks.any_registered() and hooks.torch_tensor_hooks_in(order):
+        raise Unplannable(TORCH_HOOKS_REASON)  # (before any hook ran)
     input_ids = {id(n) for n, _ in in_edges}
     cot, forwards = {}, {}
 

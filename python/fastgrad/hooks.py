@@ -28,6 +28,7 @@ there), which importing fastgrad wraps to count registrations and the hook dicts
 while one of those is alive, each call asks its graph's nodes (node_hooks_in), and PyTorch runs a
 graph where one has hooks.
 """
+import os
 import threading
 import weakref
 
@@ -172,6 +173,27 @@ def install():
 def any_registered():
     """Whether any tensor hook was registered since import (none: nodes need no look)."""
     return _STATE["any"]
+
+
+def torch_tensor_hooks_in(order):
+    """Whether a node of ``order`` has a tensor hook defined by PyTorch itself
+    (``register_multi_grad_hook``'s, which FSDP uses): those read the state of PyTorch's engine
+    (``torch._C._current_graph_task_id``, ``_will_engine_execute_node``), which exists only
+    inside its backward, so PyTorch runs such a call."""
+    for fn in order:
+        for _, d, _ in tensor_hooks(fn):
+            if d and any(_defined_in_torch(h) for h in d.values()):
+                return True
+    return False
+
+
+_TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
+
+
+def _defined_in_torch(hook):
+    # (by its code's file: functools.wraps gives "any" mode's hook the user's __module__)
+    code = getattr(hook, "__code__", None)
+    return code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR)
 
 
 def tensor_hooks(fn):
