@@ -615,6 +615,63 @@ def test_explain_under_anomaly_detection(gen):
     assert rep.fallback == [("<whole call>", fastgrad.api.ANOMALY_REASON)], rep
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_calls_under_autocast(create_graph, gen):
+    """A grad call made inside torch.autocast: PyTorch runs the products in bfloat16 and casts
+    each gradient back to float32; fastgrad returned bfloat16 gradients. Such calls go to
+    PyTorch (results, dtypes and the second derivative as its own)."""
+    x0 = rand((5, 4), gen, dtype=torch.float32)
+    w1, w2 = rand((4, 8), gen, dtype=torch.float32), rand((8, 3), gen, dtype=torch.float32)
+
+    def run(grad):
+        x = x0.clone().requires_grad_(True)
+        y = ((x @ w1).tanh() @ w2).tanh().sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res = grad(y, x, create_graph=create_graph, retain_graph=True)
+            if create_graph:
+                res = res + grad((res[0] * x).sum(), x, retain_graph=True)
+        return res, y, x
+    (want, _, _), (got, y, x) = run(TORCH_GRAD), run(FAST_GRAD)
+    assert [g.dtype for g in got] == [g.dtype for g in want] == [torch.float32] * len(want)
+    assert_same(got, want, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rep = fastgrad.explain(y, x)
+    assert rep.fallback == [("<whole call>", fastgrad.api.AUTOCAST_REASON)], rep
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch's forward AD scripts a helper)
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_calls_inside_a_forward_ad_level(create_graph, gen):
+    """Forward over reverse: inside torch.autograd.forward_ad.dual_level PyTorch's gradients
+    of a graph built from dual tensors carry tangents; fastgrad's had none (and create_graph
+    raised: its region Function has no jvp). Such calls go to PyTorch."""
+    import torch.autograd.forward_ad as fwAD
+    x0, t0 = rand((4,), gen), rand((4,), gen)
+
+    def run(grad):
+        x = x0.clone().requires_grad_(True)
+        with fwAD.dual_level():
+            y = (torch.sin(fwAD.make_dual(x, t0)) * 2).sum()
+            (g,) = grad(y, x, create_graph=create_graph)
+            return g, fwAD.unpack_dual(g).tangent
+    (want, want_t), (got, got_t) = run(TORCH_GRAD), run(FAST_GRAD)
+    assert want_t is not None and got_t is not None
+    assert_same([got, got_t], [want, want_t])
+
+
+def test_calls_inside_vmap(gen):
+    """Rows of a Jacobian by vmap over grad_outputs (functorch's batched tensors have no
+    storage: fastgrad raised "Cannot access data pointer"): such calls go to PyTorch."""
+    x0 = rand((3,), gen)
+
+    def run(grad):
+        x = x0.clone().requires_grad_(True)
+        y = torch.sin(x) * torch.exp(x)
+        return torch.func.vmap(lambda v: grad(y, x, v, retain_graph=True)[0])(
+            torch.eye(3, dtype=x.dtype))
+    assert_same(run(FAST_GRAD), run(TORCH_GRAD))
+
+
 # ------------------------------------------------------------------ warnings & side effects
 
 
