@@ -33,25 +33,36 @@ bool each_raw_saved(py::handle fn, const Spec& spec, Visit visit) {
 enum class Release { kFreed, kNothing, kFailed };
 // kNothing: every saved tensor of the node is None (nothing to free: PyTorch lets such a node
 // run again). kFailed: a saved tensor cannot take the hooks (it has saved-tensor hooks
-// already); the caller then refuses the node by a pre-hook instead.
+// already); the caller then refuses the node by a pre-hook instead. A fallback node PyTorch's
+// engine ran without retain_graph (engine._call_opaque) was freed by it already, and a later
+// run meets PyTorch's own checks (a Python Function that saved nothing may run again): kNothing.
+bool freed_by_torch(const py::error_already_set& err) {
+  return std::string(err.what()).find("freed") != std::string::npos;
+}
+
 Release release_saved(py::handle fn, const Spec& spec, py::handle reg, py::handle pack,
                       py::handle unpack) {
-  bool any = false;
-  const bool all = each_raw_saved(fn, spec, [&](py::handle item) {
-    PyObject* args[] = {item.ptr(), pack.ptr(), unpack.ptr()};
-    PyObject* r = PyObject_Vectorcall(reg.ptr(), args, 3, nullptr);
-    if (r) {
-      Py_DECREF(r);
-      any = true;
-      return true;
-    }
-    // PyTorch refuses hooks on a saved value that is None ("... with value None is
-    // forbidden": `self` of `x * 3.0`, an index list's empty slot): nothing to free there.
-    // Its message is the only way to tell: reading the value would run the user's unpack
-    // hook, if any.
-    py::error_already_set err;
-    return std::string(err.what()).find("None") != std::string::npos;
-  });
+  bool any = false, all;
+  try {
+    all = each_raw_saved(fn, spec, [&](py::handle item) {
+      PyObject* args[] = {item.ptr(), pack.ptr(), unpack.ptr()};
+      PyObject* r = PyObject_Vectorcall(reg.ptr(), args, 3, nullptr);
+      if (r) {
+        Py_DECREF(r);
+        any = true;
+        return true;
+      }
+      // PyTorch refuses hooks on a saved value that is None ("... with value None is
+      // forbidden": `self` of `x * 3.0`, an index list's empty slot): nothing to free there.
+      // Its message is the only way to tell: reading the value would run the user's unpack
+      // hook, if any.
+      py::error_already_set err;
+      return freed_by_torch(err) || std::string(err.what()).find("None") != std::string::npos;
+    });
+  } catch (py::error_already_set& err) {  // (a Python Function's raw saved tensors, freed)
+    if (!freed_by_torch(err)) throw;
+    return Release::kNothing;
+  }
   if (!all) return Release::kFailed;
   return any ? Release::kFreed : Release::kNothing;
 }

@@ -148,19 +148,133 @@ def test_integer_index_gather(gen):
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
-def test_fallback_node_computes_only_wanted_edges(create_graph, gen):
+def test_fallback_node_computes_only_wanted_edges(create_graph, gen, monkeypatch):
     """A fallback node computes the input's gradient only, as in PyTorch's engine, not the
-    other operand's gradient nobody asked for (the node's hook sees which it made)."""
+    other operand's gradient nobody asked for: fastgrad asks PyTorch's engine for the edge
+    toward x alone. (A hook on the node would send the whole call to PyTorch.)"""
+    from fastgrad import engine
     # large enough for the engine path (small nodes are called directly: cheaper than a walk)
     x = rand((8, 32, 4), gen).requires_grad_(True)
     w = rand((8, 4, 300), gen).requires_grad_(True)
     y = torch.tanh(torch.bmm(x, w)).sum()
     node = y.grad_fn.next_functions[0][0].next_functions[0][0]
     assert node.name() == "BmmBackward0"
-    made = []
-    node.register_hook(lambda grad_inputs, grad_outputs: made.append(
-        [g is not None for g in grad_inputs]))
+    x_node = node.next_functions[0][0]  # (x's AccumulateGrad)
+    asked, real = [], engine._torch_grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        asked.append([(e.node.name(), e.output_nr) for e in inputs])
+        return real(outputs, inputs, *args, **kwargs)
+    monkeypatch.setattr(engine, "_torch_grad", spy)
     got = fastgrad.grad(y, x, retain_graph=True, create_graph=create_graph)
     ref = torch.autograd.grad(y, x, retain_graph=True)
     torch.testing.assert_close(got[0], ref[0])
-    assert made == [[True, False]] * 2
+    assert asked == [[(x_node.name(), 0)]]
+
+
+class _KeepGraph(torch.autograd.Function):
+    """Notes, in its backward, whether PyTorch's engine keeps the graph (a node compiled by
+    torch.compile with donated buffers refuses to run if it does) and how often it ran."""
+    seen = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        _KeepGraph.seen.append(torch._C._autograd._get_current_graph_task_keep_graph())
+        (x,) = ctx.saved_tensors
+        return g * 2 + x * 0
+
+
+@pytest.mark.parametrize("retain_graph", [None, False, True])
+def test_a_fallback_node_sees_the_calls_retain_graph(retain_graph, gen):
+    """PyTorch's engine runs a Python Function's node with the call's retain_graph; fastgrad's
+    sub-call kept the graph always (a torch.compile'd module with donated buffers then raised
+    where torch works). Freed by that sub-call, the node still refuses a second call."""
+    x0 = rand((5,), gen)
+    runs = {}
+    for grad in (torch.autograd.grad, fastgrad.grad):
+        _KeepGraph.seen = []
+        outcomes = []
+        for _ in range(2):  # (the second on a cached plan, replaying the node)
+            x = x0.clone().requires_grad_(True)
+            y = torch.sin(_KeepGraph.apply(torch.exp(x))).sum()
+            outcomes.append(grad(y, x, retain_graph=retain_graph))
+            try:
+                outcomes.append(grad(y, x))
+            except RuntimeError as e:
+                outcomes.append(str(e))
+        runs[grad] = outcomes, list(_KeepGraph.seen)
+    (want, want_seen), (got, got_seen) = runs[torch.autograd.grad], runs[fastgrad.grad]
+    assert got_seen == want_seen
+    for g, w in zip(got, want):
+        if isinstance(w, str):
+            assert g == w
+        else:
+            torch.testing.assert_close(g, w)
+
+
+class _Shifty(torch.autograd.Function):
+    """A node whose gradient comes out in another layout every other run: a cached plan's
+    replay of it does not hold, and the call is derived anew."""
+    runs = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, g):
+        _Shifty.runs += 1
+        r = g * 3
+        return r if _Shifty.runs % 2 else r.t().contiguous().t()
+
+
+def test_a_fallback_node_runs_once_per_call_when_its_replay_fails(gen):
+    """A replay that does not hold hands the node's results to the sweep that derives the call
+    anew (the node ran twice in one call before: its side effects twice)."""
+    x0 = rand((4, 3), gen)
+    for call in range(4):
+        x = x0.clone().requires_grad_(True)
+        y = torch.tanh(_Shifty.apply(torch.sin(x))).sum()
+        before = _Shifty.runs
+        got = fastgrad.grad(y, x, retain_graph=True)
+        assert _Shifty.runs == before + 1, f"call {call}: ran {_Shifty.runs - before} times"
+        _Shifty.runs = before  # (the same layout for torch's run)
+        want = torch.autograd.grad(y, x)
+        torch.testing.assert_close(got[0], want[0])
+
+
+def _outcome(run):
+    try:
+        return run()
+    except RuntimeError as e:
+        return str(e)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.compile's own jit use)
+@pytest.mark.parametrize("retain_graph", [None, True])
+def test_a_torch_compiled_module_in_the_graph(retain_graph, gen):
+    """A torch.compile'd module's backward node (inductor keeps donated buffers, and refuses to
+    run when the graph is kept) inside the graph: fastgrad raised where torch works. The same
+    results, or PyTorch's error when the call keeps the graph."""
+    lin = torch.nn.Linear(4, 4).double()
+    try:
+        f = torch.compile(lambda x: torch.tanh(lin(x)).sin())
+        f(rand((3, 4), gen))
+    except Exception as e:  # noqa: BLE001 - an environment where inductor cannot compile
+        pytest.skip(f"torch.compile does not run here: {type(e).__name__}")
+    x0 = rand((3, 4), gen)
+    got = []
+    for grad in (torch.autograd.grad, fastgrad.grad, fastgrad.grad):
+        x = x0.clone().requires_grad_(True)
+        y = f(x).pow(2).sum()
+        got.append(_outcome(lambda: grad(y, [x, lin.weight], retain_graph=retain_graph)))
+    for g in got[1:]:
+        if isinstance(got[0], str):
+            assert g == got[0]
+        else:
+            torch.testing.assert_close(g, got[0])

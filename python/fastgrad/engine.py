@@ -144,8 +144,16 @@ def _reaches(src, targets, needed):
     return False
 
 
-def _call_opaque(fn, gs, create_graph, needed):
-    """Run one PyTorch node on its incoming gradients; returns (edges, gradients)."""
+def _call_opaque(fn, gs, create_graph, needed, keep=True, ran=None):
+    """Run one PyTorch node on its incoming gradients; returns (edges, gradients). ``keep``:
+    the call's retain_graph, which PyTorch's engine gives the node (a node compiled by
+    torch.compile with donated buffers refuses to run if the graph is kept; a node may read
+    it, torch._C._autograd._get_current_graph_task_keep_graph). ``ran``: id(node) -> what it
+    returned earlier in this call (a replay that did not hold), so that no node runs twice."""
+    if ran:
+        done = ran.pop(id(fn), None)
+        if done is not None:
+            return done
     if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
@@ -171,12 +179,16 @@ def _call_opaque(fn, gs, create_graph, needed):
     if direct:  # one result per next edge
         with torch.set_grad_enabled(create_graph):
             res = fn(*gs)
-        return fn.next_functions, _dense((res,) if isinstance(res, torch.Tensor) else res)
-    outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
-    gos = [g for g in gs if g is not None]
-    res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=True,
-                      create_graph=create_graph, allow_unused=True)
-    return edges, _dense(res)
+        done = fn.next_functions, _dense((res,) if isinstance(res, torch.Tensor) else res)
+    else:
+        outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
+        gos = [g for g in gs if g is not None]
+        res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=keep,
+                          create_graph=create_graph, allow_unused=True)
+        done = edges, _dense(res)
+    if ran is not None:
+        ran[id(fn)] = done
+    return done
 
 
 def _dense(res):
@@ -195,7 +207,7 @@ class Capture:
     changed, or the call bound other tensors than the first). A declined hit hands it to
     ``run``, so a call is walked, signed and replayed once."""
     __slots__ = ("grad_tensors", "bind", "graph", "in_edges", "key", "freed", "stale",
-                 "churn", "counted", "given")
+                 "churn", "counted", "given", "ran")
 
     def __init__(self, grad_tensors, bind, graph, in_edges, key, freed, rec, given):
         self.grad_tensors, self.bind, self.graph = grad_tensors, bind, graph
@@ -203,6 +215,7 @@ class Capture:
         # the churn.Record of the graph's structure (None: none yet), whether the call was
         # counted in it (_route), and the inputs as the call gave them (leaf tensors, edges)
         self.churn, self.counted, self.given = rec, False, given
+        self.ran = {}  # id(fallback node) -> what it returned in this call (_call_opaque)
 
 
 SAVED_HOOKS_REASON = ("saved-tensor hooks packed a tensor the graph saved: PyTorch unpacks it "
@@ -287,7 +300,7 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph, walk=None
     if entry is None or cap.freed or entry.plan is None:
         return None, cap
     graph = cap.graph
-    if not _still_bound(entry, cap, create_graph, None):
+    if not _still_bound(entry, cap, create_graph, None, retain_graph):
         cap.stale = True
         return None, cap
     rec = entry.churn
@@ -322,7 +335,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     if entry is not None:
         if freed:
             raise RuntimeError(freed_message())
-        if not cap.stale and _still_bound(entry, cap, create_graph, trace.stats):
+        if not cap.stale and _still_bound(entry, cap, create_graph, trace.stats, retain_graph):
             exprs = entry.exprs
             trace.native.extend(entry.native)
             trace.fallback.extend(entry.fallback)
@@ -339,7 +352,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         tape = []
         tied = []
         exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
-                       bind, trace, tape, graph.leaf_nodes, tied)
+                       bind, trace, tape, graph.leaf_nodes, tied, retain_graph, cap.ran)
         entry = graph_cache.store(key, exprs, trace.native[native_before:],
                                   trace.fallback[fallback_before:], tape, len(bind.tensors),
                                   tied, rec)
@@ -375,7 +388,7 @@ def _refuse_unpack(packed):
     raise RuntimeError(freed_message())
 
 
-def _still_bound(entry, cap, create_graph, stats):
+def _still_bound(entry, cap, create_graph, stats, keep):
     """Whether the cached ``entry``'s IR holds for this call: its fallback nodes, replayed
     (binding their results), give results laid out as the first time, and the call has bound
     as many tensors as the first one, and the tensors its IR ties to the expressions that
@@ -383,7 +396,8 @@ def _still_bound(entry, cap, create_graph, stats):
     new tensor each time, as under saved-tensor hooks, is bound anew by lowering: the first
     call's IR then reads a leaf that the signature alone does not bind.)"""
     g = cap.graph
-    if entry.tape and not _replay(entry.tape, g.order, g.needed, cap.bind, create_graph, stats):
+    if entry.tape and not _replay(entry.tape, g.order, g.needed, cap.bind, create_graph, stats,
+                                  keep, cap.ran):
         return False
     tensors = cap.bind.tensors
     if len(tensors) != entry.nbound:
@@ -430,12 +444,13 @@ def _run_tensor_hooks(th, fn, cot, bind, create_graph, trace):
         cot[(id(fn), k)] = bind(g)
 
 
-def _replay(tape, order, needed, bind, create_graph, stats):
+def _replay(tape, order, needed, bind, create_graph, stats, keep, ran):
     """Run a cached graph's fallback nodes as its first sweep did; False if a node's results
-    are not bound to the leaf numbers (and layouts) they had then."""
+    are not bound to the leaf numbers (and layouts) they had then (what each node returned
+    stays in ``ran``, for the sweep that derives the call anew)."""
     for pos, gs, bound in tape:
         gts = materialize(gs, bind.tensors, create_graph, stats)
-        _, res = _call_opaque(order[pos], gts, create_graph, needed)
+        _, res = _call_opaque(order[pos], gts, create_graph, needed, keep, ran)
         if _records(bind, res) != bound:
             return False
     return True
@@ -447,7 +462,7 @@ def _records(bind, res):
 
 
 def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph, bind, trace,
-           tape=None, leaf_nodes=None, tied=None):
+           tape=None, leaf_nodes=None, tied=None, keep=True, ran=None):
     """The reverse sweep: IR of the gradients flowing into ``in_edges`` (None where none).
 
     Each fallback node call is appended to ``tape`` as (position in order, the IR of its
@@ -488,7 +503,7 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
-            edges, res = _call_opaque(fn, gts, create_graph, needed)
+            edges, res = _call_opaque(fn, gts, create_graph, needed, keep, ran)
             grads = [None if r is None else bind(r) for r in res]
             if tape is not None:
                 tape.append((order.index(fn), gs, _records(bind, res)))
