@@ -90,8 +90,9 @@ def threshold_backward(g, x, threshold):
 
 def prelu(x, weight):
     """x > 0 ? x : weight * x, the weight a tensor broadcast against x (PyTorch saves it shaped
-    so), tied to x as leaky_relu."""
-    return ir.tie_grad(where(ew("gt", x, 0.0), x, mul(weight, x)), x)
+    so), tied to x as leaky_relu, and to the weight: PyTorch's one backward op makes both
+    gradients require grad when either input does."""
+    return ir.tie_grad(ir.tie_grad(where(ew("gt", x, 0.0), x, mul(weight, x)), x), weight)
 
 
 @opmath

@@ -156,22 +156,25 @@ def zeros(shape, dtype):
     return node("zeros", (), (), tuple(shape), dtype)
 
 
-def tie(value, dep):
-    """``value``, recorded as depending on ``dep`` with zero derivative.
+def tie(value, dep, absent=False):
+    """``value``, recorded as depending on ``dep`` with zero derivative (``absent``: with no
+    derivative at all, None where PyTorch's gives None).
 
     PyTorch's formulas pass some tensors into ops that are differentiable with a zero
     derivative (relu's result into threshold_backward); a result then requires grad. Tying
     keeps that requires_grad behaviour without changing the value.
     """
-    return node("tie", (value, dep), (), value.shape, value.dtype)
+    return node("tie", (value, dep), ("absent",) if absent else (), value.shape, value.dtype)
 
 
-def tie_grad(value, dep):
+def tie_grad(value, dep, absent=False):
     """``value``, whose cotangent is tied to ``dep`` (rules.py): for a piecewise linear
     activation (leaky_relu, hardtanh, ...) whose derivative PyTorch computes from its input,
     so that the gradient requires grad under create_graph, and its own derivative with
-    respect to that input is zeros, not absent."""
-    return node("tie_grad", (value, dep), (), value.shape, value.dtype)
+    respect to that input is zeros, not absent (``absent``: None, as for the results of a
+    fused backward op that do not depend on that input, such as layer_norm's bias gradient)."""
+    return node("tie_grad", (value, dep), ("absent",) if absent else (), value.shape,
+                value.dtype)
 
 
 def is_const(n, v=None):

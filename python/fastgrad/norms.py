@@ -51,7 +51,20 @@ def layer_norm(x, k, weight, bias, known_mean, known_rstd):
         out = mul(out, weight)
     if bias is not None:
         out = ir.add(out, bias)
-    return ir.cast(out, dtype), mean, rstd
+    return ir.cast(_one_backward_op(out, x, weight), dtype), mean, rstd
+
+
+def _one_backward_op(out, *inputs):
+    """``out`` with its cotangent tied to each of ``inputs`` (ir.tie_grad, absent): PyTorch
+    differentiates layer_norm and batch_norm through one fused backward op, every result of
+    which requires grad under create_graph when its input or weight does (the bias gradient
+    too, which reads only the cotangent), while its derivative along an input it does not read
+    is None. (Not tied to the bias, which PyTorch does not save: a tie would make lowering need
+    its value.)"""
+    for t in inputs:
+        if t is not None:
+            out = ir.tie_grad(out, t, absent=True)
+    return out
 
 
 def _normalize(x, dims, eps, known_mean, known_rstd):
@@ -78,11 +91,11 @@ def batch_norm(x, weight, bias, training, eps, known_mean, known_invstd, running
     if training:
         out, _, _ = _normalize(x, tuple(i for i in range(x.ndim) if i != 1), eps, known_mean,
                                known_invstd)
-    else:  # (linear in x; PyTorch's gradient still reads x, so it requires grad: tied)
-        out = ir.tie_grad(mul(sub(x, per_channel(running_mean)),
-                              per_channel(ew("rsqrt", ir.add(running_var, eps)))), x)
+    else:  # (linear in x: its gradient requires grad through _one_backward_op's tie alone)
+        out = mul(sub(x, per_channel(running_mean)),
+                  per_channel(ew("rsqrt", ir.add(running_var, eps))))
     if weight is not None:
         out = mul(out, per_channel(weight))
     if bias is not None:
         out = ir.add(out, per_channel(bias))
-    return ir.cast(out, dtype)
+    return ir.cast(_one_backward_op(out, x, weight), dtype)
