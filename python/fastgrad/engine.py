@@ -146,9 +146,10 @@ def _reaches(src, targets, needed):
 
 def _call_opaque(fn, gs, create_graph, needed, keep=True, ran=None):
     """Run one PyTorch node on its incoming gradients; returns (edges, gradients). ``keep``:
-    the call's retain_graph, which PyTorch's engine gives the node (a node compiled by
-    torch.compile with donated buffers refuses to run if the graph is kept; a node may read
-    it, torch._C._autograd._get_current_graph_task_keep_graph). ``ran``: id(node) -> what it
+    the call's retain_graph, given to the backward torch.compile made (AOTAutograd's
+    CompiledFunctionBackward: with donated buffers it refuses to run in a graph that is kept);
+    other nodes run with the graph kept, so that a call handed to PyTorch after the sweep (an
+    unused input, a plan that cannot be made) can run them again. ``ran``: id(node) -> what it
     returned earlier in this call (a replay that did not hold), so that no node runs twice."""
     if ran:
         done = ran.pop(id(fn), None)
@@ -183,7 +184,8 @@ def _call_opaque(fn, gs, create_graph, needed, keep=True, ran=None):
     else:
         outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
         gos = [g for g in gs if g is not None]
-        res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos, retain_graph=keep,
+        res = _torch_grad(outs, [_GradientEdge(m, k) for m, k in edges], gos,
+                          retain_graph=keep or fn.name() != "CompiledFunctionBackward",
                           create_graph=create_graph, allow_unused=True)
         done = edges, _dense(res)
     if ran is not None:
