@@ -172,20 +172,39 @@ def test_fallback_node_computes_only_wanted_edges(create_graph, gen, monkeypatch
     assert asked == [[(x_node.name(), 0)]]
 
 
-@pytest.mark.parametrize("retain_graph", [None, False])
-def test_a_fallback_node_runs_again_when_the_call_goes_to_torch(retain_graph, gen):
-    """A Python Function's node saving a tensor, run by PyTorch's engine in the sweep, runs
-    again when the call is then handed to PyTorch (an input no gradient reaches): the sub-call keeps the graph, so
-    the error is PyTorch's own, not a freed graph's."""
+class _Counted(torch.autograd.Function):
+    """x**3 saving x, counting its backward runs."""
+    runs = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        _Counted.runs += 1
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+@pytest.mark.parametrize("retain_graph", [None, False, True])
+def test_an_unused_input_beside_a_fallback_node(retain_graph, gen):
+    """An input no path reaches (allow_unused=False): PyTorch's error for its index, the
+    Function's backward run once (handing the call to PyTorch after the sweep ran it twice, and
+    a torch.compile'd node, freed by the sweep, then raised a freed graph's error), and the
+    graph freed afterwards as PyTorch's engine leaves it."""
     x0 = rand((5,), gen)
-    errors = []
+    seen = []
     for grad in (torch.autograd.grad, fastgrad.grad, fastgrad.grad):
         x, z = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
-        y = torch.sin(Cube.apply(torch.exp(x))).sum()
+        y = torch.sin(_Counted.apply(torch.exp(x))).sum()
+        _Counted.runs = 0
         with pytest.raises(RuntimeError) as e:
             grad(y, [x, z], retain_graph=retain_graph)
-        errors.append(str(e.value))
-    assert errors[1] == errors[2] == errors[0]
+        again = _outcome(lambda: grad(y, x))
+        seen.append((str(e.value), _Counted.runs, again if isinstance(again, str) else "ok"))
+    assert seen[1] == seen[2] == seen[0]
 
 
 class _Shifty(torch.autograd.Function):

@@ -275,3 +275,15 @@ def test_multi_grad_hooks_like_torch(mode, create_graph, gen):
     assert_same(got_seen[0], want_seen[0])
     rep = fastgrad.explain(y, x)
     assert rep.fallback == [("<whole call>", engine.TORCH_HOOKS_REASON)], rep
+
+
+def test_a_partial_of_a_torch_function_counts_as_torchs_hook(gen):
+    """FSDP registers functools.partial(a hook of its own, ...): found through the partial; a
+    partial of the user's own function stays the user's (run natively)."""
+    import functools
+    x = rand((3,), gen).requires_grad_(True)
+    mine, theirs = torch.sin(x), torch.cos(x)
+    mine.register_hook(functools.partial(lambda g, k: g * k, k=2.0))
+    theirs.register_hook(functools.partial(torch.nn.functional.relu, inplace=False))
+    assert not hooks.torch_tensor_hooks_in([mine.grad_fn])
+    assert hooks.torch_tensor_hooks_in([theirs.grad_fn])

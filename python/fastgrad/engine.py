@@ -48,7 +48,26 @@ def freed_message():
 
 
 class Unused(Exception):
-    """An input gets no gradient and allow_unused is False: PyTorch reports it."""
+    """An input a path reaches gets no gradient and allow_unused is False: PyTorch reports it
+    (an input no path reaches gets PyTorch's error from run itself: unused_message)."""
+
+
+_UNUSED_MSG = {}
+
+
+def unused_message(index):
+    """PyTorch's own text for input ``index`` getting no gradient (read from PyTorch once per
+    index: releases word it differently)."""
+    if index not in _UNUSED_MSG:
+        with lowering.recording():
+            x, u = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+            try:
+                _torch_grad((x * 2.0).sum(), [x] * index + [u])
+            except RuntimeError as e:
+                _UNUSED_MSG[index] = str(e)
+            else:  # pragma: no cover - PyTorch always raises here
+                _UNUSED_MSG[index] = "a differentiated Tensor appears to not have been used"
+    return _UNUSED_MSG[index]
 
 
 class _Binder(_C.Binder):
@@ -359,6 +378,14 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
                                   trace.fallback[fallback_before:], tape, len(bind.tensors),
                                   tied, rec)
     if not allow_unused and None in exprs:
+        first = exprs.index(None)
+        if not needed.get(id(in_edges[first][0])):
+            # no path reaches it: PyTorch's error, after its engine would have run the graph
+            # (and freed it), raised here, since handing the call to PyTorch would run the
+            # fallback nodes a second time (and meet the ones PyTorch freed)
+            if not retain_graph:
+                _mark_freed(graph)
+            raise RuntimeError(unused_message(first))
         raise Unused()  # before the graph is marked freed, so PyTorch can raise its own error
     if entry is not None and entry.plan is None and None not in exprs:
         entry.plan = get_plan(exprs, bind.tensors)  # (what materialize looks up next)

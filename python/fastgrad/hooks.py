@@ -28,6 +28,7 @@ there), which importing fastgrad wraps to count registrations and the hook dicts
 while one of those is alive, each call asks its graph's nodes (node_hooks_in), and PyTorch runs a
 graph where one has hooks.
 """
+import functools
 import os
 import threading
 import weakref
@@ -191,7 +192,10 @@ _TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
 
 
 def _defined_in_torch(hook):
-    # (by its code's file: functools.wraps gives "any" mode's hook the user's __module__)
+    # (by its code's file: functools.wraps gives "any" mode's hook the user's __module__;
+    # FSDP registers a functools.partial of its own)
+    while isinstance(hook, functools.partial):
+        hook = hook.func
     code = getattr(hook, "__code__", None)
     return code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR)
 
