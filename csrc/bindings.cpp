@@ -304,9 +304,9 @@ PYBIND11_MODULE(_C, m) {
            "(number, shape, strides, dtype, requires_grad) of t, or None: its signature record.");
   py::class_<fg::Graph>(m, "Graph", "The nodes of one call's graph walk (capture.h).")
       .def_readonly("order", &fg::Graph::order)
-      .def_readonly("needed", &fg::Graph::needed)
+      .def_property_readonly("needed", &fg::Graph::needed)
       .def_readonly("leaf_nodes", &fg::Graph::leaf_nodes)
-      .def_readonly("nexts", &fg::Graph::nexts)
+      .def_property_readonly("nexts", &fg::Graph::nexts)
       .def_readonly("structure", &fg::Graph::structure);
   m.def("collect", &fg::collect, py::arg("out_nodes"), py::arg("input_ids"), py::arg("leaf_ids"),
         py::arg("acc_cls"), "Walk an autograd graph from out_nodes toward the inputs (engine.run).");

@@ -2,6 +2,8 @@
 // Python code it replaced did; the gain is the interpreter overhead between those reads.
 #include "capture.h"
 
+#include <unordered_set>
+
 #include "node_spec.h"
 #include "py_calls.h"
 #include "signature_key.h"
@@ -154,16 +156,47 @@ bool Graph::runs(PyObject* fn) const {
   return false;
 }
 
+py::dict Graph::needed() const {
+  if (!needed_) {
+    py::dict d;
+    for (const auto& [n, hit] : need) d[py_id(n)] = py::bool_(hit);
+    needed_ = std::move(d);
+  }
+  return needed_;
+}
+
+py::dict Graph::nexts() const {
+  if (!nexts_) {
+    py::dict d;
+    for (const auto& [n, nf] : edges) d[py_id(n)] = py::handle(nf);
+    nexts_ = std::move(d);
+  }
+  return nexts_;
+}
+
+namespace {
+
+// The objects whose ids a Python set holds (ids are addresses in CPython), so that the walk
+// tests a node without making an int object for it.
+std::unordered_set<PyObject*> addresses(const py::set& ids) {
+  std::unordered_set<PyObject*> out;
+  for (auto i : ids) {
+    out.insert(static_cast<PyObject*>(PyLong_AsVoidPtr(i.ptr())));
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  return out;
+}
+
+}  // namespace
+
 Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set& leaf_ids,
               py::handle acc_cls) {
   Graph g;
   g.roots = out_nodes;
+  const std::unordered_set<PyObject*> inputs = addresses(input_ids),
+                                      leaves = addresses(leaf_ids);
   std::vector<PyObject*> post;
   std::vector<std::pair<PyObject*, bool>> stack;  // (node, expanded)
-  auto tuple_of = [](py::handle o) {
-    if (!PyTuple_Check(o.ptr())) throw py::type_error("next_functions is not a tuple");
-    return o.ptr();
-  };
   for (auto root : out_nodes) {
     // A node is expanded when first popped, so a node pushed by several consumers is finished
     // before any of them (post-order on a DAG).
@@ -173,12 +206,11 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
       stack.pop_back();
       if (done) {
         PyObject* nf = g.edges.at(n);
-        bool hit = input_ids.contains(py_id(n));
+        bool hit = inputs.count(n) > 0;
         if (!hit && acc_cls.ptr() == reinterpret_cast<PyObject*>(Py_TYPE(n))) {
           py::object var = py_attr(n, N.variable);
-          py::object vid = py_id(var);
-          if (leaf_ids.contains(vid)) {
-            g.leaf_nodes[vid] = py::handle(n);
+          if (leaves.count(var.ptr())) {
+            g.leaf_nodes[py_id(var)] = py::handle(n);
             hit = true;
           }
         }
@@ -187,14 +219,14 @@ Graph collect(const py::list& out_nodes, const py::set& input_ids, const py::set
           hit = m != Py_None && g.need.at(m);
         }
         g.need[n] = hit;
-        g.needed[py_id(n)] = py::bool_(hit);
         post.push_back(n);
         continue;
       }
       if (g.edges.count(n)) continue;
       py::object nfo = py_attr(n, N.next_functions);
-      PyObject* nf = tuple_of(nfo);
-      g.nexts[py_id(n)] = nfo;  // holds the tuple (and so the nodes in it) for the call
+      if (!PyTuple_Check(nfo.ptr())) throw py::type_error("next_functions is not a tuple");
+      PyObject* nf = nfo.ptr();
+      g.held.push_back(std::move(nfo));  // holds the tuple (and so the nodes in it) for the call
       g.edges[n] = nf;
       stack.emplace_back(n, true);
       for (Py_ssize_t i = 0, e = PyTuple_GET_SIZE(nf); i < e; ++i) {

@@ -47,18 +47,25 @@ class Binder {
 // The nodes on a path from the outputs to an input, consumers first (engine.run's view of it).
 struct Graph {
   py::list order;       // nodes, consumers before producers
-  py::dict needed;      // id(node) -> whether it leads to an input
   py::dict leaf_nodes;  // id(leaf tensor) -> its AccumulateGrad node
-  py::dict nexts;       // id(node) -> node.next_functions
   py::list roots;       // the output nodes (alive while their addresses are keys below)
   // A hash of the classes of `order`'s nodes, in order: graphs that differ only in shapes or
   // saved values share it (churn.py keys its records on it; a collision only misleads them).
   uint64_t structure = 0;
-  // The same facts keyed by the node objects (alive while `nexts` holds them).
-  std::unordered_map<PyObject*, bool> need;
-  std::unordered_map<PyObject*, PyObject*> edges;  // node -> next_functions tuple
+  // Keyed by the node objects, alive while `held` holds the next_functions tuples naming them.
+  std::unordered_map<PyObject*, bool> need;        // node -> whether it leads to an input
+  std::unordered_map<PyObject*, PyObject*> edges;  // node -> its next_functions tuple
+  std::vector<py::object> held;
 
   bool runs(PyObject* fn) const;  // some edge leads to an input (the sweep calls fn)
+  // The same facts as dicts keyed by id(node), for the Python sweep (engine.run). Made on first
+  // use: a call that runs its cached plan in C++ never reads them, and building them cost
+  // a third of the walk (an int object per node and two dict insertions).
+  py::dict needed() const;  // id(node) -> whether it leads to an input
+  py::dict nexts() const;   // id(node) -> node.next_functions
+
+ private:
+  mutable py::object needed_, nexts_;
 };
 
 // Walks from `out_nodes`; inputs are nodes (ids in `input_ids`) or leaf tensors (ids in
