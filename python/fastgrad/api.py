@@ -196,8 +196,17 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     if plain:
         # a graph seen before, whose cached plan runs in C++ alone; else what it walked
         ran = _C.repeat_call(outputs, inputs, grad_outputs, retain_graph, create_graph)
-        if ran is not None and ran[0] is not None:
-            return ran[0]
+        if ran is not None:
+            if ran[0] is not None:
+                return ran[0]
+            if ran[1] is None:
+                # routed (its churn record, hooks only PyTorch's engine runs): straight to
+                # PyTorch, as _fast would send it; its arguments were plain, so nothing was
+                # read that PyTorch must see again. (After a large forward this glue's code
+                # comes from memory: 20 us a call at 1e5, docs/performance.md.)
+                return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                                   only_inputs, allow_unused, is_grads_batched,
+                                   materialize_grads)
     outputs, inputs, grad_outputs = _settled(outputs), _settled(inputs), _settled(grad_outputs)
     if plain:
         try:
