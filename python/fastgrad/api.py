@@ -202,8 +202,7 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
             if ran[1] is None:
                 # routed (its churn record, hooks only PyTorch's engine runs): straight to
                 # PyTorch, as _fast would send it; its arguments were plain, so nothing was
-                # read that PyTorch must see again. (After a large forward this glue's code
-                # comes from memory: 20 us a call at 1e5, docs/performance.md.)
+                # read that PyTorch must see again
                 return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                                    only_inputs, allow_unused, is_grads_batched,
                                    materialize_grads)
