@@ -89,7 +89,8 @@ def test_collect_matches_a_plain_walk(name):
     assert dict(graph.leaf_nodes) == want_leaves
     # the structure hashes the order's classes: another graph of the same build shares it
     outs2, leaves2, mids2 = GRAPHS[name](g)
-    graph2 = engine._collect([o.grad_fn for o in outs2], {id(m.grad_fn) for m in mids2},
+    inputs2 = [m.grad_fn for m in mids2]  # (held: an id is only the node while it lives)
+    graph2 = engine._collect([o.grad_fn for o in outs2], {id(n) for n in inputs2},
                              {id(t) for t in leaves2})
     assert graph2.structure == graph.structure
 
