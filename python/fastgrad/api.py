@@ -201,8 +201,8 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
                 return ran[0]
             if ran[1] is None:
                 # routed (its churn record, hooks only PyTorch's engine runs): straight to
-                # PyTorch, as _fast would send it; its arguments were plain, so nothing was
-                # read that PyTorch must see again
+                # PyTorch; its arguments were plain, so nothing was read that PyTorch must
+                # see again
                 return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                                    only_inputs, allow_unused, is_grads_batched,
                                    materialize_grads)
@@ -225,15 +225,14 @@ def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran=None):
     that is not plain) spares it walking and signing the graph again. Plain: tensors (no
     edges, subclasses or dicts), outputs that have a grad_fn, inputs without tensor hooks,
     grad_outputs that need no checks (all checked in C++: csrc/call_args.h); any other call is
-    left to _grad whole. ``ran``: what _C.repeat_call said of the call, when it did not run it
-    (csrc/repeat_call.h): its walk and signature, or that its churn record routes it."""
+    left to _grad whole. ``ran``: what _C.repeat_call said of the call, when it neither ran it
+    nor routed it (csrc/repeat_call.h; grad sends a routed call to PyTorch itself): its walk
+    and signature."""
     walk = None
     if ran is None:
         args = _C.plain_call_args(outputs, inputs, grad_outputs)
     else:
         walk = ran[1]
-        if walk is None:
-            raise churn.Routed(churn.REASON)
         args = walk[:3]
     if args is None:
         return None, None
