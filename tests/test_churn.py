@@ -123,6 +123,67 @@ def test_shapes_that_cycle_end_up_planned(routing, gen):
     assert len(routing) == before
 
 
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_counts_that_recur_are_planned_at_their_second_sight(routing, name, gen):
+    """A cycle of counts longer than the probes cover: a structure's calls go unsigned between
+    probes, yet each count whose given shapes come back is signed and planned (Record.shapes),
+    so after three cycles every call runs from its plan (a PINN step's second call meets a
+    new structure once its first is planned)."""
+    net = _net(gen)
+    sizes = [30 + 5 * k for k in range(24)]
+    for _ in range(3):
+        for n in sizes:
+            _check(name, n, gen, net)
+    assert routing, "the structure should have churned"
+    before = len(routing)
+    for n in sizes:
+        _check(name, n, gen, net)
+    assert len(routing) == before
+    assert _explain(name, sizes[7], gen, net).all_native
+
+
+def test_given_shapes_whose_signatures_vary_follow_the_probes(routing, monkeypatch, gen):
+    """Fixed points, a number of rows used that changes every call (a neighbour list under
+    fixed positions): the given shapes predict nothing, so they are marked _VARIES at their
+    first signature that differs and cost no plan; the calls go to PyTorch between probes."""
+    planned = []
+    real = engine._sweep
+    monkeypatch.setattr(engine, "_sweep", lambda *a, **k: (planned.append(1), real(*a, **k))[1])
+    x0 = _points(200, gen)
+    signed = 0
+    for i in range(40):
+        k = 50 + i
+        x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        assert_same(fastgrad.grad((torch.tanh(x[:k]) ** 3).sum(), x),
+                    TORCH_GRAD((torch.tanh(xr[:k]) ** 3).sum(), xr), rtol=1e-12, atol=1e-12)
+    assert len(planned) == churn.MISSES  # (the misses before the structure churned)
+    rec, = [r for r in churn._RECORDS.values() if r.shapes]
+    assert list(rec.shapes.values()) == [churn._VARIES]
+    assert len(routing) == 40 - churn.MISSES
+
+
+def test_records_remember_given_shapes_up_to_their_limit(routing):
+    r = churn.Record()
+    t = lambda n: torch.zeros(n, 2)  # noqa: E731
+    for k in range(churn.MISSES):
+        assert not churn.route(r, ("new", k), [], [t(1)])
+    assert r.churns() and r.wait == 0 and r.shapes == {}  # (recorded once churning only)
+    assert churn.route(r, ("new", 99), [], [t(2)])  # routed, its shapes remembered
+    assert r.shapes[((torch.Size([2, 2]), torch.float32),)] == hash(("new", 99))
+    for k in range(churn.PROBE):
+        churn.route(r, ("newer", k), [], [t(100 + k)])
+    assert r.wait > 0
+    assert r.skip([t(3)])  # unsigned: never given these shapes
+    assert not r.skip([t(3)])  # given them again: signed
+    assert not churn.route(r, ("third",), [], [t(3)])  # and planned: their second sight
+    assert not r.skip([t(2)]) and not churn.route(r, ("new", 99), [], [t(2)])
+    for k in range(3 * churn.SHAPES):
+        churn.route(r, ("many", k), [], [t(200 + k)])
+    assert len(r.shapes) == churn.SHAPES
+    # no tensor given (inputs that are edges, a scalar output): nothing to remember
+    assert churn._shape_key([None]) is None and churn._shape_key([]) is None
+
+
 def _repeated(monkeypatch):
     """From now on, for each call: whether _C.repeat_call ran it (from its plan, in C++)."""
     repeated = []
@@ -170,6 +231,19 @@ def test_clearing_records_leaves_no_record_waiting(routing):
     assert churn._WAITING[0] == 0
     r.hit()  # (a cache entry may still hold it)
     assert churn._WAITING[0] == 0
+
+
+def test_a_record_whose_structure_is_no_longer_called_stops_waiting(routing):
+    r = churn.record(1, 1, 1, False)
+    r._wait(3)
+    for _ in range(churn.IDLE):  # other structures' calls, looked up while r waits
+        assert churn.find(2, 1, 1, False) is None
+    assert churn.find(1, 1, 1, False) is r  # r's own call: the count starts again
+    for _ in range(churn.IDLE):
+        churn.find(2, 1, 1, False)
+    assert r.wait == 3 and churn._WAITING[0] == 1
+    churn.find(2, 1, 1, False)
+    assert r.wait == 0 and churn._WAITING[0] == 0
 
 
 def test_a_cached_graph_with_a_new_shape_now_and_then_is_never_routed(routing, gen):

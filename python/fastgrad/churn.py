@@ -17,9 +17,13 @@ hands it any call it does not plan (results and errors are then PyTorch's; ``exp
 the reason), if it is small: a call that binds a tensor of ``ROUTE_NUMEL[device type]``
 elements or more is planned, its fused passes repaying the planning. A signature that comes
 back is planned on its second sight, so shapes that cycle through a few values, or settle, end
-up cached; hits then clear the record. docs/architecture.md ("Graphs whose signature changes
-every call") has the rest: calls routed without being signed, and the loops of plans made
-while a structure churns.
+up cached; hits then clear the record. Between probes a churning structure's calls go to
+PyTorch unsigned, so a signature's second sight would wait for a probe to land on it: the record
+also keeps the shapes of what each call was given (its leaf inputs and grad_outputs, known
+before signing), and a call given shapes seen before is signed, and planned if its signature
+was seen or it is the shapes' second sight (``Record.shapes``). docs/architecture.md ("Graphs
+whose signature changes every call") has the rest: calls routed without being signed, and the
+loops of plans made while a structure churns.
 """
 import os
 import threading
@@ -44,6 +48,12 @@ REASON = ("its graph's shapes or saved values change from call to call, and plan
 # signatures (their hashes) a churning structure remembers having routed, for their second
 # sight: more than the shapes of a cycle, or a long cycle would never be seen twice
 _SEEN = 4096
+# given shapes a churning structure remembers (Record.shapes); past them it finds recurring
+# signatures through its probes only. Each remembered shape may cost a plan, and the plan cache
+# holds 512 entries for every graph (graph_cache._MAX_ENTRIES).
+SHAPES = 64
+_UNSIGNED = "unsigned"  # Record.shapes: a call given these shapes went to PyTorch unsigned
+_VARIES = "varies"  # calls given these shapes brought different signatures: they tell nothing
 _MAX_RECORDS = 1024
 _MASK = (1 << WINDOW) - 1
 _RECORDS = {}
@@ -51,6 +61,9 @@ _LOCK = threading.Lock()
 # Records whose next calls go unsigned (wait > 0): while there are none, a call need not look
 # its structure up before it is signed (engine._capture), which a hit would pay on every call.
 _WAITING = [0]
+# calls in a row that found no waiting record (find), and how many end every wait
+_IDLE = [0]
+IDLE = 64
 
 
 class Record:
@@ -59,11 +72,21 @@ class Record:
     ``fresh``, the signed calls in a row routed with a signature never seen; ``wait``, the
     calls left to route unsigned before the next signed one; ``scale``, the largest ratio seen
     of a signed call's largest bound tensor to its largest input or grad_output (a PINN binds
-    [N, 32] activations for [N, 2] points)."""
-    __slots__ = ("recent", "seen", "fresh", "wait", "scale")
+    [N, 32] activations for [N, 2] points); ``shapes``, for the shapes and dtypes of what calls
+    routed while the structure churns were given (_shape_key), what followed: _UNSIGNED, the
+    hash of the signature they brought when signed, or _VARIES.
+
+    Why ``shapes``: between probes, calls go unsigned, so a signature that recurs (points
+    resampled in one of a few dozen counts) was found only when two probes met it, after many
+    cycles of the counts. Given the same shapes, a graph of one structure usually has the same
+    signature, so such a call is signed: it plans at its second sight. Where it does not
+    (a neighbour list that changes under fixed positions) the shapes get _VARIES at the first
+    signature that differs, and their calls follow the probes again."""
+    __slots__ = ("recent", "seen", "fresh", "wait", "scale", "shapes")
 
     def __init__(self):
         self.recent, self.seen, self.fresh, self.wait, self.scale = 0, {}, 0, 0, 1.0
+        self.shapes = {}
 
     def hit(self):
         self.recent = (self.recent << 1) & _MASK
@@ -80,6 +103,14 @@ class Record:
         ``scale`` (how much larger than these the structure's signed calls bound), reaches
         ROUTE_NUMEL makes it signed (and planned, if large, by ``route``)."""
         if self.wait > 0 and self.churns() and not _large(given, self.scale):
+            shape = _shape_key(given)
+            if shape:
+                s = self.shapes.get(shape)
+                if s is None:
+                    if len(self.shapes) < SHAPES:
+                        self.shapes[shape] = _UNSIGNED
+                elif s != _VARIES:
+                    return False  # seen given these shapes: signed (and planned by route)
             self._wait(self.wait - 1)  # (the last one tells _WAITING it stopped)
             return True
         return False
@@ -104,14 +135,34 @@ def _large(tensors, scale=1.0):
     return False
 
 
+def _shape_key(given):
+    """The shapes and dtypes of ``given`` (a call's leaf inputs and grad_outputs), or None
+    when it holds no tensor."""
+    key = tuple((t.shape, t.dtype) if t is not None else None for t in given)
+    return key if any(key) else None
+
+
 def _most(tensors):
     return max((t.numel() for t in tensors if t is not None), default=0)
 
 
 def find(structure, nout, nin, create_graph):
     """The Record of a structure (``structure``: _C.Graph.structure, the classes of the walk's
-    nodes), or None."""
-    return _RECORDS.get((structure, nout, nin, create_graph))
+    nodes), or None; asked while some record waits (_WAITING).
+
+    A record waits until its own calls have counted its wait down, so one whose structure is
+    no longer called (the graph PyTorch built while a first-order call was routed, once that
+    call is planned) would make every call look its structure up here for the rest of the
+    process: after IDLE calls in a row that find no waiting record, every wait ends (the
+    next call of a structure still churning is signed, as a probe)."""
+    r = _RECORDS.get((structure, nout, nin, create_graph))
+    if r is not None and r.wait:
+        _IDLE[0] = 0
+    else:
+        _IDLE[0] += 1
+        if _IDLE[0] > IDLE:
+            _stop_all_waits()
+    return r
 
 
 def record(structure, nout, nin, create_graph):
@@ -137,10 +188,20 @@ def route(rec, key, tensors, given=()):
     if not churning:
         return False
     h = hash(key)  # (a collision only plans a call)
+    shape = _shape_key(given)
     with _LOCK:  # (threads share records)
-        if rec.seen.pop(h, False):
+        before = rec.shapes.get(shape) if shape else _VARIES
+        if before is None:
+            if len(rec.shapes) < SHAPES:
+                rec.shapes[shape] = h
+        elif before != _VARIES:
+            rec.shapes[shape] = h if before in (_UNSIGNED, h) else _VARIES
+        # second sight: of the signature, or of these shapes whose calls brought it (or went
+        # unsigned; h again after that: its entry was evicted): it recurs, plan it (and sign
+        # the next call)
+        if rec.seen.pop(h, False) or before == _UNSIGNED or before == h:
             rec.fresh = 0
-            return False  # second sight: it recurs, plan it (and sign the next call)
+            return False
         if _large(tensors):
             return False
         if len(rec.seen) >= _SEEN:
@@ -155,11 +216,17 @@ class Routed(Unplannable):
     """A call handed to PyTorch because of ``route`` (engine._route raises it)."""
 
 
-def clear():
-    """Forget every structure's record (a record a cache entry still holds stops waiting, so
-    that its next hit does not count it out of _WAITING again)."""
+def _stop_all_waits():
     with _LOCK:
         for r in _RECORDS.values():
             r.wait = 0
-        _RECORDS.clear()
         _WAITING[0] = 0
+        _IDLE[0] = 0
+
+
+def clear():
+    """Forget every structure's record (a record a cache entry still holds stops waiting, so
+    that its next hit does not count it out of _WAITING again)."""
+    _stop_all_waits()
+    with _LOCK:
+        _RECORDS.clear()

@@ -74,7 +74,7 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
         return row
     stage("warm-up")
     try:
-        for _ in range(jit.AFTER):
+        for _ in range(case.warmup_calls(st)):
             case.run(st, api.grad)
         jit.wait()  # (loops compiled in the background: the timed calls run through them)
         case.rewind(st)
