@@ -11,6 +11,7 @@
 #include "call_args.h"
 #include "capture.h"
 #include "floor.h"
+#include "ir_topo.h"
 #include "kernel_launch.h"
 #include "signature_key.h"
 #include "stream_policy.h"
@@ -308,6 +309,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("leaf_nodes", &fg::Graph::leaf_nodes)
       .def_property_readonly("nexts", &fg::Graph::nexts)
       .def_readonly("structure", &fg::Graph::structure);
+  m.def("ir_topo", &fg::ir_topo, py::arg("roots"), py::arg("stop"), py::arg("stop_known"),
+        py::arg("stop_ids"),
+        "ir.topo's walk (csrc/ir_topo.h)");
   m.def("collect", &fg::collect, py::arg("out_nodes"), py::arg("input_ids"), py::arg("leaf_ids"),
         py::arg("acc_cls"), "Walk an autograd graph from out_nodes toward the inputs (engine.run).");
   m.def("signature", &fg::signature, py::arg("graph"), py::arg("out_edges"), py::arg("grad_tensors"),

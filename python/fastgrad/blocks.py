@@ -143,7 +143,7 @@ class PlanBlock:
         computes it again or loads it as plan.RECOMPUTE says for the device. It stays an
         input: the derivative flows to it, as in PyTorch (a later grad with respect to sin(x)
         finds it), and the backward reads it."""
-        known = lambda m: m.known is not None  # noqa: E731
+        known = ir.is_known
         tied = {}
         for j, n in enumerate(self.inputs):
             if n.op == "leaf" or not carries_graph(n) or not plan_mod.recomputable(n):

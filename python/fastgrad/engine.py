@@ -626,7 +626,7 @@ def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
     # that one node stands for the tensor (a plan computing it again then loads it nowhere).
     # Not products nor detached nodes, which a create_graph block treats apart (blocks.py).
     mapping = {}
-    for n in ir.topo(exprs, stop=lambda m: m.known is not None):
+    for n in ir.topo(exprs, stop=ir.is_known):
         if n.known is None or n.op == "mm" or n.detached or n.known not in made:
             continue
         b = bound(n.known)

@@ -315,7 +315,7 @@ def _decompose(exprs, cuda):
     CPU narrow products by row sums (_narrow_product; on a GPU cuBLAS is faster, see
     docs/performance-history.md, "GPU: the MLP plans by device"). Also returns whether a
     product was narrow (the plan then depends on the device)."""
-    nodes = ir.topo(exprs, stop=lambda n: n.known is not None)
+    nodes = ir.topo(exprs, stop=ir.is_known)
     # Each node rebuilt over its arguments' replacements once, arguments first (a substitute
     # per replaced node would walk all below it again: quadratic on a chain of softmaxes).
     narrow, rebuilt = False, {}
@@ -360,7 +360,7 @@ def recomputable(n):
     (engine._link_saved) and what _recompute may compute again."""
     if n.known is None or n.detached or n.op not in _ELEMENTWISE:
         return False
-    body = ir.topo([with_unknown(n)], stop=lambda m: m.known is not None)
+    body = ir.topo([with_unknown(n)], stop=ir.is_known)
     if len(body) > _RECOMPUTE_MAX:
         return False
     for m in body:
@@ -387,7 +387,7 @@ def _recompute(exprs):
     values decided before it are computed, so a chain of saved results is computed from its
     start (each value once). The value computed may differ from the saved one in its last
     bit."""
-    known = lambda m: m.known is not None  # noqa: E731
+    known = ir.is_known
     loads = [m for m in ir.topo(exprs, stop=known) if m.known is not None]
     count = {}
     for m in loads:
@@ -464,7 +464,7 @@ def build(requested, cuda=False):
     computed = _recompute(requested)
     exprs = computed if RECOMPUTE["cuda" if cuda else "cpu"] else requested
     exprs, narrow = _decompose(exprs, cuda)
-    known = lambda n: n.known is not None  # noqa: E731
+    known = ir.is_known
     nodes = ir.topo(exprs, stop=known)
     for n in nodes:
         if n.known is None and (n.op in ("leaf",) or (n.op == "slot" and not n.args)):

@@ -257,7 +257,7 @@ DECOMPOSE = {
 def vjp(outputs, cotangents, wrt):
     """Reverse mode: cotangents of ``wrt`` given those of ``outputs`` (None = zero)."""
     wrt_ids = {id(w) for w in wrt}
-    order = ir.topo(outputs, stop=lambda n: id(n) in wrt_ids)
+    order = ir.topo(outputs, stop_ids=wrt_ids)
     # Only nodes on a path to some wrt node carry gradient.
     reaches = set()
     for n in order:
