@@ -54,6 +54,7 @@ Spec& spec_of(py::handle fn, py::handle spec_fn) {
     py::tuple names = py::reinterpret_borrow<py::tuple>(a);
     s.raw.emplace_back(names[0], names[1]);
   }
+  s.releases = t.size() > 5 && py_truthy(t[5]);
   for (const auto& a : s.saved) {
     bool tensor = false;
     for (const auto& r : s.raw) tensor = tensor || py_equal(r.second, a);

@@ -13,6 +13,9 @@ namespace py = pybind11;
 struct Spec {
   py::object cls;  // keeps the class alive while its address is a key
   bool lowerable, region, holds_saved;
+  // PyTorch's engine releases something of the node besides saved tensors after running it
+  // without retain_graph (CopySlices: the node it wraps), after which running it raises
+  bool releases = false;
   std::vector<py::object> saved;  // attribute names
   // (_raw_saved_<name>, _saved_<name>) of each saved tensor (mark_freed, saved_hooks_in)
   std::vector<std::pair<py::object, py::object>> raw;

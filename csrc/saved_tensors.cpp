@@ -79,8 +79,11 @@ void mark_freed(const Graph& g, py::handle freed_key, py::handle refuse, py::han
     const py::object md = metadata_of(fn);
     if (md.is_none() || is_freed(md, freed_key)) continue;
     Spec& spec = spec_of(fn, spec_fn);
-    const Release rel =
-        spec.holds_saved ? release_saved(fn, spec, reg, pack, unpack) : Release::kFreed;
+    // (a node PyTorch would release otherwise than by its saved tensors is refused by the
+    // pre-hook, which PyTorch's engine runs too)
+    const Release rel = spec.holds_saved ? release_saved(fn, spec, reg, pack, unpack)
+                        : spec.releases  ? Release::kFailed
+                                         : Release::kFreed;
     if (rel == Release::kNothing) continue;  // nothing saved: it may run again, as in PyTorch
     if (PyDict_SetItem(md.ptr(), freed_key.ptr(), Py_True) < 0) throw py::error_already_set();
     if (rel == Release::kFailed) {

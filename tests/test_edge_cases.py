@@ -13,6 +13,8 @@ import fastgrad
 from conftest import check_grad, check_native, rand, TORCH_GRAD
 
 NEG_INF = float("-inf")
+# (var_correction_past_the_count asks for it)
+pytestmark = pytest.mark.filterwarnings(r"ignore:var\(\). degrees of freedom:UserWarning")
 
 
 def _plant(t, gen, value, count=3):
@@ -296,6 +298,64 @@ def cross_entropy_zero_weight(gen):
     return (lambda x: torch.nn.functional.cross_entropy(x, t, weight=w)), [x]
 
 
+def std_of_a_constant_column(gen):
+    # PyTorch's std of equal values is exactly 0, where it masks the derivative to 0; a mean
+    # recomputed from them may round, leaving a tiny variance that would not be masked
+    x = rand((3, 4), gen)
+    x[:, 1] = 0.80474818008272231  # (three of it sum to a value that / 3 rounds away)
+    x[:, 3] = x[2, 3]
+    return (lambda x: x.std(0)), [x]
+
+
+def layer_norm_over_one_element(gen):
+    # the mean over a normalized size of 1 is the input itself: the output is constant
+    x, w, b = rand((5, 1), gen), rand((1,), gen), rand((1,), gen)
+    return (lambda x, w, b: torch.nn.functional.layer_norm(x, (1,), w, b)), [x, w, b]
+
+
+def var_correction_past_the_count(gen):
+    # 2 / (N - correction) with N - correction < 0 along a dim: a negative factor
+    x = rand((1, 3), gen)
+    return (lambda x: x.var(0, correction=2)), [x]
+
+
+def var_all_correction_past_the_count(gen):
+    # over every element with no dim given, N - correction <= 0 gives inf (NaN where x is its
+    # mean), whatever the sign of x - mean
+    x = rand((2, 3), gen)
+    return (lambda x: x.var(correction=7)), [x]
+
+
+def max_all_with_nan(gen):
+    # max() and min() of every element hand the gradient to the NaNs when the result is NaN
+    x = _plant(rand((3, 4), gen), gen, float("nan"), count=2)
+    return (lambda x: (x.max(), x.min())), [x]
+
+
+def max_all_inf_gradient(gen):
+    # sqrt(max(x)) at a max of 0: the gradient is inf there and exactly 0 elsewhere
+    x = -rand((3, 4), gen, "positive")
+    x[1, 2] = 0.0
+    return (lambda x: (torch.sqrt(x.max()), torch.sqrt(x.min() - x.min().detach()))), [x]
+
+
+def hardswish_below_minus_three_inf_gradient(gen):
+    # 1 / hardswish(x) is inf where hardswish is 0 (x <= -3): its derivative there is 0, not
+    # inf * 0
+    x = rand((4, 5), gen, "nonzero")
+    flat = x.reshape(-1)
+    idx = torch.randperm(flat.numel(), generator=gen)
+    flat[idx[:3]] = -3.0 - rand((3,), gen, "positive")
+    flat[idx[3]] = -3.0
+    return (lambda x: 1.0 / torch.nn.functional.hardswish(x)), [x]
+
+
+def softmax_of_a_0d_tensor(gen):
+    # dim 0 of a 0-d tensor, as PyTorch allows: its derivatives reduce nothing
+    x = rand((), gen)
+    return (lambda x: torch.softmax(x * x, 0) + torch.log_softmax(x * x, -1)), [x]
+
+
 CASES = {
     f.__name__: f
     for f in [
@@ -307,7 +367,10 @@ CASES = {
         where_sqrt_negative, where_log_negative, log_at_zero, div_by_zero, scalar_div_zero,
         exp_overflow, sigmoid_tanh_saturation, softmax_with_neg_inf, log_softmax_with_neg_inf,
         nan_input_propagates, inf_input_mul, maximum_ties_and_nan, minimum_ties_and_nan,
-        nll_loss_all_ignored, cross_entropy_zero_weight,
+        nll_loss_all_ignored, cross_entropy_zero_weight, std_of_a_constant_column,
+        layer_norm_over_one_element, var_correction_past_the_count,
+        var_all_correction_past_the_count, max_all_with_nan,
+        max_all_inf_gradient, hardswish_below_minus_three_inf_gradient, softmax_of_a_0d_tensor,
     ]
 }
 
@@ -324,7 +387,18 @@ def test_second_order(name, gen):
     check_grad(fn, inputs, gen=gen, orders=2)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ["softmax_of_a_0d_tensor", "layer_norm_over_one_element",
+                                  "max_all_with_nan", "var_correction_past_the_count"])
+def test_third_order(name, gen):
+    fn, inputs = CASES[name](gen)
+    check_grad(fn, inputs, gen=gen, orders=3)
+
+
+# cases whose op is not native (PyTorch's node runs it)
+_NOT_NATIVE = {"softmax_of_a_0d_tensor"}
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in _NOT_NATIVE])
 def test_native(name, gen):
     fn, inputs = CASES[name](gen)
     check_native(fn, inputs, gen=gen, orders=2)
@@ -352,6 +426,21 @@ def test_cases_exercise_their_edge(gen):
     assert torch.isnan(_torch_grad(fn, inp)[0]).any()
     fn, inp = logsumexp_full_neg_inf_row(gen)
     assert torch.isnan(_torch_grad(fn, inp)[0][1]).all()
+    fn, inp = std_of_a_constant_column(gen)
+    s = fn(inp[0])
+    assert s[1] == 0 and s[3] == 0 and (s[0] != 0) and (s[2] != 0)
+    g = _torch_grad(fn, inp)[0]
+    assert (g[:, 1] == 0).all() and (g[:, 0] != 0).all()
+    fn, inp = max_all_inf_gradient(gen)
+    x = inp[0].clone().requires_grad_(True)
+    g = TORCH_GRAD(fn(x)[0], x)[0]
+    assert torch.isinf(g[1, 2]) and (g.reshape(-1)[torch.arange(12) != 6] == 0).all()
+    fn, inp = hardswish_below_minus_three_inf_gradient(gen)
+    x = inp[0].clone().requires_grad_(True)
+    y = fn(x)
+    assert torch.isinf(y).sum() == 4
+    g = TORCH_GRAD(y, x, torch.ones_like(y))[0]
+    assert (g[x < -3] == 0).all()  # (at -3 itself torch 2.5 takes the middle branch)
 
 
 def test_amax_ties_split_evenly_fastgrad(gen):
@@ -423,3 +512,46 @@ def test_tensors_without_elements(name, shape, gen):
             assert (got is None) == (ref is None) or (ref is not None and not ref.any())
             if got is not None and ref is not None:
                 torch.testing.assert_close(got, ref)
+
+
+def test_huber_loss_with_a_target_of_another_dtype_raises_as_torch(gen):
+    """PyTorch's huber_loss backward refuses a target of another dtype (its forward accepts
+    it): fastgrad hands the node to PyTorch, which raises the same error."""
+    x0 = rand((5,), gen)
+    errors = []
+    for grad in (TORCH_GRAD, fastgrad.grad):
+        x = x0.clone().requires_grad_(True)
+        y = torch.nn.functional.huber_loss(x, x0.float() * 0.5, reduction="none")
+        with pytest.raises(RuntimeError) as e:
+            grad(y, x, torch.ones_like(y))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+
+
+_IN_PLACE = {"add_scalar": lambda v, c: v.add_(1.5),  # (its node saves nothing)
+             "mul_tensor": lambda v, c: v.mul_(c)}
+
+
+@pytest.mark.parametrize("op", sorted(_IN_PLACE))
+@pytest.mark.parametrize("first,second", [("fastgrad", "fastgrad"), ("fastgrad", "torch"),
+                                          ("torch", "fastgrad")])
+def test_an_in_place_op_on_a_view_is_freed_by_the_first_call(first, second, op, gen):
+    """An in-place op on a view records CopySlices, which PyTorch's engine releases after a
+    call without retain_graph (it drops the node it wraps): a second call raises, whichever
+    engine made either call."""
+    engines = {"torch": TORCH_GRAD, "fastgrad": fastgrad.grad}
+    x0 = rand((3, 4), gen)
+
+    def calls(a, b):
+        x = x0.clone().requires_grad_(True)
+        y = x.clone()
+        _IN_PLACE[op](y[1], x0[0])
+        go = torch.ones_like(y)
+        got = engines[a](y, x, go)[0]
+        with pytest.raises(RuntimeError) as e:
+            engines[b](y, x, go)
+        return got, str(e.value)
+
+    ref, got = calls("torch", "torch"), calls(first, second)
+    assert torch.equal(ref[0], got[0])
+    assert ref[1] == got[1]

@@ -232,7 +232,10 @@ def hardswish(x):
         edge = where(ew("lt", x, 0.0), mul(add(x, 3.0), -0.5), add(mul(sub(x, 3.0), 1.5), 3.0))
         mid = where(strict, mid, edge)
     top = div(mul(x, 6.0), 6.0)
-    return where(low, mul(x, 0.0), where(high, top, mid))
+    # x * 0 up to -3 (NaN at -inf), with a derivative of exactly 0 as PyTorch selects it: a
+    # product with 0 would turn an inf or NaN gradient into NaN
+    zero = where(ew("eq", x, -math.inf), math.nan, mul(ew("sign", x), 0.0))
+    return where(low, zero, where(high, top, mid))
 
 
 def hardswish_backward(g, x):

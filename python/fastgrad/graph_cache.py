@@ -37,14 +37,16 @@ class Entry:
 def _spec(cls, fn):
     """(lowerable, is one of our regions, names of the saved attributes, holds saved tensors,
     (raw name, name) of each saved tensor: `_raw_saved_x`, `_saved_x`, or a Python Function's
-    `_raw_saved_tensors`, `saved_tensors`) of a node class; capture asks once per class."""
+    `_raw_saved_tensors`, `saved_tensors`, whether PyTorch's engine releases something else of
+    it after running it without retain_graph: CopySlices (an in-place op on a view) drops the
+    node it wraps, and raises when run again) of a node class; capture asks once per class."""
     name = fn.name()
     attrs = dir(fn)
     saved = tuple(a for a in attrs if a.startswith("_saved_"))
     raw = tuple((a, "_saved_" + a[len("_raw_saved_"):]) for a in attrs
                 if a.startswith("_raw_saved_"))
     return (name in lowering.LOWER, name == "RegionFunctionBackward", saved,
-            lowering.holds_saved_tensors(fn), raw)
+            lowering.holds_saved_tensors(fn), raw, name.endswith("CopySlices"))
 
 
 def runs(fn, nexts, needed):

@@ -106,6 +106,10 @@ class NodeView:
         """``expr`` bound to the saved tensor ``saved`` (``detached``: a tensor without a
         graph of its own, see ir.py)."""
         t = self.tensor(saved)
+        if expr.op == "slot":
+            # (a mean over dims of size 1 is its input: bound, the slot would become another
+            # node, which the derivative with respect to the slot does not reach)
+            return expr
         return ir.with_known(expr, t.known, detached) if t.shape == expr.shape or \
             ir.numel(t.shape) == ir.numel(expr.shape) else expr
 
@@ -201,6 +205,8 @@ def _dim(v, name, nd):
 
 def _dims(v, dims, nd):
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if nd == 0:  # (dim 0 or -1 of a 0-dim tensor, as PyTorch allows: nothing to reduce)
+        return ()
     return tuple(range(nd)) if len(dims) == 0 else tuple(_signed(d) % nd for d in dims)
 
 
@@ -229,7 +235,12 @@ def _mean_lower(v, dims_attr=None):
 
 def _amax(v, op):
     x = v.x(0, "_saved_self")
-    r, _ = _reduced(v, op, x, "_saved_dim" if hasattr(v.fn, "_saved_dim") else None)
+    if not hasattr(v.fn, "_saved_dim") and x.ndim and ir.numel(x.shape) > 1:
+        # max() / min() of every element: their derivative differs from amax's where the
+        # gradient is inf or the result NaN (rules._evenly_rule)
+        r = ir.composite("max_all" if op == "rmax" else "min_all", x, (tuple(range(x.ndim)),))
+    else:
+        r, _ = _reduced(v, op, x, "_saved_dim" if hasattr(v.fn, "_saved_dim") else None)
     return [reshape(v.known(r, "_saved_result"), v.out_shape())]
 
 
@@ -459,8 +470,14 @@ def _moment(v, std):
     x = v.x(0, "_saved_self")
     c = v.scalar("_saved_correction")
     dims = _reduce_dims(v, x)
-    r = (norms.std if std else norms.var)(x, dims, 1 if c is None else c)
-    return [reshape(v.known(r, "_saved_result") if std else r, v.out_shape())]
+    c = 1 if c is None else c
+    whole = v.raw("_saved_dim") is None
+    if not std:
+        return [reshape(norms.var(x, dims, c, whole), v.out_shape())]
+    kept = tuple(1 if i in dims else n for i, n in enumerate(x.shape))
+    res = v.tensor("_saved_result")
+    res = reshape(res, kept) if ir.numel(res.shape) == ir.numel(kept) else None
+    return [reshape(v.known(norms.std(x, dims, c, res, whole), "_saved_result"), v.out_shape())]
 
 
 def _layer_norm(v):
@@ -578,6 +595,13 @@ def _nll_loss(v):
                         _signed(v.scalar("_saved_ignore_index")), v.scalar("_saved_reduction"),
                         v.tensor("_saved_total_weight"))
     return [reshape(e, v.out_shape())]
+
+
+def _huber(v):
+    if v.raw("_saved_self").dtype != v.raw("_saved_target").dtype:
+        # (PyTorch's kernel raises in the backward: its node, run as a fallback, says so)
+        raise Unsupported("huber_loss with a target of another dtype")
+    return _loss(v, losses.huber, float(v.scalar("_saved_delta")))
 
 
 def _smooth_l1(v):
@@ -742,7 +766,7 @@ LOWER = {
     "MaximumBackward0": lambda v: [ew("max", v.x(0, "_saved_self"), v.x(1, "_saved_other"))],
     "MinimumBackward0": lambda v: [ew("min", v.x(0, "_saved_self"), v.x(1, "_saved_other"))],
     "MseLossBackward0": lambda v: _loss(v, losses.mse),
-    "HuberLossBackward0": lambda v: _loss(v, losses.huber, float(v.scalar("_saved_delta"))),
+    "HuberLossBackward0": _huber,
     "SmoothL1LossBackward0": _smooth_l1,
     "NllLossBackward0": _nll_loss,
     "NllLoss2DBackward0": _nll_loss,

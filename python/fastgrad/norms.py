@@ -25,15 +25,20 @@ def vector_norm(x, order, dims):
 
 
 @opmath
-def var(x, dims, correction):
-    """Sum of squared deviations from the mean over ``dims``, divided by N - correction."""
-    return ir.composite("var", x, (tuple(dims), correction))
+def var(x, dims, correction, whole=False):
+    """Sum of squared deviations from the mean over ``dims``, divided by N - correction.
+    ``whole``: PyTorch's node reduced every element without being given dims, where its
+    derivative differs once N - correction <= 0 (rules._var_rule)."""
+    return ir.composite("var", x, (tuple(dims), correction, bool(whole)))
 
 
 @opmath
-def std(x, dims, correction):
-    s = var(x, dims, correction)
-    zero = ew("eq", s, 0.0)
+def std(x, dims, correction, result=None, whole=False):
+    """``result``: PyTorch's saved std (keepdim layout), where its node saved one: its zeros
+    are where PyTorch masks the derivative, and its forward can give exactly 0 where this var
+    is not (the mean of equal values rounded), so the mask reads it."""
+    s = var(x, dims, correction, whole)
+    zero = ew("eq", s if result is None else result, 0.0)
     return where(zero, 0.0, ew("sqrt", where(zero, 1.0, s)))
 
 

@@ -62,6 +62,17 @@ def _amax_rule(n, g):
     return [mul(expand(div(g, rsum(mask, dims)), x.shape), mask)]
 
 
+def _evenly_rule(n, g):
+    # max() / min() of every element, as PyTorch's evenly_distribute_backward on the CPU: the
+    # gradient shared by the elements equal to the result (by the NaNs where it is NaN), and
+    # 0 elsewhere even where the gradient is inf or NaN (a fill, not a product with a mask;
+    # PyTorch's CUDA path multiplies, so there an inf gradient gives NaN off the mask)
+    x, dims = n.args[0], n.attrs[0]
+    v = expand(n, x.shape)
+    mask = ew("or", ew("eq", x, v), ew("and", ew("isnan", x), ew("isnan", v)))
+    return [where(mask, expand(div(g, rsum(mask, dims)), x.shape), 0.0)]
+
+
 def _clamp_rule(n, g):
     x, (lo, hi) = n.args[0], n.attrs
     inside = None
@@ -94,12 +105,15 @@ def _count(x, dims):
 
 
 def _var_rule(n, g):
-    # PyTorch's var_backward: (2 / (N - correction)) * g * (x - mean(x))
-    x, (dims, correction) = n.args[0], n.attrs
-    dof = max(0, _count(x, dims) - correction)
-    m = div(rsum(x, dims), float(_count(x, dims)))
-    return [mul(expand(mul(g, 2.0 / dof if dof else math.inf), x.shape),
-                sub(x, expand(m, x.shape)))]
+    # PyTorch's var_backward: (2 / (N - correction)) * g * (x - mean(x)), the factor negative
+    # where correction > N; over every element with no dims given and N - correction <= 0,
+    # g * (NaN where x is its mean, else inf)
+    x, (dims, correction, whole) = n.args[0], n.attrs
+    dof = _count(x, dims) - correction
+    m = expand(div(rsum(x, dims), float(_count(x, dims))), x.shape)
+    if whole and dof <= 0:
+        return [mul(expand(g, x.shape), where(ew("eq", x, m), math.nan, math.inf))]
+    return [mul(expand(mul(g, 2.0 / dof if dof else math.inf), x.shape), sub(x, m))]
 
 
 def _slice_rule(n, g):
@@ -169,6 +183,8 @@ RULES = {
     "rsum": lambda n, g: [_restore(g, n)],
     "rmax": _amax_rule,
     "rmin": _amax_rule,
+    "max_all": _evenly_rule,
+    "min_all": _evenly_rule,
     "lse": lambda n, g: [mul(_restore(g, n), ew("exp", sub(n.args[0], _restore(n, n))))],
     "norm2": _norm2_rule,
     "var": _var_rule,
@@ -239,7 +255,7 @@ def _decompose_clamp(n):
 
 
 def _decompose_var(n):
-    x, (dims, correction) = n.args[0], n.attrs
+    x, (dims, correction, _) = n.args[0], n.attrs
     d = sub(x, expand(div(rsum(x, dims), float(_count(x, dims))), x.shape))
     return div(rsum(mul(d, d), dims), float(max(0, _count(x, dims) - correction)))
 
@@ -248,6 +264,8 @@ DECOMPOSE = {
     "lse": _decompose_lse,
     "norm2": lambda n: ew("sqrt", rsum(mul(n.args[0], n.args[0]), n.attrs[0])),
     "var": _decompose_var,
+    "max_all": lambda n: ir.reduce("rmax", n.args[0], n.attrs[0]),
+    "min_all": lambda n: ir.reduce("rmin", n.args[0], n.attrs[0]),
     "softmax": lambda n: _decompose_softmax(n, False),
     "log_softmax": lambda n: _decompose_softmax(n, True),
     "clamp": _decompose_clamp,
