@@ -313,6 +313,38 @@ def test_is_grads_batched_two_outputs(gen):
     assert_same(got, ref)
 
 
+_BATCHED_REFUSED = {
+    # name: (outputs of x, grad_outputs) that PyTorch's vmap refuses
+    "batch sizes differ": (lambda x: [x.sum(1), (x * x).sum(0)], lambda g: [g(2, 3), g(3, 4)]),
+    "batch sizes differ, larger first": (lambda x: [x.sum(1), (x * x).sum(0)],
+                                         lambda g: [g(3, 3), g(2, 4)]),
+    "no batch dim (scalar, implicit ones)": (lambda x: (x * 2).sum(), lambda g: None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BATCHED_REFUSED))
+def test_is_grads_batched_refused_as_pytorch_refuses(name, gen):
+    outs, gos = _BATCHED_REFUSED[name]
+    x0 = rand((3, 4), gen)
+    go = gos(lambda *shape: rand(shape, gen))
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad(outs(x), x, go, retain_graph=True, is_grads_batched=True)
+    assert_same_error(lambda: call(TORCH_GRAD), lambda: call(FAST_GRAD))
+
+
+def test_materialize_grads_with_a_gradient_edge_refused_as_pytorch_refuses(gen):
+    from torch.autograd.graph import get_gradient_edge
+    x0 = rand((3, 4), gen)
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        other = rand((2,), gen).requires_grad_(True) * 2.0
+        return grad((x * 2).sum(), [x, get_gradient_edge(other)], materialize_grads=True)
+    assert_same_error(lambda: call(TORCH_GRAD), lambda: call(FAST_GRAD))
+
+
 # ------------------------------------------------------------------ retain_graph
 
 

@@ -284,6 +284,8 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
     why = _unhandled(outs, ins)
     if why is not None:
         return torch_grad(why)
+    if materialize_grads and any(_is_edge(i) for i in ins):
+        return torch_grad("invalid arguments")  # (PyTorch refuses edges with materialize_grads)
     if not only_inputs:
         warnings.warn(
             "only_inputs argument is deprecated and is ignored now (defaults to True). To "
@@ -298,6 +300,12 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
                           is_grads_batched=is_grads_batched)
         if len(gos) != len(outs):  # (fewer grad_outputs than outputs: PyTorch's engine raises)
             return torch_grad("fewer grad_outputs than outputs")
+    if is_grads_batched:
+        sizes = {g.shape[0] if g is not None and g.dim() else None for g in gos}
+        if len(sizes) != 1 or not next(iter(sizes)):
+            # batches of different sizes or without a batch dim (PyTorch's vmap raises), or
+            # empty ones
+            return torch_grad("batched grad_outputs of no common batch size")
     if retain_graph is None:
         retain_graph = create_graph
     try:
