@@ -555,3 +555,21 @@ def test_an_in_place_op_on_a_view_is_freed_by_the_first_call(first, second, op, 
     ref, got = calls("torch", "torch"), calls(first, second)
     assert torch.equal(ref[0], got[0])
     assert ref[1] == got[1]
+
+
+_CLAMPS = {"clamp_min": lambda x, c: x.clamp_min(c), "clamp_max": lambda x, c: x.clamp_max(c),
+           "clamp": lambda x, c: x.clamp(c, c + 1.0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", sorted(_CLAMPS))
+def test_clamp_on_a_bound_that_rounds_in_the_dtype(op, dtype, gen):
+    """PyTorch compares x with the bound converted to x's dtype: an x equal to the rounded
+    bound is on it (inside), whichever way the bound rounded."""
+    c = 0.977  # (0.97705078125 in float16, 0.9765625 in bfloat16)
+    x0 = _plant(rand((4, 5), gen, "unit"), gen, c).to(dtype)
+    assert (x0 == torch.tensor(c, dtype=dtype)).sum() == 3
+    got, ref = [grad(_CLAMPS[op](x, c).sum(), x)[0]
+                for grad in (fastgrad.grad, TORCH_GRAD)
+                for x in [x0.clone().requires_grad_(True)]]
+    assert torch.equal(got, ref), (got, ref)

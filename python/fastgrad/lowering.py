@@ -275,10 +275,20 @@ def _softmax(v, op):
 
 
 def _clamp(v, lo_attr, hi_attr):
-    lo = v.scalar(lo_attr) if lo_attr else None
-    hi = v.scalar(hi_attr) if hi_attr else None
     x = v.x(0, "_saved_self")
+    # PyTorch compares x with a bound converted to x's dtype (a scalar takes the tensor's):
+    # 0.977 is 0.97705078125 in float16, where x == 0.97705078125 is inside the bound
+    lo, hi = (None if a is None else _in_dtype(v.scalar(a), x.dtype) for a in (lo_attr, hi_attr))
     return [ir.node("clamp", (x,), (lo, hi), x.shape, x.dtype)]
+
+
+def _in_dtype(c, dtype):
+    """Python number ``c`` rounded to floating ``dtype`` (as PyTorch converts a scalar
+    operand to a tensor's dtype)."""
+    if c is None or not dtype.is_floating_point or dtype == torch.float64 or \
+            isinstance(c, bool) or not isinstance(c, (int, float)):
+        return c
+    return float(torch.tensor(float(c), dtype=dtype))
 
 
 def _select(v):
