@@ -287,3 +287,89 @@ def test_a_partial_of_a_torch_function_counts_as_torchs_hook(gen):
     theirs.register_hook(functools.partial(torch.nn.functional.relu, inplace=False))
     assert not hooks.torch_tensor_hooks_in([mine.grad_fn])
     assert hooks.torch_tensor_hooks_in([theirs.grad_fn])
+
+
+class _Named:
+    """A hook object without a __name__ (PyTorch's errors then name it '<unknown>')."""
+
+    def __call__(self, g):
+        return g.sum()
+
+
+_BAD_RESULTS = {
+    # name: hook returning something PyTorch refuses in the gradient's place
+    "another shape": lambda g: g.sum(),
+    "another dtype": lambda g: g.float(),
+    "not a tensor": lambda g: 3,
+    "another shape, unnamed hook": _Named(),
+}
+_GRAPHS = {"short": lambda h: (h * 2).sum(), "long": lambda h: (h * 2).exp().sum()}
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("graph", sorted(_GRAPHS))
+@pytest.mark.parametrize("bad", sorted(_BAD_RESULTS))
+def test_a_hook_result_pytorch_refuses_raises_its_error(bad, graph, create_graph, gen):
+    x0 = rand((2, 3), gen)
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        h = x.sin()
+        h.register_hook(_BAD_RESULTS[bad])
+        return grad(_GRAPHS[graph](h), x, create_graph=create_graph)
+    with pytest.raises(Exception) as want:
+        call(TORCH_GRAD)
+    with pytest.raises(type(want.value)) as got:
+        call(FAST_GRAD)
+    assert str(got.value) == str(want.value)
+
+
+def test_a_hook_result_pytorch_takes_is_taken(gen):
+    """A result of another memory layout (non-contiguous) or requiring grad is PyTorch's to
+    judge too: it takes them."""
+    x0 = rand((3, 3), gen)
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        h = x.sin()
+        h.register_hook(lambda g: (g.t().contiguous().t() * 2))
+        return grad((h * h).sum(), x)
+    assert_same(call(FAST_GRAD), call(TORCH_GRAD))
+
+
+def test_a_batched_call_runs_a_tensor_hook_once_as_pytorch(gen):
+    x0, gos = rand((3,), gen), rand((4, 3), gen)
+    seen = {}
+
+    def call(grad):
+        calls = seen.setdefault(grad, [])
+        x = x0.clone().requires_grad_(True)
+        h = x.sin()
+        h.register_hook(lambda g: calls.append(tuple(g.shape)))
+        return grad(h.exp(), x, gos, is_grads_batched=True)
+    assert_same(call(FAST_GRAD), call(TORCH_GRAD))
+    assert seen[FAST_GRAD] == seen[TORCH_GRAD] == [(3,)]
+
+
+class _Item(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        float(g.sum())  # (.item(), which vmap refuses)
+        return g * 2
+
+
+def test_a_batched_call_through_a_python_function_raises_as_pytorch(gen):
+    x0, gos = rand((3,), gen), rand((4, 3), gen)
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad(_Item.apply(x).sin(), x, gos, is_grads_batched=True)
+    with pytest.raises(RuntimeError) as want:
+        call(TORCH_GRAD)
+    with pytest.raises(RuntimeError) as got:
+        call(FAST_GRAD)
+    assert str(got.value) == str(want.value)

@@ -281,6 +281,21 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
     return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec, given)
 
 
+def rows_alike(out_edges, in_edges):
+    """Whether a batched call (is_grads_batched) may run its graph once per row, as fastgrad
+    does: PyTorch runs the backward once under vmap, so a tensor hook or a Python Function's
+    backward (a user's code) would run once per row here, and code that vmap refuses (.item())
+    would run."""
+    if hooks.any_registered():
+        return False
+    graph = _collect([n for n, _ in out_edges], {id(e[0]) for e in in_edges if type(e) is tuple},
+                     {id(e) for e in in_edges if type(e) is not tuple})
+    nexts, needed = graph.nexts, graph.needed
+    return not any(isinstance(fn, torch.autograd.function.BackwardCFunction) and
+                   not graph_cache._spec(type(fn), fn)[1] and graph_cache.runs(fn, nexts, needed)
+                   for fn in graph.order)
+
+
 def _given(in_edges, grad_tensors):
     """The tensors a call is given (its leaf inputs and grad_outputs): what churn.py knows of
     its size before it is signed."""
@@ -469,8 +484,38 @@ def _run_tensor_hooks(th, fn, cot, bind, create_graph, trace):
         for hook in list(d.values()):
             r = hook(g)
             if r is not None:
-                g = r
+                g = _hook_result(hook, g, r)
         cot[(id(fn), k)] = bind(g)
+
+
+class _Returns:
+    """A tensor hook that returns ``r``, named as ``hook`` where it has a name (PyTorch's
+    errors about a hook's result name it)."""
+
+    def __init__(self, hook, r):
+        self.r = r
+        if hasattr(hook, "__name__"):
+            self.__name__ = hook.__name__
+
+    def __call__(self, g):
+        return self.r
+
+
+def _hook_result(hook, g, r):
+    """``r``, what tensor hook ``hook`` returned for gradient ``g``, where PyTorch would take
+    it in g's place; else PyTorch's own error (a result of another type, dtype, device or
+    shape). A result that looks wrong is checked by PyTorch itself: the same result returned
+    by a hook on a throwaway graph whose gradient is laid out as ``g``, so that the error is
+    the installed PyTorch's, and what it accepts is accepted (the hook is not called again)."""
+    if isinstance(r, torch.Tensor) and r.shape == g.shape and r.dtype == g.dtype and \
+            r.device == g.device:
+        return r
+    with lowering.recording():
+        t = torch.zeros(g.shape, dtype=g.dtype, device=g.device, requires_grad=True)
+        h = t * 1
+        hooks._orig_register_hook(h, _Returns(hook, r))
+        torch.autograd.grad(h, t, torch.zeros_like(h))
+    return r
 
 
 def _replay(tape, order, needed, bind, create_graph, stats, keep, ran):
