@@ -391,7 +391,8 @@ def transpose(x):
     return permute(x, (1, 0))
 
 
-_REDUCING = ("lse", "norm2", "var", "max_all", "min_all")  # composites over the dims attrs[0] (keepdim layout)
+# composites over the dims attrs[0] (keepdim layout)
+_REDUCING = ("lse", "norm2", "var", "max_all", "min_all")
 
 
 def composite(op, x, attrs, known=None):
