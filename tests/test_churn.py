@@ -150,7 +150,6 @@ def test_given_shapes_whose_signatures_vary_follow_the_probes(routing, monkeypat
     real = engine._sweep
     monkeypatch.setattr(engine, "_sweep", lambda *a, **k: (planned.append(1), real(*a, **k))[1])
     x0 = _points(200, gen)
-    signed = 0
     for i in range(40):
         k = 50 + i
         x, xr = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)

@@ -253,14 +253,7 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
     checkpointed segment each time, and PyTorch calls it once per backward; and where a node
     has hooks of its own (hooks.node_hooks_in), which PyTorch's engine runs."""
     bind = _Binder()
-    # An input is an edge (node, k) or a leaf tensor, found through its AccumulateGrad node.
-    leaf_ids, input_ids = set(), set()
-    for e in in_edges:
-        if type(e) is tuple:
-            input_ids.add(id(e[0]))
-        else:
-            leaf_ids.add(id(e))
-    graph = _collect([n for n, _ in out_edges], input_ids, leaf_ids)
+    graph, leaf_ids = _walk(out_edges, in_edges)
     given = in_edges
     if leaf_ids:
         leaf_nodes = graph.leaf_nodes
@@ -281,6 +274,18 @@ def _capture(out_edges, grad_tensors, in_edges, create_graph):
     return Capture(grad_tensors, bind, graph, in_edges, key, freed, rec, given)
 
 
+def _walk(out_edges, in_edges):
+    """The call's walk (_collect) and the ids of its leaf inputs: an input is an edge
+    (node, k) or a leaf tensor, found through its AccumulateGrad node."""
+    leaf_ids, input_ids = set(), set()
+    for e in in_edges:
+        if type(e) is tuple:
+            input_ids.add(id(e[0]))
+        else:
+            leaf_ids.add(id(e))
+    return _collect([n for n, _ in out_edges], input_ids, leaf_ids), leaf_ids
+
+
 def rows_alike(out_edges, in_edges):
     """Whether a batched call (is_grads_batched) may run its graph once per row, as fastgrad
     does: PyTorch runs the backward once under vmap, so a tensor hook or a Python Function's
@@ -288,8 +293,7 @@ def rows_alike(out_edges, in_edges):
     would run."""
     if hooks.any_registered():
         return False
-    graph = _collect([n for n, _ in out_edges], {id(e[0]) for e in in_edges if type(e) is tuple},
-                     {id(e) for e in in_edges if type(e) is not tuple})
+    graph, _ = _walk(out_edges, in_edges)
     nexts, needed = graph.nexts, graph.needed
     return not any(isinstance(fn, torch.autograd.function.BackwardCFunction) and
                    not graph_cache._spec(type(fn), fn)[1] and graph_cache.runs(fn, nexts, needed)
