@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import assert_same_error, check_grad, check_native, rand, TORCH_GRAD
+from conftest import assert_same_error, check_grad, check_native, rand, requires_device, TORCH_GRAD
 
 NEG_INF = float("-inf")
 # (var_correction_past_the_count asks for it)
@@ -402,6 +402,34 @@ _NOT_NATIVE = {"softmax_of_a_0d_tensor"}
 def test_native(name, gen):
     fn, inputs = CASES[name](gen)
     check_native(fn, inputs, gen=gen, orders=2)
+
+
+_CUDA = [pytest.param("cuda", marks=requires_device("cuda"))]
+
+
+@pytest.mark.parametrize("device", _CUDA)
+@pytest.mark.parametrize("name", list(CASES))
+def test_on_a_gpu(name, device, gen):
+    # PyTorch's CUDA kernels and formulas differ from the CPU's at some of these edges
+    # (max() of all elements, below)
+    fn, inputs = CASES[name](gen)
+    inputs = [t.to(device) for t in inputs]
+    check_grad(fn, inputs, gen=gen, orders=2)
+    if name not in _NOT_NATIVE:
+        check_native(fn, inputs, gen=gen, orders=2)
+
+
+@pytest.mark.parametrize("device", _CUDA)
+def test_max_all_inf_gradient_differs_by_device(device, gen):
+    # the case above exercises what rules._evenly_rule tells apart: PyTorch's max() backward
+    # fills 0 off the max on the CPU and multiplies by the mask on a GPU (inf * 0 = NaN)
+    fn, (x,) = max_all_inf_gradient(gen)
+    off = torch.arange(12) != 6
+    for dev, check in (("cpu", lambda g: (g == 0).all()), (device, lambda g: g.isnan().all())):
+        for grad in (TORCH_GRAD, fastgrad.grad):
+            xl = x.to(dev).requires_grad_(True)
+            g = grad(fn(xl)[0], xl)[0].cpu()
+            assert torch.isinf(g[1, 2]) and check(g.reshape(-1)[off]), (dev, grad, g)
 
 
 # --- sanity: the planted cases really exercise what they claim (in torch itself) -----

@@ -238,8 +238,9 @@ def _amax(v, op):
     dims_attr = "_saved_dim" if hasattr(v.fn, "_saved_dim") else None
     if dims_attr is None and x.ndim and ir.numel(x.shape) > 1:
         # max() / min() of every element: their derivative differs from amax's where the
-        # gradient is inf or the result NaN (rules._evenly_rule)
-        r = ir.composite("max_all" if op == "rmax" else "min_all", x, (tuple(range(x.ndim)),))
+        # gradient is inf or the result NaN, and by device (rules._evenly_rule)
+        r = ir.composite("max_all" if op == "rmax" else "min_all", x,
+                         (tuple(range(x.ndim)), v.meta[0].device.type == "cuda"))
     else:
         r, _ = _reduced(v, op, x, dims_attr)
     return [reshape(v.known(r, "_saved_result"), v.out_shape())]

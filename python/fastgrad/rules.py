@@ -63,14 +63,15 @@ def _amax_rule(n, g):
 
 
 def _evenly_rule(n, g):
-    # max() / min() of every element, as PyTorch's evenly_distribute_backward on the CPU: the
-    # gradient shared by the elements equal to the result (by the NaNs where it is NaN), and
-    # 0 elsewhere even where the gradient is inf or NaN (a fill, not a product with a mask;
-    # PyTorch's CUDA path multiplies, so there an inf gradient gives NaN off the mask)
-    x, dims = n.args[0], n.attrs[0]
+    # max() / min() of every element, as PyTorch's evenly_distribute_backward: the gradient
+    # shared by the elements equal to the result (by the NaNs where it is NaN). On the CPU
+    # PyTorch fills the rest with 0, even where the gradient is inf or NaN; on a GPU it
+    # multiplies by the mask, so there an inf gradient gives NaN off the mask (attrs[1]).
+    x, (dims, product) = n.args[0], n.attrs
     v = expand(n, x.shape)
     mask = ew("or", ew("eq", x, v), ew("and", ew("isnan", x), ew("isnan", v)))
-    return [where(mask, expand(div(g, rsum(mask, dims)), x.shape), 0.0)]
+    share = expand(div(g, rsum(mask, dims)), x.shape)
+    return [mul(share, mask) if product else where(mask, share, 0.0)]
 
 
 def _clamp_rule(n, g):
