@@ -123,7 +123,9 @@ def test_a_failed_background_compile_leaves_the_interpreter(background, monkeypa
 
 def _child(queue, fn, gen):
     # In a child forked while a compile is held: nothing in flight is its own to wait for, and
-    # its regions are not said to be compiling.
+    # its regions are not said to be compiling. (One thread, as PyTorch's DataLoader workers
+    # set: PyTorch's own OpenMP pool hangs in a forked child on some machines.)
+    torch.set_num_threads(1)
     _, _, report = _call(fn, (2011,), gen, 1)
     queue.put((jit.wait(timeout=5), jit.status()["pending"], "compiling" in report))
 
