@@ -340,7 +340,7 @@ PYBIND11_MODULE(_C, m) {
         "(results, None) of a call repeated from its cached plan, (None, walk) for engine.hit to\n"
         "take on, or None (csrc/repeat_call.h).");
   m.def("repeat_setup", &fg::repeat_setup, py::arg("engine"), py::arg("graph_cache"), py::arg("runtime"),
-        py::arg("hooks"), py::arg("churn"), py::arg("lowering"), py::arg("plan"),
+        py::arg("hooks"), py::arg("churn"), py::arg("node_view"), py::arg("plan"),
         "The modules repeat_call reads (once, at import: api.py).");
   m.def("capture_setup", &fg::capture_setup, py::arg("dtype_codes"), py::arg("strided"),
         py::arg("device_types"), py::arg("tensor_cls"), py::arg("to_device"),

@@ -29,7 +29,7 @@ struct Spec {
 // The Spec of fn's class; `spec_fn(cls, fn)` (graph_cache._spec) describes a class met first.
 Spec& spec_of(py::handle fn, py::handle spec_fn);
 
-// A node's `metadata` dict, or None (a node without one: as lowering._is_freed, never freed).
+// A node's `metadata` dict, or None (a node without one: as node_view.is_freed, never freed).
 py::object metadata_of(py::handle fn);
 
 // Whether metadata dict `md` (or None) marks its node consumed by an earlier call.

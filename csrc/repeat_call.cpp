@@ -17,7 +17,7 @@ namespace {
 // of the process (as capture.cpp's). Their attributes are read on each use, as Python reads
 // them, so that a name rebound or patched (tests do) is seen here too.
 struct Modules {
-  PyObject *engine, *graph_cache, *runtime, *hooks, *churn, *lowering, *plan;
+  PyObject *engine, *graph_cache, *runtime, *hooks, *churn, *node_view, *plan;
 };
 Modules M{};
 PyObject* g_acc_cls = nullptr;  // engine._accumulate_grad_class(), once
@@ -135,7 +135,7 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
       return py::make_tuple(py::none(), py::none());  // routed (churn.Routed)
   }
   const py::object hook_state = py_attr(M.hooks, N.state);
-  const py::object spec = py_attr(M.graph_cache, N.spec), freed_key = py_attr(M.lowering, N.freed);
+  const py::object spec = py_attr(M.graph_cache, N.spec), freed_key = py_attr(M.node_view, N.freed);
   // engine._capture: saved tensors packed by saved-tensor hooks go to PyTorch
   if (py_truthy(hook_state[N.saved]) && saved_hooks_in(g, spec))
     return py::make_tuple(py::none(), py::none());
@@ -177,7 +177,7 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
 }
 
 void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runtime,
-                  py::module_ hooks, py::module_ churn, py::module_ lowering, py::module_ plan) {
+                  py::module_ hooks, py::module_ churn, py::module_ node_view, py::module_ plan) {
   if (!N.plan)
     N = Names{py_intern("plan"),          py_intern("tape"),         py_intern("nbound"),
               py_intern("tied"),          py_intern("churn"),        py_intern("recent"),
@@ -185,7 +185,7 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("runs"),          py_intern("_version"),     py_intern("device"),
               py_intern("any"),           py_intern("CUDA_EXECUTOR"), py_intern("cpu"),
               py_intern("execute"),       py_intern("_compile_due"), py_intern("_ENTRIES"),
-              py_intern("_spec"),         py_intern("_FREED"),       py_intern("RECOMPUTE"),
+              py_intern("_spec"),         py_intern("FREED"),        py_intern("RECOMPUTE"),
               py_intern("_STATE"),        py_intern("tensor_hooks"), py_intern("_WAITING"),
               py_intern("_accumulate_grad_class"), py_intern("_leaf_edge"), py_intern("_Binder"),
               py_intern("_refuse_freed"), py_intern("_drop_saved"),  py_intern("_refuse_unpack"),
@@ -195,7 +195,7 @@ void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runti
               py_intern("live"),          py_intern("_orig_saved_register")};
   // (a second setup replaces the first: the old modules are kept, as capture_setup's objects)
   M = Modules{engine.release().ptr(), graph_cache.release().ptr(), runtime.release().ptr(),
-              hooks.release().ptr(),  churn.release().ptr(),       lowering.release().ptr(),
+              hooks.release().ptr(),  churn.release().ptr(),       node_view.release().ptr(),
               plan.release().ptr()};
   g_acc_cls = nullptr;
 }

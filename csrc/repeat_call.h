@@ -30,9 +30,9 @@ py::object repeat_call(py::handle outputs, py::handle inputs, py::handle grad_ou
                        py::handle retain_graph, bool create_graph);
 
 // Called once at import (api.py) with the modules whose objects the Python path reads:
-// engine, graph_cache, runtime, hooks, churn, lowering and plan. repeat_call reads their
-// attributes (_ENTRIES, _Binder, RECOMPUTE, _WAITING, ...) on each use, as Python does.
+// engine, graph_cache, runtime, hooks, churn, node_view and plan. repeat_call reads their
+// attributes (_ENTRIES, _Binder, FREED, RECOMPUTE, _WAITING, ...) on each use, as Python does.
 void repeat_setup(py::module_ engine, py::module_ graph_cache, py::module_ runtime,
-                  py::module_ hooks, py::module_ churn, py::module_ lowering, py::module_ plan);
+                  py::module_ hooks, py::module_ churn, py::module_ node_view, py::module_ plan);
 
 }  // namespace fg

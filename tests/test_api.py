@@ -218,6 +218,37 @@ def test_create_graph_under_inference_mode(retain_graph, gen):
         assert_same(b_again, a_again)
 
 
+def test_materialized_zeros_under_inference_mode(gen):
+    """create_graph with materialize_grads in inference mode: PyTorch's zeros for an unused
+    input still require grad."""
+    x0, z0 = rand((4,), gen), rand((3,), gen)
+    results = []
+    for grad in (TORCH_GRAD, fastgrad.grad):
+        x, z = x0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
+        y = torch.sin(x).sum()
+        with torch.inference_mode():
+            r = grad(y, (x, z), allow_unused=True, materialize_grads=True, create_graph=True)
+        results.append([(t.requires_grad, t.is_inference()) for t in r] + list(r))
+    assert results[1][:2] == results[0][:2]
+    assert_same(tuple(results[1][2:]), tuple(results[0][2:]))
+
+
+@pytest.mark.parametrize("go_dtype", [torch.float32, torch.float64])
+def test_create_graph_under_no_grad_with_a_grad_output_that_requires_grad(go_dtype, gen):
+    """Under no_grad PyTorch casts a grad_output of another dtype before its engine records
+    anything: the result then does not depend on it (with the output's dtype it does)."""
+    x0, go0 = rand((5,), gen), rand((5,), gen, dtype=go_dtype)
+    results = []
+    for grad in (TORCH_GRAD, fastgrad.grad):
+        x, go = x0.clone().requires_grad_(True), go0.clone().requires_grad_(True)
+        y = x * x
+        with torch.no_grad():
+            gx, = grad(y, x, go, create_graph=True)
+        results.append(TORCH_GRAD(gx.sum(), [x, go], allow_unused=True))
+    assert (results[0][1] is None) == (go_dtype != torch.float64)  # (what the case checks)
+    assert_same(results[1], results[0])
+
+
 def _outcome_of(run):
     try:
         return run()
@@ -619,6 +650,62 @@ def test_error_inplace_modified_saved_tensor(gen):
         return grad(y.sum(), x)
 
     _err_case(gen, build)
+
+
+def _freed_on_the_way(grad, x):
+    # the first call frees exp; the second fails at it after PyTorch's engine ran (and freed)
+    # the product: a third call through the product alone fails too
+    h = x.exp()
+    y1, y2 = h.sum(), (h * 2).sum()
+    grad(y1, x)
+    return [lambda: grad(y2, x), lambda: grad(y2, h)]
+
+
+def _modified_on_the_way(grad, x):
+    e = x.exp()
+    h = e.sin()
+    y = (h * 3).sum()
+    with torch.no_grad():
+        e.add_(1.0)
+    return [lambda: grad(y, x), lambda: grad(y, h)]
+
+
+def _modified_under_a_node_handed_back(grad, x):
+    # y saved by exp (native) and read by gather (PyTorch's node): PyTorch names the node it
+    # meets first, gather's input as it is now (CopySlices)
+    y = x.exp()
+    z = y.gather(1, torch.zeros(x.shape[0], 1, dtype=torch.long))
+    y[:].mul_(2)
+    return [lambda: grad(z, x, torch.ones_like(z))]
+
+
+def _two_errors_in_one_graph(grad, x):
+    # PyTorch's engine meets the write through overlapping memory before the version error
+    y = x[0].clone()
+    c = y.cos()
+    y.clamp_(-0.3, 0.3)
+    v = c.expand(2, y.shape[0])
+    v[torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) > 0.4] = 2.0
+    return [lambda: grad(v, x, torch.ones_like(v))]
+
+
+@pytest.mark.parametrize("case", [_freed_on_the_way, _modified_on_the_way,
+                                  _modified_under_a_node_handed_back, _two_errors_in_one_graph])
+def test_a_call_that_fails_part_way(case, gen):
+    """PyTorch's engine fails at the first node in its order that cannot run (freed, or a
+    saved tensor modified in place), after running, and freeing, the nodes before it: the
+    error names that node, and a later call through those nodes fails too."""
+    x0 = rand((3, 4), gen)
+    outcomes = []
+    for grad in (TORCH_GRAD, fastgrad.grad):
+        calls = case(grad, x0.clone().requires_grad_(True))
+        outcomes.append([_outcome_of(c) for c in calls])
+    for ref, got in zip(*outcomes):
+        if isinstance(ref, Exception) or isinstance(got, Exception):
+            assert (type(got), str(got)) == (type(ref), str(ref))
+        else:
+            assert_same(got, ref)
+    assert isinstance(outcomes[0][0], RuntimeError)  # (each case fails where it says)
 
 
 @pytest.mark.parametrize("create_graph", [False, True])

@@ -356,6 +356,31 @@ def softmax_of_a_0d_tensor(gen):
     return (lambda x: torch.softmax(x * x, 0) + torch.log_softmax(x * x, -1)), [x]
 
 
+def amax_over_size_one_dims_with_nan(gen):
+    # amax / amin over dims of size 1 only: PyTorch still divides by the count of elements equal
+    # to the result, 0 at a NaN (NaN there, where max() hands the gradient to the NaN)
+    x = _plant(rand((4, 1, 3), gen), gen, float("nan"), count=3)
+    return (lambda x: (x.amax(1), x.amin((1,), keepdim=True), x[0, 0, 0].amax())), [x]
+
+
+def degenerate_constants(gen):
+    # an activation's or loss's constant at 0, inf or NaN: PyTorch's kernels compute only the
+    # branch they select, where a composition's other branch would give NaN (the node falls
+    # back)
+    x = _plant(rand((3, 4), gen), gen, float("inf"), count=2)
+    F, inf, z = torch.nn.functional, float("inf"), torch.zeros(3, 4, dtype=x.dtype)
+    return (lambda x: (F.softplus(x, beta=0.0), F.softplus(x, beta=inf),
+                       F.softplus(x, threshold=inf), F.leaky_relu(x, inf),
+                       F.leaky_relu(x, float("nan")), F.elu(x, alpha=inf),
+                       F.huber_loss(x, z, delta=inf, reduction="none"),
+                       F.smooth_l1_loss(x, z, beta=inf, reduction="none"))), [x]
+
+
+def index_select_of_a_0d_tensor(gen):
+    x = rand((), gen)
+    return (lambda x: (x * 2).index_select(0, torch.tensor([0])) * x), [x]
+
+
 CASES = {
     f.__name__: f
     for f in [
@@ -371,6 +396,7 @@ CASES = {
         layer_norm_over_one_element, var_correction_past_the_count,
         var_all_correction_past_the_count, max_all_with_nan,
         max_all_inf_gradient, hardswish_below_minus_three_inf_gradient, softmax_of_a_0d_tensor,
+        amax_over_size_one_dims_with_nan, index_select_of_a_0d_tensor, degenerate_constants,
     ]
 }
 
@@ -395,7 +421,7 @@ def test_third_order(name, gen):
 
 
 # cases whose op is not native (PyTorch's node runs it)
-_NOT_NATIVE = {"softmax_of_a_0d_tensor"}
+_NOT_NATIVE = {"softmax_of_a_0d_tensor", "index_select_of_a_0d_tensor", "degenerate_constants"}
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n not in _NOT_NATIVE])

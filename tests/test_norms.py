@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastgrad
-from conftest import assert_native
+from conftest import FAST_GRAD, TORCH_GRAD, assert_native, assert_same, rand
 
 F = torch.nn.functional
 
@@ -116,3 +116,42 @@ def test_fused_backward_results_require_grad_like_torch(name, wanted):
             assert [r is None for r in g2] == [r is None for r in w2]
             torch.testing.assert_close([r for r in g2 if r is not None],
                                        [r for r in w2 if r is not None])
+
+
+# Reductions whose first derivative PyTorch writes with their own result (std_backward divides
+# by the std it saved): a second derivative also reaches that output.
+OWN_OUTPUT = {
+    "std_dim": lambda x: x.std(0),
+    "std_all": lambda x: x.std(),
+    "std_keepdim_correction0": lambda x: x.std(1, keepdim=True, correction=0),
+    "std_constant_column": lambda x: torch.maximum(x, x[:1]).std(0),
+    "var_dim": lambda x: x.var(0),
+    "norm2_dim": lambda x: torch.linalg.vector_norm(x, dim=1),
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_OUTPUT))
+def test_second_derivative_with_respect_to_the_output(name, gen):
+    x0, v = rand((4, 3), gen), rand((4, 3), gen)
+    x0[:, 1] = x0[0, 1]  # (a constant column: where PyTorch masks std's derivative)
+    results = []
+    for grad in (TORCH_GRAD, FAST_GRAD):
+        x = x0.clone().requires_grad_(True)
+        s = OWN_OUTPUT[name](x)
+        gx, = grad(s, x, torch.ones_like(s), create_graph=True)
+        results.append(grad((gx * v).sum(), [x, s], allow_unused=True))
+    assert results[0][1] is not None or not name.startswith("std")  # (the case reaches it)
+    assert_same(results[1], results[0])
+
+
+def test_torch_differentiates_fastgrads_std_derivative(gen):
+    """PyTorch's second derivative of fastgrad's first: std's output gets a gradient from
+    fastgrad's block as it does from PyTorch's own formula (with the sign's zero tensor alone
+    reaching it, PyTorch's std backward failed: "ZeroTensors are immutable")."""
+    x0, v = rand((5,), gen), rand((5,), gen)
+    results = []
+    for first in (TORCH_GRAD, FAST_GRAD):
+        x = x0.clone().requires_grad_(True)
+        g1, = first(x.std().norm(p=1), x, create_graph=True)
+        results.append(TORCH_GRAD((g1 * v).sum(), x))
+    assert_same(results[1], results[0])

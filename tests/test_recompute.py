@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import hooks, lowering
+from fastgrad import hooks, node_view
 from conftest import DEVICE_PARAMS, FAST_GRAD, TORCH_GRAD, assert_same, rand, recompute
 
 F = torch.nn.functional
@@ -64,7 +64,7 @@ def test_a_chain_computes_its_saved_values_again(name, fn, arrays, loaded, devic
         assert report.all_native, report
         # (and a few scalars: the gradient of the sum, wrapped numbers)
         read = report.bytes_read // (x0.numel() * x0.element_size())
-        if on and not lowering.shows_saved_tensor_hooks():
+        if on and not node_view.shows_saved_tensor_hooks():
             # (an older torch: saved outputs may have come through hooks, and stay loaded)
             assert arrays <= read <= loaded, f"policy on: {read} arrays read\n{report}"
         else:
@@ -95,7 +95,7 @@ def test_second_order_through_tied_values(device, gen):
     # (the second call reads g too: (g * g) saved it)
     for r, arrays in zip(reports, (1, 2)):
         assert r.all_native, r
-        if lowering.shows_saved_tensor_hooks():  # (else exp's saved result stays loaded)
+        if node_view.shows_saved_tensor_hooks():  # (else exp's saved result stays loaded)
             assert r.bytes_read // size == arrays, r
 
 
@@ -232,11 +232,11 @@ def test_hooks_told_apart_where_pytorch_does_not_show_them(hooked, gen):
     mul, exp = y.grad_fn, y.grad_fn.next_functions[1][0]
     old_raw = object()  # (no unpack_hook attribute, as on an older torch)
     saved_input = mul._saved_self  # sin(x), an input of the product
-    assert lowering._through_hooks(old_raw, saved_input, lambda: mul._saved_self) is hooked
+    assert node_view.through_hooks(old_raw, saved_input, lambda: mul._saved_self) is hooked
     saved_output = exp._saved_result
-    assert lowering._through_hooks(old_raw, saved_output, lambda: exp._saved_result) is True
-    if lowering.shows_saved_tensor_hooks():  # (and the newer torch's own answer agrees)
-        assert lowering._through_hooks(mul._raw_saved_self, saved_input, None) is hooked
+    assert node_view.through_hooks(old_raw, saved_output, lambda: exp._saved_result) is True
+    if node_view.shows_saved_tensor_hooks():  # (and the newer torch's own answer agrees)
+        assert node_view.through_hooks(mul._raw_saved_self, saved_input, None) is hooked
 
 
 @pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is None,
@@ -248,7 +248,7 @@ def test_a_check_left_unasked_holds_nothing_after_the_sweep(on, monkeypatch, gen
     it holds: a freed graph lets exp's saved result go as torch does."""
     def as_on_older_torch(bind, k, raw, t, again):
         bind.__dict__.setdefault("hooks_pending", []).append((k, object(), t, again))
-    monkeypatch.setattr(lowering, "_note_hooks", as_on_older_torch)
+    monkeypatch.setattr(node_view, "note_hooks", as_on_older_torch)
     x0, users = rand((6,), gen), torch._C._storage_Use_Count
     with recompute(on, "cpu"):
         counts = []

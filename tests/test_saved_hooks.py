@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import fastgrad
-from fastgrad import engine, graph_cache, hooks, lowering
+from fastgrad import engine, graph_cache, hooks, node_view
 
 from conftest import FAST_GRAD, TORCH_GRAD, assert_same, rand
 
@@ -133,7 +133,7 @@ def test_graphs_without_hooks_stay_native_after_hooks_were_used(gen):
     assert hooks.saved_hooks_used()
     y = (torch.sin(x) * torch.exp(x)).sum()
     rep = fastgrad.explain(y, x)
-    if lowering.shows_saved_tensor_hooks():
+    if node_view.shows_saved_tensor_hooks():
         assert rep.all_native, rep
     else:
         assert rep.fallback == [("<whole call>", engine.SAVED_HOOKS_REASON)], rep

@@ -12,7 +12,7 @@ import torch
 from torch.autograd import forward_ad as _fwad
 from torch.autograd import graph as _graph
 
-from . import _C, churn, engine, graph_cache, hooks, lowering, plan, runtime
+from . import _C, churn, engine, graph_cache, hooks, node_view, plan, runtime
 from .plan import Unplannable
 
 _torch_grad = torch.autograd.grad
@@ -28,7 +28,7 @@ def _graph_readable():
     sets the shape each derived gradient is summed to. Releases before 2.5 do not show it, and
     nothing else tells an intermediate node's shapes (AddBackward0 saves none), so there every
     call goes to PyTorch."""
-    with lowering.recording():
+    with node_view.recording():
         x = torch.zeros(1, requires_grad=True)
         return hasattr((x * 2.0).grad_fn, "_input_metadata")
 
@@ -73,7 +73,7 @@ def _torch_takes_dicts():
     """Newer PyTorch releases take a dict of inputs (and return a dict); older ones raise their
     own error for it, and then so must fastgrad. Asked once, on a throwaway graph."""
     if not _DICT_INPUTS:
-        with lowering.recording():
+        with node_view.recording():
             x = torch.zeros((), requires_grad=True)
             try:
                 _torch_grad(x * 2.0, {"x": x})
@@ -169,6 +169,29 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
 _READ_AGAIN = frozenset([torch.Tensor, tuple, list, type(None)])
 
 
+def _final_torch_grad(*args):
+    """PyTorch's results for a call handed to it, or its error, raised as it is (grad hands
+    the call to PyTorch again for no error PyTorch raised itself)."""
+    try:
+        return _torch_grad(*args)
+    except RuntimeError as e:
+        e._fastgrad_final = True
+        raise
+
+
+def _cast_unrecorded(outputs, grad_outputs):
+    """Whether a grad_output that requires grad has another dtype than its output: PyTorch
+    casts it before its engine records anything, so under no_grad the result of a create_graph
+    call does not depend on it, where fastgrad's plan would differentiate through the cast."""
+    outs = (outputs,) if not isinstance(outputs, (list, tuple)) else outputs
+    gos = (grad_outputs,) if isinstance(grad_outputs, torch.Tensor) else grad_outputs
+    if not isinstance(gos, (list, tuple)):
+        return False
+    return any(isinstance(g, torch.Tensor) and g.requires_grad and
+               (not isinstance(o, torch.Tensor) or o.dtype != g.dtype)
+               for o, g in zip(outs, gos))
+
+
 def _settled(arg):
     """``arg`` as a tuple where it is an iterable to be read once (``model.parameters()``):
     a call handed to PyTorch after fastgrad read it must pass PyTorch the same tensors."""
@@ -191,35 +214,51 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
         return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                            only_inputs, allow_unused, is_grads_batched, materialize_grads)
     if create_graph and torch.is_inference_mode_enabled():
+        if materialize_grads:  # (PyTorch's zeros for unused inputs require grad even there)
+            return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                               only_inputs, allow_unused, is_grads_batched, materialize_grads)
         # nothing is recorded in inference mode: PyTorch's results are plain inference tensors
         # (create_graph still keeps the graph by default)
         retain_graph, create_graph = True if retain_graph is None else retain_graph, False
-    cap = None
-    plain = only_inputs and not is_grads_batched and not materialize_grads
-    if plain:
-        # a graph seen before, whose cached plan runs in C++ alone; else what it walked
-        ran = _C.repeat_call(outputs, inputs, grad_outputs, retain_graph, create_graph)
-        if ran is not None:
-            if ran[0] is not None:
-                return ran[0]
-            if ran[1] is None:
-                # routed (its churn record, hooks only PyTorch's engine runs): straight to
-                # PyTorch; its arguments were plain, so nothing was read that PyTorch must
-                # see again
-                return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
-                                   only_inputs, allow_unused, is_grads_batched,
-                                   materialize_grads)
-    outputs, inputs, grad_outputs = _settled(outputs), _settled(inputs), _settled(grad_outputs)
-    if plain:
-        try:
-            res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran)
-        except churn.Routed:  # (straight to PyTorch: _grad's checks would only cost time)
-            return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
-                               only_inputs, allow_unused, is_grads_batched, materialize_grads)
-        if res is not None:
-            return res
-    return _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
-                 allow_unused, is_grads_batched, materialize_grads, None, cap)
+    elif create_graph and not torch.is_grad_enabled() and _cast_unrecorded(outputs, grad_outputs):
+        return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                           only_inputs, allow_unused, is_grads_batched, materialize_grads)
+    try:
+        cap = None
+        plain = only_inputs and not is_grads_batched and not materialize_grads
+        if plain:
+            # a graph seen before, whose cached plan runs in C++ alone; else what it walked
+            ran = _C.repeat_call(outputs, inputs, grad_outputs, retain_graph, create_graph)
+            if ran is not None:
+                if ran[0] is not None:
+                    return ran[0]
+                if ran[1] is None:
+                    # routed (its churn record, hooks only PyTorch's engine runs): straight to
+                    # PyTorch; its arguments were plain, so nothing was read that PyTorch must
+                    # see again
+                    return _final_torch_grad(outputs, inputs, grad_outputs, retain_graph,
+                                             create_graph, only_inputs, allow_unused,
+                                             is_grads_batched, materialize_grads)
+        outputs, inputs = _settled(outputs), _settled(inputs)
+        grad_outputs = _settled(grad_outputs)
+        if plain:
+            try:
+                res, cap = _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran)
+            except churn.Routed:  # (straight to PyTorch: _grad's checks would only cost time)
+                return _final_torch_grad(outputs, inputs, grad_outputs, retain_graph,
+                                         create_graph, only_inputs, allow_unused,
+                                         is_grads_batched, materialize_grads)
+            if res is not None:
+                return res
+        return _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
+                     allow_unused, is_grads_batched, materialize_grads, None, cap)
+    except RuntimeError as e:
+        # PyTorch's error for a graph it cannot run (freed, or modified in place), met while
+        # the C++ path read it: PyTorch raises it, after what its engine runs on the way
+        if not engine.graph_error(e):
+            raise
+        return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                           only_inputs, allow_unused, is_grads_batched, materialize_grads)
 
 
 def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran=None):
@@ -251,7 +290,7 @@ def _fast(outputs, inputs, grad_outputs, retain_graph, create_graph, ran=None):
 
 
 _C.call_args_setup(torch.Tensor, torch.nn.Parameter, torch.ones_like)
-_C.repeat_setup(engine, graph_cache, runtime, hooks, churn, lowering, plan)
+_C.repeat_setup(engine, graph_cache, runtime, hooks, churn, node_view, plan)
 
 
 def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs,
@@ -262,7 +301,7 @@ def _grad(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs
     def torch_grad(reason):
         if trace is not None:
             trace.fallback.append(("<whole call>", reason))
-        return _torch_grad(*args)
+        return _final_torch_grad(*args)
 
     if not NATIVE:
         return torch_grad(NOT_NATIVE_REASON)

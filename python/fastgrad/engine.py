@@ -9,7 +9,7 @@ the sweep as bound tensors.
 """
 import torch
 
-from . import _C, churn, graph_cache, hooks, ir, lowering, plan, rules
+from . import _C, churn, graph_cache, hooks, ir, lowering, node_view, plan, rules
 from .plan import Unplannable, clear_plan_cache, get_plan, recomputable
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
@@ -26,6 +26,7 @@ class Trace:
 
     def __init__(self, stats=None):
         self.native, self.fallback, self.stats = [], [], stats
+        self.user_code = False  # whether a tensor hook or a Python Function's backward ran
 
 
 _FREED_MSG = []
@@ -34,7 +35,7 @@ _FREED_MSG = []
 def freed_message():
     """PyTorch's own text for a graph used after it was freed (read once from PyTorch)."""
     if not _FREED_MSG:
-        with lowering.recording():
+        with node_view.recording():
             x = torch.zeros(1, requires_grad=True)
             y = x.exp()
             _torch_grad(y.sum(), x)
@@ -45,6 +46,32 @@ def freed_message():
         else:  # pragma: no cover - PyTorch always raises here
             _FREED_MSG.append("Trying to backward through the graph a second time")
     return _FREED_MSG[0]
+
+
+# PyTorch's errors for a graph it cannot run: freed, or a saved tensor modified in place. Its
+# engine meets one at the first node in its own order that needs the tensor, after running the
+# nodes before it (and, without retain_graph, freeing them), so the call goes to PyTorch for
+# the error: the node its message names and what it frees on the way are PyTorch's. Not where
+# fastgrad already ran user code (a tensor hook, a Python Function's backward) in this call,
+# which PyTorch would run again: there fastgrad raises PyTorch's error itself.
+_GRAPH_ERRORS = ("Trying to backward through the graph a second time",
+                 "one of the variables needed for gradient computation has been modified")
+GRAPH_ERROR_REASON = ("PyTorch raises for this graph (freed, or a saved tensor modified in "
+                      "place) after running the nodes before the one it fails at")
+
+
+def graph_error(e):
+    """Whether RuntimeError ``e``, met while reading or running the graph, is one of those the
+    call hands to PyTorch."""
+    return not getattr(e, "_fastgrad_final", False) and \
+        any(m in str(e) for m in _GRAPH_ERRORS)
+
+
+def _graph_error(e, trace=None):
+    """What to raise for RuntimeError ``e`` met while reading or running the graph."""
+    if trace is not None and trace.user_code:
+        e._fastgrad_final = True  # (api.grad raises it, as here)
+    return Unplannable(GRAPH_ERROR_REASON) if graph_error(e) else e
 
 
 class Unused(Exception):
@@ -59,7 +86,7 @@ def unused_message(index):
     """PyTorch's own text for input ``index`` getting no gradient (read from PyTorch once per
     index: releases word it differently)."""
     if index not in _UNUSED_MSG:
-        with lowering.recording():
+        with node_view.recording():
             x, u = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
             try:
                 _torch_grad((x * 2.0).sum(), [x] * index + [u])
@@ -99,7 +126,7 @@ _ACCUMULATE_GRAD = []  # the class of PyTorch's leaf nodes, read once
 
 def _accumulate_grad_class():
     if not _ACCUMULATE_GRAD:
-        with lowering.recording():
+        with node_view.recording():
             x = torch.zeros(1, requires_grad=True)
             _ACCUMULATE_GRAD.append(type(x.view_as(x).grad_fn.next_functions[0][0]))
     return _ACCUMULATE_GRAD[0]
@@ -174,7 +201,7 @@ def _call_opaque(fn, gs, create_graph, needed, keep=True, ran=None):
         done = ran.pop(id(fn), None)
         if done is not None:
             return done
-    if lowering._is_freed(fn) and lowering.holds_saved_tensors(fn):
+    if node_view.is_freed(fn) and node_view.holds_saved_tensors(fn):
         raise RuntimeError(freed_message())
     # A C++ node called directly computes a result for every edge, wanted or not (e.g. a
     # convolution's weight gradient when only the input's is asked for). PyTorch's engine
@@ -330,7 +357,10 @@ def hit(out_edges, grad_tensors, in_edges, create_graph, retain_graph, walk=None
     much as the region itself. ``walk``: the call's walk and signature, made by
     _C.repeat_call (csrc/repeat_call.h), which declined it."""
     if walk is None:
-        cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+        try:
+            cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+        except RuntimeError as e:
+            raise _graph_error(e) from None
     else:
         _, _, given, edges, graph, bind, key, freed, rec = walk
         cap = Capture(grad_tensors, bind, graph, edges, key, freed, rec, given)
@@ -366,7 +396,10 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         clear_plan_cache()
     trace = trace or Trace()
     if cap is None:
-        cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+        try:
+            cap = _capture(out_edges, grad_tensors, in_edges, create_graph)
+        except RuntimeError as e:
+            raise _graph_error(e) from None
     grad_tensors = cap.grad_tensors
     bind, graph, in_edges, key, freed = cap.bind, cap.graph, cap.in_edges, cap.key, cap.freed
     order, needed, nexts = graph.order, graph.needed, graph.nexts
@@ -374,7 +407,7 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
     exprs = rec = None
     if entry is not None:
         if freed:
-            raise RuntimeError(freed_message())
+            raise Unplannable(GRAPH_ERROR_REASON)
         if not cap.stale and _still_bound(entry, cap, create_graph, trace.stats, retain_graph):
             exprs = entry.exprs
             trace.native.extend(entry.native)
@@ -391,8 +424,12 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
         native_before, fallback_before = len(trace.native), len(trace.fallback)
         tape = []
         tied = []
-        exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
-                       bind, trace, tape, graph.leaf_nodes, tied, retain_graph, cap.ran)
+        try:
+            exprs = _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges,
+                           create_graph, bind, trace, tape, graph.leaf_nodes, tied,
+                           retain_graph, cap.ran)
+        except RuntimeError as e:
+            raise _graph_error(e, trace) from None
         entry = graph_cache.store(key, exprs, trace.native[native_before:],
                                   trace.fallback[fallback_before:], tape, len(bind.tensors),
                                   tied, rec)
@@ -421,8 +458,8 @@ def run(out_edges, grad_tensors, in_edges, create_graph, retain_graph, allow_unu
 
 def _mark_freed(graph):
     """Consume the nodes a call ran with retain_graph=False, as PyTorch's engine does: flag
-    them (lowering._is_freed) and free their saved tensors (csrc/saved_tensors.h, mark_freed)."""
-    _C.mark_freed(graph, lowering._FREED, _refuse_freed, graph_cache._spec,
+    them (node_view.is_freed) and free their saved tensors (csrc/saved_tensors.h, mark_freed)."""
+    _C.mark_freed(graph, node_view.FREED, _refuse_freed, graph_cache._spec,
                   hooks._orig_saved_register, _drop_saved, _refuse_unpack)
 
 
@@ -465,7 +502,7 @@ def _refuse_freed(grads):
 
 def _leaf_edge(t):
     # A leaf the outputs do not reach: its node is not in the graph (it gets no gradient).
-    with lowering.recording():
+    with node_view.recording():
         return t.view_as(t).grad_fn.next_functions[0]
 
 
@@ -514,7 +551,7 @@ def _hook_result(hook, g, r):
     if isinstance(r, torch.Tensor) and r.shape == g.shape and r.dtype == g.dtype and \
             r.device == g.device:
         return r
-    with lowering.recording():
+    with node_view.recording():
         t = torch.zeros(g.shape, dtype=g.dtype, device=g.device, requires_grad=True)
         h = t * 1
         hooks._orig_register_hook(h, _Returns(hook, r))
@@ -564,6 +601,7 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
     for fn in order:
         th = hooks.tensor_hooks(fn)
         if th:  # before an input's gradient is captured, as PyTorch runs them
+            trace.user_code = True
             _run_tensor_hooks(th, fn, cot, bind, create_graph, trace)
         if id(fn) in input_ids:
             for n, k in in_edges:
@@ -581,6 +619,8 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
+            if isinstance(fn, torch.autograd.function.BackwardCFunction):
+                trace.user_code = True
             edges, res = _call_opaque(fn, gts, create_graph, needed, keep, ran)
             grads = [None if r is None else bind(r) for r in res]
             if tape is not None:
@@ -596,7 +636,7 @@ def _sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph
     if plan.RECOMPUTE.get(device.type if device is not None else "cpu", False):
         exprs = _link_saved(exprs, bind, forwards, order, leaf_nodes,
                             tied if tied is not None else [])
-    lowering.forget_pending(bind)  # (the checks hooked() did not need hold nodes and tensors)
+    node_view.forget_pending(bind)  # (the checks hooked() did not need hold nodes and tensors)
     return exprs
 
 
@@ -618,7 +658,7 @@ def _link_saved(exprs, bind, forwards, order, leaf_nodes, tied):
     before a cached sweep is used again)."""
     made, number = {}, {}  # tensor number <-> (id of the node that made it, output number)
     leaf_nodes = leaf_nodes or {}
-    hooked = lowering.hooked(bind)
+    hooked = node_view.hooked(bind)
     for key, k in bind.keys.items():
         if k in hooked:  # (its value is what a saved-tensor hook gave back)
             continue

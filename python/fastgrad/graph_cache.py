@@ -11,7 +11,7 @@ A node fastgrad cannot lower (run through PyTorch's node) is described by its cl
 metadata only: a hit runs it again (engine._replay) and checks that its results are bound like
 the first time, falling back to a fresh sweep if not.
 """
-from . import _C, hooks, lowering, plan
+from . import _C, hooks, lowering, node_view, plan
 
 _MAX_ENTRIES = 512
 _MAX_INTERNED = 1 << 16  # objects numbered in keys (saved scalars that change every call add some)
@@ -46,7 +46,7 @@ def _spec(cls, fn):
     raw = tuple((a, "_saved_" + a[len("_raw_saved_"):]) for a in attrs
                 if a.startswith("_raw_saved_"))
     return (name in lowering.LOWER, name == "RegionFunctionBackward", saved,
-            lowering.holds_saved_tensors(fn), raw, name.endswith("CopySlices"))
+            node_view.holds_saved_tensors(fn), raw, name.endswith("CopySlices"))
 
 
 def runs(fn, nexts, needed):
@@ -74,7 +74,7 @@ def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
     cached."""
     hooks_fn = hooks.tensor_hooks if hooks.any_registered() else None
     return _C.signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph, _spec,
-                        hooks_fn, lowering._FREED, plan.RECOMPUTE)
+                        hooks_fn, node_view.FREED, plan.RECOMPUTE)
 
 
 def lookup(key):

@@ -19,7 +19,7 @@ call. PyTorch unpacks a saved tensor once per backward, and hooks may count on i
 unpack, a checkpointed segment recomputed on the first unpack), where fastgrad reads saved values
 several times. Asking costs a read per saved tensor, so it waits for the first push; graphs built
 under hooks pushed before fastgrad was imported are not seen (their values are still never tied
-to their producers: lowering.hooked).
+to their producers: node_view.hooked).
 
 Hooks on nodes (``grad_fn.register_prehook`` / ``register_hook``, as module full backward hooks
 use) cannot be listed either, and a node called directly or lowered does not run them. Every such

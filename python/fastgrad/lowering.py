@@ -8,210 +8,17 @@ rule that uses it loads it instead of recomputing. The derivative then comes fro
 A node that is not here, or whose saved attributes are not what its entry expects
 (``Unsupported``), runs through PyTorch's own node instead.
 """
-import contextlib
 import math
 
 import torch
 
-from . import activations as act, ir, losses, norms
+from . import activations as act, ir, losses, moves, node_view, norms
 from .ir import ew, add, sub, mul, div, neg, const, reshape
-
-
-class Unsupported(Exception):
-    pass
-
-
-_FREED = "fastgrad_freed"
-
-
-class NodeView:
-    """What a lowering entry may read from one PyTorch node."""
-
-    def __init__(self, fn, bind, freed_message):
-        self.fn, self._bind, self._freed_message = fn, bind, freed_message
-        self.meta = fn._input_metadata
-        self.edges = fn.next_functions
-
-    def out_shape(self, j=0):
-        return tuple(self.meta[j].shape)
-
-    def out_dtype(self, j=0):
-        return self.meta[j].dtype
-
-    def raw(self, name):
-        """A saved attribute."""
-        try:
-            return getattr(self.fn, name)
-        except AttributeError:
-            raise Unsupported(f"no attribute {name}") from None
-
-    def scalar(self, name):
-        v = self.raw(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v is None:
-            if v is None:
-                return None
-            raise Unsupported(f"{name} is {type(v).__name__}")
-        return v
-
-    def tensor(self, name, k=None):
-        """A saved tensor (``k``: item k of a saved list of tensors), raising PyTorch's own
-        error if fastgrad already freed the graph."""
-        if _is_freed(self.fn):
-            raise RuntimeError(self._freed_message())
-        t = self.raw(name)
-        raw = getattr(self.fn, "_raw" + name, None)
-        if k is not None:
-            if not isinstance(t, (list, tuple)) or k >= len(t):
-                raise Unsupported(f"{name} is not a list of {k + 1} or more")
-            t, raw = t[k], raw[k] if isinstance(raw, (list, tuple)) and k < len(raw) else None
-        if not isinstance(t, torch.Tensor):
-            raise Unsupported(f"{name} is not a tensor")
-        leaf = self._bind(t)
-        if raw is not None:
-            _note_hooks(self._bind, leaf.known, raw, t,
-                        lambda: self.raw(name) if k is None else self.raw(name)[k])
-        return leaf
-
-    def in_meta(self, i):
-        fn, k = self.edges[i]
-        if fn is None:
-            return None
-        m = fn._input_metadata[k]
-        return tuple(m.shape), m.dtype
-
-    def x(self, i, saved=None):
-        """The i-th input as a slot (what the derivative is taken with respect to)."""
-        base = self.tensor(saved) if saved is not None else None
-        meta = self.in_meta(i) if i < len(self.edges) else None
-        if meta is None:
-            if base is not None:
-                meta = (base.shape, base.dtype)
-                out = self.out_dtype()
-                if base.shape == () and out in (torch.float32, torch.float64) and \
-                        base.dtype.is_floating_point and ir.promote(base.dtype, out) != out:
-                    # A 0-d value wider than the result (the 0.5 of `0.5 * s` for a float32
-                    # s, which PyTorch saves as a 0-d float64 "wrapped number"): PyTorch
-                    # computed with it converted to the result's dtype, and so does its
-                    # backward, so fastgrad reads it so too (a float64 value would make the
-                    # whole derivative compute in float64).
-                    base = ir.cast(base, out)
-                    meta = ((), out)
-            else:  # a constant operand nobody saved: it only broadcasts against the output
-                meta = (self.out_shape(), self.out_dtype())
-        if base is not None and base.shape != meta[0]:
-            base = reshape(base, meta[0])
-        return ir.slot(i, base, meta[0], meta[1])
-
-    def known(self, expr, saved, detached=False):
-        """``expr`` bound to the saved tensor ``saved`` (``detached``: a tensor without a
-        graph of its own, see ir.py)."""
-        t = self.tensor(saved)
-        if expr.op == "slot":
-            # (a mean over dims of size 1 is its input: bound, the slot would become another
-            # node, which the derivative with respect to the slot does not reach)
-            return expr
-        return ir.with_known(expr, t.known, detached) if t.shape == expr.shape or \
-            ir.numel(t.shape) == ir.numel(expr.shape) else expr
-
-
-def hooked(bind):
-    """The numbers of the tensors ``bind`` read through saved-tensor hooks: the hook's unpacked
-    value (an offloaded or compressed copy, say) is what PyTorch computes with, which need
-    not be what the tensor's producer computed, so engine._link_saved ties none of them."""
-    d = bind.__dict__
-    if "hooked" not in d:
-        d["hooked"] = set()
-    pending = d.pop("hooks_pending", None)
-    if pending:  # (asked only where ties are made: unpacking again costs, and runs hooks)
-        d["hooked"].update(k for k, raw, t, again in pending if _through_hooks(raw, t, again))
-    return d["hooked"]
-
-
-def forget_pending(bind):
-    """Drop the checks hooked() was not asked for (they hold nodes and tensors), at the end of
-    a sweep."""
-    bind.__dict__.pop("hooks_pending", None)
-
-
-def _note_hooks(bind, k, raw, t, again):
-    """Note bound tensor k (SavedTensor ``raw``, unpacked as ``t``; ``again`` unpacks it once
-    more) for hooked() to check (_through_hooks)."""
-    bind.__dict__.setdefault("hooks_pending", []).append((k, raw, t, again))
-
-
-@contextlib.contextmanager
-def recording():
-    """PyTorch records a graph here whatever the caller's mode (no_grad, inference_mode): for
-    the throwaway graphs fastgrad builds to read something of PyTorch's, which a call from
-    inside such a mode may be the first to need."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-_SHOWS_HOOKS = []
-
-
-def shows_saved_tensor_hooks():
-    """Whether this PyTorch shows a saved tensor's unpack hook (where it does not, saved
-    outputs are never tied: _through_hooks)."""
-    if not _SHOWS_HOOKS:
-        with recording():
-            y = torch.zeros(1, requires_grad=True).exp()
-            _SHOWS_HOOKS.append(hasattr(y.grad_fn._raw_saved_result, "unpack_hook"))
-    return _SHOWS_HOOKS[0]
-
-
-def _through_hooks(raw, t, again):
-    """Whether saved tensor ``t`` (``raw``: its SavedTensor) may have come through saved-tensor
-    hooks. Newer PyTorch releases show the unpack hook on it. Older ones (2.5) do not: there a
-    tensor counts as hooked unless unpacking it again (``again()``) gives the very same tensor,
-    as PyTorch does only for a saved input without hooks; a saved output is unpacked anew each
-    time, so it counts too (loaded, never computed again)."""
-    if hasattr(raw, "unpack_hook"):
-        return raw.unpack_hook is not None
-    return again() is not t
-
-
-def _is_freed(fn):
-    try:
-        return fn.metadata.get(_FREED, False)
-    except Exception:
-        return False
-
-
-_HOLDS_SAVED = {}
-
-
-def holds_saved_tensors(fn):
-    """Whether nodes of fn's class keep saved tensors (what a freed graph loses). PyTorch names a
-    saved tensor `_raw_saved_<name>` besides `_saved_<name>`; saved scalars have no raw form.
-    A Python Function's node may hold `saved_tensors`."""
-    cls = type(fn)
-    v = _HOLDS_SAVED.get(cls)
-    if v is None:
-        v = _HOLDS_SAVED[cls] = any(a.startswith("_raw_saved_") or a == "saved_tensors"
-                                    for a in dir(fn))
-    return v
-
-
-def _signed(d):
-    # Some saved dims come back as unsigned 64-bit integers (-1 reads as 2**64 - 1).
-    return d - (1 << 64) if d >= (1 << 63) else d
-
-
-def _dim(v, name, nd):
-    return _signed(v.scalar(name)) % max(nd, 1)
-
-
-def _dims(v, dims, nd):
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if nd == 0:  # (dim 0 or -1 of a 0-dim tensor, as PyTorch allows: nothing to reduce)
-        return ()
-    return tuple(range(nd)) if len(dims) == 0 else tuple(_signed(d) % nd for d in dims)
+from .node_view import NodeView, Unsupported, saved_dim, signed, wrap_dims
 
 
 def _reduced(v, op, x, dims_attr="_saved_dim"):
-    dims = _dims(v, v.raw(dims_attr), x.ndim) if dims_attr else tuple(range(x.ndim))
+    dims = wrap_dims(v, v.raw(dims_attr), x.ndim) if dims_attr else tuple(range(x.ndim))
     r = ir.reduce(op, x, dims) if op != "rsum" else ir.rsum(x, dims)
     return r, dims
 
@@ -242,14 +49,20 @@ def _amax(v, op):
         r = ir.composite("max_all" if op == "rmax" else "min_all", x,
                          (tuple(range(x.ndim)), v.meta[0].device.type == "cuda"))
     else:
-        r, _ = _reduced(v, op, x, dims_attr)
+        r, dims = _reduced(v, op, x, dims_attr)
+        if r is x and dims_attr is not None:
+            # amax / amin over dims of size 1 only (or of a 0-d tensor): PyTorch's derivative
+            # still divides by the count of elements equal to the result, which is 0 at a
+            # NaN: x * (m / m), m = (x == x), is x with that derivative, NaN there
+            m = ir.cast(ew("eq", x, x), x.dtype)
+            r = mul(x, div(m, m))
     return [reshape(v.known(r, "_saved_result"), v.out_shape())]
 
 
 def _max_dim(v):
     # max/min along a dim: the gradient goes to the selected index only.
     x = v.x(0)
-    d = _dim(v, "_saved_dim", x.ndim)
+    d = saved_dim(v, "_saved_dim", x.ndim)
     idx = v.tensor("_saved_indices")
     kshape = tuple(1 if i == d else s for i, s in enumerate(x.shape))
     idx = reshape(idx, kshape) if x.ndim else idx
@@ -261,7 +74,7 @@ def _max_dim(v):
 
 def _lse(v):
     x = v.x(0, "_saved_self")
-    dims = _dims(v, v.raw("_saved_dim"), x.ndim) if x.ndim else ()
+    dims = wrap_dims(v, v.raw("_saved_dim"), x.ndim) if x.ndim else ()
     if not dims:
         raise Unsupported("logsumexp of a 0-d tensor")
     r = ir.composite("lse", x, (dims,))
@@ -272,7 +85,7 @@ def _softmax(v, op):
     x = v.x(0)
     if x.ndim == 0:
         raise Unsupported("softmax of a 0-d tensor")
-    d = _dim(v, "_saved_dim", x.ndim)
+    d = saved_dim(v, "_saved_dim", x.ndim)
     return [v.known(ir.composite(op, x, (d,)), "_saved_result")]
 
 
@@ -291,37 +104,6 @@ def _in_dtype(c, dtype):
             isinstance(c, bool) or not isinstance(c, (int, float)):
         return c
     return float(torch.tensor(float(c), dtype=dtype))
-
-
-def _select(v):
-    x = v.x(0)
-    d = _dim(v, "_saved_dim", x.ndim)
-    i = _signed(v.scalar("_saved_index")) % x.shape[d]
-    return [reshape(ir.slice_(x, d, i, 1, 1), v.out_shape())]
-
-
-def _slice(v):
-    x = v.x(0)
-    d = _dim(v, "_saved_dim", x.ndim)
-    start, step = v.raw("_saved_start"), v.scalar("_saved_step")
-    end = v.raw("_saved_end")
-    if not isinstance(start, (int, type(None))) or not isinstance(end, (int, type(None))):
-        raise Unsupported("symbolic slice bounds")
-    start = None if start is None else _signed(start)
-    end = None if end is None else _signed(end)
-    r = range(x.shape[d])[slice(start, end, step)]
-    start = r.start if len(r) else 0
-    return [ir.slice_(x, d, start, step, len(r))]
-
-
-def _transpose(v):
-    x = v.x(0)
-    if x.ndim == 0:
-        return [x]
-    a, b = _dim(v, "_saved_dim0", x.ndim), _dim(v, "_saved_dim1", x.ndim)
-    perm = list(range(x.ndim))
-    perm[a], perm[b] = perm[b], perm[a]
-    return [ir.permute(x, perm)]
 
 
 def _pow_scalar_exp(v):
@@ -361,13 +143,15 @@ def _region(v):
             again.append(v.fn.saved_tensors)
         return again[0][i]
     for i, (r, t) in enumerate(zip(getattr(v.fn, "_raw_saved_tensors", ()), saved)):
-        _note_hooks(v._bind, bound[i], r, t, lambda i=i: unpacked(i))
+        node_view.note_hooks(v._bind, bound[i], r, t, lambda i=i: unpacked(i))
     return ir.substitute(region.local_outputs, mapping,
                          lambda m: None if m.known is None else bound[m.known])
 
 
 def _softplus(v):
-    beta, th = float(v.scalar("_saved_beta")), float(v.scalar("_saved_threshold"))
+    beta, th = v.finite("_saved_beta"), v.finite("_saved_threshold")
+    if beta == 0:
+        raise Unsupported("softplus with beta 0")
     return [act.softplus(v.x(0, "_saved_self"), beta, th)]
 
 
@@ -377,7 +161,7 @@ def _elu(v, alpha, scale, input_scale):
 
 def _celu(v):
     # PyTorch's CeluBackward0 takes the input scale as 1 / alpha with alpha rounded to float
-    alpha = float(v.scalar("_saved_alpha"))
+    alpha = v.finite("_saved_alpha")
     return _elu(v, alpha, 1.0, 1.0 / float(torch.tensor(alpha, dtype=torch.float32)))
 
 
@@ -400,73 +184,15 @@ def _elu_backward(v):
     if not isinstance(is_result, bool):
         raise Unsupported(f"_saved_is_result is {type(is_result).__name__}")
     return [act.elu_backward(v.x(0, "_saved_grad_output"), v.x(1, "_saved_self_or_result"),
-                             *(float(v.scalar(f"_saved_{k}")) for k in
+                             *(v.finite(f"_saved_{k}") for k in
                                ("alpha", "scale", "input_scale")), is_result)]
-
-
-def _index_tensor(v, name, k=None):
-    """The saved index ``name`` (item ``k`` of a saved list) bound, checked before it is
-    bound (a tensor the plans cannot read, a uint8 mask or an index on another device than the
-    call's, would send the whole call to PyTorch): one 1-d int64 tensor on the output's
-    device, else the node falls back."""
-    t = v.raw(name)
-    if k is not None:
-        if not isinstance(t, (list, tuple)) or len(t) != 1:
-            raise Unsupported("an index of more than one dim")
-        t = t[k]
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64 or \
-            t.device != v.meta[0].device:
-        raise Unsupported("an index other than one 1-d int64 tensor on the output's device")
-    return v.tensor(name, k)
-
-
-def _index(v):
-    """x[index]: rows of the node's input 0 (not saved: its derivative needs only the index),
-    PyTorch's indexing and index_put_ kernels."""
-    return [ir.gather(v.x(0), _index_tensor(v, "_saved_indices", 0), "index")]
-
-
-def _index_select(v):
-    if v.raw("_saved_dim") != 0:
-        raise Unsupported("index_select along a dim other than 0")
-    return [ir.gather(v.x(0), _index_tensor(v, "_saved_index"), "select")]
-
-
-def _index_add(v):
-    """self.index_add(0, index, source, alpha): self plus source (times alpha) added into the
-    rows index (ir.scatter, gather's transpose)."""
-    if v.raw("_saved_dim") != 0:
-        raise Unsupported("index_add along a dim other than 0")
-    index = _index_tensor(v, "_saved_index")
-    src = v.x(1, "_saved_source")
-    if src.ndim < 1:
-        raise Unsupported("index_add of a 0-d source")
-    alpha = float(v.scalar("_saved_alpha"))
-    rows = ir.scatter(src if alpha == 1.0 else mul(src, alpha), index, v.out_shape()[0],
-                      "select")
-    return [add(v.x(0), rows)]
-
-
-def _index_put(v):
-    """self.index_put((index,), values, accumulate=True): self plus values added into the rows
-    index (ir.scatter of kind "index": PyTorch's index_put_ kernel; the node PyTorch records
-    for x[index]'s backward under create_graph is one). Without accumulate (rows replaced, the
-    last write winning) it falls back."""
-    if v.raw("_saved_accumulate") is not True:
-        raise Unsupported("index_put without accumulate")
-    index = _index_tensor(v, "_saved_indices", 0)
-    values = v.x(1)
-    n = v.out_shape()[0]
-    if values.shape != (index.shape[0],) + tuple(v.out_shape()[1:]):
-        raise Unsupported("index_put of values broadcast to the rows")
-    return [add(v.x(0), ir.scatter(values, index, n, "index"))]
 
 
 def _reduce_dims(v, x):
     if x.ndim == 0:
         raise Unsupported("a norm or moment of a 0-d tensor")
     d = v.raw("_saved_dim")
-    return tuple(range(x.ndim)) if d is None else _dims(v, d, x.ndim)
+    return tuple(range(x.ndim)) if d is None else wrap_dims(v, d, x.ndim)
 
 
 def _vector_norm(v):
@@ -486,10 +212,7 @@ def _moment(v, std):
     whole = v.raw("_saved_dim") is None
     if not std:
         return [reshape(norms.var(x, dims, c, whole), v.out_shape())]
-    kept = tuple(1 if i in dims else n for i, n in enumerate(x.shape))
-    res = v.tensor("_saved_result")
-    res = reshape(res, kept) if ir.numel(res.shape) == ir.numel(kept) else None
-    return [reshape(v.known(norms.std(x, dims, c, res, whole), "_saved_result"), v.out_shape())]
+    return [reshape(v.known(norms.std(x, dims, c, whole), "_saved_result"), v.out_shape())]
 
 
 def _layer_norm(v):
@@ -520,71 +243,6 @@ def _batch_norm(v, eps="_saved_eps"):
         *(None if training else v.tensor(f"_saved_running_{k}") for k in ("mean", "var")))]
 
 
-def _masked_fill(v, tensor_value):
-    mask = v.tensor("_saved_mask")
-    x = v.x(0)
-    fill = v.x(1) if tensor_value else ir.UNREAD  # (a scalar value is not saved)
-    return [ir.where(mask, fill, x)]
-
-
-def _cat(v, stack=False):
-    out_shape, dt = v.out_shape(), v.out_dtype()
-    d = _signed(v.scalar("_saved_dim")) % max(len(out_shape), 1)
-    # PyTorch records no size for an input without an edge (a PINN's `cat([x, t], 1)` with a
-    # t that needs no gradient): stacked, it has the others' shape; concatenated, one such
-    # input takes what the others leave of the output. It is a bare slot, never read: its
-    # derivative is not wanted, and no other input's reads it (engine._vjp refuses a
-    # derivative that reads a bare slot).
-    known = [v.in_meta(i) for i in range(len(v.edges))]
-    missing = [i for i, m in enumerate(known) if m is None]
-    if missing and not stack:
-        if len(missing) > 1:
-            raise Unsupported("concatenated tensors without a gradient edge, more than one")
-        if any(len(m[0]) != len(out_shape) for m in known if m is not None):
-            raise Unsupported("cat of tensors of other ranks")
-        rest = out_shape[d] - sum(m[0][d] for m in known if m is not None)
-        if rest < 0:
-            raise Unsupported("cat sizes")
-    parts = []
-    for i in range(len(v.edges)):
-        if known[i] is not None:
-            p = v.x(i)
-        elif stack:
-            p = ir.slot(i, None, out_shape[:d] + out_shape[d + 1:], dt)
-        else:
-            p = ir.slot(i, None, out_shape[:d] + (rest,) + out_shape[d + 1:], dt)
-        parts.append(reshape(p, p.shape[:d] + (1,) + p.shape[d:]) if stack else p)
-    if any(p.ndim != len(out_shape) for p in parts):
-        raise Unsupported("cat of tensors of other ranks")
-    out, start = None, 0
-    for p in parts:  # the sum of each part placed into zeros at its offset
-        e = ir.embed(ir.cast(p, dt), d, start, 1, out_shape[d])
-        out = e if out is None else add(out, e)
-        start += p.shape[d]
-    if start != out_shape[d]:
-        raise Unsupported("cat sizes")
-    return [out]
-
-
-def _split(v, sizes=None):
-    x = v.x(0)
-    d = _dim(v, "_saved_dim", x.ndim)
-    if sizes is None:  # split by a fixed size, the last part shorter
-        k = v.scalar("_saved_split_size")
-        sizes = [min(k, x.shape[d] - s) for s in range(0, x.shape[d], k)] if k else []
-    outs, start = [], 0
-    for s in sizes:
-        outs.append(ir.slice_(x, d, start, 1, s))
-        start += s
-    return outs
-
-
-def _unbind(v):
-    x = v.x(0)
-    d = _dim(v, "_saved_dim", x.ndim)
-    return [reshape(ir.slice_(x, d, i, 1, 1), v.out_shape(i)) for i in range(x.shape[d])]
-
-
 def _saved_if(v, i, name, other):
     """Input i, read from the saved tensor ``name``, which PyTorch saves only when input
     ``other`` requires grad (the product rule needs i's value for other's gradient)."""
@@ -604,7 +262,7 @@ def _nll_loss(v):
             x.ndim <= 1 and target.shape != ():
         raise Unsupported("nll_loss target shape")
     e = losses.nll_loss(x, target, None if w is None else v.tensor("_saved_weight"),
-                        _signed(v.scalar("_saved_ignore_index")), v.scalar("_saved_reduction"),
+                        signed(v.scalar("_saved_ignore_index")), v.scalar("_saved_reduction"),
                         v.tensor("_saved_total_weight"))
     return [reshape(e, v.out_shape())]
 
@@ -613,11 +271,11 @@ def _huber(v):
     if v.raw("_saved_self").dtype != v.raw("_saved_target").dtype:
         # (PyTorch's kernel raises in the backward: its node, run as a fallback, says so)
         raise Unsupported("huber_loss with a target of another dtype")
-    return _loss(v, losses.huber, float(v.scalar("_saved_delta")))
+    return _loss(v, losses.huber, v.finite("_saved_delta"))
 
 
 def _smooth_l1(v):
-    beta = float(v.scalar("_saved_beta"))
+    beta = v.finite("_saved_beta")
     if beta <= 0:
         raise Unsupported("smooth_l1 with beta 0")
     return _loss(v, losses.smooth_l1, beta)
@@ -701,20 +359,20 @@ LOWER = {
     "SigmoidBackward0": _unary_known("sigmoid"),
     "TanhBackwardBackward0": _act_backward(lambda g, y: mul(g, sub(1.0, mul(y, y)))),
     "SoftplusBackwardBackward0": lambda v: [ir.cast(act.softplus_backward(
-        v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"), float(v.scalar("_saved_beta")),
-        float(v.scalar("_saved_threshold"))), v.out_dtype())],
+        v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"), v.finite("_saved_beta"),
+        v.finite("_saved_threshold")), v.out_dtype())],
     "SigmoidBackwardBackward0": _act_backward(lambda g, y: mul(mul(g, sub(1.0, y)), y)),
-    "IndexBackward0": _index,
-    "IndexSelectBackward0": _index_select,
-    "IndexAddBackward0": _index_add,
-    "IndexPutBackward0": _index_put,
-    "IndexPutImplBackward0": _index_put,
+    "IndexBackward0": moves.index,
+    "IndexSelectBackward0": moves.index_select,
+    "IndexAddBackward0": moves.index_add,
+    "IndexPutBackward0": moves.index_put,
+    "IndexPutImplBackward0": moves.index_put,
     "GeluBackwardBackward0": _gelu_backward,
     "EluBackwardBackward0": _elu_backward,
     "ThresholdBackwardBackward0": lambda v: [act.threshold_backward(
         v.x(0), v.x(1, "_saved_self"), float(v.scalar("_saved_threshold")))],
     "LeakyReluBackwardBackward0": lambda v: [act.leaky_relu_backward(
-        v.x(0), v.x(1, "_saved_self"), float(v.scalar("_saved_negative_slope")))],
+        v.x(0), v.x(1, "_saved_self"), v.finite("_saved_negative_slope"))],
     "HardswishBackwardBackward0": lambda v: [act.hardswish_backward(
         v.x(0, "_saved_grad_output"), v.x(1, "_saved_self"))],
     "HardtanhBackwardBackward0": lambda v: [act.hardtanh_backward(
@@ -722,10 +380,10 @@ LOWER = {
         float(v.scalar("_saved_max_val")))],
     "SoftplusBackward0": _softplus,
     "LeakyReluBackward0": lambda v: [act.leaky_relu(v.x(0, "_saved_self"),
-                                                    float(v.scalar("_saved_negative_slope")))],
+                                                    v.finite("_saved_negative_slope"))],
     "PreluKernelBackward0": lambda v: [act.prelu(v.x(0, "_saved_self"),
                                                  v.x(1, "_saved_weight"))],
-    "EluBackward0": lambda v: _elu(v, *(float(v.scalar(f"_saved_{k}"))
+    "EluBackward0": lambda v: _elu(v, *(v.finite(f"_saved_{k}")
                                         for k in ("alpha", "scale", "input_scale"))),
     "CeluBackward0": _celu,
     "GeluBackward0": _gelu,
@@ -760,8 +418,8 @@ LOWER = {
     "ClampBackward1": lambda v: _clamp(v, "_saved_min", "_saved_max"),
     "ClampMinBackward0": lambda v: _clamp(v, "_saved_min", None),
     "ClampMaxBackward0": lambda v: _clamp(v, None, "_saved_max"),
-    "MaskedFillBackward0": lambda v: _masked_fill(v, False),
-    "MaskedFillBackward1": lambda v: _masked_fill(v, True),
+    "MaskedFillBackward0": lambda v: moves.masked_fill(v, False),
+    "MaskedFillBackward1": lambda v: moves.masked_fill(v, True),
     "WhereBackward0": lambda v: [ir.where(v.tensor("_saved_condition"), v.x(0), v.x(1))],
     "SumBackward0": _sum_lower,
     "SumBackward1": lambda v: _sum_lower(v, "_saved_dim"),
@@ -792,11 +450,11 @@ LOWER = {
     "MiopenBatchNormBackward0": lambda v: _batch_norm(v, "_saved_epsilon"),
     "SoftmaxBackward0": lambda v: _softmax(v, "softmax"),
     "LogSoftmaxBackward0": lambda v: _softmax(v, "log_softmax"),
-    "CatBackward0": _cat,
-    "StackBackward0": lambda v: _cat(v, stack=True),
-    "SplitBackward0": _split,
-    "SplitWithSizesBackward0": lambda v: _split(v, v.raw("_saved_split_sizes")),
-    "UnbindBackward0": _unbind,
+    "CatBackward0": moves.cat,
+    "StackBackward0": lambda v: moves.cat(v, stack=True),
+    "SplitBackward0": moves.split,
+    "SplitWithSizesBackward0": lambda v: moves.split(v, v.raw("_saved_split_sizes")),
+    "UnbindBackward0": moves.unbind,
     "ViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
     "UnsafeViewBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
     "ReshapeAliasBackward0": lambda v: [reshape(v.x(0), v.out_shape())],
@@ -807,12 +465,12 @@ LOWER = {
     "AliasBackward0": lambda v: [v.x(0)],
     "CloneBackward0": lambda v: [v.x(0)],
     "ExpandBackward0": lambda v: [ir.expand(v.x(0), v.out_shape())],
-    "PermuteBackward0": lambda v: [ir.permute(v.x(0), [_signed(d) % max(len(v.out_shape()), 1)
+    "PermuteBackward0": lambda v: [ir.permute(v.x(0), [signed(d) % max(len(v.out_shape()), 1)
                                                        for d in v.raw("_saved_dims")])],
-    "TransposeBackward0": _transpose,
+    "TransposeBackward0": moves.transpose,
     "TBackward0": lambda v: [ir.permute(v.x(0), (1, 0)) if len(v.out_shape()) == 2 else v.x(0)],
-    "SelectBackward0": _select,
-    "SliceBackward0": _slice,
+    "SelectBackward0": moves.select,
+    "SliceBackward0": moves.slice_,
     "ToCopyBackward0": _to_copy,
     "MmBackward0": lambda v: [_matmul(v, 0, "_saved_self", "_saved_mat2")],
     "AddmmBackward0": _addmm,

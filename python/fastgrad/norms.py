@@ -1,20 +1,20 @@
-"""Norms and moments in IR: the vector 1- and 2-norm, var, std, layer_norm and batch_norm (lowering.py reads
-their PyTorch nodes' saved attributes and calls these). Values come in the reduction's keepdim
+"""Norms and moments in IR: the vector 1- and 2-norm, var, std, layer_norm and batch_norm
+(lowering.py reads their PyTorch nodes' saved attributes and calls these). Values come in the reduction's keepdim
 layout (the caller reshapes).
 
 The 2-norm and var are composites with rules of their own (rules.py), PyTorch's backward
 formulas, so their derivatives at every order are PyTorch's, down to the masked division by a
 zero norm (whose second derivative is NaN) and the mean of x that var's formula reads. (Built
 from primitives, var's derivative would also carry the deviations' sum, 0 only up to rounding:
-NaN in a row holding an inf, where PyTorch's is inf.) std is a square root of var whose zero
-PyTorch masks (std_backward): a select gives 0 there and the square root a harmless argument,
-so that neither the value nor the discarded branch's derivative is inf or NaN.
+NaN in a row holding an inf, where PyTorch's is inf.) std is the composite ``std_root`` of var,
+whose rule is PyTorch's std_backward: a division by the std itself (its saved result, where
+bound), 0 where it is 0, so that derivatives reach the std's output as PyTorch's do.
 """
 import math
 
 from . import ir
 from .activations import opmath, up
-from .ir import ew, mul, div, sub, where, expand, rsum
+from .ir import ew, mul, div, sub, expand, rsum
 
 @opmath
 def vector_norm(x, order, dims):
@@ -33,13 +33,13 @@ def var(x, dims, correction, whole=False):
 
 
 @opmath
-def std(x, dims, correction, result=None, whole=False):
-    """``result``: PyTorch's saved std (keepdim layout), where its node saved one: its zeros
-    are where PyTorch masks the derivative, and its forward can give exactly 0 where this var
-    is not (the mean of equal values rounded), so the mask reads it."""
-    s = var(x, dims, correction, whole)
-    zero = ew("eq", s if result is None else result, 0.0)
-    return where(zero, 0.0, ew("sqrt", where(zero, 1.0, s)))
+def std(x, dims, correction, whole=False):
+    """The square root of var, as the composite ``std_root``: PyTorch's std_backward divides
+    by the std itself, 0 where it is 0 (rules._std_root_rule). Bound to PyTorch's saved std
+    (lowering), the rule reads that tensor as PyTorch's formula does, so derivatives reach the
+    std's output as PyTorch's do, and its zeros mask the derivative where this var is not
+    exactly 0 (the mean of equal values rounded)."""
+    return ir.composite("std_root", var(x, dims, correction, whole), ())
 
 
 def layer_norm(x, k, weight, bias, known_mean, known_rstd):

@@ -74,6 +74,18 @@ def _evenly_rule(n, g):
     return [mul(share, mask) if product else where(mask, share, 0.0)]
 
 
+def _std_root_rule(n, g):
+    # PyTorch's std_backward: g / (2 * std), 0 where the std is 0 (a select: the division's
+    # inf there is discarded, not multiplied)
+    return [where(ew("eq", n, 0.0), 0.0, div(g, mul(n, 2.0)))]
+
+
+def _decompose_std_root(n):
+    s = n.args[0]
+    zero = ew("eq", s, 0.0)  # (a harmless argument for the square root where it is masked)
+    return where(zero, 0.0, ew("sqrt", where(zero, 1.0, s)))
+
+
 def _clamp_rule(n, g):
     x, (lo, hi) = n.args[0], n.attrs
     inside = None
@@ -189,6 +201,7 @@ RULES = {
     "lse": lambda n, g: [mul(_restore(g, n), ew("exp", sub(n.args[0], _restore(n, n))))],
     "norm2": _norm2_rule,
     "var": _var_rule,
+    "std_root": _std_root_rule,
     "softmax": _softmax_rule,
     "log_softmax": _log_softmax_rule,
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
@@ -265,6 +278,7 @@ DECOMPOSE = {
     "lse": _decompose_lse,
     "norm2": lambda n: ew("sqrt", rsum(mul(n.args[0], n.args[0]), n.attrs[0])),
     "var": _decompose_var,
+    "std_root": _decompose_std_root,
     "max_all": lambda n: ir.reduce("rmax", n.args[0], n.attrs[0]),
     "min_all": lambda n: ir.reduce("rmin", n.args[0], n.attrs[0]),
     "softmax": lambda n: _decompose_softmax(n, False),
