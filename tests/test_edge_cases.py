@@ -363,6 +363,13 @@ def amax_over_size_one_dims_with_nan(gen):
     return (lambda x: (x.amax(1), x.amin((1,), keepdim=True), x[0, 0, 0].amax())), [x]
 
 
+def mean_of_an_empty_tensor(gen):
+    # NaN, whose derivative PyTorch expands over the empty input before dividing by 0: its
+    # derivative with respect to a factor (second order) sums nothing, 0
+    x, s = torch.zeros(0, 3, dtype=torch.float64), rand((3,), gen)
+    return (lambda x, s: (x.mean(0) * s, x.mean() * s.sum())), [x, s]
+
+
 def degenerate_constants(gen):
     # an activation's or loss's constant at 0, inf or NaN: PyTorch's kernels compute only the
     # branch they select, where a composition's other branch would give NaN (the node falls
@@ -397,6 +404,7 @@ CASES = {
         var_all_correction_past_the_count, max_all_with_nan,
         max_all_inf_gradient, hardswish_below_minus_three_inf_gradient, softmax_of_a_0d_tensor,
         amax_over_size_one_dims_with_nan, index_select_of_a_0d_tensor, degenerate_constants,
+        mean_of_an_empty_tensor,
     ]
 }
 

@@ -37,6 +37,12 @@ def _sum_lower(v, dims_attr=None):
 def _mean_lower(v, dims_attr=None):
     r, x = _sum(v, dims_attr)
     n = ir.numel(x.shape) // max(ir.numel(r.shape), 1) if ir.numel(r.shape) else 0
+    if not n and ir.numel(r.shape):
+        # a mean over no elements, NaN: PyTorch's derivative expands the gradient over the
+        # (empty) input before it divides by 0, so that a second derivative summing it over
+        # the input gets 0, not NaN
+        r, _ = _reduced(v, "rsum", div(x, 0.0), dims_attr)
+        return [reshape(add(r, float("nan")), v.out_shape())]
     return [reshape(div(r, float(n) if n else float("nan")), v.out_shape())]
 
 
