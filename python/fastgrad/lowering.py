@@ -100,7 +100,21 @@ def _clamp(v, lo_attr, hi_attr):
     # PyTorch compares x with a bound converted to x's dtype (a scalar takes the tensor's):
     # 0.977 is 0.97705078125 in float16, where x == 0.97705078125 is inside the bound
     lo, hi = (None if a is None else _in_dtype(v.scalar(a), x.dtype) for a in (lo_attr, hi_attr))
-    return [ir.node("clamp", (x,), (lo, hi), x.shape, x.dtype)]
+    return [ir.node("clamp", (x,), (lo, hi, _clamp_excludes_bounds()), x.shape, x.dtype)]
+
+
+_EXCLUDES_BOUNDS = []
+
+
+def _clamp_excludes_bounds():
+    """Whether the installed PyTorch's clamp with scalar bounds gives a gradient of 0 at a
+    bound (2.14) or passes it there (earlier releases): asked once, on a throwaway graph."""
+    if not _EXCLUDES_BOUNDS:
+        with node_view.recording():
+            x = torch.zeros(1, requires_grad=True)
+            g, = torch.autograd.grad(x.clamp_min(0.0).sum(), x)
+        _EXCLUDES_BOUNDS.append(bool(g.item() == 0.0))
+    return _EXCLUDES_BOUNDS[0]
 
 
 def _in_dtype(c, dtype):

@@ -87,10 +87,11 @@ def _decompose_std_root(n):
 
 
 def _clamp_rule(n, g):
-    x, (lo, hi) = n.args[0], n.attrs
+    # (attrs[2]: the installed PyTorch gives 0 at a bound, lowering._clamp_excludes_bounds)
+    x, (lo, hi, excluded) = n.args[0], n.attrs
     inside = None
-    for m in ([ew("ge", x, lo)] if lo is not None else []) + \
-             ([ew("le", x, hi)] if hi is not None else []):
+    for m in ([ew("gt" if excluded else "ge", x, lo)] if lo is not None else []) + \
+             ([ew("lt" if excluded else "le", x, hi)] if hi is not None else []):
         inside = m if inside is None else ew("and", inside, m)
     return [where(inside, g, 0.0)]
 
@@ -260,7 +261,7 @@ def _decompose_softmax(n, log):
 
 
 def _decompose_clamp(n):
-    x, (lo, hi) = n.args[0], n.attrs
+    x, (lo, hi, _) = n.args[0], n.attrs
     if lo is not None:
         x = ew("max", x, lo)
     if hi is not None:
