@@ -689,6 +689,7 @@ def _two_errors_in_one_graph(grad, x):
     return [lambda: grad(v, x, torch.ones_like(v))]
 
 
+@pytest.mark.filterwarnings("ignore:Use of (index_put_|masked_fill_) on expanded tensors:UserWarning")
 @pytest.mark.parametrize("case", [_freed_on_the_way, _modified_on_the_way,
                                   _modified_under_a_node_handed_back, _two_errors_in_one_graph])
 def test_a_call_that_fails_part_way(case, gen):
