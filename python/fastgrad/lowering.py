@@ -25,7 +25,7 @@ def _reduced(v, op, x, dims_attr="_saved_dim"):
 
 def _sum(v, dims_attr=None):
     x = v.x(0)
-    r, dims = _reduced(v, "rsum", x, dims_attr)
+    r, _ = _reduced(v, "rsum", x, dims_attr)
     return r, x
 
 
@@ -55,7 +55,7 @@ def _amax(v, op):
         r = ir.composite("max_all" if op == "rmax" else "min_all", x,
                          (tuple(range(x.ndim)), v.meta[0].device.type == "cuda"))
     else:
-        r, dims = _reduced(v, op, x, dims_attr)
+        r, _ = _reduced(v, op, x, dims_attr)
         if r is x and dims_attr is not None:
             # amax / amin over dims of size 1 only (or of a 0-d tensor): PyTorch's derivative
             # still divides by the count of elements equal to the result, which is 0 at a

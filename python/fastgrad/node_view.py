@@ -73,7 +73,7 @@ class NodeView:
         leaf = self._bind(t)
         if raw is not None:
             note_hooks(self._bind, leaf.known, raw, t,
-                        lambda: self.raw(name) if k is None else self.raw(name)[k])
+                       lambda: self.raw(name) if k is None else self.raw(name)[k])
         return leaf
 
     def in_meta(self, i):
