@@ -4,6 +4,7 @@ overlapping outputs, only the regions csrc/program.h kernel_fits accepts), take 
 regions after jit.AFTER runs, and leave the interpreter running when the compiler fails."""
 import math
 import os
+import threading
 import time
 
 import pytest
@@ -789,3 +790,26 @@ def test_the_first_compiles_of_a_process_side_by_side(monkeypatch, tmp_path):
             f'(void)e; /* {k} */ }}\n' for k in range(4)]
     got = jit.compile_all(srcs)
     assert len(got) == 4 and len({jit._key(s) for s in srcs}) == 4, jit.status()
+
+
+def test_loops_already_compiled_are_set_without_a_pool(monkeypatch, tmp_path):
+    # A plan whose loops are loaded (or in the disk cache) sets them on the calling thread:
+    # starting compile_all's pool for them cost about 3 ms a plan, paid by the third run of
+    # each plan of a graph whose shapes cycle (the benchmark's pinn_resample). Sources that
+    # need the compiler still compile side by side.
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    srcs = [f'extern "C" void fg_kernel(char* const* p, long b, long e) {{ (void)p; (void)b; '
+            f'(void)e; /* pool {k} */ }}\n' for k in range(4)]
+    first = jit.compile_all(srcs[:2])
+    assert all(first), jit.status()
+    seen = {}
+
+    def address(src):
+        seen[src] = threading.get_ident()
+        return jit.kernel_address(src)
+
+    got = jit.compile_all(srcs, address)
+    main = threading.get_ident()
+    assert got[:2] == first and all(got), jit.status()
+    assert [seen[s] == main for s in srcs] == [True, True, False, False]

@@ -500,20 +500,26 @@ def _key(src):
 def compile_all(srcs, address=None):
     """kernel_address (or ``address``) for each of ``srcs``, the compiles running side by side
     (one compiler process per core: a plan's regions cost one compile's time per core, not one
-    each); one after another where threads can no longer be started (interpreter exit)."""
+    each); one after another where threads can no longer be started (interpreter exit). Sources
+    whose loop is loaded or in the disk cache need no compiler and are resolved on the calling
+    thread: starting a pool cost more than loading them (about 3 ms a plan on the 2-core VM,
+    paid by each plan's run that compiles: docs/performance.md, "Loops already compiled")."""
     from concurrent.futures import ThreadPoolExecutor
     address = address or kernel_address
     srcs = list(srcs)
-    if not srcs:
-        return []
-    workers = min(len(srcs), os.cpu_count() or 1)
+    try:
+        todo = [src for src in srcs if not _cached(src)]
+    except Exception:  # noqa: BLE001 (no headers, say: kernel_address says why)
+        todo = srcs
+    got = {}
+    workers = min(len(todo), os.cpu_count() or 1)
     if workers > 1:
         try:
             with ThreadPoolExecutor(max_workers=workers) as pool:  # (subprocess waits without
-                return list(pool.map(address, srcs))                # the GIL)
+                got = dict(zip(todo, pool.map(address, todo)))      # the GIL)
         except RuntimeError:  # (cannot schedule new futures after interpreter shutdown)
-            pass
-    return [address(src) for src in srcs]
+            got = {}
+    return [got[src] if src in got else address(src) for src in srcs]
 
 
 def _load(key, src):
