@@ -414,11 +414,13 @@ class PinnResample(PinnStep):
 
     def warmup_calls(self, st):
         # A cycle of counts short enough for churn.py to remember (churn.SHAPES) ends up
-        # planned, each count at its second sight: three cycles of warm-up leave the timing
-        # to the steady state, as the other cases' warm-up leaves it their plans. A longer
-        # cycle is timed as it comes: new counts, handed to PyTorch.
+        # planned, each count at its second sight: the first cycle meets the counts, the next
+        # two plan them (u_x's call, then u_xx's), and AFTER more runs of each plan set its
+        # loops (jit.compile_plan): the timing meets the steady state, as the other cases'
+        # warm-up leaves it their plans. A longer cycle is timed as it comes: new counts,
+        # handed to PyTorch.
         cycle = st.x.shape[0] + 1
-        return jit.AFTER + (3 * cycle if cycle <= churn.SHAPES else 0)
+        return jit.AFTER + ((3 + jit.AFTER) * cycle if cycle <= churn.SHAPES else 0)
 
     def _points(self, st):
         b = st.x.shape[0]
