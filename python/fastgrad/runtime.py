@@ -50,7 +50,7 @@ def _load_record(t, imap, nd):
     """A load's descriptor record, with the data pointer left 0 (patched per call)."""
     strides = [0] * nd
     offset, preds = 0, []
-    # Entries past the tensor's dims are pure predicates (stride 0): see plan._Emitter, embed.
+    # Entries past the tensor's dims are pure predicates (stride 0): see emitter.Emitter, embed.
     for e, st in zip(imap, tuple(t.stride()) + (0,) * (len(imap) - t.dim())):
         if e[0] == "c":
             offset += e[1] * st
