@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import _C, jit
+from fastgrad import _C, jit, loop_source
 from fastgrad import plan as fplan
 from conftest import TORCH_GRAD, assert_same, rand
 from test_vm import BINARY, COMPUTE, SPECIAL, UNARY, Region, inputs, tol
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not jit.status()["enabled"], reason="FASTGRAD_JI
 
 
 class _Spec:
-    """What jit.source reads of a region: loads, stores, instrs, consts (test_vm's packer)."""
+    """What loop_source.source reads of a region: loads, stores, instrs, consts (test_vm's packer)."""
 
     def __init__(self, r):
         self.loads, self.stores, self.instrs, self.consts = r.loads, r.stores, r.instrs, r.consts
@@ -42,7 +42,7 @@ def _programs(r, compute, nins, nouts, split=0, streaming=False):
     # vectorising it, which the runtime would refuse, but the values must be right anyway)
     modes = [rec[2] for rec in r.stores]  # elementwise (0) or one sum per row or column (1)
     columns = bool(split) and fast.column_sums(split)
-    got = jit.kernel_address(jit.source(_Spec(r), kinds, compute, inner, modes, columns,
+    got = jit.kernel_address(loop_source.source(_Spec(r), kinds, compute, inner, modes, columns,
                                         fast.load_dtypes()), vector_only=False)
     assert got is not None, jit.status()
     if columns:  # (a loop of the other kind of sums is refused)
@@ -165,7 +165,7 @@ def test_loops_that_once_stayed_scalar_vectorise(name):
     desc, consts = r.pack()
     nl = len(r.loads)
     prog = _C.Program(desc, consts, 0, list(range(nl)), [0], nl, 1)
-    src = jit.source(_Spec(r), prog.load_kinds(0), 0, dtypes=prog.load_dtypes())
+    src = loop_source.source(_Spec(r), prog.load_kinds(0), 0, dtypes=prog.load_dtypes())
     assert jit.kernel_address(src) is not None, src
 
 
@@ -316,7 +316,7 @@ def test_streaming_only_into_whole_lines(dtype, compute):
         r.store(out, r.op("mul", r.load(x), r.load(y)))
         desc, consts = r.pack()
         p = C_Program(desc, consts, compute, [0, 1], [0], 2, 1)
-        got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(split), compute,
+        got = jit.kernel_address(loop_source.source(_Spec(r), p.load_kinds(split), compute,
                                             math.prod(shape[split:]) if split else None, [0],
                                             False, p.load_dtypes()))
         assert (got[2] != 0) == (shape[-1] != 1001)  # (rows of 1001: not whole lines)
@@ -343,7 +343,7 @@ def _timed_loop(r):
     (lib, loop, streaming loop)): the loop set with its streaming variant, as the JIT sets it."""
     desc, consts = r.pack()
     p = C_Program(desc, consts, 0, [0, 1], [0], 2, 1)
-    got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
+    got = jit.kernel_address(loop_source.source(_Spec(r), p.load_kinds(0), 0, None, [0], False,
                                         p.load_dtypes()))
     assert got is not None and got[2] != 0
     p.set_kernel(got[1], got[0], 0, False, got[2])
@@ -416,7 +416,7 @@ def test_which_loops_have_a_streaming_variant():
         p = C_Program(desc, consts, 0, list(range(len(r.loads))), list(range(len(r.stores))),
                       len(r.loads), len(r.stores))
         modes = [rec[2] for rec in r.stores]
-        got = jit.kernel_address(jit.source(_Spec(r), p.load_kinds(split), 0,
+        got = jit.kernel_address(loop_source.source(_Spec(r), p.load_kinds(split), 0,
                                             32 if split else None, modes, False, p.load_dtypes()))
         return got[2] != 0
 

@@ -3,7 +3,7 @@
 ``layout(desc)`` reads a packed region (runtime._Packer.desc, the descriptor csrc/vm.h
 documents) and says how its kernel indexes memory, or None when no kernel here fits it;
 ``source(region, layout, compute)`` writes the kernel from the region's own register program
-(``jit.statements``: the interpreter's op math, op_math.h, and its storage conversions,
+(``loop_source.statements``: the interpreter's op math, op_math.h, and its storage conversions,
 dtype_convert.h). The region's shape, strides and offsets are constants of the source, so the
 compiler turns the index arithmetic into a few multiplies (no division by a variable).
 
@@ -33,7 +33,7 @@ not fit.
 import math
 import struct
 
-from . import _C, jit
+from . import _C, loop_source
 
 _CTYPE = {0: "float", 1: "double"}
 _STORAGE = {code: ("fg::" + c if c in ("half_t", "bf16_t") else c)
@@ -213,7 +213,7 @@ def _emit(region, lay, t, tag="", shared=()):
 
 
 def _body(region, t, load, store, pre):
-    body = jit.statements(region, t, load, store, _literal)
+    body = loop_source.statements(region, t, load, store, _literal)
     # the predicates' window coordinates, ahead of the statements that read them
     return [line for lines in pre.values() for line in lines] + body
 

@@ -31,6 +31,7 @@ import time
 import torch
 
 from . import _C, cuda_codegen as codegen, jit
+from .runtime_table import OPCODES
 
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
           "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None,
@@ -295,7 +296,7 @@ def group_kernel_for(group, packers, device):
 
 def _compiles(regions):
     """Whether compiling is on and no region holds an op the kernels do not compile (iota)."""
-    return _STATE["enabled"] and not any(jit._NAMES[i[0]] == "iota"
+    return _STATE["enabled"] and not any(i[0] == OPCODES["iota"]
                                          for r in regions for i in r.instrs)
 
 
