@@ -277,8 +277,8 @@ def test_a_freed_graph_differentiated_under_inference_mode(gen, monkeypatch):
     """A graph freed by the first call, differentiated again inside inference mode: PyTorch's
     error, whose text fastgrad reads from PyTorch on a throwaway graph the first time it needs
     it (here, inside inference mode, where nothing would be recorded)."""
-    from fastgrad import engine
-    monkeypatch.setattr(engine, "_FREED_MSG", [])
+    from fastgrad import node_view
+    monkeypatch.setattr(node_view, "_FREED_MSG", [])
 
     def second_call(grad):
         x = rand((5,), gen).requires_grad_(True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import api, churn, engine, graph_cache, jit, plan
+from fastgrad import api, churn, engine, graph_cache, jit, plan, sweep
 
 from conftest import TORCH_GRAD, assert_same
 
@@ -147,8 +147,8 @@ def test_given_shapes_whose_signatures_vary_follow_the_probes(routing, monkeypat
     fixed positions): the given shapes predict nothing, so they are marked _VARIES at their
     first signature that differs and cost no plan; the calls go to PyTorch between probes."""
     planned = []
-    real = engine._sweep
-    monkeypatch.setattr(engine, "_sweep", lambda *a, **k: (planned.append(1), real(*a, **k))[1])
+    real = sweep.sweep
+    monkeypatch.setattr(sweep, "sweep", lambda *a, **k: (planned.append(1), real(*a, **k))[1])
     x0 = _points(200, gen)
     for i in range(40):
         k = 50 + i

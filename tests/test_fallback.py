@@ -152,7 +152,7 @@ def test_fallback_node_computes_only_wanted_edges(create_graph, gen, monkeypatch
     """A fallback node computes the input's gradient only, as in PyTorch's engine, not the
     other operand's gradient nobody asked for: fastgrad asks PyTorch's engine for the edge
     toward x alone. (A hook on the node would send the whole call to PyTorch.)"""
-    from fastgrad import engine
+    from fastgrad import sweep
     # large enough for the engine path (small nodes are called directly: cheaper than a walk)
     x = rand((8, 32, 4), gen).requires_grad_(True)
     w = rand((8, 4, 300), gen).requires_grad_(True)
@@ -160,12 +160,12 @@ def test_fallback_node_computes_only_wanted_edges(create_graph, gen, monkeypatch
     node = y.grad_fn.next_functions[0][0].next_functions[0][0]
     assert node.name() == "BmmBackward0"
     x_node = node.next_functions[0][0]  # (x's AccumulateGrad)
-    asked, real = [], engine._torch_grad
+    asked, real = [], sweep._torch_grad
 
     def spy(outputs, inputs, *args, **kwargs):
         asked.append([(e.node.name(), e.output_nr) for e in inputs])
         return real(outputs, inputs, *args, **kwargs)
-    monkeypatch.setattr(engine, "_torch_grad", spy)
+    monkeypatch.setattr(sweep, "_torch_grad", spy)
     got = fastgrad.grad(y, x, retain_graph=True, create_graph=create_graph)
     ref = torch.autograd.grad(y, x, retain_graph=True)
     torch.testing.assert_close(got[0], ref[0])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import engine, graph_cache, hooks
+from fastgrad import engine, graph_cache, hooks, sweep
 
 from conftest import FAST_GRAD, TORCH_GRAD, Twice, assert_same, assert_same_error, rand
 
@@ -274,7 +274,7 @@ def test_multi_grad_hooks_like_torch(mode, create_graph, gen):
     assert len(got_seen) == len(want_seen) == 1
     assert_same(got_seen[0], want_seen[0])
     rep = fastgrad.explain(y, x)
-    assert rep.fallback == [("<whole call>", engine.TORCH_HOOKS_REASON)], rep
+    assert rep.fallback == [("<whole call>", sweep.TORCH_HOOKS_REASON)], rep
 
 
 def test_a_partial_of_a_torch_function_counts_as_torchs_hook(gen):

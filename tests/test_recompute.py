@@ -1,4 +1,4 @@
-"""Saved tensors tied to the nodes that made them (engine._link_saved), and computed again by
+"""Saved tensors tied to the nodes that made them (sweep._link_saved), and computed again by
 the plan instead of loaded where plan.RECOMPUTE says so for the device.
 
 Each chain is differentiated with the policy forced on, on every device, against

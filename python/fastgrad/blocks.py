@@ -138,7 +138,7 @@ class PlanBlock:
 
     def _tied(self, number, carries_graph):
         """id -> local node, for each input that the sweep tied to the expression that made it
-        (engine._link_saved: sin(x), x being an input too): in the forward it is that
+        (sweep._link_saved: sin(x), x being an input too): in the forward it is that
         expression over the local inputs, bound to its own input, so that the block's plan
         computes it again or loads it as plan.RECOMPUTE says for the device. It stays an
         input: the derivative flows to it, as in PyTorch (a later grad with respect to sin(x)

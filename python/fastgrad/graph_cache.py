@@ -8,7 +8,7 @@ signatures therefore build the same IR over the same leaf numbers, so the derive
 the first call are valid for the second one, bound to its own tensors.
 
 A node fastgrad cannot lower (run through PyTorch's node) is described by its class, edges and
-metadata only: a hit runs it again (engine._replay) and checks that its results are bound like
+metadata only: a hit runs it again (sweep.replay) and checks that its results are bound like
 the first time, falling back to a fresh sweep if not.
 """
 from . import _C, hooks, lowering, node_view, plan
@@ -20,9 +20,9 @@ _ENTRIES = {}
 
 class Entry:
     """What the first sweep of a graph produced: the gradients' IR, the node names for explain,
-    the tape of fallback-node calls (engine._replay) that a hit runs again, how many tensors the
+    the tape of fallback-node calls (sweep.replay) that a hit runs again, how many tensors the
     first call bound (a hit must bind as many: engine._still_bound), the numbers of the bound
-    tensors the IR ties to the expressions that made them (engine._link_saved: a hit needs
+    tensors the IR ties to the expressions that made them (sweep._link_saved: a hit needs
     them unchanged since they were made, version 0), and the plan of the IR (set by engine.run
     once it is known; None while it is not, or when a gradient is None), which lets
     engine.hit go straight to it, and the churn.Record of its graph's structure (None: not
@@ -66,7 +66,7 @@ def signature(graph, out_edges, grad_tensors, in_edges, bind, create_graph):
     its sweep ties them to their producers), the position and output number of the node in
     the walk that made it), anything else by value (type and value); a region node also gives its
     Region. A node run through PyTorch is described without its saved values, nor the
-    metadata of its edges leaving the walk (the sweep reads neither; engine._replay checks its
+    metadata of its edges leaving the walk (the sweep reads neither; sweep.replay checks its
     results). Saved tensors are bound into ``bind`` in a fixed order, so a later sweep with the
     same binder numbers them identically. Built in C++ (csrc/capture.cpp), as bytes
     (csrc/signature_key.h: objects such as classes, dtypes and devices enter as numbers from

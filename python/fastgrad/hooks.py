@@ -5,7 +5,7 @@ what it returns. fastgrad only sees graph nodes, and PyTorch offers no way to li
 hooks, so importing fastgrad wraps ``torch.Tensor.register_hook`` to note, in the grad_fn's
 ``metadata``, which output carries hooks and where they live (the tensor's own hook dict, so a
 removed handle removes the hook here too). The sweep then runs them at the same point
-(engine._run_tensor_hooks). Hooks registered before fastgrad was imported are not seen.
+(sweep._run_tensor_hooks). Hooks registered before fastgrad was imported are not seen.
 
 ``Tensor.retain_grad`` is noted the same way (a weak reference to the tensor): PyTorch adds
 the gradient flowing into such a tensor to its ``.grad`` in ``torch.autograd.grad`` too, after

@@ -26,7 +26,7 @@ _TABLE = {}
 
 
 class Node:
-    # For the sweep (engine._lower_vjp), which puts a node's saved values in place of its slots
+    # For the sweep (sweep._lower_vjp), which puts a node's saved values in place of its slots
     # and then looks for slots nobody saved: ``based``, the node is or has below it a slot with
     # a saved value (what the substitution replaces: it walks nothing else, such as the
     # cotangent built so far); ``bare``, a slot without one is reached from the node other

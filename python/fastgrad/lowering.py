@@ -499,7 +499,7 @@ LOWER = {
 
 # Nodes whose lowered forward computes what PyTorch's forward computed, up to rounding (the
 # same function, as one VM op or plain arithmetic), so that a plan may compute a saved result
-# of theirs again instead of loading it (engine._link_saved, plan.RECOMPUTE). Not the others:
+# of theirs again instead of loading it (sweep._link_saved, plan.RECOMPUTE). Not the others:
 # an entry's forward need only be right where its derivative reads it. ELU's exp - 1 loses
 # digits near 0 that expm1 keeps (activations.elu); the Scalar overloads of add and sub
 # (AddBackward1, SubBackward1) and `1 - x` (RsubBackward1) lower without their scalar, which
@@ -516,13 +516,13 @@ FAITHFUL = frozenset([
 ])
 
 
-def lower(fn, bind, freed_message):
+def lower(fn, bind):
     """Forward IR of one PyTorch node: (outputs, slots) or raise Unsupported."""
     name = fn.name()
     entry = LOWER.get(name)
     if entry is None:
         raise Unsupported("no lowering rule")
-    v = NodeView(fn, bind, freed_message)
+    v = NodeView(fn, bind)
     outs = entry(v)
     if len(outs) != len(v.meta):
         raise Unsupported("output count")

@@ -17,13 +17,15 @@ class Unsupported(Exception):
 
 
 FREED = "fastgrad_freed"
+# (taken at import: patching torch.autograd.grad to fastgrad.grad cannot recurse)
+_TORCH_GRAD = torch.autograd.grad
 
 
 class NodeView:
     """What a lowering entry may read from one PyTorch node."""
 
-    def __init__(self, fn, bind, freed_message):
-        self.fn, self._bind, self._freed_message = fn, bind, freed_message
+    def __init__(self, fn, bind):
+        self.fn, self._bind = fn, bind
         self.meta = fn._input_metadata
         self.edges = fn.next_functions
 
@@ -61,7 +63,7 @@ class NodeView:
         """A saved tensor (``k``: item k of a saved list of tensors), raising PyTorch's own
         error if fastgrad already freed the graph."""
         if is_freed(self.fn):
-            raise RuntimeError(self._freed_message())
+            raise RuntimeError(freed_message())
         t = self.raw(name)
         raw = getattr(self.fn, "_raw" + name, None)
         if k is not None:
@@ -121,7 +123,7 @@ class NodeView:
 def hooked(bind):
     """The numbers of the tensors ``bind`` read through saved-tensor hooks: the hook's unpacked
     value (an offloaded or compressed copy, say) is what PyTorch computes with, which need
-    not be what the tensor's producer computed, so engine._link_saved ties none of them."""
+    not be what the tensor's producer computed, so sweep._link_saved ties none of them."""
     d = bind.__dict__
     if "hooked" not in d:
         d["hooked"] = set()
@@ -212,3 +214,22 @@ def wrap_dims(v, dims, nd):
     if nd == 0:  # (dim 0 or -1 of a 0-dim tensor, as PyTorch allows: nothing to reduce)
         return ()
     return tuple(range(nd)) if len(dims) == 0 else tuple(signed(d) % nd for d in dims)
+
+
+_FREED_MSG = []
+
+
+def freed_message():
+    """PyTorch's own text for a graph used after it was freed (read once from PyTorch)."""
+    if not _FREED_MSG:
+        with recording():
+            x = torch.zeros(1, requires_grad=True)
+            y = x.exp()
+            _TORCH_GRAD(y.sum(), x)
+        try:
+            y.grad_fn._saved_result
+        except RuntimeError as e:
+            _FREED_MSG.append(str(e))
+        else:  # pragma: no cover - PyTorch always raises here
+            _FREED_MSG.append("Trying to backward through the graph a second time")
+    return _FREED_MSG[0]

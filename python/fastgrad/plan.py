@@ -354,7 +354,7 @@ def recomputable(n):
     """Whether known node ``n``'s expression, down to the known values it reads, is elementwise
     work of n's shape (consts, scalars and broadcasts of loaded values aside) that a region can
     compute in place of loading n: what the sweep ties a saved tensor to
-    (engine._link_saved) and what _recompute may compute again."""
+    (sweep._link_saved) and what _recompute may compute again."""
     if n.known is None or n.detached or n.op not in _ELEMENTWISE:
         return False
     body = ir.topo([with_unknown(n)], stop=ir.is_known)
