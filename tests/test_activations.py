@@ -50,10 +50,6 @@ ACTIVATIONS = {
 }
 
 
-# name -> {(value, order)}: mish'' at 800 is 0; PyTorch's double backward computes exp(800)
-TORCH_OVERFLOWS = {"mish": {(800.0, 2)}}
-
-
 def _grads(G, f, x):
     """First and second derivative of f(x).sum() at x, both taken with ``G``."""
     x = x.clone().requires_grad_()
@@ -94,10 +90,9 @@ def test_specials(name):
             assert (w is None) == (g is None), (name, order)
             if w is None:
                 continue
-            over = torch.tensor([(v, order) in TORCH_OVERFLOWS.get(name, ()) for v in
-                                 x.tolist()])
-            assert w[over].isnan().all() and g[over].isfinite().all(), (name, order)
-            torch.testing.assert_close(g[~over], w[~over], equal_nan=True, rtol=1e-12,
-                                       atol=1e-13, msg=lambda m: f"{name} order {order}: {m}")
+            # (mish'' at 800 is NaN in both: PyTorch's derivative, which fastgrad's follows,
+            # computes exp(800))
+            torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-12, atol=1e-13,
+                                       msg=lambda m: f"{name} order {order}: {m}")
         xx = x.clone().requires_grad_()
         assert_native(f(xx).sum(), xx, create_graph=True)

@@ -6,8 +6,11 @@ Inputs are random except for the entries that make the case (a zero, a tie, a
 bound, a -inf), which are planted at random positions.
 """
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastgrad
 from conftest import assert_same_error, check_grad, check_native, rand, requires_device, TORCH_GRAD
@@ -633,3 +636,54 @@ def test_clamp_on_a_bound_that_rounds_in_the_dtype(op, dtype, gen):
                 for grad in (fastgrad.grad, TORCH_GRAD)
                 for x in [x0.clone().requires_grad_(True)]]
     assert torch.equal(got, ref), (got, ref)
+
+
+# Activations whose derivative PyTorch writes as one product (silu, mish, log_sigmoid, lerp's
+# g * (1 - w)): with an inf gradient, or where g * x overflows, it is inf where a sum of the
+# product rule's terms is inf - inf = NaN.
+_ONE_PRODUCT = {
+    "silu": F.silu,
+    "mish": F.mish,
+    "logsigmoid": F.logsigmoid,
+    "lerp_start": lambda x: torch.lerp(x, torch.full_like(x, 0.25), 0.3),
+    "lerp_end": lambda x: torch.lerp(torch.full_like(x, 0.25), x, 0.7),
+}
+
+
+def _inf_gradient(x, gen):
+    """grad_outputs (the same for both engines): random, with inf and -inf planted, and 3 where
+    x is huge (g * x overflows; _one_product_input)."""
+    g = rand(x.shape, gen, dtype=x.dtype)
+    g.view(-1)[:4] = torch.tensor([math.inf, math.inf, -math.inf, 3.0])
+    return lambda outs: (g.clone(),)
+
+
+def _one_product_input(gen, dtype):
+    x = rand((3, 5), gen, dtype=dtype) * 4
+    flat = x.view(-1)
+    big = 3e38 if dtype == torch.float32 else 1e308
+    flat[:9] = torch.tensor([-1.85, -40.0, 1.5, big, 0.0, -0.0, math.nan, math.inf, -math.inf])
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(_ONE_PRODUCT))
+def test_inf_gradients_through_one_product_derivatives(name, dtype, gen):
+    x = _one_product_input(gen, dtype)
+    check_grad(_ONE_PRODUCT[name], [x], grad_outputs=_inf_gradient(x, gen), gen=gen, orders=1,
+               native=True)
+    if not name.startswith("lerp"):  # (linear: no second derivative)
+        check_grad(_ONE_PRODUCT[name], [x], gen=gen, orders=2, native=True)
+
+
+def test_pow_with_a_bool_operand_raises_as_torch(gen):
+    """PyTorch's derivative of pow subtracts 1 from a bool exponent, which it refuses: fastgrad
+    hands the node to PyTorch, which raises (its forward accepted the bool)."""
+    x0 = rand((4,), gen, "positive")
+    for e in (torch.tensor([True, False, True, True]), torch.tensor(True)):
+        for create_graph in (False, True):
+            def call(grad):
+                x = x0.clone().requires_grad_(True)
+                y = x ** e
+                return grad(y, x, torch.ones_like(y), create_graph=create_graph)
+            assert_same_error(lambda: call(TORCH_GRAD), lambda: call(fastgrad.grad))

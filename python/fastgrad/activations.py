@@ -160,13 +160,17 @@ def gelu_tanh(x):
 
 @opmath
 def silu(x):
-    return mul(x, ew("sigmoid", x))
+    """x * sigmoid(x), as the composite ``silu``, whose derivative is PyTorch's single product
+    (rules._silu_rule): the product rule's two terms gave inf - inf = NaN for an inf gradient,
+    or where g * x overflows."""
+    return ir.composite("silu", x, ())
 
 
 @opmath
 def mish(x):
-    """x * tanh(softplus(x)), with softplus's threshold (20) keeping exp finite."""
-    return mul(x, ew("tanh", softplus(x, 1.0, 20.0)))
+    """x * tanh(softplus(x)) (softplus's threshold, 20, keeping exp finite), as the composite
+    ``mish``, whose derivative is PyTorch's single product (rules._mish_rule), as silu's."""
+    return ir.composite("mish", x, ())
 
 
 def log_sigmoid(x, known_exp=lambda e: e):
@@ -179,9 +183,11 @@ def log_sigmoid(x, known_exp=lambda e: e):
 
 
 def _log_sigmoid(x, known_exp):
-    below = ew("lt", x, 0.0)
-    e = known_exp(ew("exp", where(below, x, neg(x))))
-    return sub(where(below, x, 0.0), ew("log1p", e))
+    # the composite log_sigmoid over x and exp(-|x|): its derivative is PyTorch's single
+    # product (rules._log_sigmoid_rule); the difference of the two terms' derivatives gave
+    # inf - inf = NaN for an inf gradient
+    e = known_exp(ew("exp", where(ew("lt", x, 0.0), x, neg(x))))
+    return ir.node("log_sigmoid", (x, e), (), x.shape, x.dtype)
 
 
 @opmath

@@ -135,6 +135,22 @@ def _pow_scalar_exp(v):
     return [ew("pow", x, const(e))]
 
 
+def _lerp(v):
+    # start * (1 - w) + end * w: PyTorch's derivatives, g * (1 - w) and g * w, as single
+    # products (start + (end - start) * w gave start g - g * w: inf - inf = NaN for an inf g)
+    w = float(v.scalar("_saved_weight"))
+    return [add(mul(v.x(0), 1.0 - w), mul(v.x(1), w))]
+
+
+def _pow_tensors(v):
+    x, e = v.x(0, "_saved_self"), v.x(1, "_saved_exponent")
+    if torch.bool in (x.dtype, e.dtype):
+        # PyTorch's derivative subtracts from a bool tensor (exponent - 1), which it refuses:
+        # its node raises its own error
+        raise Unsupported("a bool operand of pow")
+    return [v.known(ew("pow", x, e), "_saved_result")]
+
+
 def _pow_scalar_base(v):
     b = v.scalar("_saved_self")
     return [v.known(ew("pow", const(b), v.x(0, "_saved_exponent")), "_saved_result")]
@@ -359,8 +375,7 @@ LOWER = {
     "DivBackward1": lambda v: [div(v.x(0), float(v.scalar("_saved_other")))],
     "NegBackward0": lambda v: [neg(v.x(0))],
     "PowBackward0": _pow_scalar_exp,
-    "PowBackward1": lambda v: [v.known(ew("pow", v.x(0, "_saved_self"),
-                                          v.x(1, "_saved_exponent")), "_saved_result")],
+    "PowBackward1": _pow_tensors,
     "PowBackward2": _pow_scalar_base,
     "ExpBackward0": _unary_known("exp"),
     "LogBackward0": _unary("log", "_saved_self"),
@@ -428,8 +443,7 @@ LOWER = {
     "AddcdivBackward0": lambda v: [add(v.x(0), mul(div(_saved_if(v, 1, "_saved_tensor1", 2),
                                                        v.x(2, "_saved_tensor2")),
                                                    float(v.scalar("_saved_value"))))],
-    "LerpBackward0": lambda v: [add(v.x(0), mul(sub(v.x(1), v.x(0)),
-                                                float(v.scalar("_saved_weight"))))],
+    "LerpBackward0": _lerp,
     "SqrtBackward0": _unary_known("sqrt"),
     "RsqrtBackward0": _unary_known("rsqrt"),
     "ReluBackward0": _unary_known("relu"),

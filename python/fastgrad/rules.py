@@ -114,6 +114,38 @@ def _norm2_rule(n, g):
     return [mul(expand(g, x.shape), where(ew("eq", nx, 0.0), 0.0, div(x, nx)))]
 
 
+def _silu_rule(n, g):
+    # PyTorch's silu derivative (its kernel, and infinitely_differentiable_silu_backward under
+    # create_graph): g * s * (1 + x * (1 - s)), s = sigmoid(x)
+    x = n.args[0]
+    s = ew("sigmoid", x)
+    return [mul(mul(g, s), add(mul(x, sub(1.0, s)), 1.0))]
+
+
+def _softplus20(x):
+    """softplus(x) with PyTorch's default beta 1 and threshold 20 (exp's argument capped)."""
+    over = ew("gt", x, 20.0)
+    return where(over, x, ew("log1p", ew("exp", where(over, 20.0, x))))
+
+
+def _mish_rule(n, g):
+    # PyTorch's mish derivative (infinitely_differentiable_mish_backward, and its kernel):
+    # g * (t + x * s * (1 - t * t)), t = tanh(log1p(exp(x))) (no threshold), s = sigmoid(x)
+    x = n.args[0]
+    t = ew("tanh", ew("log1p", ew("exp", x)))
+    return [mul(g, add(t, mul(mul(x, ew("sigmoid", x)), sub(1.0, mul(t, t)))))]
+
+
+def _log_sigmoid_rule(n, g):
+    # PyTorch's log_sigmoid_backward: g * (m - sign * z / (1 + z)), z = exp(-|x|) (args[1],
+    # bound to PyTorch's buffer where it saved one), m = 1 and sign = 1 below 0, else 0 and -1;
+    # nothing flows through z on its own (it is part of this derivative)
+    x, z = n.args
+    below = ew("lt", x, 0.0)
+    q = div(z, add(z, 1.0))
+    return [mul(g, where(below, sub(1.0, q), q)), ZERO]
+
+
 def _count(x, dims):
     return math.prod(x.shape[d] for d in dims)
 
@@ -205,6 +237,9 @@ RULES = {
     "std_root": _std_root_rule,
     "softmax": _softmax_rule,
     "log_softmax": _log_softmax_rule,
+    "silu": _silu_rule,
+    "mish": _mish_rule,
+    "log_sigmoid": _log_sigmoid_rule,
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
     "permute": lambda n, g: [permute(g, _inverse(n.attrs[0]))],
@@ -285,6 +320,10 @@ DECOMPOSE = {
     "softmax": lambda n: _decompose_softmax(n, False),
     "log_softmax": lambda n: _decompose_softmax(n, True),
     "clamp": _decompose_clamp,
+    "silu": lambda n: mul(n.args[0], ew("sigmoid", n.args[0])),
+    "mish": lambda n: mul(n.args[0], ew("tanh", _softplus20(n.args[0]))),
+    "log_sigmoid": lambda n: sub(where(ew("lt", n.args[0], 0.0), n.args[0], 0.0),
+                                 ew("log1p", n.args[1])),
 }
 
 
