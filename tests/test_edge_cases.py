@@ -687,3 +687,20 @@ def test_pow_with_a_bool_operand_raises_as_torch(gen):
                 y = x ** e
                 return grad(y, x, torch.ones_like(y), create_graph=create_graph)
             assert_same_error(lambda: call(TORCH_GRAD), lambda: call(fastgrad.grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("op", [torch.log2, torch.log10])
+def test_log_base_derivative_divides_once(op, dtype, gen):
+    """PyTorch's derivative of log2 / log10 is g / (x * ln b): (g / ln b) / x, from log(x) / ln b,
+    overflowed to inf for a gradient near the dtype's largest value (NaN at x = inf), and was
+    inf where x * ln b overflows and g is inf (NaN in PyTorch)."""
+    x = rand((3, 4), gen, "positive", dtype=dtype) * 3
+    big = torch.finfo(dtype).max / 1.2
+    # (-big * ln 10 overflows)
+    x.view(-1)[:4] = torch.tensor([2.2, math.inf, 0.0, -big], dtype=torch.float64)
+    g = rand((3, 4), gen, dtype=dtype)
+    g.view(-1)[:4] = torch.tensor([big, big, -1.0, math.inf], dtype=torch.float64)
+    check_grad(op, [x], grad_outputs=lambda outs: (g.clone(),), gen=gen, orders=2, native=True,
+               rtol=1e-2 if dtype == torch.bfloat16 else None,
+               atol=1e-2 if dtype == torch.bfloat16 else None)

@@ -433,8 +433,12 @@ LOWER = {
     "Log1PBackward0": _unary("log1p", "_saved_self"),
     "Expm1Backward0": _unary_known("expm1"),
     "ErfBackward0": _unary("erf", "_saved_self"),
-    "Log2Backward0": lambda v: [div(ew("log", v.x(0, "_saved_self")), math.log(2.0))],
-    "Log10Backward0": lambda v: [div(ew("log", v.x(0, "_saved_self")), math.log(10.0))],
+    # (the composite log_base: PyTorch's derivative g / (x * ln b), where (g / ln b) / x
+    # overflowed for a large g)
+    "Log2Backward0": lambda v: [ir.composite("log_base", v.x(0, "_saved_self"),
+                                             (math.log(2.0),))],
+    "Log10Backward0": lambda v: [ir.composite("log_base", v.x(0, "_saved_self"),
+                                              (math.log(10.0),))],
     "Exp2Backward0": lambda v: [v.known(ew("exp", mul(v.x(0), math.log(2.0))), "_saved_result")],
     "SignBackward0": lambda v: [ew("sign", v.x(0))],
     "AddcmulBackward0": lambda v: [add(v.x(0), mul(mul(_saved_if(v, 1, "_saved_tensor1", 2),

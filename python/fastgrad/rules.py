@@ -237,6 +237,8 @@ RULES = {
     "std_root": _std_root_rule,
     "softmax": _softmax_rule,
     "log_softmax": _log_softmax_rule,
+    # log2 and log10 (attrs: ln b), as PyTorch writes their derivative
+    "log_base": lambda n, g: [div(g, mul(n.args[0], n.attrs[0]))],
     "silu": _silu_rule,
     "mish": _mish_rule,
     "log_sigmoid": _log_sigmoid_rule,
@@ -320,6 +322,7 @@ DECOMPOSE = {
     "softmax": lambda n: _decompose_softmax(n, False),
     "log_softmax": lambda n: _decompose_softmax(n, True),
     "clamp": _decompose_clamp,
+    "log_base": lambda n: div(ew("log", n.args[0]), n.attrs[0]),
     "silu": lambda n: mul(n.args[0], ew("sigmoid", n.args[0])),
     "mish": lambda n: mul(n.args[0], ew("tanh", _softplus20(n.args[0]))),
     "log_sigmoid": lambda n: sub(where(ew("lt", n.args[0], 0.0), n.args[0], 0.0),
