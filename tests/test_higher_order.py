@@ -499,3 +499,31 @@ def test_vanishing_derivatives_like_torch(name, engine, gen):
     assert [r for _, r in got] == [r for _, r in ref]
     assert_same(tuple(g for g, _ in got), tuple(g for g, _ in ref))
     assert len(ref) >= 2 and not torch.any(ref[-1][0] != 0)  # (it does vanish)
+
+
+# First derivatives that read an operand only in a mask (which side of maximum wins, what
+# clamp keeps): PyTorch's derivative graph has no edge to the operand's node, so a second
+# derivative works after a first call with retain_graph=False has freed the forward graph.
+MASK_ONLY = {
+    "maximum": lambda x: torch.maximum(x, x * x),
+    "minimum": lambda x: torch.minimum(x, x * x),
+    "amax": lambda x: (x * x).amax(0),
+    "max_all": lambda x: (x * x).max(),
+    "clamp": lambda x: (x * x).clamp(0.1, 0.5),
+    "clamp_min": lambda x: (x * x).clamp_min(0.2),
+    "where_sin": lambda x: torch.where(x * x > 0.2, x.sin(), -x),  # (a control: sin saved x)
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASK_ONLY))
+def test_second_order_after_a_freeing_create_graph_call(name, gen):
+    x0 = rand((4, 3), gen)
+    v = rand((4, 3), gen)
+
+    def run(grad):
+        x = x0.clone().requires_grad_(True)
+        g, = grad(MASK_ONLY[name](x).sum(), x, retain_graph=False, create_graph=True)
+        return (g,) + grad((g * v).sum(), x, allow_unused=True)
+    got, want = run(FAST_GRAD), run(TORCH_GRAD)
+    assert got[0].requires_grad == want[0].requires_grad
+    assert_same(got, want, none_is_zero=False)

@@ -133,6 +133,12 @@ class PlanBlock:
         local = {id(m): i for i, m in enumerate(self.local_inputs)}
         self.diff_deps = [rules.differentiable_deps(o, lambda m: local.get(id(m)))
                           for o in self.local_outputs]
+        # Inputs no result depends on differentiably (read in a mask only: maximum's operands)
+        # enter the Function detached, as PyTorch's derivatives read them: no edge to their
+        # nodes, which a call with retain_graph=False has freed (a later grad would walk
+        # into them and fail where PyTorch's does not).
+        used = set().union(*self.diff_deps)
+        self.mask_only = [i for i in range(n_in) if i not in used]
         self.vjps = {}
         self.plans = {}  # on a GPU or not -> the forward's plan (plan.get_plan plans by device)
 
@@ -214,6 +220,9 @@ class Blocked:
         block, res = self.block, []
         if block is not None:
             ins = [runtime.bound(tensors, n) for n in block.inputs]
+            for i in block.mask_only:
+                if ins[i].requires_grad:
+                    ins[i] = ins[i].detach()
             _BLOCK_STATS.stats = stats
             try:
                 if any(t.requires_grad for t in ins):
