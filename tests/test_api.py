@@ -365,6 +365,23 @@ def test_is_grads_batched_refused_as_pytorch_refuses(name, gen):
     assert_same_error(lambda: call(TORCH_GRAD), lambda: call(FAST_GRAD))
 
 
+def test_a_batched_call_with_an_unused_input_frees_the_graph_as_torch(gen):
+    """PyTorch raises for an input no path reaches after its engine ran the graph, and frees
+    it: the next call raises the freed-graph error, on the batched path as on the plain one."""
+    x0, u0, go = rand((3,), gen), rand((3,), gen), rand((2, 3), gen)
+
+    def calls(grad):
+        x, u = x0.clone().requires_grad_(True), u0.clone().requires_grad_(True)
+        y, v = x.tan(), u * 2
+        errors = []
+        for _ in range(2):
+            with pytest.raises(RuntimeError) as e:
+                grad([y], [v, x], [go], is_grads_batched=True)
+            errors.append(str(e.value))
+        return errors
+    assert calls(FAST_GRAD) == calls(TORCH_GRAD)
+
+
 def test_materialize_grads_with_a_gradient_edge_refused_as_pytorch_refuses(gen):
     from torch.autograd.graph import get_gradient_edge
     x0 = rand((3, 4), gen)

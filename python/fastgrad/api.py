@@ -157,8 +157,16 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
         for b in range(nb):
             gb = [None if g is None else g[b] for g in grad_outputs]
             keep = retain_graph or b < nb - 1
-            rows.append(engine.run(out_edges, gb, in_edges, create_graph, keep, allow_unused,
-                                   trace))
+            try:
+                rows.append(engine.run(out_edges, gb, in_edges, create_graph, keep,
+                                       allow_unused, trace))
+            except RuntimeError:
+                if keep and not retain_graph:
+                    # PyTorch raises such an error (an input no path reaches, say) after its
+                    # engine ran the graph and freed it: the row again, freeing it, raises it
+                    engine.run(out_edges, gb, in_edges, create_graph, False, allow_unused,
+                               trace)
+                raise
         results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
     else:
         results = engine.run(out_edges, grad_outputs, in_edges, create_graph, retain_graph,
