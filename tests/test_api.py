@@ -2,6 +2,7 @@
 warnings must be those of torch.autograd.grad (compared live, never against
 hard-coded text)."""
 
+import math
 import warnings
 
 import pytest
@@ -363,6 +364,21 @@ def test_is_grads_batched_refused_as_pytorch_refuses(name, gen):
         x = x0.clone().requires_grad_(True)
         return grad(outs(x), x, go, retain_graph=True, is_grads_batched=True)
     assert_same_error(lambda: call(TORCH_GRAD), lambda: call(FAST_GRAD))
+
+
+@pytest.mark.parametrize("op", ["max", "min", "median", "amax"])
+def test_is_grads_batched_through_a_derivative_vmap_changes(op, gen):
+    """Under vmap PyTorch's evenly_distribute_backward (max(), min(), median() of every
+    element) multiplies the gradient by its mask: inf or NaN rows give NaN off the mask where
+    a row alone gives 0. Such calls go to PyTorch whole (amax: the same either way, native)."""
+    x0 = rand((3, 4), gen)
+    go = torch.cat([rand((3,), gen), torch.tensor([math.inf, -math.inf, math.nan],
+                                                  dtype=torch.float64)])
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad(getattr(x, op)(), x, go, is_grads_batched=True)
+    assert_same(call(FAST_GRAD), call(TORCH_GRAD))
 
 
 def test_a_batched_call_with_an_unused_input_frees_the_graph_as_torch(gen):

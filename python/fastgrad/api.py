@@ -151,7 +151,8 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
     if is_grads_batched:
         if not engine.rows_alike(out_edges, in_edges):
             raise Unplannable("a batched call whose graph runs user code (tensor hooks, a "
-                              "Python Function's backward): PyTorch runs it once, under vmap")
+                              "Python Function's backward) or a node whose derivative vmap "
+                              "changes (max(), median()): PyTorch runs it once, under vmap")
         nb = next(g.shape[0] for g in grad_outputs if g is not None)
         rows = []
         for b in range(nb):

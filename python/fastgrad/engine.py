@@ -185,18 +185,26 @@ def _walk(out_edges, in_edges):
     return _collect([n for n, _ in out_edges], input_ids, leaf_ids), leaf_ids
 
 
+# Nodes whose derivative PyTorch computes otherwise under vmap: evenly_distribute_backward
+# multiplies by its mask for a batched gradient (a tensor "subclass"), where a plain CPU one
+# fills 0 off the mask (an inf or NaN gradient gives NaN there under vmap, 0 per row).
+_VMAP_DIFFERS = frozenset(["MaxBackward1", "MinBackward1", "MedianBackward0",
+                           "NanmedianBackward0"])
+
+
 def rows_alike(out_edges, in_edges):
     """Whether a batched call (is_grads_batched) may run its graph once per row, as fastgrad
     does: PyTorch runs the backward once under vmap, so a tensor hook or a Python Function's
-    backward (a user's code) would run once per row here, and code that vmap refuses (.item())
-    would run."""
+    backward (a user's code) would run once per row here, code that vmap refuses (.item())
+    would run, and a node whose derivative vmap changes (_VMAP_DIFFERS) would give another
+    result."""
     if hooks.any_registered():
         return False
     graph, _ = _walk(out_edges, in_edges)
     nexts, needed = graph.nexts, graph.needed
-    return not any(isinstance(fn, torch.autograd.function.BackwardCFunction) and
-                   not graph_cache._spec(type(fn), fn)[1] and graph_cache.runs(fn, nexts, needed)
-                   for fn in graph.order)
+    return not any((isinstance(fn, torch.autograd.function.BackwardCFunction) and
+                    not graph_cache._spec(type(fn), fn)[1] or fn.name() in _VMAP_DIFFERS) and
+                   graph_cache.runs(fn, nexts, needed) for fn in graph.order)
 
 
 def _given(in_edges, grad_tensors):
