@@ -386,6 +386,18 @@ def degenerate_constants(gen):
                        F.smooth_l1_loss(x, z, beta=inf, reduction="none"))), [x]
 
 
+def huber_and_smooth_l1_at_bounds_and_nan(gen):
+    # PyTorch's second derivative of both is masked by |d| < bound: 0 at the bounds and at NaN
+    # (d = inf - inf too), where the first is the inner branch's (bound * g, NaN)
+    x = rand((3, 5), gen)
+    x.view(-1)[:6] = torch.tensor([0.7, -0.7, math.nan, math.inf, -math.inf, 0.3])
+    t = torch.zeros(3, 5, dtype=x.dtype)
+    t.view(-1)[3] = math.inf
+    return (lambda x: (F.huber_loss(x, t, delta=0.7, reduction="none"),
+                       F.smooth_l1_loss(x, t, beta=0.7, reduction="sum"),
+                       F.huber_loss(x * 2.0, t, delta=1.4))), [x]
+
+
 def index_select_of_a_0d_tensor(gen):
     x = rand((), gen)
     return (lambda x: (x * 2).index_select(0, torch.tensor([0])) * x), [x]
@@ -407,7 +419,7 @@ CASES = {
         var_all_correction_past_the_count, max_all_with_nan,
         max_all_inf_gradient, hardswish_below_minus_three_inf_gradient, softmax_of_a_0d_tensor,
         amax_over_size_one_dims_with_nan, index_select_of_a_0d_tensor, degenerate_constants,
-        mean_of_an_empty_tensor,
+        mean_of_an_empty_tensor, huber_and_smooth_l1_at_bounds_and_nan,
     ]
 }
 

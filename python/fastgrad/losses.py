@@ -4,6 +4,8 @@ Each is written branch by branch as PyTorch's backward formula reads (``x < -del
 delta``, else), so NaN takes the branch PyTorch's does, and a branch the select discards sees x
 only on its own side (no 0 * inf from a square at inf).
 """
+import math
+
 from . import ir
 from .activations import opmath
 from .ir import ew, mul, div, sub, where, neg, rsum
@@ -26,25 +28,34 @@ def mse(x, target):
     return mul(d, d)
 
 
-def _piecewise(d, bound, outer, inner):
-    """An even loss of d: outer(|d|) beyond +-bound, inner(d) between (and for NaN)."""
+def _piecewise(d, bound, outer, inner, k):
+    """An even loss of d: outer(|d|) beyond +-bound, inner(d) = k d^2 / 2 between (and for
+    NaN), with PyTorch's derivatives: the first k d g between the bounds, at them (k bound g)
+    and at NaN; the second masked by |d| < bound, 0 at the bounds and at NaN, as PyTorch's
+    double backward masks it. So inner reads d only where |d| < bound (``a``); at the bounds
+    and at NaN it adds k (h d - h^2 / 2), h the value of d there held constant (``h``), whose
+    derivative k h is the first one's value there and whose own derivative is 0."""
     low, high = ew("lt", d, -bound), ew("gt", d, bound)
-    dm = where(ew("or", low, high), 0.0, d)
-    return where(low, outer(neg(d)), where(high, outer(d), inner(dm)))
+    strict = ew("and", ew("gt", d, -bound), ew("lt", d, bound))
+    a = where(strict, d, 0.0)
+    h = where(ew("eq", d, bound), bound, where(ew("eq", d, -bound), -bound,
+                                                where(ew("isnan", d), math.nan, 0.0)))
+    held = mul(sub(mul(h, d), mul(mul(h, h), 0.5)), k)
+    return where(low, outer(neg(d)), where(high, outer(d), ir.add(inner(a), held)))
 
 
 @opmath
 def huber(x, target, delta):
     """0.5 d^2 for |d| <= delta, delta * (|d| - delta / 2) beyond."""
     return _piecewise(sub(x, target), delta, lambda d: mul(sub(d, 0.5 * delta), delta),
-                      lambda d: mul(mul(d, d), 0.5))
+                      lambda d: mul(mul(d, d), 0.5), 1.0)
 
 
 @opmath
 def smooth_l1(x, target, beta):
     """0.5 d^2 / beta for |d| <= beta, |d| - beta / 2 beyond (beta > 0)."""
     return _piecewise(sub(x, target), beta, lambda d: sub(d, 0.5 * beta),
-                      lambda d: div(mul(mul(d, d), 0.5), beta))
+                      lambda d: div(mul(mul(d, d), 0.5), beta), 1.0 / beta)
 
 
 def nll_loss(x, target, weight, ignore_index, reduction, total_weight):
