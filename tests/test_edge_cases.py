@@ -716,3 +716,36 @@ def test_log_base_derivative_divides_once(op, dtype, gen):
     check_grad(op, [x], grad_outputs=lambda outs: (g.clone(),), gen=gen, orders=2, native=True,
                rtol=1e-2 if dtype == torch.bfloat16 else None,
                atol=1e-2 if dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mse_loss_derivative_in_torchs_order(reduction, dtype, gen):
+    """PyTorch's mse_loss backward is (norm * d) * g, norm = 2 (2 / N for the mean): 2 d
+    overflows to inf before a gradient below 1 scales it, where g d + g d (the product rule
+    over d * d) stayed finite; and it rounds in that order."""
+    big = torch.finfo(dtype).max / 1.5
+    x = rand((3, 4), gen, dtype=dtype)
+    t = rand((3, 4), gen, dtype=dtype)
+    x.view(-1)[:2] = torch.tensor([-3.0, big], dtype=torch.float64)
+    t.view(-1)[:2] = torch.tensor([big, -3.0], dtype=torch.float64)
+    g = rand((3, 4) if reduction == "none" else (), gen, "positive", dtype=dtype) * 0.5
+    check_grad(lambda x: F.mse_loss(x, t, reduction=reduction), [x],
+               grad_outputs=lambda outs: (g.clone(),), gen=gen, orders=2, native=True,
+               rtol=1e-2 if dtype != torch.float32 else None,
+               atol=1e-2 if dtype != torch.float32 else None)
+
+
+def test_a_fallback_node_returning_none(gen):
+    """vector_norm of order 0 has no derivative: its node (a fallback) returns None for its
+    one input, and the input gets no gradient (PyTorch's unused-input error without
+    allow_unused)."""
+    x0 = rand((5,), gen)
+    x0[1] = 0.0
+
+    def call(grad, **kw):
+        x = x0.clone().requires_grad_(True)
+        return grad(torch.linalg.vector_norm(x, 0) * 2, x, **kw)
+    assert call(fastgrad.grad, allow_unused=True) == call(TORCH_GRAD, allow_unused=True) \
+        == (None,)
+    assert_same_error(lambda: call(TORCH_GRAD), lambda: call(fastgrad.grad))

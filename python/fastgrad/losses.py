@@ -22,10 +22,15 @@ def reduce(e, reduction):
     return div(s, float(ir.numel(e.shape))) if how == "mean" else s
 
 
-@opmath
-def mse(x, target):
+def mse(x, target, reduction):
+    """(x - target)^2, reduced, as the composite ``mse`` of d = x - target (attrs: norm, 2 / N
+    for the mean of N elements, else 2), whose rule is PyTorch's mse_loss_backward,
+    (norm * d) * g (rules._mse_rule): the product rule's g d + g d rounded, and overflowed,
+    otherwise. For the mean its elementwise value is d^2 / N, summed."""
     d = sub(x, target)
-    return mul(d, d)
+    mean = _REDUCTIONS[reduction] == "mean" and d.ndim > 0
+    e = ir.composite("mse", d, (2.0 / ir.numel(d.shape) if mean else 2.0,))
+    return rsum(e, tuple(range(e.ndim))) if mean else reduce(e, reduction)
 
 
 def _piecewise(d, bound, outer, inner, k):

@@ -239,6 +239,8 @@ RULES = {
     "log_softmax": _log_softmax_rule,
     # log2 and log10 (attrs: ln b), as PyTorch writes their derivative
     "log_base": lambda n, g: [div(g, mul(n.args[0], n.attrs[0]))],
+    # (mse_loss's elementwise part: d^2 * norm / 2; PyTorch's backward, (norm * d) * g)
+    "mse": lambda n, g: [mul(mul(n.args[0], n.attrs[0]), g)],
     "silu": _silu_rule,
     "mish": _mish_rule,
     "log_sigmoid": _log_sigmoid_rule,
@@ -323,6 +325,7 @@ DECOMPOSE = {
     "log_softmax": lambda n: _decompose_softmax(n, True),
     "clamp": _decompose_clamp,
     "log_base": lambda n: div(ew("log", n.args[0]), n.attrs[0]),
+    "mse": lambda n: mul(mul(n.args[0], n.args[0]), n.attrs[0] / 2.0),
     "silu": lambda n: mul(n.args[0], ew("sigmoid", n.args[0])),
     "mish": lambda n: mul(n.args[0], ew("tanh", _softplus20(n.args[0]))),
     "log_sigmoid": lambda n: sub(where(ew("lt", n.args[0], 0.0), n.args[0], 0.0),

@@ -109,7 +109,10 @@ def _call_opaque(fn, gs, create_graph, needed, keep=True, ran=None):
     if direct:  # one result per next edge
         with torch.set_grad_enabled(create_graph):
             res = fn(*gs)
-        done = fn.next_functions, _dense((res,) if isinstance(res, torch.Tensor) else res)
+        # (a node of one input edge returns its gradient alone, or None: vector_norm of order 0
+        # has no derivative)
+        done = fn.next_functions, _dense((res,) if res is None or isinstance(res, torch.Tensor)
+                                         else res)
     else:
         outs = [_GradientEdge(fn, j) for j, g in enumerate(gs) if g is not None]
         gos = [g for g in gs if g is not None]
