@@ -603,6 +603,23 @@ def test_huber_loss_with_a_target_of_another_dtype_raises_as_torch(gen):
     assert_same_error(lambda: call(TORCH_GRAD), lambda: call(fastgrad.grad))
 
 
+def test_a_node_that_raises_frees_the_nodes_before_it_as_torch(gen):
+    """PyTorch's engine runs (and, without retain_graph, frees) the nodes before one that
+    raises: the next call meets a freed graph. fastgrad hands such a call to PyTorch."""
+    x0 = rand((5,), gen)
+
+    def calls(grad):
+        x = x0.float().requires_grad_(True)
+        y = torch.nn.functional.huber_loss(x, x0 * 0.5, reduction="none").exp()
+        errors = []
+        for _ in range(2):
+            with pytest.raises(RuntimeError) as e:
+                grad(y, x, torch.ones_like(x0))
+            errors.append(str(e.value))
+        return errors
+    assert calls(fastgrad.grad) == calls(TORCH_GRAD)
+
+
 _IN_PLACE = {"add_scalar": lambda v, c: v.add_(1.5),  # (its node saves nothing)
              "mul_tensor": lambda v, c: v.mul_(c)}
 

@@ -35,17 +35,19 @@ class Trace:
 # the error: the node its message names and what it frees on the way are PyTorch's. Not where
 # fastgrad already ran user code (a tensor hook, a Python Function's backward) in this call,
 # which PyTorch would run again: there fastgrad raises PyTorch's error itself.
+# The same holds for an error a fallback node raises when it runs (sweep.py marks it): PyTorch
+# raises it after running, and freeing, the nodes before that one.
 _GRAPH_ERRORS = ("Trying to backward through the graph a second time",
                  "one of the variables needed for gradient computation has been modified")
-GRAPH_ERROR_REASON = ("PyTorch raises for this graph (freed, or a saved tensor modified in "
-                      "place) after running the nodes before the one it fails at")
+GRAPH_ERROR_REASON = ("PyTorch raises for this graph (freed, a saved tensor modified in place, "
+                      "or a node that raises) after running the nodes before the one it fails at")
 
 
 def graph_error(e):
     """Whether RuntimeError ``e``, met while reading or running the graph, is one of those the
     call hands to PyTorch."""
-    return not getattr(e, "_fastgrad_final", False) and \
-        any(m in str(e) for m in _GRAPH_ERRORS)
+    return not getattr(e, "_fastgrad_final", False) and (
+        getattr(e, "_fastgrad_node_error", False) or any(m in str(e) for m in _GRAPH_ERRORS))
 
 
 def _graph_error(e, trace=None):

@@ -249,7 +249,11 @@ def sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
             if isinstance(fn, torch.autograd.function.BackwardCFunction):
                 trace.user_code = True
-            edges, res = _call_opaque(fn, gts, create_graph, needed, keep, ran)
+            try:
+                edges, res = _call_opaque(fn, gts, create_graph, needed, keep, ran)
+            except RuntimeError as e:
+                e._fastgrad_node_error = True  # (the call goes to PyTorch: engine.graph_error)
+                raise
             grads = [None if r is None else bind(r) for r in res]
             if tape is not None:
                 tape.append((order.index(fn), gs, _records(bind, res)))
