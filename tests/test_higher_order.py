@@ -558,3 +558,28 @@ def test_results_are_the_grad_output_where_torch_returns_it(name, create_graph, 
         values.append((g,))
     assert flags[1] == flags[0], flags
     assert_same(values[1], values[0])
+
+
+# Piecewise linear activations: PyTorch's derivative of their backward (threshold_backward,
+# hardtanh_backward, ...) with respect to the gradient is that backward again, over the
+# input, so it requires grad where the input does.
+_PIECEWISE = {
+    "relu": torch.relu,
+    "hardtanh": torch.nn.functional.hardtanh,
+    "leaky_relu": lambda x: torch.nn.functional.leaky_relu(x, 0.1),
+    "relu6": torch.nn.functional.relu6,
+    "pow_one": lambda x: x ** 1,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PIECEWISE))
+def test_derivative_with_respect_to_the_grad_output(name, gen):
+    x0, go0, v = rand((3, 4), gen) * 4, rand((3, 4), gen), rand((3, 4), gen)
+    got = []
+    for G in (TORCH_GRAD, FAST_GRAD):
+        x, go = x0.clone().requires_grad_(True), go0.clone().requires_grad_(True)
+        g, = G(_PIECEWISE[name](x), x, go, create_graph=True)
+        r = G((g * v).sum(), go, create_graph=True)
+        got.append((r, r[0].requires_grad))
+    assert got[1][1] == got[0][1]
+    assert_same(got[1][0], got[0][0])

@@ -221,7 +221,11 @@ RULES = {
     "relu": lambda n, g: [ir.tie(where(ew("le", n, 0.0), 0.0, g), n)],
     # (an explicit zero, as threshold_backward's derivative w.r.t. self in PyTorch: relu's
     # input gets zeros at the next order, not an absent gradient)
-    "tie": lambda n, g: [g, ZERO if n.attrs else ir.zeros(n.args[1].shape, n.args[1].dtype)],
+    # (the cotangent of the tied value stays tied to dep: PyTorch's derivative of
+    # threshold_backward(g, x) with respect to g is threshold_backward(gg, x), which depends on
+    # x, so it requires grad where x does)
+    "tie": lambda n, g: [ir.tie(g, n.args[1], bool(n.attrs)),
+                         ZERO if n.attrs else ir.zeros(n.args[1].shape, n.args[1].dtype)],
     "tie_grad": lambda n, g: [ir.tie(g, n.args[1], bool(n.attrs)), ZERO],
     "clamp": _clamp_rule,
     "where": lambda n, g: [ZERO, where(n.args[0], g, 0.0), where(n.args[0], 0.0, g)],
