@@ -234,12 +234,12 @@ def div(a, b):
 
 
 def neg(a):
-    if a.op == "neg" and not _views_bound(a.args[0]):
+    if a.op == "neg" and not views_bound(a.args[0]):
         return a.args[0]
     return ew("neg", a)
 
 
-def _views_bound(n):
+def views_bound(n):
     """Whether n is a bound tensor, or views of one: a result that is one of those is returned
     as the tensor itself (or a view of it), where PyTorch's two negations make a new tensor
     (-(-x)'s gradient would be the caller's grad_outputs)."""

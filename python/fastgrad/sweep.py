@@ -25,6 +25,27 @@ TORCH_HOOKS_REASON = ("a tensor hook of PyTorch's own (register_multi_grad_hook)
                       "of PyTorch's engine")
 
 
+# Nodes whose backward in PyTorch returns the gradient it is given, or a view of it (add's,
+# clone's, a view's): a gradient that reaches an input only through them is the caller's
+# grad_output (or a view of it), as fastgrad's plan returns a bound tensor. Any other node
+# computes a new tensor, even where its derivative is the identity (a split into one piece,
+# the mean of one element, a division by 1), which the IR simplifies away: _fresh.
+PASSES_GRADIENT = frozenset([
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "CloneBackward0",
+    "AliasBackward0", "ToCopyBackward0", "ExpandBackward0", "ViewBackward0",
+    "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "UnsqueezeBackward0", "TBackward0", "PermuteBackward0",
+    "TransposeBackward0", "CatBackward0", "SumBackward0", "SumBackward1",
+    "RegionFunctionBackward",
+])
+
+
+def _fresh(g):
+    """Cotangent ``g`` of a node that makes a new tensor: where it is a bound tensor (or
+    views of one), times 1, computed (exact: x * 1 is x, NaN and -0 included)."""
+    return g if g is None or not ir.views_bound(g) else ir.ew("mul", g, 1.0)
+
+
 def _slots(outs):
     found = {}
     for n in ir.topo(outs):
@@ -244,6 +265,8 @@ def sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
         try:
             grads = _lower_vjp(fn, gs, bind, forwards)
             trace.native.append(fn.name())
+            if fn.name() not in PASSES_GRADIENT:
+                grads = [_fresh(g) for g in grads]
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
             gts = materialize(gs, bind.tensors, create_graph, trace.stats)
