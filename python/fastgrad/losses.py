@@ -25,11 +25,13 @@ def reduce(e, reduction):
 def mse(x, target, reduction):
     """(x - target)^2, reduced, as the composite ``mse`` of d = x - target (attrs: norm, 2 / N
     for the mean of N elements, else 2), whose rule is PyTorch's mse_loss_backward,
-    (norm * d) * g (rules._mse_rule): the product rule's g d + g d rounded, and overflowed,
-    otherwise. For the mean its elementwise value is d^2 / N, summed."""
+    (norm * d) * g (rules.RULES["mse"]): the product rule's g d + g d rounded, and overflowed,
+    otherwise. For the mean its elementwise value is d^2 / N, summed. Computed in the dtype
+    (PyTorch's kernel rounds 2 d in a half type before it multiplies)."""
     d = sub(x, target)
     mean = _REDUCTIONS[reduction] == "mean" and d.ndim > 0
-    e = ir.composite("mse", d, (2.0 / ir.numel(d.shape) if mean else 2.0,))
+    n = ir.numel(d.shape)
+    e = ir.composite("mse", d, ((2.0 / n if n else math.inf) if mean else 2.0,))
     return rsum(e, tuple(range(e.ndim))) if mean else reduce(e, reduction)
 
 
