@@ -10,13 +10,11 @@ ran as PyTorch's engine does (``_mark_freed``).
 import torch
 
 from . import _C, churn, graph_cache, hooks, ir, node_view, sweep
-from .node_view import freed_message  # noqa: F401 (engine.freed_message, as before)
+from .node_view import TORCH_GRAD as _torch_grad, freed_message
 from .plan import Unplannable, clear_plan_cache, get_plan
 from .runtime import execute, materialize
 from .runtime_table import DTYPE_CODES
 
-# Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
-_torch_grad = torch.autograd.grad
 # Devices the compiled evaluator runs on (CUDA when the extension was built with it).
 _DEVICE_TYPES = ("cpu", "cuda") if _C.cuda_compiled() and hasattr(_C, "run_cuda") else ("cpu",)
 

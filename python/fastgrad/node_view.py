@@ -17,8 +17,9 @@ class Unsupported(Exception):
 
 
 FREED = "fastgrad_freed"
-# (taken at import: patching torch.autograd.grad to fastgrad.grad cannot recurse)
-_TORCH_GRAD = torch.autograd.grad
+# PyTorch's torch.autograd.grad, taken at import (engine.py and sweep.py call it too), so that
+# patching torch.autograd.grad to fastgrad.grad cannot recurse
+TORCH_GRAD = torch.autograd.grad
 
 
 class NodeView:
@@ -225,7 +226,7 @@ def freed_message():
         with recording():
             x = torch.zeros(1, requires_grad=True)
             y = x.exp()
-            _TORCH_GRAD(y.sum(), x)
+            TORCH_GRAD(y.sum(), x)
         try:
             y.grad_fn._saved_result
         except RuntimeError as e:

@@ -13,12 +13,10 @@ that made them (``_link_saved``) where the device's plans may compute them again
 import torch
 
 from . import graph_cache, hooks, ir, lowering, node_view, plan, rules
-from .node_view import freed_message
+from .node_view import TORCH_GRAD as _torch_grad, freed_message
 from .plan import Unplannable, recomputable
 from .runtime import materialize
 
-# Taken at import, so that patching torch.autograd.grad to fastgrad.grad cannot recurse.
-_torch_grad = torch.autograd.grad
 _GradientEdge = torch.autograd.graph.GradientEdge
 _ENGINE_MIN_NUMEL = 1 << 16  # see _call_opaque
 TORCH_HOOKS_REASON = ("a tensor hook of PyTorch's own (register_multi_grad_hook) reads the state "
@@ -264,8 +262,9 @@ def sweep(order, needed, nexts, out_edges, grad_tensors, in_edges, create_graph,
             continue
         try:
             grads = _lower_vjp(fn, gs, bind, forwards)
-            trace.native.append(fn.name())
-            if fn.name() not in PASSES_GRADIENT:
+            name = fn.name()
+            trace.native.append(name)
+            if name not in PASSES_GRADIENT:
                 grads = [_fresh(g) for g in grads]
         except lowering.Unsupported as e:
             trace.fallback.append((fn.name(), str(e)))
