@@ -241,8 +241,10 @@ def neg(a):
 
 def views_bound(n):
     """Whether n is a bound tensor, or views of one: a result that is one of those is returned
-    as the tensor itself (or a view of it), where PyTorch's two negations make a new tensor
-    (-(-x)'s gradient would be the caller's grad_outputs)."""
+    as the tensor itself (or a view of it). neg keeps two negations of one: PyTorch's make a
+    new tensor, and they need not come from two nodes that sweep._fresh sees (sub's gradient
+    for its second operand is a negation inside a node that otherwise passes the gradient on:
+    c - (c - x))."""
     while n.op in ("expand", "reshape", "permute", "slice"):
         n = n.args[0]
     return n.known is not None
