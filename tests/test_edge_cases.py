@@ -682,11 +682,11 @@ _ONE_PRODUCT = {
 }
 
 
-def _inf_gradient(x, gen):
-    """grad_outputs (the same for both engines): random, with inf and -inf planted, and 3 where
-    x is huge (g * x overflows; _one_product_input)."""
+def _gradient_with(x, gen, values):
+    """grad_outputs shaped as x (the same for both engines): random, with ``values`` in its
+    first elements (where a case plants the inputs they meet)."""
     g = rand(x.shape, gen, dtype=x.dtype)
-    g.view(-1)[:4] = torch.tensor([math.inf, math.inf, -math.inf, 3.0])
+    g.view(-1)[:len(values)] = torch.tensor(values, dtype=torch.float64)
     return lambda outs: (g.clone(),)
 
 
@@ -702,8 +702,9 @@ def _one_product_input(gen, dtype):
 @pytest.mark.parametrize("name", sorted(_ONE_PRODUCT))
 def test_inf_gradients_through_one_product_derivatives(name, dtype, gen):
     x = _one_product_input(gen, dtype)
-    check_grad(_ONE_PRODUCT[name], [x], grad_outputs=_inf_gradient(x, gen), gen=gen, orders=1,
-               native=True)
+    # (inf and -inf, and 3 where x is huge: g * x overflows)
+    go = _gradient_with(x, gen, [math.inf, math.inf, -math.inf, 3.0])
+    check_grad(_ONE_PRODUCT[name], [x], grad_outputs=go, gen=gen, orders=1, native=True)
     if not name.startswith("lerp"):  # (linear: no second derivative)
         check_grad(_ONE_PRODUCT[name], [x], gen=gen, orders=2, native=True)
 
@@ -731,9 +732,8 @@ def test_log_base_derivative_divides_once(op, dtype, gen):
     big = torch.finfo(dtype).max / 1.2
     # (-big * ln 10 overflows)
     x.view(-1)[:4] = torch.tensor([2.2, math.inf, 0.0, -big], dtype=torch.float64)
-    g = rand((3, 4), gen, dtype=dtype)
-    g.view(-1)[:4] = torch.tensor([big, big, -1.0, math.inf], dtype=torch.float64)
-    check_grad(op, [x], grad_outputs=lambda outs: (g.clone(),), gen=gen, orders=2, native=True,
+    go = _gradient_with(x, gen, [big, big, -1.0, math.inf])
+    check_grad(op, [x], grad_outputs=go, gen=gen, orders=2, native=True,
                rtol=1e-2 if dtype == torch.bfloat16 else None,
                atol=1e-2 if dtype == torch.bfloat16 else None)
 
