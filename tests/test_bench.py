@@ -157,6 +157,9 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert r["speedup"] > 0
     sin = next(r for r in data["rows"] if r["case"] == "sin_exp_sum")
     assert ("hand" in sin["times_s"]) == (data["versions"]["hand_fused_sin_exp_grad"])
+    if "hand" in sin["times_s"]:
+        # the 1.5x target is the at 4e6 elements; at 200 the ratio is the call's cost
+        assert sin["hand_target_met"] is None and "not judged below" in text
     assert "sin_exp_sum" in text and "speedup" in text
 
 
@@ -239,6 +242,19 @@ def test_cli_case_selection_and_errors(tmp_path):
     assert data["rows"][0]["dtype"] == "float64"
     with pytest.raises(SystemExit):
         bench.main(["--cases", "no_such_case"])
+
+
+@pytest.mark.parametrize("flags", [["--repeats", "0"], ["--repeats", "-3"], ["--repeats", "2.5"],
+                                   ["--threads", "0"], ["--min-time", "-1"],
+                                   ["--min-time", "inf"], ["--min-time", "nan"],
+                                   ["--sizes", "0"], ["--sizes", "1e3,x"]])
+def test_cli_rejects_bad_numbers(flags, capsys):
+    # argparse's usage error (exit 2) naming the flag, before anything is timed: --repeats 0
+    # was taken as the default, a negative count timed nothing and failed every row
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(flags)
+    assert e.value.code == 2
+    assert flags[0] in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")

@@ -13,6 +13,9 @@ from .check import CheckFailed, _sync, check_case, compare
 from .timing import Timer, time_engines
 
 HAND_TARGET = 1.5  # fastgrad should be within 1.5x of the hand-fused loop
+# ... at sizes like the (4e6 elements): at 1e3 the loop takes 3 us, less than any
+# Python call, and the ratio measures the call (reported, not judged)
+HAND_TARGET_MIN_NUMEL = 1_000_000
 
 
 def _short_error(e, limit=100):
@@ -171,5 +174,6 @@ def bench_one(case, n, dtype, device, opts, bandwidth, progress=None):
     row["floor_fraction"] = row["floor_time_s"] / tf
     if "hand" in times:
         row["fastgrad_over_hand"] = tf / times["hand"]
-        row["hand_target_met"] = row["fastgrad_over_hand"] <= HAND_TARGET
+        row["hand_target_met"] = (row["fastgrad_over_hand"] <= HAND_TARGET
+                                  if row["numel"] >= HAND_TARGET_MIN_NUMEL else None)
     return row
