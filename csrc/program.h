@@ -65,8 +65,9 @@ struct Program {
   bool streams(const Region& r) const;
   // Whether runs that may stream do: timed on this machine, as the same kind of loop gained
   // from streaming stores on one CPU and lost on another (a loop calling vector exp between
-  // divisions ran 1.5x slower with them: docs/performance.md). The first kStreamTrials runs of
-  // each kind are timed, alternately, and the faster (least seconds per element) is kept.
+  // divisions ran 1.5x slower with them: docs/performance-history-nov27.md). The first
+  // kStreamTrials runs of each kind are timed, alternately, and the faster (least seconds per
+  // element) is kept.
   // 0 while timing, 1 streaming stores, -1 plain stores.
   static constexpr int kStreamTrials = 3;
   mutable std::atomic<int> stream_pick{0};

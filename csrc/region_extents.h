@@ -80,7 +80,8 @@ inline double region_bytes(const Region& r) { return double(r.numel) * double(it
 // same in every run, rather than take chunks in turn. Below stream_min_bytes() the data can
 // stay in the caches from one region and one call to the next, and a thread that computes the
 // same part each time finds it in its own core's L2 (on 2 vCPUs of a Xeon, VJPs of 1e5-4e5
-// floats took 5-35% less time so: docs/performance.md, "Threads keep their part of the data").
+// floats took 5-35% less time so: docs/performance-history-nov27.md, "Threads keep their part
+// of the data").
 // Above it the data come from memory either way, and chunks taken in turn let a thread that
 // gets less CPU (a busy machine) do less of the work.
 inline bool fixed_ranges(double bytes) { return bytes < double(stream_min_bytes()); }

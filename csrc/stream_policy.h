@@ -1,7 +1,7 @@
 // Which outputs may be written with streaming (non-temporal) stores: those of at least
 // stream_min_bytes(), too large to stay in the caches for whatever reads them next. Whether a
 // compiled loop then does is timed per program (Program::run): on some machines a loop that
-// calls vector transcendentals ran 1.5x slower with them (docs/performance.md).
+// calls vector transcendentals ran 1.5x slower with them (docs/performance-history-nov27.md).
 #pragma once
 #include <cstdint>
 

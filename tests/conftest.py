@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastgrad  # noqa: F401  (a broken import must fail the whole suite)
-from fastgrad import churn, jit
+from fastgrad import api, churn, jit
 
 # Tests that check a plan's regions became loops after jit.AFTER runs need them set by then:
 # loops are compiled in the calls that reach it here (tests/test_jit_background.py turns the
@@ -28,6 +28,9 @@ jit.BACKGROUND = False
 # that fastgrad.churn hands to PyTorch. Off here, so that every test checks fastgrad's own path;
 # tests/test_churn.py turns it on where it tests it.
 churn.MISSES = 0
+# Batched calls (is_grads_batched) over small rows go to PyTorch whole: off here for the same
+# reason (tests/test_api.py turns it on where it tests it).
+api.BATCHED_ROW_NUMEL = {}
 
 # PyTorch's first float64 torch.sin of a process was once seen off by 7e-9 at one element (one
 # process in three or five; later calls right), which made the engine that ran first disagree

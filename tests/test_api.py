@@ -345,6 +345,69 @@ def test_is_grads_batched_two_outputs(gen):
     assert_same(got, ref)
 
 
+def _count_engine_runs(monkeypatch):
+    from fastgrad import engine
+    runs = []
+    real = engine.run
+
+    def run(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine, "run", run)
+    return runs
+
+
+@pytest.mark.parametrize("n, native", [(100, False), (9000, True)])
+def test_batched_calls_over_small_rows_go_to_pytorch(n, native, gen, monkeypatch):
+    """fastgrad runs a batched call's plan once per row (about 30 us a row), PyTorch one
+    backward under vmap: rows under api.BATCHED_ROW_NUMEL go to PyTorch whole (64 rows of
+    1000 took 4x PyTorch's time). Both ways give PyTorch's results; the engine runs only the
+    large rows (the first of them: the others repeat its plan from C++)."""
+    monkeypatch.setattr(fastgrad.api, "BATCHED_ROW_NUMEL", {"cpu": 8192})
+    x0, gos = rand((n,), gen), rand((6, n), gen)
+    runs = _count_engine_runs(monkeypatch)
+
+    def call(grad, x):
+        y = torch.softmax(torch.sin(x) * torch.exp(x), 0) + torch.tanh(x)
+        return grad(y, x, grad_outputs=gos, is_grads_batched=True)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert_same(got, ref)
+    assert bool(runs) == native
+
+
+def test_batched_create_graph_under_no_grad_keeps_the_graph(gen):
+    """PyTorch's engine records with create_graph whatever the caller's grad mode: the stacked
+    rows must carry their graph under no_grad too (a second derivative through them)."""
+    x0, gos = rand((3,), gen), rand((2, 3), gen)
+
+    def call(grad, x):
+        y = torch.sin(x) * torch.exp(x)
+        with torch.no_grad():
+            r, = grad(y, x, gos, create_graph=True, is_grads_batched=True)
+        assert r.requires_grad
+        return (r,) + grad((r * r).sum(), x)
+
+    got, ref = _both(lambda: (x0.clone().requires_grad_(True),), call)
+    assert_same(got, ref)
+
+
+@pytest.mark.parametrize("flag", ["allow_unused", "materialize_grads"])
+@pytest.mark.parametrize("value", ["yes", 1.5, [], -1, None])
+def test_bool_flags_of_other_types_raise_as_pytorch(flag, value, gen):
+    """PyTorch reads allow_unused and materialize_grads as C booleans: a string, a float, a
+    list or a negative int raise its TypeError or OverflowError, even when every input is used
+    (None is allow_unused's default)."""
+    if flag == "allow_unused" and value is None:
+        pytest.skip("None is allow_unused's default")
+    x0 = rand((3,), gen)
+
+    def call(grad):
+        x = x0.clone().requires_grad_(True)
+        return grad((x * x).sum(), x, **{flag: value})
+    assert_same_error(lambda: call(TORCH_GRAD), lambda: call(FAST_GRAD))
+
+
 _BATCHED_REFUSED = {
     # name: (outputs of x, grad_outputs) that PyTorch's vmap refuses
     "batch sizes differ": (lambda x: [x.sum(1), (x * x).sum(0)], lambda g: [g(2, 3), g(3, 4)]),

@@ -55,7 +55,8 @@ FUNCTORCH_REASON = ("inside a torch.func transform (vmap, grad, jacrev, ...): it
 
 def _mode_reason():
     """Why a mode in force makes PyTorch run the call (None: none does): modes only its own
-    engine follows, checked on every call (0.16 us together, measured: docs/performance.md)."""
+    engine follows, checked on every call (0.16 us together, measured:
+    docs/performance-history-nov27.md)."""
     if _is_anomaly_enabled():
         return ANOMALY_REASON
     if _is_autocast_enabled():
@@ -65,6 +66,29 @@ def _mode_reason():
     if _functorch_stack() is not None:
         return FUNCTORCH_REASON
     return None
+
+# A batched call (is_grads_batched) runs the plan once per row, about 30 us of host time a row
+# on the development VM whatever its size, where PyTorch runs one backward under vmap: on rows
+# of fewer elements than this (the largest input or grad_output row) PyTorch runs it whole.
+# CPU: measured (float64, one thread, a softmax/sin/exp/tanh graph, 64 rows: 4.0x PyTorch's
+# time at 1000 elements a row, 1.5x at 4000, 0.6x at 16000). CUDA: an estimate, not measured.
+BATCHED_ROW_NUMEL = {"cpu": 8192, "cuda": 1 << 20}
+BATCHED_SMALL_REASON = ("a batched call (is_grads_batched) over rows this small: fastgrad runs "
+                        "its plan once per row, PyTorch one backward under vmap")
+
+
+def _rows_small(inputs, grad_outputs):
+    """Whether a batched call's rows are too small for a run per row (BATCHED_ROW_NUMEL)."""
+    most, dev = 0, None
+    for t in inputs:
+        t = t if isinstance(t, torch.Tensor) else None  # (a GradientEdge: its node's output)
+        if t is not None:
+            most, dev = max(most, t.numel()), dev or t.device.type
+    for g in grad_outputs:
+        if g is not None and g.dim():
+            most, dev = max(most, g[0].numel()), dev or g.device.type
+    return most < BATCHED_ROW_NUMEL.get(dev or "cpu", 0)
+
 
 _DICT_INPUTS = []  # [whether the installed torch.autograd.grad takes a dict of inputs], once asked
 
@@ -149,30 +173,45 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
     in_edges = [i if type(i) is not _GradientEdge and i.grad_fn is None else _edge(i)
                 for i in inputs]
     if is_grads_batched:
+        if _rows_small(inputs, grad_outputs):
+            raise Unplannable(BATCHED_SMALL_REASON)
         if not engine.rows_alike(out_edges, in_edges):
             raise Unplannable("a batched call whose graph runs user code (tensor hooks, a "
                               "Python Function's backward) or a node whose derivative vmap "
                               "changes (max(), median()): PyTorch runs it once, under vmap")
         nb = next(g.shape[0] for g in grad_outputs if g is not None)
-        rows = []
-        for b in range(nb):
-            gb = [None if g is None else g[b] for g in grad_outputs]
-            keep = retain_graph or b < nb - 1
-            try:
-                rows.append(engine.run(out_edges, gb, in_edges, create_graph, keep,
-                                       allow_unused, trace))
-            except RuntimeError:
-                if keep and not retain_graph:
-                    # PyTorch raises such an error (an input no path reaches, say) after its
-                    # engine ran the graph and freed it: the row again, freeing it, raises it
-                    engine.run(out_edges, gb, in_edges, create_graph, False, allow_unused,
-                               trace)
-                raise
-        results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
+        # PyTorch's engine runs with grad mode on exactly under create_graph: the rows' slices
+        # and the stack of their results are recorded then, under no_grad too
+        with torch.set_grad_enabled(create_graph):
+            rows = [_row(outputs, inputs, out_edges, in_edges, grad_outputs, b, nb,
+                         retain_graph, create_graph, allow_unused, trace) for b in range(nb)]
+            results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
     else:
         results = engine.run(out_edges, grad_outputs, in_edges, create_graph, retain_graph,
                              allow_unused, trace, cap)
     return results
+
+
+def _row(outputs, inputs, out_edges, in_edges, grad_outputs, b, nb, retain_graph, create_graph,
+         allow_unused, trace):
+    """Row ``b`` of a batched call: its results for row b of each grad_output. The first row
+    plans (or finds) the graph's plan; the others, whose signature is the same, run it from
+    C++ as a repeated plain call (_C.repeat_call: 30-35 us a row less on small graphs), or
+    through the engine where that declines (an unused input, a fallback node, explain)."""
+    gb = [None if g is None else g[b] for g in grad_outputs]
+    keep = retain_graph or b < nb - 1
+    if b and trace is None:
+        ran = _C.repeat_call(outputs, inputs, gb, keep, create_graph)
+        if ran is not None and ran[0] is not None:
+            return ran[0]
+    try:
+        return engine.run(out_edges, gb, in_edges, create_graph, keep, allow_unused, trace)
+    except RuntimeError:
+        if keep and not retain_graph:
+            # PyTorch raises such an error (an input no path reaches, say) after its engine
+            # ran the graph and freed it: the row again, freeing it, raises it
+            engine.run(out_edges, gb, in_edges, create_graph, False, allow_unused, trace)
+        raise
 
 
 _READ_AGAIN = frozenset([torch.Tensor, tuple, list, type(None)])
@@ -215,11 +254,13 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     """Drop-in for :func:`torch.autograd.grad`; see its documentation for the arguments."""
     if not NATIVE or type(create_graph) is not bool or \
             not (retain_graph is None or type(retain_graph) is bool) or \
-            _mode_reason() is not None:
+            not (allow_unused is None or type(allow_unused) is bool) or \
+            type(materialize_grads) is not bool or _mode_reason() is not None:
         # a torch whose graphs fastgrad cannot read runs every call; PyTorch reads these flags
-        # as C integers (0 and 1 pass, None or a string raise its TypeError): anything but a
-        # bool goes to it, for its results or its error; and so does a call made in a mode
-        # only PyTorch's engine follows (_mode_reason)
+        # as C integers (0 and 1 pass, a string, a float or None where no default is None
+        # raise its TypeError, -1 its OverflowError): anything but a bool goes to it, for its
+        # results or its error; and so does a call made in a mode only PyTorch's engine
+        # follows (_mode_reason)
         return _torch_grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
                            only_inputs, allow_unused, is_grads_batched, materialize_grads)
     if create_graph and torch.is_inference_mode_enabled():

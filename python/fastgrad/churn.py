@@ -6,8 +6,8 @@ shapes each call (collocation points resampled in a varying number, a neighbour 
 of different sizes) misses every time, and each miss walks, lowers, derives and plans the graph
 anew and runs the plan in the interpreter: on this project's development VM 1.8 ms for the
 second-order pipeline of ``tanh(x)**3`` and 4.9 ms for a PINN step on a 2-32-32-1 MLP, where
-PyTorch's engine took 0.1 and 0.25-0.5 ms (docs/performance.md, "Shapes that change every
-call").
+PyTorch's engine took 0.1 and 0.25-0.5 ms (docs/performance-history-nov27.md, "Shapes that
+change every call").
 
 So the engine keeps, per *structure* (the classes of the walk's nodes in order, the numbers of
 outputs and inputs, create_graph), whether its recent calls found their signature cached. When
@@ -40,8 +40,9 @@ WINDOW = 8
 PROBE = 8
 # Calls whose largest bound tensor has fewer elements are routed (per device type). CPU: the
 # break-even measured on the development VM lay between 5e5 elements (an elementwise chain's
-# second order) and 3e6 (a PINN step's [N, 32] activations); see docs/performance.md. CUDA: an
-# estimate (not measured): below it PyTorch's kernels take less time than planning.
+# second order) and 3e6 (a PINN step's [N, 32] activations); see
+# docs/performance-history-nov27.md. CUDA: an estimate (not measured): below it PyTorch's
+# kernels take less time than planning.
 ROUTE_NUMEL = {"cpu": 1 << 21, "cuda": 1 << 26}
 REASON = ("its graph's shapes or saved values change from call to call, and planning a graph "
           "this small anew costs more than PyTorch's engine (fastgrad.churn)")

@@ -92,8 +92,8 @@ def _command(src, out):
         if _torch_uses_avx512() and info["cxx_id"] in _VEC_REPORT:
             # GCC and Clang keep to 256-bit vectors on AVX-512 CPUs unless told; PyTorch's own
             # kernels run 512-bit ones there, and so do the loops (on a Xeon: logsumexp's VJP
-            # at 4e6 1.5x faster, softplus_sigmoid_2nd 1.2x; docs/performance.md, "Vector
-            # width").
+            # at 4e6 1.5x faster, softplus_sigmoid_2nd 1.2x;
+            # docs/performance-history-nov27.md, "Vector width").
             cmd.append("-mprefer-vector-width=512")
     return cmd + ["-o", out, src, "-lm"]
 
@@ -275,7 +275,8 @@ def compile_all(srcs, address=None):
     each); one after another where threads can no longer be started (interpreter exit). Sources
     whose loop is loaded or in the disk cache need no compiler and are resolved on the calling
     thread: starting a pool cost more than loading them (about 3 ms a plan on the 2-core VM,
-    paid by each plan's run that compiles: docs/performance.md, "Loops already compiled")."""
+    paid by each plan's run that compiles: docs/performance-history-nov27.md, "Loops already
+    compiled")."""
     from concurrent.futures import ThreadPoolExecutor
     address = address or kernel_address
     srcs = list(srcs)

@@ -344,7 +344,7 @@ def _decompose(exprs, cuda):
 # CPU loading was measured faster (the loops are as bound by their vector math as by memory:
 # docs/performance.md, "Why the speedup targets are out of reach here"); on a GPU a first-order
 # chain is bound by the bytes it moves, and computing sin or exp costs next to nothing (measured
-# on an H200: docs/performance.md, "Saved values computed again").
+# on an H200: docs/performance-history-nov27.md, "Saved values computed again").
 RECOMPUTE = {"cpu": False, "cuda": True}
 _RECOMPUTE_MAX = 48  # nodes of one saved value's expression computed again, at most
 _ELEMENTWISE = (set(OPCODES) - {"load", "store", "iota"}) | {"cast", "clamp"}

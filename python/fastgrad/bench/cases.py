@@ -391,8 +391,8 @@ class PinnResample(PinnStep):
     changes: every call's graph has shapes the calls before it did not have (a cycle through
     b + 1 counts, b/2 + 1 to 3b/2 + 1 rows, b = n / 32). Planned anew each call, fastgrad took
     4-14x PyTorch's time at 1e3 and 1e5; fastgrad.churn hands such calls to PyTorch
-    (docs/performance.md, "Shapes that change every call"), and plans the counts that come
-    back. At 1e3 there are only 32 counts: the warm-up (warmup_calls) runs them until every
+    (docs/performance-history-nov27.md, "Shapes that change every call"), and plans the counts
+    that come back. At 1e3 there are only 32 counts: the warm-up (warmup_calls) runs them until every
     count's plans run through their loops, as in a long run; from 1e5 on (3126 counts and
     more) the timed calls meet new counts."""
 

@@ -23,7 +23,8 @@ class Timer:
     counts the call's minor page faults (``faults``, None where getrusage is missing): fresh
     pages the allocator handed out, each zeroed by the kernel on first touch. A 16 MB result
     in fresh 4 KB pages is about 3900 of them, which took 5 ms on the development VM: glibc
-    returns such memory some runs and not others (docs/performance.md, "Page faults")."""
+    returns such memory some runs and not others (docs/performance-history-nov27.md, "Page
+    faults")."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
