@@ -150,6 +150,35 @@ def test_wgan_gp(device, act, gen):
     assert_same(got, ref, what="param.grad")
 
 
+@pytest.mark.parametrize("second", ["torch", "backward"])
+def test_weight_gradients_through_a_block_have_torchs_layout(second, gen):
+    """PyTorch's engine running fastgrad's create_graph block gives a Linear weight's gradient
+    PyTorch's layout (its mm backward lays an operand's gradient out as the operand, a
+    transposed weight column-major): contiguous, so .view(-1) works, and a hook on the weight
+    sees PyTorch's strides (it saw the transpose)."""
+    def run(first):
+        D = _mlp(gen, [3, 8, 5, 1])
+        seen = []
+        D[0].weight.register_hook(lambda g: seen.append(g.stride()))
+        x = rand((6, 3), gen).requires_grad_(True)
+        y = D(x)
+        g = first(y, x, torch.ones_like(y), create_graph=True)[0]
+        loss = (g ** 2).sum()
+        if second == "torch":
+            gs = TORCH_GRAD(loss, list(D.parameters()), allow_unused=True)
+            flat = torch.cat([t.view(-1) for t in gs if t is not None])
+            return seen, [t.stride() for t in gs if t is not None and min(t.shape) > 1], flat
+        loss.backward()
+        return seen, [], torch.cat([p.grad.view(-1) for p in D.parameters() if p.grad is not None])
+
+    state = gen.get_state()
+    seen_ref, strides_ref, flat_ref = run(TORCH_GRAD)
+    gen.set_state(state)
+    seen, strides, flat = run(FAST_GRAD)
+    assert seen == seen_ref and strides == strides_ref
+    assert_same(flat, flat_ref)
+
+
 def test_wgan_gp_with_critic_loss(gen):
     """Penalty plus the ordinary critic loss in one backward, like a training step."""
     D = _mlp(gen, [3, 6, 1])

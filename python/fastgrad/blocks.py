@@ -50,17 +50,43 @@ class RegionFunction(torch.autograd.Function):
         # inputs and cotangent layouts: derived once (a backward through our regions on every
         # training step, e.g. a gradient penalty's, then costs one plan lookup).
         vjps = region.vjps
-        grads = vjps.get((need, specs))
-        if grads is None:
+        entry = vjps.get((need, specs))
+        if entry is None:
             n = len(ins)
             cots = [None if s is None else ir.leaf(n + j, s[0], s[1])
                     for j, s in enumerate(specs)]
             wrt = [w for w, nd in zip(region.local_inputs, need) if nd]
             res = iter(rules.vjp(region.local_outputs, cots, wrt))
-            grads = vjps[(need, specs)] = [next(res) if nd else None for nd in need]
+            grads = [next(res) if nd else None for nd in need]
+            entry = vjps[(need, specs)] = (grads, [i for i, e in enumerate(grads)
+                                                   if e is not None and e.op == "mm"])
+        grads, products = entry
         tensors = list(ins) + list(gs)
         res = runtime.materialize(grads, tensors, torch.is_grad_enabled())
+        if products:
+            res = _in_operand_layout(list(res), products, ins)
         return (None,) + tuple(res)
+
+
+def _column_major(t):
+    """PyTorch's test for a column-major matrix operand (FunctionsManual's mm_mat1_backward and
+    mm_mat2_backward): a transposed weight, as nn.Linear saves it for addmm."""
+    return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
+
+
+def _in_operand_layout(res, products, ins):
+    """``res`` with each product's result (at indices ``products``) whose input is column-major
+    laid out column-major: PyTorch's mm backward gives an operand's gradient the operand's
+    layout, so the gradient of a transposed weight reaches its TBackward column-major and the
+    weight's gradient comes out contiguous (code that flattens it with .view(-1) works; a hook
+    on the weight sees PyTorch's strides). The IR has no layout (ir.permute writes a transposed
+    product back as a product): a copy, the size of a weight, where PyTorch computes the
+    product transposed."""
+    for i in products:
+        r = res[i]
+        if r is not None and r.dim() == 2 and _column_major(ins[i]) and not _column_major(r):
+            res[i] = r.t().contiguous().t()
+    return res
 
 
 # Function.apply's Python part only binds default arguments (RegionFunction has no
