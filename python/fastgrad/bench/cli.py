@@ -18,36 +18,25 @@ QUICK_SIZES = [1_000, 100_000, 4_000_000]
 FULL_SIZES = [1_000, 10_000, 100_000, 1_000_000, 4_000_000, 10_000_000]
 
 
-def _sizes(s):
-    try:
-        out = [int(float(v)) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {s!r}")
-    if not out or any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError("sizes must be positive")
-    return out
+def _checked(parse, ok, what):
+    """An argparse type: the text ``parse``d, then ``ok`` of the value, else argparse's usage
+    error saying it must be ``what``."""
+    def check(s):
+        try:
+            v = parse(s)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {s!r}")
+        return v
+    return check
 
 
-def _count(s):
-    """A positive integer (--repeats, --threads)."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
-
-
-def _seconds(s):
-    """A finite number of seconds, 0 or more (--min-time)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}")
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, not {s}")
-    return v
+_sizes = _checked(lambda s: [int(float(v)) for v in s.split(",") if v.strip()],
+                  lambda v: v and min(v) >= 1, "a comma-separated list of positive numbers")
+_count = _checked(int, lambda v: v >= 1, "an integer of at least 1")  # --repeats, --threads
+_seconds = _checked(float, lambda v: 0 <= v < float("inf"),  # --min-time
+                    "a finite number of seconds, 0 or more")
 
 
 def parse_args(argv):
