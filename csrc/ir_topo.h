@@ -3,8 +3,8 @@
 // Lowering, derivation, planning and create_graph blocks walk small IR DAGs tens of times per
 // graph they meet (82 walks of about 9 nodes for a PINN step's two calls): in Python the walks
 // took 12% of a call that plans (docs/performance-history-nov27.md, "Points in a few counts,
-// and planning anew"). IR nodes are Python objects (ir.Node); this reads their `args` and `known` slots
-// through the attribute protocol.
+// and planning anew"). IR nodes are Python objects (ir.Node); this reads their `args` and
+// `known` slots through the attribute protocol.
 #pragma once
 
 #include <pybind11/pybind11.h>

@@ -392,9 +392,9 @@ class PinnResample(PinnStep):
     b + 1 counts, b/2 + 1 to 3b/2 + 1 rows, b = n / 32). Planned anew each call, fastgrad took
     4-14x PyTorch's time at 1e3 and 1e5; fastgrad.churn hands such calls to PyTorch
     (docs/performance-history-nov27.md, "Shapes that change every call"), and plans the counts
-    that come back. At 1e3 there are only 32 counts: the warm-up (warmup_calls) runs them until every
-    count's plans run through their loops, as in a long run; from 1e5 on (3126 counts and
-    more) the timed calls meet new counts."""
+    that come back. At 1e3 there are only 32 counts: the warm-up (warmup_calls) runs them until
+    every count's plans run through their loops, as in a long run; from 1e5 on (3126 counts
+    and more) the timed calls meet new counts."""
 
     name = "pinn_resample"
     note = ("PINN step with a varying number of resampled points: forward, u_x (create_graph), "
