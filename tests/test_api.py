@@ -362,7 +362,7 @@ def test_batched_calls_over_small_rows_go_to_pytorch(n, native, gen, monkeypatch
     """fastgrad runs a batched call's plan once per row (about 30 us a row), PyTorch one
     backward under vmap: rows under api.BATCHED_ROW_NUMEL go to PyTorch whole (64 rows of
     1000 took 4x PyTorch's time). Both ways give PyTorch's results; the engine runs only the
-    large rows (the first of them: the others repeat its plan from C++)."""
+    large rows."""
     monkeypatch.setattr(fastgrad.api, "BATCHED_ROW_NUMEL", {"cpu": 8192})
     x0, gos = rand((n,), gen), rand((6, n), gen)
     runs = _count_engine_runs(monkeypatch)

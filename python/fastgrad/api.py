@@ -183,8 +183,8 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
         # PyTorch's engine runs with grad mode on exactly under create_graph: the rows' slices
         # and the stack of their results are recorded then, under no_grad too
         with torch.set_grad_enabled(create_graph):
-            rows = [_row(outputs, inputs, out_edges, in_edges, grad_outputs, b, nb,
-                         retain_graph, create_graph, allow_unused, trace) for b in range(nb)]
+            rows = [_row(out_edges, in_edges, grad_outputs, b, nb, retain_graph, create_graph,
+                         allow_unused, trace) for b in range(nb)]
             results = [None if r[0] is None else torch.stack(r) for r in zip(*rows)]
     else:
         results = engine.run(out_edges, grad_outputs, in_edges, create_graph, retain_graph,
@@ -192,18 +192,11 @@ def _run(outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused
     return results
 
 
-def _row(outputs, inputs, out_edges, in_edges, grad_outputs, b, nb, retain_graph, create_graph,
-         allow_unused, trace):
-    """Row ``b`` of a batched call: its results for row b of each grad_output. The first row
-    plans (or finds) the graph's plan; the others, whose signature is the same, run it from
-    C++ as a repeated plain call (_C.repeat_call: 30-35 us a row less on small graphs), or
-    through the engine where that declines (an unused input, a fallback node, explain)."""
+def _row(out_edges, in_edges, grad_outputs, b, nb, retain_graph, create_graph, allow_unused,
+         trace):
+    """Row ``b`` of a batched call: its results for row b of each grad_output."""
     gb = [None if g is None else g[b] for g in grad_outputs]
     keep = retain_graph or b < nb - 1
-    if b and trace is None:
-        ran = _C.repeat_call(outputs, inputs, gb, keep, create_graph)
-        if ran is not None and ran[0] is not None:
-            return ran[0]
     try:
         return engine.run(out_edges, gb, in_edges, create_graph, keep, allow_unused, trace)
     except RuntimeError:
