@@ -81,8 +81,7 @@ def _rows_small(inputs, grad_outputs):
     """Whether a batched call's rows are too small for a run per row (BATCHED_ROW_NUMEL)."""
     most, dev = 0, None
     for t in inputs:
-        t = t if isinstance(t, torch.Tensor) else None  # (a GradientEdge: its node's output)
-        if t is not None:
+        if isinstance(t, torch.Tensor):  # (not a GradientEdge, whose size is its node's)
             most, dev = max(most, t.numel()), dev or t.device.type
     for g in grad_outputs:
         if g is not None and g.dim():
