@@ -2,6 +2,7 @@
 (and the interpreter's) for every op and special value, run only where it is exact (no
 overlapping outputs, only the regions csrc/program.h kernel_fits accepts), take over a plan's
 regions after jit.AFTER runs, and leave the interpreter running when the compiler fails."""
+import ctypes
 import math
 import os
 import threading
@@ -517,6 +518,59 @@ def test_column_sums_only_over_leading_dims():
     desc, consts = r.pack()
     p = _C.Program(desc, consts, 1, [0], [0], 1, 1)
     assert not any(p.column_sums(k) or p.kernel_fits(k) for k in range(3))
+
+
+def _jit_exp_expected():
+    """Whether the loops should take jit_exp.h's float exp here: GCC, -march=native, AVX-512F."""
+    info = _C.build_info()
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = " avx512f" in f.read()
+    except OSError:
+        avx512 = False
+    return info["cxx_id"] == "GNU" and info["native"] and avx512
+
+
+def _ulps(a, b):
+    """|a - b| in float32 units in the last place (ordered as integers), NaN against NaN 0."""
+    ia, ib = (t.view(torch.int32).long() for t in (a, b))
+    ia = torch.where(ia < 0, -(ia & 0x7FFFFFFF), ia)
+    ib = torch.where(ib < 0, -(ib & 0x7FFFFFFF), ib)
+    d = (ia - ib).abs()
+    return torch.where(a.isnan() & b.isnan(), 0, d)
+
+
+def test_compiled_float_exp():
+    """On a GCC build for AVX-512 a loop's float exp is jit_exp.h's (not libmvec's): within 1 ulp
+    of exp in double rounded to float over floats of every magnitude, the IEEE special values
+    and both ends of the range, and bit for bit what the library's own fg_jit_exp16 gives (which
+    libmvec's would not be: their roundings differ in a few of every thousand values)."""
+    if not _jit_exp_expected():
+        pytest.skip("jit_exp.h is for GCC builds for AVX-512 CPUs")
+    gen = torch.Generator().manual_seed(31)
+    bits = torch.randint(-2**31, 2**31 - 1, (1 << 18,), generator=gen, dtype=torch.int64)
+    dense = torch.empty(1 << 17).uniform_(-104.5, 89.5, generator=gen)  # where exp is finite
+    edges = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 88.72283, 88.7229, 89.0,
+                          -87.33655, -103.972, -103.28, -104.0, -104.5, 1e-30, -1e-30, 1e-45])
+    x = torch.cat([edges, bits.to(torch.int32).view(torch.float32), dense])
+    x = torch.cat([x, x[: (-len(x)) % 64]])  # whole vectors: every value through 16 lanes
+    r = Region(x.shape)
+    r.store(torch.empty_like(x), r.op("exp", r.load(x)))
+    _, b = _run_both(r, 0, [x], [x])
+    got = b[0]
+    want = torch.exp(x.double()).float()
+    assert _ulps(got, want).max().item() <= 1
+    assert torch.equal(got.isnan(), x.isnan())
+    torch.testing.assert_close(got[:5], torch.tensor([1.0, 1.0, math.inf, 0.0, math.nan]),
+                               rtol=0, atol=0, equal_nan=True)
+    src = loop_source.source(_Spec(r), "c", 0, modes=[0])
+    lib = jit.kernel_address(src, vector_only=False)[0]
+    assert hasattr(lib, "fg_jit_exp16"), "the loop was built without jit_exp.h"
+    own = torch.empty_like(x)
+    p = ctypes.POINTER(ctypes.c_float)
+    for i in range(0, len(x), 16):  # (the kernel itself, 16 values at a time)
+        lib.fg_jit_exp16(ctypes.cast(x.data_ptr() + 4 * i, p), ctypes.cast(own.data_ptr() + 4 * i, p))
+    assert torch.equal(got.nan_to_num(), own.nan_to_num())
 
 
 def test_overlapping_store_runs_the_interpreter():

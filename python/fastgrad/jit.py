@@ -84,8 +84,9 @@ def _command(src, out):
     # -fno-trapping-math lets GCC if-convert the selects of a fused loop (it would otherwise
     # sink a branch's exp/div under a jump and give up vectorising); it changes no value, only
     # whether floating-point exception flags may be raised speculatively.
+    # (FG_JIT_LOOP: op_math.h takes float exp from jit_exp.h where it can)
     cmd = [info["cxx"], "-std=c++17", "-O3", "-fPIC", "-shared", "-fno-math-errno",
-           "-D__FAST_MATH__", "-ffp-contract=off", "-fno-trapping-math", "-I", inc]
+           "-D__FAST_MATH__", "-DFG_JIT_LOOP", "-ffp-contract=off", "-fno-trapping-math", "-I", inc]
     cmd += _VEC_REPORT.get(info["cxx_id"], [])
     if info["native"]:
         cmd.append("-march=native")
@@ -262,7 +263,8 @@ def _key(src):
         with _COUNT:  # (compile_all's threads: the first reads both, the others wait)
             if "headers" not in _STATE or "cpu" not in _STATE:
                 headers = "".join(text.decode() for _, text in header_files(
-                    ("op_math.h", "float16.h", "hd.h", "dtype_convert.h", "stream_store.h")))
+                    ("op_math.h", "jit_exp.h", "float16.h", "hd.h", "dtype_convert.h",
+                     "stream_store.h")))
                 _STATE["cpu"] = _cpu_identity()
                 _STATE["headers"] = headers
     return hashlib.sha256("\0".join([src, _STATE["headers"], _STATE["cpu"],
