@@ -12,7 +12,8 @@ is generated from the region's own register program, calls the interpreter's op 
 extension was built with, plus ``-ffp-contract=off`` so that no multiply-add is fused across
 instructions (the interpreter cannot fuse them either): results are the interpreter's, up to
 the last bits of a transcendental where one path takes a vector variant and the other the
-scalar one, and of a row or column sum (added in another order, in double).
+scalar one (and of float exp, which loops built by GCC for AVX-512 take from jit_exp.h), and of
+a row or column sum (added in another order, in double).
 
 Libraries are cached on disk by a hash of their source, the headers, the compile command and
 the CPU (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``); a process that compiles
