@@ -804,9 +804,10 @@ def test_missing_headers_turn_the_jit_off(monkeypatch, tmp_path, gen):
 
 
 def test_prune_cache_drops_least_recently_used_entries_whole(tmp_path):
-    # Entries fg_0..fg_5 (a loop: 1000 bytes, with an empty "left scalar" marker when k is
-    # even) and fg_cuda_1/3/5 (CUDA kernels, 1000 bytes), last used at times 1000 + k; fg_0 is
-    # then used now. 9000 bytes in all; files not named fg_* are not the cache's.
+    # Entries fg_0..fg_5 (a loop: 1000 bytes, with empty "left scalar" and "streaming variant
+    # left scalar" markers when k is even) and fg_cuda_1/3/5 (CUDA kernels, 1000 bytes), last
+    # used at times 1000 + k; fg_0 is then used now. 9000 bytes in all; files not named fg_* are
+    # not the cache's.
     def entry(name, size, when):
         (tmp_path / name).write_bytes(b"x" * size)
         os.utime(tmp_path / name, (when, when))
@@ -817,14 +818,15 @@ def test_prune_cache_drops_least_recently_used_entries_whole(tmp_path):
             entry(f"fg_cuda_{k}.cubin", 1000, 1000 + k)
         else:
             entry(f"fg_{k}.scalar", 0, 1000 + k)
+            entry(f"fg_{k}.nostream", 0, 1000 + k)
     entry("notes.txt", 50_000, 1)
     jit._cache_used(str(tmp_path / "fg_0.so"))
     assert jit.prune_cache(str(tmp_path), limit=9000) == 0
     # over 6000 bytes: the oldest entries go until 4500 are left
     assert jit.prune_cache(str(tmp_path), limit=6000) == 5
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["fg_0.scalar", "fg_0.so", "fg_4.scalar", "fg_4.so", "fg_5.so",
-                    "fg_cuda_5.cubin", "notes.txt"]
+    assert left == ["fg_0.nostream", "fg_0.scalar", "fg_0.so", "fg_4.nostream", "fg_4.scalar",
+                    "fg_4.so", "fg_5.so", "fg_cuda_5.cubin", "notes.txt"]
 
 
 def test_the_first_compiles_of_a_process_side_by_side(monkeypatch, tmp_path):

@@ -42,6 +42,7 @@ import time
 import torch
 
 from . import _C
+from .jit_cache import _cache_dir, _cache_used, _cache_written, prune_cache  # noqa: F401
 from .loop_source import LOOP, STREAM_LOOP, source
 
 AFTER = int(os.environ.get("FASTGRAD_JIT_AFTER", "3"))
@@ -133,69 +134,6 @@ def _cpu_identity():
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.machine() + platform.processor()
-
-
-def _cache_dir():
-    d = os.environ.get("FASTGRAD_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastgrad", "jit")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-_CACHE_SUFFIXES = (".so", ".scalar", ".cubin")  # a CPU loop, its marker, a CUDA kernel
-
-
-def _cache_used(path):
-    """Mark a cache entry used (its mtime: what prune_cache keeps the most recent of)."""
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-
-
-def prune_cache(d=None, limit=None):
-    """Drop the least recently used entries of the disk cache (CPU loops and CUDA kernels)
-    while it holds more than ``limit`` bytes (``FASTGRAD_CACHE_MB``, default 256 MB), down to
-    three quarters of it. An entry's files (fg_<key>.*) go together. Returns how many entries
-    went. Run once per process, after its first compile."""
-    d = d or _cache_dir()
-    if limit is None:
-        limit = float(os.environ.get("FASTGRAD_CACHE_MB", "256")) * (1 << 20)
-    groups = {}  # entry -> [latest mtime, bytes, paths]
-    with os.scandir(d) as it:
-        for e in it:
-            # (only finished entries: not another process's file being written)
-            if not (e.name.startswith("fg_") and e.name.endswith(_CACHE_SUFFIXES)) or \
-                    e.name.count(".") != 1 or not e.is_file():
-                continue
-            st = e.stat()
-            g = groups.setdefault(e.name.split(".")[0], [0.0, 0, []])
-            g[0], g[1] = max(g[0], st.st_mtime), g[1] + st.st_size
-            g[2].append(e.path)
-    total = sum(g[1] for g in groups.values())
-    if total <= limit:
-        return 0
-    dropped = 0
-    for _, size, paths in sorted(groups.values(), key=lambda g: g[0]):
-        if total <= 0.75 * limit:
-            break
-        for p in paths:
-            try:
-                os.remove(p)
-            except OSError:
-                pass
-        total -= size
-        dropped += 1
-    return dropped
-
-
-def _cache_written():
-    if not _STATE.get("pruned"):
-        _STATE["pruned"] = True
-        try:
-            prune_cache()
-        except OSError:
-            pass
 
 
 def kernel_address(src, vector_only=True):
