@@ -1,6 +1,7 @@
 // Float exp of the compiled loops (python/fastgrad/jit.py) on AVX-512 CPUs, in place of
-// libmvec's: included by op_math.h only where FG_JIT_LOOP is defined (the JIT's compile
-// command) and the compiler is GCC targeting AVX-512F. Elsewhere (the interpreter, CUDA,
+// libmvec's: included by op_math.h only where FG_JIT_EXP512 is defined (the JIT's compile
+// command, with -mprefer-vector-width=512: where PyTorch's kernels run 512-bit vectors) and
+// the compiler is GCC targeting AVX-512F. Elsewhere (the interpreter, CUDA, 256-bit loops,
 // other compilers or CPUs) float exp stays libm's / libmvec's.
 //
 // Why: in the loops that compute exp per element (log_softmax's and logsumexp's VJPs, the
@@ -11,11 +12,13 @@
 // VM) this one takes 0.224 ns a float, libmvec's 0.310: docs/performance.md, "Softmax and
 // log_softmax".
 //
-// Accuracy, against exp in double rounded to float: over all 2^32 floats at most 1 ulp off; over
-// the 5.2e8 whose exp is a finite float other than 0 and 1, 2.0% not correctly rounded. On the
-// 393216 values of tests/test_jit.py's test_compiled_float_exp (random bits and [-104.5, 89.5]),
-// 2.1% here, 16.8% (up to 2 ulps) for libmvec's, 0.4% for torch.exp. +-0 -> 1, +inf -> inf,
-// -inf -> 0, NaN -> NaN, inf above 88.72, subnormal results rounded once.
+// Accuracy, against exp in double rounded to float (the default rounding mode, as for libm):
+// over all 2^32 floats at most 1 ulp off; over the 5.2e8 whose exp is a finite float other
+// than 0 and 1, 2.0% not correctly rounded. On the random values of tests/test_jit.py's
+// test_compiled_float_exp (about 393000: random bits and [-104.5, 89.5]), 2.1% here, 16.8% (up
+// to 2 ulps) for libmvec's, 0.4% for torch.exp. +-0 -> 1, +inf -> inf, -inf -> 0, NaN -> NaN,
+// inf above 88.72 (the scaling rounds to nearest whatever the rounding mode), subnormal
+// results rounded once (0 where the process flushes subnormals, as for libmvec's).
 #pragma once
 #include <immintrin.h>
 
@@ -42,7 +45,7 @@ inline __m512 exp16(__m512 x) {
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0x1.fffff8p-2f));
   __m512 p = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));  // 1 + r q
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));         // 1 + r + r^2 q
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_round_ps(p, n, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 }  // namespace jit_exp

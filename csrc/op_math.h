@@ -13,9 +13,9 @@
 #endif
 #include "float16.h"
 #include "hd.h"
-// A compiled loop (jit.py defines FG_JIT_LOOP) built by GCC for AVX-512 vectorises float exp
-// with jit_exp.h's rather than libmvec's: why, how and how accurate, there.
-#if defined(FG_JIT_LOOP) && defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && \
+// A compiled loop built by GCC for 512-bit vectors (jit.py defines FG_JIT_EXP512) vectorises
+// float exp with jit_exp.h's rather than libmvec's: why, how and how accurate, there.
+#if defined(FG_JIT_EXP512) && defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && \
     defined(__FAST_MATH__)
 #include "jit_exp.h"
 #endif

@@ -12,7 +12,7 @@ is generated from the region's own register program, calls the interpreter's op 
 extension was built with, plus ``-ffp-contract=off`` so that no multiply-add is fused across
 instructions (the interpreter cannot fuse them either): results are the interpreter's, up to
 the last bits of a transcendental where one path takes a vector variant and the other the
-scalar one (and of float exp, which loops built by GCC for AVX-512 take from jit_exp.h), and of
+scalar one (and of float exp, which 512-bit loops built by GCC take from jit_exp.h), and of
 a row or column sum (added in another order, in double).
 
 Libraries are cached on disk by a hash of their source, the headers, the compile command and
@@ -86,9 +86,8 @@ def _command(src, out):
     # -fno-trapping-math lets GCC if-convert the selects of a fused loop (it would otherwise
     # sink a branch's exp/div under a jump and give up vectorising); it changes no value, only
     # whether floating-point exception flags may be raised speculatively.
-    # (FG_JIT_LOOP: op_math.h takes float exp from jit_exp.h where it can)
     cmd = [info["cxx"], "-std=c++17", "-O3", "-fPIC", "-shared", "-fno-math-errno",
-           "-D__FAST_MATH__", "-DFG_JIT_LOOP", "-ffp-contract=off", "-fno-trapping-math", "-I", inc]
+           "-D__FAST_MATH__", "-ffp-contract=off", "-fno-trapping-math", "-I", inc]
     cmd += _VEC_REPORT.get(info["cxx_id"], [])
     if info["native"]:
         cmd.append("-march=native")
@@ -97,7 +96,9 @@ def _command(src, out):
             # kernels run 512-bit ones there, and so do the loops (on a Xeon: logsumexp's VJP
             # at 4e6 1.5x faster, softplus_sigmoid_2nd 1.2x;
             # docs/performance-history-nov27.md, "Vector width").
-            cmd.append("-mprefer-vector-width=512")
+            # With 512-bit loops, float exp is csrc/jit_exp.h's rather than libmvec's (its
+            # vector variants compute 16 lanes; op_math.h includes it under GCC only).
+            cmd += ["-mprefer-vector-width=512", "-DFG_JIT_EXP512"]
     return cmd + ["-o", out, src, "-lm"]
 
 
