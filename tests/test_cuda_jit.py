@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import cuda_codegen, cuda_jit, jit
+from fastgrad import cuda_codegen, cuda_jit, jit, jit_cache
 from conftest import TORCH_GRAD, assert_same, rand, stand_in_driver
 import test_vm as V
 from test_vm_cuda import Region, real_gpu
@@ -146,7 +146,7 @@ def test_host_scalars_keep_their_value_and_dtype(value, dtype):
 def test_prune_leaves_files_being_written(tmp_path):
     (tmp_path / "fg_cuda_ab.cubin.123.456.tmp").write_bytes(b"x" * 5000)  # another process's
     (tmp_path / "fg_cd.so").write_bytes(b"x" * 5000)
-    assert jit.prune_cache(str(tmp_path), limit=1000) == 1
+    assert jit_cache.prune_cache(str(tmp_path), limit=1000) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["fg_cuda_ab.cubin.123.456.tmp"]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import _C, jit, loop_source
+from fastgrad import _C, jit, jit_cache, loop_source
 from fastgrad import plan as fplan
 from conftest import TORCH_GRAD, assert_same, rand
 from test_vm import BINARY, COMPUTE, SPECIAL, UNARY, Region, inputs, tol
@@ -523,15 +523,9 @@ def test_column_sums_only_over_leading_dims():
 
 
 def _jit_exp_expected():
-    """Whether the loops should take jit_exp.h's float exp here: GCC, -march=native, an
-    AVX-512F CPU whose PyTorch kernels run AVX-512 (then the loops are 512-bit)."""
-    info = _C.build_info()
-    try:
-        with open("/proc/cpuinfo") as f:
-            avx512 = " avx512f" in f.read()
-    except OSError:
-        avx512 = False
-    return info["cxx_id"] == "GNU" and info["native"] and avx512 and jit._torch_uses_avx512()
+    """Whether the loops take jit_exp.h's float exp here: built by GCC with the flag the JIT
+    adds for 512-bit loops (op_math.h's other conditions follow from those)."""
+    return _C.build_info()["cxx_id"] == "GNU" and "-DFG_JIT_EXP512" in jit._command("k", "o")
 
 
 def _ulps(a, b):
@@ -831,10 +825,10 @@ def test_prune_cache_drops_least_recently_used_entries_whole(tmp_path):
             entry(f"fg_{k}.scalar", 0, 1000 + k)
             entry(f"fg_{k}.nostream", 0, 1000 + k)
     entry("notes.txt", 50_000, 1)
-    jit._cache_used(str(tmp_path / "fg_0.so"))
-    assert jit.prune_cache(str(tmp_path), limit=9000) == 0
+    jit_cache._cache_used(str(tmp_path / "fg_0.so"))
+    assert jit_cache.prune_cache(str(tmp_path), limit=9000) == 0
     # over 6000 bytes: the oldest entries go until 4500 are left
-    assert jit.prune_cache(str(tmp_path), limit=6000) == 5
+    assert jit_cache.prune_cache(str(tmp_path), limit=6000) == 5
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["fg_0.nostream", "fg_0.scalar", "fg_0.so", "fg_4.nostream", "fg_4.scalar",
                     "fg_4.so", "fg_5.so", "fg_cuda_5.cubin", "notes.txt"]

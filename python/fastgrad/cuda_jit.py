@@ -13,7 +13,7 @@ reduction's additions.
 
 Kernels are cached on disk as CUBIN, keyed by their source, the headers, the NVRTC version and
 the GPU architecture (``FASTGRAD_CACHE_DIR``, default ``~/.cache/fastgrad/jit``, trimmed as
-jit.prune_cache says), loaded through the CUDA driver API (ctypes: no link to libcuda or
+jit_cache.prune_cache says), loaded through the CUDA driver API (ctypes: no link to libcuda or
 libnvrtc) and launched from C++ (csrc/kernel_launch.h) through the driver calls ctypes found.
 A source NVRTC rejects leaves its region with the interpreter and is counted (``status()``'s
 "failed", "last_failure"); after jit._MAX_FAILED such sources, or at once without NVRTC or when
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from . import _C, cuda_codegen as codegen, jit
+from . import _C, cuda_codegen as codegen, jit, jit_cache
 from .runtime_table import OPCODES
 
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
@@ -159,14 +159,14 @@ def compile_cubin(src, arch):
         return key, cubin
     if key in _REJECTED:
         raise _REJECTED[key]
-    path = os.path.join(jit._cache_dir(), f"fg_cuda_{key}.cubin")
+    path = os.path.join(jit_cache._cache_dir(), f"fg_cuda_{key}.cubin")
     try:
         with open(path, "rb") as f:
             cubin = f.read()
     except OSError:  # not cached (or pruned by another process meanwhile)
         cubin = None
     if cubin:
-        jit._cache_used(path)
+        jit_cache._cache_used(path)
         with _LOCK:
             _STATE["loaded"] += 1
     else:
@@ -204,7 +204,7 @@ def compile_cubin(src, arch):
         with _LOCK:
             _STATE["compiled"] += 1
             _STATE["seconds"] += time.perf_counter() - t0
-        jit._cache_written()
+        jit_cache._cache_written()
     _CUBINS[key] = cubin
     return key, cubin
 

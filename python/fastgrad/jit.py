@@ -42,7 +42,7 @@ import time
 import torch
 
 from . import _C
-from .jit_cache import _cache_dir, _cache_used, _cache_written, prune_cache  # noqa: F401
+from .jit_cache import _cache_dir, _cache_used, _cache_written
 from .loop_source import LOOP, STREAM_LOOP, source
 
 AFTER = int(os.environ.get("FASTGRAD_JIT_AFTER", "3"))
