@@ -747,6 +747,42 @@ def test_a_compile_that_fails_once_is_tried_again(monkeypatch, tmp_path):
     assert torch.equal(o, x * y)
 
 
+def test_a_compiler_refusing_jit_exp_compiles_the_loops_without_it(monkeypatch, tmp_path):
+    # jit_exp.h defines functions under expf's vector-ABI names, which a compiler other than
+    # the GCC 12 it was written with might refuse: loops then compile without it (libmvec's
+    # exp), the JIT stays on and nothing counts as failed; later sources skip it at once
+    monkeypatch.setattr(jit, "_torch_uses_avx512", lambda: True)
+    if jit._JIT_EXP not in jit._command("k.cpp", "k.so"):
+        pytest.skip("no jit_exp.h with this build (not native, or not GCC or Clang)")
+    monkeypatch.setenv("FASTGRAD_CACHE_DIR", str(tmp_path))
+    real = jit._command
+    runs = tmp_path / "runs"
+    script = tmp_path / "cc.sh"
+    script.write_text(f'echo "$*" >> {runs}\n'
+                      f'case "$*" in *{jit._JIT_EXP}*) echo "error: refused" >&2; exit 1;; esac\n'
+                      'exec "$@"\n')
+    monkeypatch.setattr(jit, "_command", lambda src, out: ["sh", str(script), *real(src, out)])
+    monkeypatch.setattr(jit, "_LIBS", {})
+    monkeypatch.setattr(jit, "_STATE", dict(jit._STATE, failed=0, last_failure=None))
+    gen = torch.Generator().manual_seed(27)
+    for k, (n, op) in enumerate(((1000, "mul"), (1003, "div"))):  # (the second source is not
+        # tried with it)
+        x, y = rand((n,), gen, dtype=torch.float32), rand((n,), gen, dtype=torch.float32)
+        r = Region((n,))
+        r.store(torch.empty(n), r.op(op, r.op("exp", r.load(x)), r.load(y)))
+        p, _ = _timed_loop(r)
+        o = torch.full((n,), float("nan"))
+        assert p.run([x, y], [o], 1)
+        ref = getattr(torch, op)(torch.exp(x.double()), y.double())
+        torch.testing.assert_close(o, ref.float(), rtol=5e-7, atol=0)
+        cmds = runs.read_text().splitlines()
+        assert [jit._JIT_EXP in c for c in cmds] == [True, True, False] + [False] * k
+    st = jit.status()
+    assert st["enabled"] and st["failed"] == 0
+    assert "compile with csrc/jit_exp.h" in st["jit_exp_off"] and "error: refused" in st["jit_exp_off"]
+    assert jit._JIT_EXP not in jit._command("k.cpp", "k.so")
+
+
 def _compiled_programs(shape):
     return [pk.program.compiled for pl in list(fplan._CACHE.values()) for r in pl.regions
             if tuple(r.shape) == shape for pk in r.packers.values() if pk.program is not None]

@@ -48,7 +48,8 @@ from .loop_source import LOOP, STREAM_LOOP, source
 AFTER = int(os.environ.get("FASTGRAD_JIT_AFTER", "3"))
 BACKGROUND = os.environ.get("FASTGRAD_JIT_BACKGROUND", "1") != "0"
 _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
-          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None}
+          "compiled": 0, "loaded": 0, "seconds": 0.0, "failed": 0, "last_failure": None,
+          "jit_exp_off": None}
 # Sources whose compile may fail (each tried twice) before the JIT turns itself off: one
 # failing source keeps its region with the interpreter and the others compiled (a CI run once
 # lost every loop to one compile that failed for an unknown reason); several point to the
@@ -66,7 +67,8 @@ def status():
     """Whether compiling is on, why not if it is off, how many loops were compiled (and loaded
     from the disk cache) in this process, the seconds spent compiling (summed over compiles
     that ran side by side), and how many plans' compiles are still queued or running in the
-    background ("pending")."""
+    background ("pending"); "jit_exp_off" says why loops take libmvec's float exp rather than
+    csrc/jit_exp.h's, where it applies (None: it is on)."""
     return {k: v for k, v in dict(_STATE, compiler=_C.build_info()["cxx"],
                                   pending=_pending()).items()
             if k not in ("headers", "cpu")}
@@ -98,8 +100,13 @@ def _command(src, out):
             # docs/performance-history-nov27.md, "Vector width").
             # With 512-bit loops, float exp is csrc/jit_exp.h's rather than libmvec's (its
             # vector variants compute 16 lanes; op_math.h includes it under GCC only).
-            cmd += ["-mprefer-vector-width=512", "-DFG_JIT_EXP512"]
+            cmd.append("-mprefer-vector-width=512")
+            if _STATE["jit_exp_off"] is None:
+                cmd.append(_JIT_EXP)
     return cmd + ["-o", out, src, "-lm"]
+
+
+_JIT_EXP = "-DFG_JIT_EXP512"
 
 
 def _torch_uses_avx512():
@@ -175,6 +182,9 @@ def _load_or_fail(key, src):
             err = e
         if _BG["stop"]:  # (interpreter exit: not a second compile)
             break
+    got = _without_jit_exp(src, err)
+    if got is not None:
+        return got
     with _COUNT:
         _STATE["failed"] += 1
         _STATE["last_failure"] = _failure(err)
@@ -183,6 +193,29 @@ def _load_or_fail(key, src):
             _STATE["reason"] = f"{_STATE['failed']} loops failed to compile; the last: " + \
                 _STATE["last_failure"]
     return None
+
+
+def _without_jit_exp(src, err):
+    """After ``src`` failed twice with jit_exp.h's exp (``_JIT_EXP`` in the command): one
+    compile without it. Where that one works, the exp is what the compiler refused (jit_exp.h
+    defines functions under the vector-ABI names of expf, which only GCC 12 was seen to
+    accept): it stays off for the process (``status()["jit_exp_off"]`` says why), loops take
+    libmvec's exp and the JIT stays on. _load's tuple, or None (it fails without the exp too,
+    or the command had none)."""
+    if _BG["stop"] or _JIT_EXP not in _command("S", "O"):
+        return None
+    reason = "loops failed to compile with csrc/jit_exp.h's exp" + _failure(err)
+    with _COUNT:  # (set first: the compile below and those of other threads go without it)
+        _STATE["jit_exp_off"] = reason
+    key = _key(src)
+    try:
+        got = _LIBS[key] = _load(key, src)
+        return got
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        with _COUNT:  # (not the exp's doing: the source fails either way)
+            if _STATE["jit_exp_off"] is reason:
+                _STATE["jit_exp_off"] = None
+        return None
 
 
 def _compiler_errors(err, limit=1000):
