@@ -42,7 +42,7 @@ import time
 import torch
 
 from . import _C
-from .jit_cache import _cache_dir, _cache_used, _cache_written
+from .jit_cache import NOSTREAM, SCALAR, _cache_dir, _cache_used, _cache_written
 from .loop_source import LOOP, STREAM_LOOP, source
 
 AFTER = int(os.environ.get("FASTGRAD_JIT_AFTER", "3"))
@@ -276,8 +276,7 @@ def _load(key, src):
     finding and loading it: pruned by another process)."""
     d = _cache_dir()
     path = os.path.join(d, f"fg_{key}.so")
-    scalar = path[:-3] + ".scalar"  # marks a loop the compiler left scalar
-    nostream = path[:-3] + ".nostream"  # the same for the streaming variant
+    scalar, nostream = path[:-3] + SCALAR, path[:-3] + NOSTREAM
     lib = None
     if os.path.exists(path):
         try:

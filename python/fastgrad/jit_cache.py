@@ -11,8 +11,11 @@ def _cache_dir():
     return d
 
 
-# a CPU loop, its markers (left scalar, streaming variant left scalar), a CUDA kernel
-_CACHE_SUFFIXES = (".so", ".scalar", ".nostream", ".cubin")
+# Beside a CPU loop's library (.so): markers of a loop the compiler left scalar, and of a
+# streaming variant it left scalar (jit._load)
+SCALAR, NOSTREAM = ".scalar", ".nostream"
+# a CPU loop, its markers, a CUDA kernel
+_CACHE_SUFFIXES = (".so", SCALAR, NOSTREAM, ".cubin")
 _PRUNED = []  # (one prune per process)
 
 
