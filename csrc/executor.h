@@ -47,7 +47,7 @@ class Executor {
   //   (3, (slot a, slot b), (transpose a, transpose b))  a.mm(b), each operand or its
   //      transpose (a view), with grad mode off
   //   (5, fn, (slot a, slot b))  fn(a, b) with grad mode off: a step PyTorch runs whose
-  //      arguments are tensors (plan.IndexStep.run: a gather or scatter of rows)
+  //      arguments are tensors (plan_steps.IndexStep.run: a gather or scatter of rows)
   //   (4, (func, ctx, grid, block), [([load slots], [(shape, dtype, device)]), ...])  one
   //      compiled CUDA kernel (cuda_jit.Kernel) over one region or a row group's regions:
   //      each part's targets allocated, then launched (kernel_launch.h) with each part's

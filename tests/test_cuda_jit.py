@@ -31,7 +31,7 @@ def _nvrtc_or_skip():
 
 
 def _spec(r):
-    """What cuda_jit.source/kernel_for read of a region: test_vm's packer as plan.Region
+    """What cuda_jit.source/kernel_for read of a region: test_vm's packer as plan_steps.Region
     fields (load i reads input i, store k writes output k)."""
     return types.SimpleNamespace(loads=[(i, None) for i in range(len(r.loads))],
                                  stores=[(k, rec[2]) for k, rec in enumerate(r.stores)],

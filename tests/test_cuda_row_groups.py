@@ -11,7 +11,7 @@ import torch
 
 import fastgrad
 from fastgrad import cuda_codegen, cuda_jit, jit
-from fastgrad import plan as fplan
+from fastgrad import plan as fplan, plan_steps
 from conftest import TORCH_GRAD, assert_same, rand
 from test_cuda_jit import _nvrtc_or_skip
 from test_row_groups import CASES
@@ -24,7 +24,7 @@ SHAPES = [(3001, 256), (20011, 3), (7, 130, 64), (2, 3, 5)]
 
 def _groups():
     return [s for p in list(fplan._CACHE.values()) for s in p.steps
-            if isinstance(s, fplan.RowGroup)]
+            if isinstance(s, plan_steps.RowGroup)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastgrad
-from fastgrad import _C, graph_cache, jit, plan as fplan
+from fastgrad import _C, graph_cache, jit, plan as fplan, plan_steps
 from conftest import TORCH_GRAD, assert_same, rand, stand_in_driver, strided_leaf
 from test_vm_cuda import real_gpu
 
@@ -53,7 +53,7 @@ CASES = [  # (name, shapes of the leaves, forward)
     ("reshape_between", [(12, 10)], lambda x: ((x.exp().reshape(4, 30) * 2.0).sin(),)),
     # two products: g @ w.t() (a transposed operand, a view) and x.t() @ g
     ("matmul_steps", [(20, 8), (8, 6)], lambda x, w: (torch.tanh(x @ w),)),
-    # gather and scatter steps (plan.IndexStep): pair differences, per-row sums by index_add
+    # gather and scatter steps (plan_steps.IndexStep): pair differences, per-row sums by index_add
     ("index_steps", [(9, 3)], lambda x: (torch.sin(x[_I] - x[_J]).sum(),
                                          x.new_zeros(9).index_add(0, _I.abs().to(x.device),
                                                                   (x[_J] ** 2).sum(1)))),
@@ -106,10 +106,10 @@ def test_later_cuda_calls_run_through_the_executor(name, shapes, fn, gen):
 def _compiled(plan):
     """Whether every region and row group of ``plan`` ran a compiled CUDA kernel."""
     for step in plan.steps:
-        if isinstance(step, fplan.RowGroup):
+        if isinstance(step, plan_steps.RowGroup):
             if not any(step.cuda_kernels.values()):
                 return False
-        elif isinstance(step, fplan.Region):
+        elif isinstance(step, plan_steps.Region):
             if not any(k for p in step.packers.values() for k in p.cuda_kernels.values()):
                 return False
     return True

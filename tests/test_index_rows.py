@@ -1,4 +1,4 @@
-"""Rows by an index (ir.gather / ir.scatter, plan.IndexStep): what the op table's rows
+"""Rows by an index (ir.gather / ir.scatter, plan_steps.IndexStep): what the op table's rows
 (tests/test_ops.py: index_rows, index_select_rows, index_add_rows, pair_terms) do not show:
 the kernels of the node PyTorch recorded, kept bit for bit and error for error."""
 import pytest

@@ -1,4 +1,4 @@
-"""Row groups: consecutive regions run chunk of rows by chunk of rows (plan.RowGroup,
+"""Row groups: consecutive regions run chunk of rows by chunk of rows (plan_steps.RowGroup,
 _C.run_cpu_group, csrc/vm_cpu_group.h), and the interpreter's direct reads that serve them
 (a broadcast row value read once per run, a sum of products without the products).
 

@@ -13,7 +13,8 @@ import torch
 
 from . import ir, rules, runtime
 from . import plan as plan_mod
-from .plan import ViewStep, get_plan, view_chain
+from .plan import get_plan
+from .plan_steps import ViewStep, view_chain
 
 
 class RegionFunction(torch.autograd.Function):

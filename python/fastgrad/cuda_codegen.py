@@ -19,7 +19,7 @@ Two kernels:
   fixed butterfly, so the result depends only on the shape. Reductions over leading dims
   (column sums) and fewer rows stay with the interpreter, which splits them;
 
-and, for a row group (plan.RowGroup: regions over the same leading row dims, each reading what
+and, for a row group (plan_steps.RowGroup: regions over the same leading row dims, each reading what
 an earlier one wrote only in its own row), one kernel of the second kind whose warps take their
 row through every region in turn (``group_source``), so the row is still in cache when the next
 region reads it (softmax's VJP: the row sum, then the elementwise part).
@@ -316,7 +316,7 @@ def source(region, lay, compute):
 
 
 def group_layouts(lays, dims):
-    """The Layouts of a row group's regions (plan.RowGroup) as parts of one kernel, a warp per
+    """The Layouts of a row group's regions (plan_steps.RowGroup) as parts of one kernel, a warp per
     row over the leading ``dims``: an elementwise region's becomes a row layout too. None where
     no such kernel fits (a region without a kernel of its own, a reduction over other dims,
     few rows, unless the regions are small)."""

@@ -281,7 +281,7 @@ def kernel_for(region, packer, device):
 
 
 def group_kernel_for(group, packers, device):
-    """One Kernel running every region of row group ``group`` (plan.RowGroup) with the input
+    """One Kernel running every region of row group ``group`` (plan_steps.RowGroup) with the input
     layouts of ``packers`` (one per region), or False where none fits (the regions then run
     one by one)."""
     if not _compiles(group.regions):

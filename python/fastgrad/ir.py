@@ -361,7 +361,7 @@ def sum_to(x, shape):
 
 def mm(a, b):
     """The matrix product of two 2-d nodes of one dtype. Not a VM op: a plan runs it as a step
-    of its own through PyTorch's ``mm`` (plan.MatmulStep), between fused regions."""
+    of its own through PyTorch's ``mm`` (plan_steps.MatmulStep), between fused regions."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"mm of {a.shape} and {b.shape}")
     if a.dtype != b.dtype:
@@ -381,7 +381,7 @@ def gather(x, index, kind):
     half-type sums they keep: "index" (``x[index]`` and ``index_put_`` accumulating: negative
     indices wrap, sums in the tensor's dtype) or "select" (``index_select`` and
     ``index_add_``: sums of half types in float). Like mm, not a VM op: a plan runs it as a
-    step through PyTorch (plan.IndexStep), between fused regions."""
+    step through PyTorch (plan_steps.IndexStep), between fused regions."""
     if index.ndim != 1 or index.dtype != torch.int64 or x.ndim < 1 or \
             kind not in ("index", "select"):
         raise ValueError(f"gather of {x.shape} by {index.shape} {index.dtype} ({kind})")

@@ -44,6 +44,7 @@ import torch
 from . import _C
 from .jit_cache import NOSTREAM, SCALAR, _cache_dir, _cache_used, _cache_written
 from .loop_source import LOOP, STREAM_LOOP, source
+from .plan_steps import Region, RowGroup
 
 AFTER = int(os.environ.get("FASTGRAD_JIT_AFTER", "3"))
 BACKGROUND = os.environ.get("FASTGRAD_JIT_BACKGROUND", "1") != "0"
@@ -385,7 +386,6 @@ def _compile_jobs(plan, jobs):
 
 def _plan_jobs(plan):
     """_jobs of every region of ``plan`` (a row group's members over its rows)."""
-    from .plan import Region, RowGroup  # (plan imports the runtime table; no cycle at import)
     jobs = []
     for step in plan.steps:
         if isinstance(step, Region):

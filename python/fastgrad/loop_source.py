@@ -77,7 +77,7 @@ def statements(region, t, load, store, literal=_literal):
 
 
 def source(region, kinds, compute, inner=None, modes=None, columns=False, dtypes=None):
-    """C++ source of the loop computing ``region`` (a plan.Region, or anything with its loads,
+    """C++ source of the loop computing ``region`` (a plan_steps.Region, or anything with its loads,
     stores, instrs and consts). ``kinds[i]``: how load i is read (its Program's load_kinds:
     "s" one value, "c" contiguous, "r" one value per row, "k" one row for all rows);
     ``dtypes[i]``: its storage dtype code (its Program's load_dtypes; default: the compute

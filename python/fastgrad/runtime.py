@@ -18,7 +18,8 @@ from array import array
 import torch
 
 from . import _C, blocks, cuda_jit, ir, jit
-from .plan import IndexStep, MatmulStep, Region, RowGroup, ViewStep, get_plan
+from .plan import get_plan
+from .plan_steps import IndexStep, MatmulStep, Region, RowGroup, ViewStep
 from .runtime_table import DTYPE_CODES
 
 CUDA_EXECUTOR = True  # repeat CUDA runs in C++ too (off: every CUDA run goes through Python)
