@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import ir
+from . import ir, rules
 from .ir import ew, add, mul, div, sub, neg, where
 
 OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -129,33 +129,24 @@ def elu_backward(g, x, alpha, scale, input_scale, is_result):
 
 @opmath
 def gelu(x):
-    """x * Phi(x) = x/2 * (1 + erf(x / sqrt(2)))."""
-    return mul(mul(x, 0.5), add(ew("erf", mul(x, math.sqrt(0.5))), 1.0))
+    """x * Phi(x) = x/2 * (1 + erf(x / sqrt(2))), as the composite ``gelu`` (its value:
+    rules.DECOMPOSE), whose derivative is PyTorch's single product g * slope (rules.gelu_slope):
+    the product rule over the formula gave inf * 0 = NaN for an inf gradient where Phi(x) is
+    0, and inf - inf where its two terms have opposite signs."""
+    return ir.composite("gelu", x, ("none",))
 
 
 def gelu_backward(g, x, approximate):
-    """PyTorch's gelu_backward kernel, in float32 for half types: g * (Phi(x) + x * phi(x));
-    with approximate 'tanh', of the tanh form (as the kernel computes it: 0.5 * (1 + t) +
-    0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 * x^2), t the tanh of its inner)."""
-    ug, ux = up(g), up(x)
-    if approximate == "none":
-        cdf = mul(add(ew("erf", mul(ux, math.sqrt(0.5))), 1.0), 0.5)
-        pdf = mul(ew("exp", mul(mul(ux, ux), -0.5)), 1.0 / math.sqrt(2.0 * math.pi))
-        d = add(cdf, mul(ux, pdf))
-    else:
-        beta, kappa = math.sqrt(2.0 / math.pi), 0.044715
-        x2 = mul(ux, ux)
-        t = ew("tanh", mul(add(ux, mul(mul(x2, ux), kappa)), beta))
-        inner_d = mul(add(mul(x2, 3.0 * kappa), 1.0), beta)
-        d = add(mul(add(t, 1.0), 0.5), mul(mul(mul(ux, 0.5), sub(1.0, mul(t, t))), inner_d))
-    return ir.cast(mul(ug, d), g.dtype)
+    """PyTorch's gelu_backward kernel, in float32 for half types: g * (Phi(x) + x * phi(x)), or
+    of the tanh form (rules.gelu_slope)."""
+    return ir.cast(mul(up(g), rules.gelu_slope(up(x), approximate)), g.dtype)
 
 
 @opmath
 def gelu_tanh(x):
-    """GELU's tanh approximation: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
-    inner = mul(add(x, mul(mul(mul(x, x), x), 0.044715)), math.sqrt(2.0 / math.pi))
-    return mul(mul(x, 0.5), add(ew("tanh", inner), 1.0))
+    """GELU's tanh approximation, x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), as the
+    composite ``gelu`` with approximate 'tanh' (as gelu)."""
+    return ir.composite("gelu", x, ("tanh",))
 
 
 @opmath

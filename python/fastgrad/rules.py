@@ -122,6 +122,30 @@ def _silu_rule(n, g):
     return [mul(mul(g, s), add(mul(x, sub(1.0, s)), 1.0))]
 
 
+def gelu_slope(x, approximate):
+    """d/dx gelu(x) as PyTorch's gelu_backward kernel computes it: Phi(x) + x * phi(x); with
+    approximate 'tanh', 0.5 * (1 + t) + 0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 *
+    x^2), t the tanh of its inner."""
+    if approximate == "none":
+        cdf = mul(add(ew("erf", mul(x, math.sqrt(0.5))), 1.0), 0.5)
+        pdf = mul(ew("exp", mul(mul(x, x), -0.5)), 1.0 / math.sqrt(2.0 * math.pi))
+        return add(cdf, mul(x, pdf))
+    beta, kappa = math.sqrt(2.0 / math.pi), 0.044715
+    x2 = mul(x, x)
+    t = ew("tanh", mul(add(x, mul(mul(x2, x), kappa)), beta))
+    inner_d = mul(add(mul(x2, 3.0 * kappa), 1.0), beta)
+    return add(mul(add(t, 1.0), 0.5), mul(mul(mul(x, 0.5), sub(1.0, mul(t, t))), inner_d))
+
+
+def _decompose_gelu(n):
+    # x/2 * (1 + erf(x / sqrt(2))); 'tanh': x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+    x = n.args[0]
+    if n.attrs[0] == "none":
+        return mul(mul(x, 0.5), add(ew("erf", mul(x, math.sqrt(0.5))), 1.0))
+    inner = mul(add(x, mul(mul(mul(x, x), x), 0.044715)), math.sqrt(2.0 / math.pi))
+    return mul(mul(x, 0.5), add(ew("tanh", inner), 1.0))
+
+
 def _softplus20(x):
     """softplus(x) with PyTorch's default beta 1 and threshold 20 (exp's argument capped)."""
     over = ew("gt", x, 20.0)
@@ -247,6 +271,9 @@ RULES = {
     "mse": lambda n, g: [mul(mul(n.args[0], n.attrs[0]), g)],
     "silu": _silu_rule,
     "mish": _mish_rule,
+    # PyTorch's gelu derivative, one product g * slope (its kernel, and gelu_backward under
+    # create_graph)
+    "gelu": lambda n, g: [mul(g, gelu_slope(n.args[0], n.attrs[0]))],
     "log_sigmoid": _log_sigmoid_rule,
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
@@ -332,6 +359,7 @@ DECOMPOSE = {
     "mse": lambda n: mul(mul(n.args[0], n.args[0]), n.attrs[0] / 2.0),
     "silu": lambda n: mul(n.args[0], ew("sigmoid", n.args[0])),
     "mish": lambda n: mul(n.args[0], ew("tanh", _softplus20(n.args[0]))),
+    "gelu": _decompose_gelu,
     "log_sigmoid": lambda n: sub(where(ew("lt", n.args[0], 0.0), n.args[0], 0.0),
                                  ew("log1p", n.args[1])),
 }
