@@ -398,6 +398,15 @@ def huber_and_smooth_l1_at_bounds_and_nan(gen):
                        F.huber_loss(x * 2.0, t, delta=1.4))), [x]
 
 
+def huber_and_smooth_l1_inf_gradient(gen):
+    # an infinite gradient reaching both (their results scaled by inf): +-inf inside the bounds,
+    # PyTorch's k d g, not 0 * inf = NaN from the term that holds the bounds' derivative
+    x = rand((3, 5), gen)
+    t = rand((3, 5), gen) * 0.25
+    return (lambda x: (F.huber_loss(x, t, delta=2.0, reduction="none") * math.inf,
+                       F.smooth_l1_loss(x, t, beta=2.0, reduction="sum") * -math.inf)), [x]
+
+
 def index_select_of_a_0d_tensor(gen):
     x = rand((), gen)
     return (lambda x: (x * 2).index_select(0, torch.tensor([0])) * x), [x]
@@ -420,6 +429,7 @@ CASES = {
         max_all_inf_gradient, hardswish_below_minus_three_inf_gradient, softmax_of_a_0d_tensor,
         amax_over_size_one_dims_with_nan, index_select_of_a_0d_tensor, degenerate_constants,
         mean_of_an_empty_tensor, huber_and_smooth_l1_at_bounds_and_nan,
+        huber_and_smooth_l1_inf_gradient,
     ]
 }
 
@@ -430,7 +440,22 @@ def test_first_order(name, gen):
     check_grad(fn, inputs, gen=gen, orders=1)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# cases whose second derivative still differs from PyTorch's, and why
+_SECOND_ORDER_DIFFERS = {
+    "huber_and_smooth_l1_inf_gradient": "outside the bounds PyTorch's double backward multiplies "
+                                        "its zero by the infinite gradient (NaN), fastgrad's "
+                                        "selects a zero",
+}
+
+
+def _second_order(names, strict=True):
+    # (not strict on a GPU, whose kernels were not seen to differ in the same way)
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=strict,
+                                                    reason=_SECOND_ORDER_DIFFERS[n]))
+            if n in _SECOND_ORDER_DIFFERS else n for n in names]
+
+
+@pytest.mark.parametrize("name", _second_order(CASES))
 def test_second_order(name, gen):
     fn, inputs = CASES[name](gen)
     check_grad(fn, inputs, gen=gen, orders=2)
@@ -457,7 +482,7 @@ _CUDA = [pytest.param("cuda", marks=requires_device("cuda"))]
 
 
 @pytest.mark.parametrize("device", _CUDA)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", _second_order(CASES, strict=False))
 def test_on_a_gpu(name, device, gen):
     # PyTorch's CUDA kernels and formulas differ from the CPU's at some of these edges
     # (max() of all elements, below)

@@ -41,14 +41,19 @@ def _piecewise(d, bound, outer, inner, k):
     and at NaN; the second masked by |d| < bound, 0 at the bounds and at NaN, as PyTorch's
     double backward masks it. So inner reads d only where |d| < bound (``a``); at the bounds
     and at NaN it adds k (h d - h^2 / 2), h the value of d there held constant (``h``), whose
-    derivative k h is the first one's value there and whose own derivative is 0."""
+    derivative k h is the first one's value there and whose own derivative is 0; inside the
+    bounds that term is not added at all (an infinite g would meet its k h = 0 there)."""
     low, high = ew("lt", d, -bound), ew("gt", d, bound)
     strict = ew("and", ew("gt", d, -bound), ew("lt", d, bound))
     a = where(strict, d, 0.0)
     h = where(ew("eq", d, bound), bound, where(ew("eq", d, -bound), -bound,
                                                 where(ew("isnan", d), math.nan, 0.0)))
     held = mul(sub(mul(h, d), mul(mul(h, h), 0.5)), k)
-    return where(low, outer(neg(d)), where(high, outer(d), ir.add(inner(a), held)))
+    # (held only outside the bounds' interior, where h is 0: its derivative k h g would be
+    # 0 * inf = NaN there for an infinite g, where PyTorch's k d g is +-inf)
+    inside = inner(a)
+    return where(low, outer(neg(d)), where(high, outer(d),
+                                           where(strict, inside, ir.add(inside, held))))
 
 
 @opmath
