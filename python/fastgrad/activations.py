@@ -16,7 +16,6 @@ activation's backward, which PyTorch records as a node of its own under create_g
 (LeakyReluBackwardBackward0 and the like) when a first derivative comes from
 torch.autograd.grad; fastgrad's own first derivatives never build them.
 """
-import math
 
 import torch
 
@@ -213,41 +212,18 @@ def _hardswish_edges():
 
 @opmath
 def hardswish(x):
-    """x * clamp(x + 3, 0, 6) / 6, by branch so that each branch's derivative is PyTorch's:
-    0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 up (at -3 and 3 as the installed
-    PyTorch does: _hardswish_edges). (At NaN the derivative is NaN, as PyTorch's vectorised
-    loop gives; its scalar loop gives 1.) The middle branch sees x only inside its range, so its
-    derivative stays finite where it is discarded (+-inf)."""
-    lo_outer, hi_outer = _hardswish_edges()
-    low, high = ew("le" if lo_outer else "lt", x, -3.0), ew("ge" if hi_outer else "gt", x, 3.0)
-    xm = where(ew("or", low, high), 0.0, x)
-    mid = div(mul(xm, add(xm, 3.0)), 6.0)
-    if not (lo_outer and hi_outer):
-        # an older kernel takes the middle branch's slope at an edge, where PyTorch's second
-        # derivative (derivatives.yaml: strictly inside) is 0: there, the line through the edge
-        strict = ew("and", ew("gt", x, -3.0), ew("lt", x, 3.0))
-        edge = where(ew("lt", x, 0.0), mul(add(x, 3.0), -0.5), add(mul(sub(x, 3.0), 1.5), 3.0))
-        mid = where(strict, mid, edge)
-    top = div(mul(x, 6.0), 6.0)
-    # x * 0 up to -3 (NaN at -inf), with a derivative of exactly 0 as PyTorch selects it: a
-    # product with 0 would turn an inf or NaN gradient into NaN
-    zero = where(ew("eq", x, -math.inf), math.nan, mul(ew("sign", x), 0.0))
-    return where(low, zero, where(high, top, mid))
+    """x * clamp(x + 3, 0, 6) / 6, as the composite ``hardswish`` (attrs: whether the installed
+    PyTorch takes the outer branch at -3 and at 3, _hardswish_edges), whose value is written
+    branch by branch (rules.DECOMPOSE) and whose derivative is PyTorch's kernel, one product
+    g * (x/3 + 1/2) in the middle (rules.hardswish_grad): the product rule over x (x + 3) / 6
+    gave inf - inf = NaN for an infinite gradient between -3 and 0. At NaN the derivative is
+    NaN, as PyTorch's vectorised loop gives (its scalar loop gives g), and its own derivative 0,
+    as PyTorch's double backward (strictly inside (-3, 3))."""
+    return ir.composite("hardswish", x, _hardswish_edges())
 
 
 def hardswish_backward(g, x):
     """PyTorch's hardswish_backward kernel: x <= -3 ? 0 : x >= 3 ? g : g * (x/3 + 1/2) (at -3
     and 3 as the installed PyTorch does: _hardswish_edges), in float32 for half types (NaN
-    takes g, as its scalar loop does; its vectorised loop gives NaN). The middle branch reads x
-    only inside its range (not NaN either, whose discarded middle would make the derivative
-    with respect to g NaN)."""
-    lo_outer, hi_outer = _hardswish_edges()
-    ug, ux = up(g), up(x)
-    below_top = ew("lt" if hi_outer else "le", ux, 3.0)
-    strict = ew("and", ew("gt", ux, -3.0), ew("lt", ux, 3.0))
-    # at an edge an older kernel counts in the middle: the edge itself there, a constant
-    # (PyTorch's derivative with respect to x is 0 there)
-    edge = 0.0 if lo_outer and hi_outer else where(ew("lt", ux, 0.0), -3.0, 3.0)
-    mid = mul(ug, add(div(where(strict, ux, edge), 3.0), 0.5))
-    low = ew("le" if lo_outer else "lt", ux, -3.0)
-    return ir.cast(where(low, 0.0, where(below_top, mid, ug)), g.dtype)
+    takes g, as its scalar loop does; its vectorised loop gives NaN)."""
+    return ir.cast(rules.hardswish_grad(up(g), up(x), _hardswish_edges(), True), g.dtype)

@@ -146,6 +146,47 @@ def _decompose_gelu(n):
     return mul(mul(x, 0.5), add(ew("tanh", inner), 1.0))
 
 
+def hardswish_grad(g, x, edges, nan_passes):
+    """PyTorch's hardswish_backward: x <= -3 ? 0 : x >= 3 ? g : g * (x/3 + 1/2), ``edges``
+    (whether the kernel takes the outer branch at -3, at 3: activations._hardswish_edges)
+    deciding at -3 and 3; at NaN g (``nan_passes``, its scalar loop) or NaN (its vectorised
+    loop). The middle branch reads x only strictly inside (-3, 3), so its derivative with
+    respect to x is g / 3 there and 0 elsewhere, as PyTorch's double backward, and a discarded
+    +-inf or NaN makes no NaN; at an edge an older kernel counts in the middle: the edge itself
+    there, a constant."""
+    lo_outer, hi_outer = edges
+    below_top = ew("lt" if hi_outer else "le", x, 3.0)
+    strict = ew("and", ew("gt", x, -3.0), ew("lt", x, 3.0))
+    edge = 0.0 if lo_outer and hi_outer else where(ew("lt", x, 0.0), -3.0, 3.0)
+    mid = mul(g, add(div(where(strict, x, edge), 3.0), 0.5))
+    low = ew("le" if lo_outer else "lt", x, -3.0)
+    out = where(low, 0.0, where(below_top, mid, g))
+    if nan_passes:
+        return out
+    # NaN at NaN, and NaN with respect to g there only: elsewhere the discarded product's
+    # factor is 0, not NaN (0 * NaN would reach every element's derivative)
+    nan = ew("isnan", x)
+    return where(nan, mul(g, where(nan, math.nan, 0.0)), out)
+
+
+def _decompose_hardswish(n):
+    # 0 up to -3, x (x + 3) / 6 strictly between -3 and 3, x from 3 up (at -3 and 3 as the
+    # installed PyTorch: attrs); x * 0 up to -3 (NaN at -inf); the middle branch sees x only
+    # inside its range
+    x, (lo_outer, hi_outer) = n.args[0], n.attrs
+    low, high = ew("le" if lo_outer else "lt", x, -3.0), ew("ge" if hi_outer else "gt", x, 3.0)
+    xm = where(ew("or", low, high), 0.0, x)
+    mid = div(mul(xm, add(xm, 3.0)), 6.0)
+    if not (lo_outer and hi_outer):
+        # an older kernel's middle branch at an edge: the line through the edge
+        strict = ew("and", ew("gt", x, -3.0), ew("lt", x, 3.0))
+        edge = where(ew("lt", x, 0.0), mul(add(x, 3.0), -0.5), add(mul(sub(x, 3.0), 1.5), 3.0))
+        mid = where(strict, mid, edge)
+    top = div(mul(x, 6.0), 6.0)
+    zero = where(ew("eq", x, -math.inf), math.nan, mul(ew("sign", x), 0.0))
+    return where(low, zero, where(high, top, mid))
+
+
 def _softplus20(x):
     """softplus(x) with PyTorch's default beta 1 and threshold 20 (exp's argument capped)."""
     over = ew("gt", x, 20.0)
@@ -274,6 +315,7 @@ RULES = {
     # PyTorch's gelu derivative, one product g * slope (its kernel, and gelu_backward under
     # create_graph)
     "gelu": lambda n, g: [mul(g, gelu_slope(n.args[0], n.attrs[0]))],
+    "hardswish": lambda n, g: [hardswish_grad(g, n.args[0], n.attrs, False)],
     "log_sigmoid": _log_sigmoid_rule,
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
@@ -360,6 +402,7 @@ DECOMPOSE = {
     "silu": lambda n: mul(n.args[0], ew("sigmoid", n.args[0])),
     "mish": lambda n: mul(n.args[0], ew("tanh", _softplus20(n.args[0]))),
     "gelu": _decompose_gelu,
+    "hardswish": _decompose_hardswish,
     "log_sigmoid": lambda n: sub(where(ew("lt", n.args[0], 0.0), n.args[0], 0.0),
                                  ew("log1p", n.args[1])),
 }
