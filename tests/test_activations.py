@@ -133,3 +133,23 @@ def test_hardswish_second_derivative_at_nan_is_zero():
     for w, got in zip(res[0], res[1]):
         torch.testing.assert_close(got, w, equal_nan=True, rtol=1e-12, atol=1e-13)
     assert res[1][0][::9].isnan().all() and (res[1][1][::9] == 0).all()
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, 0.0, 0.25])
+def test_prelu_with_non_finite_values(weight):
+    # PyTorch's kernel selects g (x > 0) or weight * g, and x * g (else) or 0 for the weight:
+    # a NaN or inf weight must not reach x > 0, nor an infinite x the weight's gradient
+    x0 = torch.tensor([v for v in SPECIALS if v != 0.0] * 4, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(11)
+    go = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    res = []
+    for G in (torch.autograd.grad, fastgrad.grad):
+        x = x0.clone().requires_grad_()
+        w = torch.tensor([weight], dtype=torch.float64, requires_grad=True)
+        res.append(G(F.prelu(x, w), (x, w), go))
+    for name, got, want in zip(("x", "weight"), res[1], res[0]):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=1e-13,
+                                   msg=lambda m: f"d/d{name} at weight {weight}: {m}")
+    x = x0.clone().requires_grad_()
+    w = torch.tensor([weight], dtype=torch.float64, requires_grad=True)
+    assert_native(F.prelu(x, w), (x, w), go)

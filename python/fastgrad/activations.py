@@ -90,8 +90,13 @@ def threshold_backward(g, x, threshold):
 def prelu(x, weight):
     """x > 0 ? x : weight * x, the weight a tensor broadcast against x (PyTorch saves it shaped
     so), tied to x as leaky_relu, and to the weight: PyTorch's one backward op makes both
-    gradients require grad when either input does."""
-    return ir.tie_grad(ir.tie_grad(where(ew("gt", x, 0.0), x, mul(weight, x)), x), weight)
+    gradients require grad when either input does. The product reads both only where x > 0
+    does not hold (else 0): where it does, its zero cotangent would meet a NaN or inf weight (a
+    NaN derivative with respect to x) or an infinite x (with respect to the weight), where
+    PyTorch's kernel selects g and 0."""
+    pos = ew("gt", x, 0.0)
+    neg_side = mul(where(pos, 0.0, weight), where(pos, 0.0, x))
+    return ir.tie_grad(ir.tie_grad(where(pos, x, neg_side), x), weight)
 
 
 @opmath
