@@ -153,3 +153,17 @@ def test_prelu_with_non_finite_values(weight):
     x = x0.clone().requires_grad_()
     w = torch.tensor([weight], dtype=torch.float64, requires_grad=True)
     assert_native(F.prelu(x, w), (x, w), go)
+
+
+def test_logsigmoid_second_derivative_is_pytorchs_formula_far_out():
+    # PyTorch's double backward is g * (s - 1) * s, s = sigmoid(x), not the exact derivative of
+    # its backward: from x = 37 on s rounds to 1 and it gives 0, at x = 20 it is 4e-8 off, and
+    # a later division by a small value (1 / logsigmoid(x)) makes that a large difference
+    x0 = torch.cat([torch.linspace(-45.0, 45.0, 181, dtype=torch.float64),
+                    torch.tensor([36.5, 37.0, 37.5, 700.0, -700.0], dtype=torch.float64)])
+    res = []
+    for G in (torch.autograd.grad, fastgrad.grad):
+        x = x0.clone().requires_grad_()
+        (g,) = G(F.logsigmoid(x).sum(), x, create_graph=True)
+        res.append(G(g.sum(), x)[0])
+    torch.testing.assert_close(res[1], res[0], rtol=1e-12, atol=0.0)

@@ -202,13 +202,24 @@ def _mish_rule(n, g):
 
 
 def _log_sigmoid_rule(n, g):
-    # PyTorch's log_sigmoid_backward: g * (m - sign * z / (1 + z)), z = exp(-|x|) (args[1],
-    # bound to PyTorch's buffer where it saved one), m = 1 and sign = 1 below 0, else 0 and -1;
-    # nothing flows through z on its own (it is part of this derivative)
+    # PyTorch's log_sigmoid_backward: g * slope (the composite log_sigmoid_grad over x and z =
+    # exp(-|x|), args[1], bound to PyTorch's buffer where it saved one); nothing flows through
+    # z on its own (it is part of this derivative)
     x, z = n.args
-    below = ew("lt", x, 0.0)
+    return [mul(g, ir.node("log_sigmoid_grad", (x, z), (), x.shape, x.dtype)), ZERO]
+
+
+def _log_sigmoid_slope(x, z):
+    # m - sign * z / (1 + z), m = 1 and sign = 1 below 0, else 0 and -1
     q = div(z, add(z, 1.0))
-    return [mul(g, where(below, sub(1.0, q), q)), ZERO]
+    return where(ew("lt", x, 0.0), sub(1.0, q), q)
+
+
+def _log_sigmoid_grad_rule(n, g):
+    # PyTorch's log_sigmoid_double_backward, not the slope's own derivative: g * (s - 1) * s,
+    # s = sigmoid(x) (0 once s rounds to 1, where the slope's exact derivative is not)
+    s = ew("sigmoid", n.args[0])
+    return [mul(mul(g, sub(s, 1.0)), s), ZERO]
 
 
 def _count(x, dims):
@@ -317,6 +328,7 @@ RULES = {
     "gelu": lambda n, g: [mul(g, gelu_slope(n.args[0], n.attrs[0]))],
     "hardswish": lambda n, g: [hardswish_grad(g, n.args[0], n.attrs, False)],
     "log_sigmoid": _log_sigmoid_rule,
+    "log_sigmoid_grad": _log_sigmoid_grad_rule,
     "expand": lambda n, g: [ir.sum_to(g, n.args[0].shape)],
     "reshape": lambda n, g: [reshape(g, n.args[0].shape)],
     "permute": lambda n, g: [permute(g, _inverse(n.attrs[0]))],
@@ -405,6 +417,7 @@ DECOMPOSE = {
     "hardswish": _decompose_hardswish,
     "log_sigmoid": lambda n: sub(where(ew("lt", n.args[0], 0.0), n.args[0], 0.0),
                                  ew("log1p", n.args[1])),
+    "log_sigmoid_grad": lambda n: _log_sigmoid_slope(*n.args),
 }
 
 
