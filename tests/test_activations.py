@@ -102,8 +102,11 @@ def test_specials(name):
 def test_infinite_grad_outputs(name):
     f = ACTIVATIONS[name]
     gen = torch.Generator().manual_seed(len(name))
+    # (not at 3 for hardswish where PyTorch's own loops disagree there: 2.5)
+    skip = {3.0} if name == "hardswish" and hardswish_splits_at_3() else set()
     xs = torch.cat([torch.randn(24, generator=gen, dtype=torch.float64) * 3,
-                    torch.tensor([v for v in SPECIALS if math.isfinite(v)], dtype=torch.float64)])
+                    torch.tensor([v for v in SPECIALS if math.isfinite(v) and v not in skip],
+                                 dtype=torch.float64)])
     for x in (xs, xs.repeat(4)):  # (PyTorch's scalar loop, then its vectorised one)
         signs = torch.randint(0, 2, x.shape, generator=gen, dtype=torch.float64) * 2 - 1
         go = signs * math.inf
