@@ -56,6 +56,9 @@ _STATE = {"enabled": os.environ.get("FASTGRAD_JIT", "1") != "0", "reason": None,
 # lost every loop to one compile that failed for an unknown reason); several point to the
 # compiler or the machine.
 _MAX_FAILED = 3
+# The define that gives 512-bit loops csrc/jit_exp.h's float exp (_command; off for the process
+# where the compiler refuses it: _without_jit_exp)
+_JIT_EXP = "-DFG_JIT_EXP512"
 _COUNT = threading.Lock()  # compile_all's threads update _STATE (counts, the key's facts)
 _LIBS = {}  # source hash -> _load's tuple, or None: it failed to compile (_load_or_fail)
 # How each compiler reports a vectorised loop (at its file:line on stderr); with another
@@ -105,9 +108,6 @@ def _command(src, out):
             if _STATE["jit_exp_off"] is None:
                 cmd.append(_JIT_EXP)
     return cmd + ["-o", out, src, "-lm"]
-
-
-_JIT_EXP = "-DFG_JIT_EXP512"
 
 
 def _torch_uses_avx512():
